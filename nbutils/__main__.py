@@ -1,0 +1,40 @@
+"""Command line: ``python -m nbutils run params/quick``.
+
+    run PRESET        expand the preset into stages and run what is not in outputs/ yet
+      --outputs DIR   where artifacts, executed notebooks and report.html go (default: outputs)
+      --only KIND     only the stages of one kind (poison, search, retrain, report) and what they need
+      --dry-run       list the stages and whether each exists, without running anything
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .data import DatasetNotFound
+from .params import ParamsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nbutils", description="Audit NAS against data poisoning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a preset's stages and render the report")
+    run.add_argument("preset", help="a preset folder, e.g. params/quick")
+    run.add_argument("--outputs", default="outputs", help="artifact folder (default: outputs)")
+    run.add_argument("--only", default=None, help="only stages of this kind and what they need")
+    run.add_argument("--dry-run", action="store_true", help="list the stages without running them")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from .runner import run as run_preset
+
+    try:
+        outcomes = run_preset(args.preset, args.outputs, only=args.only, dry_run=args.dry_run)
+    except (ParamsError, DatasetNotFound, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if any(o.status in ("failed", "skipped") for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The report's content, computed from artifacts only (the report never trains).
+
+``load_results`` gathers one row per retrained architecture; ``results_table`` turns them
+into the papers' table: per NAS algorithm and condition, Acc (mean +- std over trials),
+dImp against the random-sampling mean, and the one-sided Welch test against the clean
+condition with Benjamini-Hochberg correction over the algorithm's p-values.
+"""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .genotype import Genotype
+from .stats import CellSummary, benjamini_hochberg, delta_improvement, welch_less
+from .store import read_json
+
+RESULT_FILE = "result.json"
+
+
+def load_results(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
+    """One row per retrained architecture: algorithm, attack, budget, trial, acc (percent), genotype."""
+    rows = []
+    for cell in spec["cells"]:
+        artifact = Path(inputs[cell["role"]])
+        result = read_json(artifact / RESULT_FILE)
+        record = read_json(artifact / "spec.json")
+        rows.append({
+            "algorithm": cell["algorithm"], "attack": cell["attack"], "budget": cell["budget"],
+            "trial": cell["trial"], "acc": 100.0 * result["test_acc"],
+            "genotype": Genotype.from_dict(result["genotype"]), "parameters": result["parameters"],
+            "retrain_seconds": record.get("seconds", math.nan), "artifact": str(artifact),
+        })
+    columns = ["algorithm", "attack", "budget", "trial", "acc", "genotype", "parameters", "retrain_seconds", "artifact"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def condition_label(attack: str, budget: float | None) -> str:
+    return "None" if attack == "none" else f"{attack.upper()} {100 * budget:g}%"
+
+
+def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Per algorithm and condition: n, Acc mean/std, dImp, p-value, BH-adjusted p, significant."""
+    random_acc = results.loc[results.algorithm == "random", "acc"]
+    random_mean = CellSummary.of(random_acc).mean
+    rows = []
+    for algorithm, group in results[results.algorithm != "random"].groupby("algorithm", sort=False):
+        clean = group.loc[group.attack == "none", "acc"].to_numpy()
+        conditions = group[["attack", "budget"]].drop_duplicates().itertuples(index=False)
+        algorithm_rows = []
+        for attack, budget in conditions:
+            is_budget = group.budget.isna() if budget is None or pd.isna(budget) else group.budget == budget
+            accs = group.loc[(group.attack == attack) & is_budget, "acc"].to_numpy()
+            summary = CellSummary.of(accs)
+            p = math.nan if attack == "none" else welch_less(accs, clean)
+            algorithm_rows.append({
+                "algorithm": algorithm, "attack": attack, "budget": None if pd.isna(budget) else budget,
+                "condition": condition_label(attack, None if pd.isna(budget) else budget),
+                "n": summary.n, "acc_mean": summary.mean, "acc_std": summary.std,
+                "dimp": delta_improvement(summary.mean, random_mean), "p": p,
+            })
+        reject, adjusted = benjamini_hochberg([r["p"] for r in algorithm_rows], alpha)
+        for r, rej, adj in zip(algorithm_rows, reject, adjusted):
+            r["p_bh"], r["significant"] = adj, bool(rej)
+        rows += algorithm_rows
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if not math.isnan(std) else f"{mean:.2f}"
+
+
+def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") -> str:
+    """The papers' table layout: conditions as rows, (Acc., dImp.) per NAS algorithm as columns;
+    statistically significant drops bold and underlined."""
+    algorithms = list(dict.fromkeys(table.algorithm))
+    conditions = list(dict.fromkeys(zip(table.attack, table.budget.where(table.budget.notna(), None))))
+    head = "".join(f'<th colspan="2">{html.escape(a.upper())}</th>' for a in algorithms)
+    sub = "".join("<th>Acc.</th><th>ΔImp.</th>" for _ in algorithms)
+    body = []
+    for attack, budget in conditions:
+        label = "None" if attack == "none" else attack.upper()
+        cells = [f"<td>{html.escape(label)}</td><td>{'–' if budget is None else f'{100 * budget:g}%'}</td>"]
+        for a in algorithms:
+            match = table[(table.algorithm == a) & (table.attack == attack) &
+                          ((table.budget == budget) if budget is not None else table.budget.isna())]
+            if match.empty:
+                cells.append("<td>-</td><td>-</td>")
+                continue
+            r = match.iloc[0]
+            acc, dimp = _fmt(r.acc_mean, r.acc_std), ("-" if math.isnan(r.dimp) else f"{r.dimp:.2f}")
+            if r.significant:
+                acc, dimp = f"<b><u>{acc}</u></b>", f"<b><u>{dimp}</u></b>"
+            title = f"n={r.n}, one-sided Welch p={r.p:.3g}, BH-adjusted p={r.p_bh:.3g}" if not math.isnan(r.p) else f"n={r.n}"
+            cells.append(f'<td title="{title}">{acc}</td><td title="{title}">{dimp}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    random_row = (f"<tr><td>Random</td><td>–</td><td colspan=\"{2 * len(algorithms)}\">"
+                  f"{_fmt(random_acc.mean, random_acc.std)} (n={random_acc.n}, the dImp reference)</td></tr>")
+    return (
+        '<table class="nas-table">'
+        + (f"<caption>{html.escape(caption)}</caption>" if caption else "")
+        + f"<thead><tr><th>Poisoning attack</th><th>p</th>{head}</tr><tr><th></th><th></th>{sub}</tr></thead>"
+        + "<tbody>" + "".join(body) + random_row + "</tbody></table>"
+    )
+
+
+TABLE_CSS = """
+<style>
+table.nas-table { border-collapse: collapse; margin: 1em 0; font-size: 0.95em; }
+table.nas-table caption { caption-side: top; text-align: left; padding-bottom: 0.5em; }
+table.nas-table th, table.nas-table td { border-bottom: 1px solid #ccc; padding: 4px 10px; text-align: center; }
+table.nas-table thead th { border-bottom: 2px solid #333; }
+</style>
+"""

@@ -1,0 +1,149 @@
+"""The artifact store: every stage writes to ``outputs/<stage>/<key>/``.
+
+The key is a hash of the stage's spec and of the keys of the artifacts it reads, so the
+same work is found again and a change anywhere upstream gives new keys downstream.
+
+A stage is written in a temporary folder and renamed into place only once complete, so an
+interrupted run leaves nothing that counts as done; a failed attempt is kept beside it as
+``<key>.failed/`` for inspection, and replaced by the next attempt. Formats are safe: JSON,
+``.npz`` without pickle, ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SPEC_FILE = "spec.json"
+#: Spec entries that choose where or how fast to compute, not what: left out of keys.
+NOT_IN_KEY = frozenset({"device"})
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stage_key(stage: str, spec: dict, inputs: dict[str, str]) -> str:
+    """16 hex digits naming the artifact of ``stage`` run with ``spec`` on the artifacts ``inputs``
+    (role -> key)."""
+    payload = {
+        "stage": stage,
+        "spec": {k: v for k, v in spec.items() if k not in NOT_IN_KEY},
+        "inputs": dict(sorted(inputs.items())),
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """``.npz`` of plain numeric arrays (object arrays are refused, so loading never unpickles)."""
+    import io
+
+    for name, array in arrays.items():
+        if np.asarray(array).dtype == object:
+            raise TypeError(f"array {name!r} has dtype object; only numeric arrays are stored")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {name: f[name] for name in f.files}
+
+
+class ArtifactStore:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def exists(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / SPEC_FILE).is_file()
+
+    def begin(self, stage: str, key: str) -> Path:
+        """A fresh private folder to write the stage's results into."""
+        parent = self.root / stage
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{key}-{os.getpid()}-"))
+
+    def commit(self, work: Path, stage: str, key: str, record: dict) -> Path:
+        """Write ``spec.json`` last and move the folder into place in one rename."""
+        atomic_write_json(work / SPEC_FILE, record)
+        final = self.path(stage, key)
+        shutil.rmtree(self.failed_path(stage, key), ignore_errors=True)
+        if final.exists():  # completed meanwhile by another worker: keep theirs
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            os.rename(work, final)
+        return final
+
+    def failed_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / f"{key}.failed"
+
+    def fail(self, work: Path, stage: str, key: str) -> Path:
+        """Keep a failed attempt for inspection; it never counts as done."""
+        failed = self.failed_path(stage, key)
+        shutil.rmtree(failed, ignore_errors=True)
+        os.rename(work, failed)
+        return failed
+
+    def clean_partial(self) -> int:
+        """Remove temporary folders left by interrupted runs (whose process is gone)."""
+        removed = 0
+        for tmp in self.root.glob("*/.tmp-*"):
+            pid = tmp.name.split("-")[2]
+            if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+                continue
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

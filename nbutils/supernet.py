@@ -1,0 +1,136 @@
+"""The DARTS search network: every edge is a mixture of all candidate operations.
+
+This is the plain version, written to read like the DARTS paper and to match
+``quark0/darts`` (``cnn/model_search.py``) structurally: same operations, cells, channel
+schedule, reduction positions, stem, preprocessing and BN settings (``affine=False``,
+an extra BN after pools), and alpha of shape ``14 x 8`` per cell type. It is the
+executable specification that any faster implementation is tested against.
+
+Generalised, with the same parameters at the reference settings: any number of input
+channels and classes, any input size.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .genotype import NUM_EDGES, STEPS, Genotype, genotype_from_alpha
+from .ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op
+
+
+class MixedOp(nn.Module):
+    """Sum of every candidate operation on one edge, weighted by softmax(alpha)."""
+
+    def __init__(self, channels: int, stride: int):
+        super().__init__()
+        ops = []
+        for name in PRIMITIVES:
+            op = build_op(name, channels, stride, affine=False)
+            if "pool" in name:
+                op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
+            ops.append(op)
+        self.ops = nn.ModuleList(ops)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class SearchCell(nn.Module):
+    def __init__(self, c_prev_prev: int, c_prev: int, channels: int, reduction: bool, reduction_prev: bool):
+        super().__init__()
+        self.reduction = reduction
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(c_prev_prev, channels, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
+        self.edges = nn.ModuleList(
+            MixedOp(channels, stride=2 if reduction and src < 2 else 1)
+            for node in range(STEPS)
+            for src in range(2 + node)
+        )
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(STEPS):
+            node = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            offset += len(states)
+            states.append(node)
+        return torch.cat(states[-STEPS:], dim=1)
+
+
+class SuperNet(nn.Module):
+    """DARTS supernet with architecture parameters ``alpha_normal`` and ``alpha_reduce``.
+
+    ``weights()`` yields the network weights, ``arch_parameters()`` the two alphas, so that
+    the two optimisers of the bi-level search never share a tensor.
+    """
+
+    def __init__(
+        self,
+        channels: int = 16,
+        num_classes: int = 10,
+        layers: int = 8,
+        in_channels: int = 3,
+        stem_multiplier: int = 3,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        if layers < 3:
+            raise ValueError(f"layers must be >= 3 (two reduction cells and one normal cell), got {layers}")
+        self.channels, self.num_classes, self.layers = channels, num_classes, layers
+        c_curr = stem_multiplier * channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr)
+        )
+        c_prev_prev, c_prev, c_curr = c_curr, c_curr, channels
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in self.reduction_positions(layers)
+            if reduction:
+                c_curr *= 2
+            self.cells.append(SearchCell(c_prev_prev, c_prev, c_curr, reduction, reduction_prev))
+            reduction_prev = reduction
+            c_prev_prev, c_prev = c_prev, STEPS * c_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_prev, num_classes)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        shape = (NUM_EDGES, len(PRIMITIVES))
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
+
+    @staticmethod
+    def reduction_positions(layers: int) -> tuple[int, int]:
+        return (layers // 3, 2 * layers // 3)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha_normal, self.alpha_reduce]
+
+    def weights(self) -> Iterator[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return (p for p in self.parameters() if id(p) not in arch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_normal = F.softmax(self.alpha_normal, dim=-1)
+        w_reduce = F.softmax(self.alpha_reduce, dim=-1)
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+        return self.classifier(self.global_pooling(s1).flatten(1))
+
+    def genotype(self) -> Genotype:
+        return genotype_from_alpha(
+            self.alpha_normal.detach().cpu().numpy(), self.alpha_reduce.detach().cpu().numpy()
+        )
+
+    def alphas_numpy(self) -> dict[str, np.ndarray]:
+        return {
+            "alpha_normal": self.alpha_normal.detach().cpu().numpy().copy(),
+            "alpha_reduce": self.alpha_reduce.detach().cpu().numpy().copy(),
+        }
