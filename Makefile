@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m ipykernel install --sys-prefix --name nbutils --display-name "Python (nbutils)" >/dev/null
+	$(PY) -m nbutils install-kernel
 	touch $(STAMP)
 
 # graphviz's `dot` draws the cells; Debian's dataset-fashion-mnist is the embedded dataset.

@@ -15,6 +15,22 @@ from .data import DatasetNotFound
 from .params import ParamsError
 
 
+def install_kernel() -> None:
+    """Register this interpreter as the ``nbutils`` kernel in ``sys.prefix`` (the venv), where
+    papermill and JupyterLab started from the venv find it. The kernel logs at ERROR level so
+    headless runs are not cluttered by its start-up warnings."""
+    import tempfile
+
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_kernel_spec(tmp + "/nbutils", overrides={"display_name": "Python (nbutils)"},
+                                 extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        where = KernelSpecManager().install_kernel_spec(path, "nbutils", prefix=sys.prefix)
+    print(f"kernel 'nbutils' installed in {where}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nbutils", description="Audit NAS against data poisoning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--outputs", default="outputs", help="artifact folder (default: outputs)")
     run.add_argument("--only", default=None, help="only stages of this kind and what they need")
     run.add_argument("--dry-run", action="store_true", help="list the stages without running them")
+    sub.add_parser("install-kernel", help="register the 'nbutils' Jupyter kernel inside this environment")
     args = parser.parse_args(argv)
+    if args.command == "install-kernel":
+        install_kernel()
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from .runner import run as run_preset

@@ -41,6 +41,9 @@ def condition_label(attack: str, budget: float | None) -> str:
     return "None" if attack == "none" else f"{attack.upper()} {100 * budget:g}%"
 
 
+TABLE_COLUMNS = ["algorithm", "attack", "budget", "condition", "n", "acc_mean", "acc_std", "dimp", "p", "p_bh", "significant"]
+
+
 def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Per algorithm and condition: n, Acc mean/std, dImp, p-value, BH-adjusted p, significant."""
     random_acc = results.loc[results.algorithm == "random", "acc"]
@@ -65,7 +68,7 @@ def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         for r, rej, adj in zip(algorithm_rows, reject, adjusted):
             r["p_bh"], r["significant"] = adj, bool(rej)
         rows += algorithm_rows
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
 def _fmt(mean: float, std: float) -> str:

@@ -13,6 +13,7 @@ the report shows their cells as missing with the reason.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -46,6 +47,10 @@ class Stage:
     label: str
     inputs: dict[str, "Stage"] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)   # what the report groups by; not part of the key
+
+    def __post_init__(self) -> None:
+        # plain JSON types only: what papermill passes to a notebook and what the key hashes
+        self.spec = json.loads(json.dumps(self.spec))
 
     @cached_property
     def key(self) -> str:
