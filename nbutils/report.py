@@ -37,8 +37,18 @@ def load_results(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def no_budget(budget) -> bool:
+    """Whether a budget cell is empty (None, or NaN once pandas has stored it as a float)."""
+    return budget is None or (isinstance(budget, float) and math.isnan(budget))
+
+
 def condition_label(attack: str, budget: float | None) -> str:
     return "None" if attack == "none" else f"{attack.upper()} {100 * budget:g}%"
+
+
+def _rows_of(frame: pd.DataFrame, attack: str, budget) -> pd.Series:
+    same_budget = frame.budget.isna() if no_budget(budget) else frame.budget == budget
+    return (frame.attack == attack) & same_budget
 
 
 TABLE_COLUMNS = ["algorithm", "attack", "budget", "condition", "n", "acc_mean", "acc_std", "dimp", "p", "p_bh", "significant"]
@@ -54,13 +64,13 @@ def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         conditions = group[["attack", "budget"]].drop_duplicates().itertuples(index=False)
         algorithm_rows = []
         for attack, budget in conditions:
-            is_budget = group.budget.isna() if budget is None or pd.isna(budget) else group.budget == budget
-            accs = group.loc[(group.attack == attack) & is_budget, "acc"].to_numpy()
+            budget = None if no_budget(budget) else budget
+            accs = group.loc[_rows_of(group, attack, budget), "acc"].to_numpy()
             summary = CellSummary.of(accs)
             p = math.nan if attack == "none" else welch_less(accs, clean)
             algorithm_rows.append({
-                "algorithm": algorithm, "attack": attack, "budget": None if pd.isna(budget) else budget,
-                "condition": condition_label(attack, None if pd.isna(budget) else budget),
+                "algorithm": algorithm, "attack": attack, "budget": budget,
+                "condition": condition_label(attack, budget),
                 "n": summary.n, "acc_mean": summary.mean, "acc_std": summary.std,
                 "dimp": delta_improvement(summary.mean, random_mean), "p": p,
             })
@@ -81,7 +91,7 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
     """The papers' table layout: conditions as rows, (Acc., dImp.) per NAS algorithm as columns;
     statistically significant drops bold and underlined."""
     algorithms = list(dict.fromkeys(table.algorithm))
-    conditions = list(dict.fromkeys(zip(table.attack, table.budget.where(table.budget.notna(), None))))
+    conditions = list(dict.fromkeys((a, None if no_budget(b) else b) for a, b in zip(table.attack, table.budget)))
     head = "".join(f'<th colspan="2">{html.escape(a.upper())}</th>' for a in algorithms)
     sub = "".join("<th>Acc.</th><th>ΔImp.</th>" for _ in algorithms)
     body = []
@@ -89,8 +99,7 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
         label = "None" if attack == "none" else attack.upper()
         cells = [f"<td>{html.escape(label)}</td><td>{'–' if budget is None else f'{100 * budget:g}%'}</td>"]
         for a in algorithms:
-            match = table[(table.algorithm == a) & (table.attack == attack) &
-                          ((table.budget == budget) if budget is not None else table.budget.isna())]
+            match = table[(table.algorithm == a) & _rows_of(table, attack, budget)]
             if match.empty:
                 cells.append("<td>-</td><td>-</td>")
                 continue

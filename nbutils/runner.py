@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -196,7 +197,12 @@ def render_html(notebook: Path, html: Path) -> None:
 
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
+    exporter.log.setLevel(logging.ERROR)
     body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    # self-contained: the report needs no JavaScript, so drop the template's CDN scripts
+    # (require.js for widgets, MathJax) rather than have the page reach the network
+    body = re.sub(r'<script[^>]*src="https?://[^"]*"[^>]*>\s*</script>', "", body)
+    body = re.sub(r'<script type="text/x-mathjax-config">.*?</script>', "", body, flags=re.S)
     atomic_write_bytes(html, body.encode())
 
 

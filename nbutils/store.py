@@ -111,10 +111,12 @@ class ArtifactStore:
         atomic_write_json(work / SPEC_FILE, record)
         final = self.path(stage, key)
         shutil.rmtree(self.failed_path(stage, key), ignore_errors=True)
-        if final.exists():  # completed meanwhile by another worker: keep theirs
+        if self.exists(stage, key):  # completed meanwhile by another worker: keep theirs
             shutil.rmtree(work, ignore_errors=True)
-        else:
-            os.rename(work, final)
+            return final
+        if final.exists():  # a folder without spec.json never counted as done
+            shutil.rmtree(final)
+        os.rename(work, final)
         return final
 
     def failed_path(self, stage: str, key: str) -> Path:

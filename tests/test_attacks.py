@@ -1,0 +1,105 @@
+"""Poisoning attacks and poison sets on disk."""
+import numpy as np
+import pytest
+import torch
+
+from nbutils.attacks import AttackSpec, poison, poison_count
+from nbutils.data import ImageDataset
+from nbutils.poison_set import PoisonSet, PoisonSetMismatch
+
+
+def toy(n=1000, classes=10, seed=0, name="toy"):
+    g = torch.Generator().manual_seed(seed)
+    return ImageDataset(
+        name=name,
+        images=torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g),
+        labels=torch.randint(0, classes, (n,), generator=g),
+        classes=tuple(str(i) for i in range(classes)),
+    )
+
+
+@pytest.mark.parametrize("budget,count", [(0.01, 10), (0.1, 100), (0.5, 500), (1.0, 1000), (0.0015, 2)])
+@pytest.mark.parametrize("attack", ["rlf", "gaussian"])
+def test_exact_poisoned_count(attack, budget, count):
+    ds = toy()
+    poison_set = poison(ds, AttackSpec(attack, budget))
+    assert len(poison_set) == count == poison_count(len(ds), budget)
+    assert len(torch.unique(poison_set.indices)) == count
+
+
+def test_rlf_flips_to_uniformly_random_other_classes():
+    ds = toy(n=20000)
+    poison_set = poison(ds, AttackSpec("rlf", 0.5, seed=3))
+    old, new = ds.labels[poison_set.indices], poison_set.labels
+    assert (old != new).all()
+    assert poison_set.images is None
+    # each of the 9 other classes is about equally likely: 10000 flips / (10 * 9) ~ 111 per pair
+    pairs = np.zeros((10, 10), dtype=int)
+    np.add.at(pairs, (old.numpy(), new.numpy()), 1)
+    off_diagonal = pairs[~np.eye(10, dtype=bool)]
+    assert off_diagonal.min() > 60 and off_diagonal.max() < 170
+
+
+def test_poisoning_is_seeded_and_never_mutates_the_clean_set():
+    ds = toy()
+    before = ds.checksum()
+    a = poison(ds, AttackSpec("gaussian", 0.1, seed=1))
+    b = poison(ds, AttackSpec("gaussian", 0.1, seed=1))
+    c = poison(ds, AttackSpec("gaussian", 0.1, seed=2))
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+    assert not torch.equal(a.indices, c.indices)
+    poisoned = a.apply(ds)
+    assert ds.checksum() == before and poisoned.checksum() != before
+
+
+def test_gaussian_is_clean_label_and_within_eps_after_quantisation():
+    ds = toy()
+    spec = AttackSpec("gaussian", 0.2, eps=8, sigma=16)
+    poison_set = poison(ds, spec)
+    clean = ds.images[poison_set.indices].int()
+    delta = poison_set.images.int() - clean
+    assert torch.equal(poison_set.labels, ds.labels[poison_set.indices])
+    assert poison_set.images.dtype == torch.uint8
+    assert delta.abs().max() <= 8
+    assert (delta != 0).float().mean() > 0.5  # the noise is really there
+    view = poison_set.apply(ds).images.float() / 255
+    assert view.min() >= 0 and view.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"name": "rlf", "budget": 0.0}, "budget"), ({"name": "rlf", "budget": 1.5}, "budget"),
+     ({"name": "gaussian", "budget": 0.1, "eps": 300}, "eps"), ({"name": "flip", "budget": 0.1}, "allowed: rlf")],
+)
+def test_bad_attack_specs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AttackSpec(**kwargs)
+
+
+def test_poison_set_round_trip(tmp_path):
+    ds = toy()
+    original = poison(ds, AttackSpec("gaussian", 0.05))
+    original.save(tmp_path)
+    loaded = PoisonSet.load(tmp_path, ds)
+    assert torch.equal(loaded.indices, original.indices)
+    assert torch.equal(loaded.images, original.images)
+    assert torch.equal(loaded.labels, original.labels)
+    assert loaded.header["attack"] == "gaussian" and loaded.header["source_checksum"] == ds.checksum()
+    assert loaded.header["crafting_seconds"] >= 0
+
+
+def test_tampered_poison_set_is_refused(tmp_path):
+    ds = toy()
+    original = poison(ds, AttackSpec("rlf", 0.05))
+    original.save(tmp_path)
+    arrays = dict(np.load(tmp_path / "poison.npz"))
+    arrays["labels"] = (arrays["labels"] + 1) % 10
+    np.savez(tmp_path / "poison.npz", **arrays)
+    with pytest.raises(PoisonSetMismatch, match="checksum"):
+        PoisonSet.load(tmp_path, ds)
+
+
+def test_poison_set_refuses_another_dataset(tmp_path):
+    poison(toy(seed=0), AttackSpec("rlf", 0.05)).save(tmp_path)
+    with pytest.raises(PoisonSetMismatch, match="crafted on dataset"):
+        PoisonSet.load(tmp_path, toy(seed=1))

@@ -1,0 +1,148 @@
+"""The runner end to end on the tiny preset: real notebooks executed by papermill, a failing
+notebook that does not stop the others, resumption, reuse, and errors before compute."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nbutils import runner
+from nbutils.__main__ import main
+from nbutils.params import load_preset
+from nbutils.store import read_json
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "presets" / "tiny"
+INJECTED = '''
+if spec.get("seed") == 1:
+    raise RuntimeError("injected failure for the test")
+'''
+
+
+def notebooks_failing_retrain_for_seed_1(tmp_path: Path) -> Path:
+    """A copy of the notebooks whose retrain step fails for seed 1 (the second trial)."""
+    import nbformat
+
+    folder = tmp_path / "notebooks"
+    shutil.copytree(runner.NOTEBOOKS, folder)
+    nb = nbformat.read(folder / runner.NOTEBOOK_OF["retrain"], as_version=4)
+    position = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(position + 1, nbformat.v4.new_code_cell(INJECTED))
+    nbformat.write(nb, folder / runner.NOTEBOOK_OF["retrain"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run A with a failing retrain notebook, run B with the real ones, run C again."""
+    tmp = tmp_path_factory.mktemp("run")
+    outputs = tmp / "outputs"
+    stages = runner.expand(load_preset(TINY))
+    # an interrupted earlier run: a half-written stage folder that must not count
+    leftover = outputs / "search" / f".tmp-{stages[1].key}-999999999-x"
+    leftover.mkdir(parents=True)
+    (leftover / "genotype.json").write_text("{half")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(runner, "NOTEBOOKS", notebooks_failing_retrain_for_seed_1(tmp))
+    a = runner.run(TINY, outputs)
+    mp.undo()
+    kept = {o.stage.label: (o.notebook.exists() and o.notebook.parent.name.endswith(".failed"))
+            for o in a if o.status == "failed"}
+    b = runner.run(TINY, outputs)
+    c = runner.run(TINY, outputs)
+    return {"outputs": outputs, "stages": stages, "a": a, "b": b, "c": c, "leftover": leftover, "kept": kept}
+
+
+def by_status(outcomes):
+    result = {}
+    for o in outcomes:
+        result.setdefault(o.status, []).append(o.stage.label)
+    return result
+
+
+def test_failing_notebook_does_not_stop_the_others(runs):
+    status = by_status(runs["a"])
+    assert sorted(status["failed"]) == sorted([
+        "retrain <- search darts clean trial 2", "retrain <- search darts rlf 25% trial 2", "retrain <- random sample 2",
+    ])
+    assert len(status["ran"]) == 14 - 3 and "report" in status["ran"]
+    for o in runs["a"]:
+        if o.status == "failed":
+            assert runs["kept"][o.stage.label]  # the executed notebook was kept in <key>.failed/
+            assert "injected failure" in o.detail
+
+
+def test_report_of_a_partial_run_lists_what_is_missing(runs):
+    report = next(o for o in runs["a"] if o.stage.kind == "report")
+    record = read_json(report.notebook.parent / "spec.json")
+    assert {m["trial"] for m in record["spec"]["missing"]} == {1}
+    assert len(record["spec"]["cells"]) == 3
+
+
+def test_rerun_redoes_only_what_failed_and_resumes(runs):
+    status = by_status(runs["b"])
+    assert sorted(status["ran"]) == sorted([
+        "retrain <- search darts clean trial 2", "retrain <- search darts rlf 25% trial 2",
+        "retrain <- random sample 2", "report",
+    ])
+    assert len(status["reused"]) == 14 - 4 and "failed" not in status
+    assert not runs["leftover"].exists()  # the interrupted run's leftovers were cleaned
+
+
+def test_second_run_reuses_everything(runs):
+    assert {o.status for o in runs["c"]} == {"reused"}
+
+
+def test_artifacts_hold_real_results(runs):
+    outputs = runs["outputs"]
+    for stage in runs["stages"]:
+        folder = outputs / stage.kind / stage.key
+        record = read_json(folder / "spec.json")
+        assert record["spec"] == stage.spec and (folder / "notebook.ipynb").exists()
+        if stage.kind == "retrain":
+            result = read_json(folder / "result.json")
+            assert 0.0 <= result["test_acc"] <= 1.0 and len(result["curve"]) == 1
+        if stage.kind == "poison":
+            header = read_json(folder / "poison.json")
+            assert header["count"] == 12  # 25% of 48 search images
+
+
+def test_notebooks_are_committed_clean():
+    for path in sorted(runner.NOTEBOOKS.glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        assert all(not c.get("outputs") and not c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code"), path
+        assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"]), path
+
+
+def test_report_html_is_self_contained_and_matches_the_artifacts(runs):
+    html = (runs["outputs"] / "report.html").read_text()
+    assert not re.search(r'(?:src|href)="https?://', html)
+    assert "data:image/svg+xml" in html and "data:image/png;base64" in html  # cells and the strip plot inline
+    assert "import nbutils" not in html and "steps.search(" not in html  # no code cells
+    outputs = runs["outputs"]
+    accs = [read_json(outputs / "retrain" / s.key / "result.json")["test_acc"] * 100
+            for s in runs["stages"] if s.kind == "retrain" and s.meta["algorithm"] == "darts" and s.meta["attack"] == "rlf"]
+    mean = sum(accs) / len(accs)
+    assert f"{mean:.2f} ±" in html
+
+
+def test_bad_parameter_fails_before_compute(tmp_path, capsys):
+    preset = tmp_path / "bad"
+    shutil.copytree(TINY, preset)
+    (preset / "grid.yaml").write_text((TINY / "grid.yaml").read_text().replace("budgets: [0.25]", "budgets: [25]"))
+    assert main(["run", str(preset), "--outputs", str(tmp_path / "out")]) == 2
+    assert "attacks.1.budgets.0 = 25" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path, capsys, monkeypatch):
+    preset = tmp_path / "cifar"
+    shutil.copytree(TINY, preset)
+    grid = (TINY / "grid.yaml").read_text().replace("dataset: digits", f"dataset: cifar10\n  data_root: {tmp_path / 'empty'}")
+    (preset / "grid.yaml").write_text(grid)
+    assert main(["run", str(preset), "--outputs", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "empty") in err and "download" in err
+    assert not (tmp_path / "out").exists()
