@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import BatchLoader, ImageDataset
+from .data import BatchLoader, ImageDataset, channel_stats, concatenate
 from .genotype import Genotype
 from .progress import progress
 from .supernet import SuperNet
@@ -63,8 +63,14 @@ def darts_search(
     *,
     seed: int,
     device: torch.device,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> SearchResult:
-    """Search on (possibly poisoned) data; returns the genotype, the per-epoch history and alpha."""
+    """Search on (possibly poisoned) data; returns the genotype, the per-epoch history and alpha.
+
+    ``normalisation`` is the per-channel (mean, std) of the inputs; like the reference's fixed
+    dataset constants it should come from clean data, so that poisons cannot shift it. By
+    default it is computed from the two halves together.
+    """
     torch.manual_seed(seed)
     model = SuperNet(
         channels=config.channels,
@@ -79,8 +85,10 @@ def darts_search(
     a_opt = torch.optim.Adam(
         model.arch_parameters(), lr=config.arch_lr, betas=tuple(config.arch_betas), weight_decay=config.arch_weight_decay
     )
-    train_loader = BatchLoader(weight_part, config.batch_size, shuffle=True, seed=seed, augment=config.augment, device=device)
-    arch_loader = BatchLoader(arch_part, config.batch_size, shuffle=True, seed=seed + 1, augment=config.augment, device=device)
+    mean, std = normalisation or channel_stats(concatenate(weight_part, arch_part))
+    loader = dict(shuffle=True, augment=config.augment, mean=mean, std=std, device=device)
+    train_loader = BatchLoader(weight_part, config.batch_size, seed=seed, **loader)
+    arch_loader = BatchLoader(arch_part, config.batch_size, seed=seed + 1, **loader)
     sign = -1.0 if config.anti else 1.0
 
     result = SearchResult(genotype=model.genotype())
@@ -119,13 +127,14 @@ def darts_search(
             totals["val_loss"] += loss_val.item() * n_val
             totals["val_correct"] += (logits_val.argmax(1) == y_val).sum().item()
             totals["val_n"] += n_val
+        lr = w_opt.param_groups[0]["lr"]   # the rate this epoch trained with
         schedule.step()
         for name, value in model.alphas_numpy().items():
             trace[name].append(value)
         genotype = model.genotype()
         row = {
             "epoch": epoch + 1,
-            "lr": w_opt.param_groups[0]["lr"],
+            "lr": lr,
             "train_loss": totals["train_loss"] / totals["train_n"],
             "train_acc": totals["train_correct"] / totals["train_n"],
             "val_loss": totals["val_loss"] / totals["val_n"],

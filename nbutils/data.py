@@ -459,6 +459,18 @@ def search_split(ds: ImageDataset, seed: int) -> tuple[ImageDataset, ImageDatase
     return ds.subset(weights_idx), ds.subset(arch_idx)
 
 
+def concatenate(first: ImageDataset, second: ImageDataset) -> ImageDataset:
+    """Both datasets' samples in one (same classes and image shape required)."""
+    if first.classes != second.classes or first.shape_chw != second.shape_chw:
+        raise ValueError(f"cannot concatenate {first!r} and {second!r}: classes or image shapes differ")
+    return ImageDataset(
+        name=first.name,
+        images=torch.cat([first.images, second.images]),
+        labels=torch.cat([first.labels, second.labels]),
+        classes=first.classes,
+    )
+
+
 def seeded_subset(ds: ImageDataset, size: int | None, seed: int) -> ImageDataset:
     """A seeded random subset of exactly ``size`` samples, stratified by class where possible.
 

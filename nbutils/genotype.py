@@ -71,6 +71,9 @@ class Genotype:
         unknown = set(d) - {"normal", "normal_concat", "reduce", "reduce_concat"}
         if unknown:
             raise ValueError(f"genotype: unknown keys {sorted(unknown)}")
+        missing = {"normal", "reduce"} - set(d)
+        if missing:
+            raise ValueError(f"genotype: missing keys {sorted(missing)}")
         return cls(
             normal=d["normal"],
             reduce=d["reduce"],

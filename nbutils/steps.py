@@ -18,7 +18,7 @@ import torch
 from . import params
 from .attacks import AttackSpec, poison
 from .darts import DartsConfig, SearchDiverged, darts_search
-from .data import ImageDataset, load_dataset, search_split, seeded_subset
+from .data import ImageDataset, channel_stats, load_dataset, search_split, seeded_subset
 from .device import resolve_device, seed_everything
 from .genotype import Genotype, random_genotype
 from .poison_set import PoisonSet
@@ -72,12 +72,13 @@ def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     elif algorithm in ("darts", "darts_anti"):
         device = resolve_device(spec.get("device", "auto"))
         pool = search_pool(_data(spec))
+        normalisation = channel_stats(pool)  # from the clean images, so poisons cannot shift it
         if "poison" in inputs:
             pool = PoisonSet.load(inputs["poison"], pool).apply(pool)
         weight_part, arch_part = search_split(pool, seed)
         config = DartsConfig(**spec["config"], augment=spec["augment"], anti=algorithm == "darts_anti")
         try:
-            found = darts_search(weight_part, arch_part, config, seed=seed, device=device)
+            found = darts_search(weight_part, arch_part, config, seed=seed, device=device, normalisation=normalisation)
         except SearchDiverged as e:
             atomic_write_json(out_dir / "error.json", {"error": str(e), "traceback": traceback.format_exc()})
             raise

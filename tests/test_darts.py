@@ -235,12 +235,6 @@ def test_darts_search_end_to_end_and_deterministic():
     assert not np.array_equal(a.alphas["alpha_normal"], c.alphas["alpha_normal"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nbutils/darts.py darts_search: the history row's 'lr' is read after schedule.step(), "
-    "so it is the next epoch's learning rate, not the one epoch N was trained with "
-    "(2 epochs, lr 0.025: rows say [0.013, 0.001], SGD stepped with [0.025, 0.013])",
-)
 def test_history_lr_is_the_lr_the_epoch_trained_with(monkeypatch):
     used: list[float] = []
     real_sgd = torch.optim.SGD
