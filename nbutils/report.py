@@ -120,11 +120,29 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
     )
 
 
+def cells_html(genotype: Genotype, caption: str) -> str:
+    """One architecture's normal and reduction cells side by side, as inline SVG."""
+    from .figures import cell_svg
+
+    def strip_prolog(svg: str) -> str:  # inline SVG must not carry an XML declaration or doctype
+        return svg[svg.index("<svg"):]
+
+    return (
+        f'<figure class="cells"><figcaption>{html.escape(caption)}<br><small>{html.escape(genotype.summary())}'
+        f'</small></figcaption><div class="pair"><div>{strip_prolog(cell_svg(genotype, "normal", "normal cell"))}</div>'
+        f'<div>{strip_prolog(cell_svg(genotype, "reduce", "reduction cell"))}</div></div></figure>'
+    )
+
+
 TABLE_CSS = """
 <style>
 table.nas-table { border-collapse: collapse; margin: 1em 0; font-size: 0.95em; }
 table.nas-table caption { caption-side: top; text-align: left; padding-bottom: 0.5em; }
 table.nas-table th, table.nas-table td { border-bottom: 1px solid #ccc; padding: 4px 10px; text-align: center; }
 table.nas-table thead th { border-bottom: 2px solid #333; }
+figure.cells { margin: 1em 0 2em 0; }
+figure.cells figcaption { font-weight: bold; margin-bottom: 0.3em; }
+figure.cells .pair { display: flex; flex-wrap: wrap; gap: 2em; align-items: center; }
+figure.cells svg { max-width: 100%; height: auto; }
 </style>
 """
