@@ -195,7 +195,12 @@ def render_html(notebook: Path, html: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
+    from traitlets.config import Config
+
+    config = Config()
+    config.TagRemovePreprocessor.remove_cell_tags = {"remove_cell"}  # notes for notebook readers only
+    config.TagRemovePreprocessor.enabled = True
+    exporter = HTMLExporter(config=config, template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
     exporter.log.setLevel(logging.ERROR)
     body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
