@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .poison_set import PoisonSet
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -432,7 +433,7 @@ def craft_gradient_canceling(
     device: str | torch.device = "cpu",
     seed: int = 0,
     train_mode: bool = True,
-) -> tuple[torch.Tensor, dict]:
+) -> PoisonSet:
     """The whole GC attack on an :class:`ImageDataset`: GradPC target, then poisons for ``victims``.
 
     ``model``: a trained :class:`EvalNetwork` with ``target="weights"`` (GC against TE-NAS,
@@ -442,14 +443,15 @@ def craft_gradient_canceling(
     ``clean_augment`` augments the batches of GradPC and of the clean gradient (the
     reference's GradPC script runs with ``--no_augment``).
 
-    Returns ``(uint8 poisoned images aligned with victims, info)``; ``info`` holds the GC
-    history and the GradPC offset size.
+    Returns a :class:`PoisonSet` (indices ``victims`` sorted, unchanged labels, uint8 images
+    published within ``eps``) whose ``header["crafting"]`` holds the GC objective history,
+    the GradPC offset norm and the number of targeted parameter tensors and values.
     """
     from .attacks import publish  # lazy: attacks imports this module
     from .data import BatchLoader, channel_stats
 
     device = torch.device(device)
-    victims = torch.as_tensor(victims, dtype=torch.int64)
+    victims = torch.as_tensor(victims, dtype=torch.int64).sort().values
     if mean is None or std is None:
         mean, std = channel_stats(dataset)
     names = target_parameter_names(model, target)
@@ -468,5 +470,16 @@ def craft_gradient_canceling(
         budget=len(victims) / len(dataset), eps_pixels=eps, steps=steps, lr=lr, mean=mean, std=std,
         batch_size=batch_size, device=device, seed=seed, train_mode=train_mode,
     )
-    published = publish(poisoned * 255.0, clean_pixels.float(), eps)
-    return published, {"gc_history": history, "gradpc_offset_norm": offset, "target": target, "target_parameters": names}
+    info = {
+        "gc_history": history,
+        "gradpc_offset_norm": offset,
+        "target": target,
+        "target_parameter_count": len(names),
+        "target_numel": sum(p.numel() for p in params),
+    }
+    return PoisonSet(
+        indices=victims,
+        labels=dataset.labels[victims].clone(),
+        images=publish(poisoned * 255.0, clean_pixels.float(), eps),
+        header={"crafting": info},
+    )

@@ -143,3 +143,11 @@ def confidence_label_flip(
     masked[np.arange(count), true] = np.inf  # never "flip" to the true label
     new = masked.argmin(axis=1)  # first minimum: lowest class index on ties
     return torch.from_numpy(chosen.astype(np.int64)), torch.from_numpy(new.astype(np.int64))
+
+
+def clf_poison_set(dataset: ImageDataset, logits: torch.Tensor, budget: float):
+    """CLF as a :class:`PoisonSet` (label-only: no images), from the surrogate's logits on ``dataset``."""
+    from .poison_set import PoisonSet
+
+    indices, labels = confidence_label_flip(dataset, logits, budget)
+    return PoisonSet(indices=indices, labels=labels)
