@@ -1,0 +1,316 @@
+"""FastSuperNet computes the same function as SuperNet, with the same parameters.
+
+Tolerances. Exact equivalence is checked in float64: fast and plain differ only in the order
+of floating-point sums, so logits, every weight and alpha gradient and the BN running
+statistics agree to ~1e-12 relative (we allow 1e-9 of the tensor's norm). float64 runs
+PyTorch's reference convolution kernels, not oneDNN, so the float32 paths (channels_last,
+oneDNN) are checked separately against a float64 reference: per tensor, fast's float32 error
+must be within 10x plain's own float32 error (plus 1e-5 of the tensor's norm). A fixed
+float32 tolerance would be wrong either way: the BN layers without affine parameters make
+some weight gradients ill-conditioned (a gradient that is a small difference of large
+terms), where plain float32 itself is only ~1e-2 accurate relative to the tensor's maximum.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbutils.fast_supernet import FastSuperNet, depthwise_conv2d
+from nbutils.genotype import NUM_EDGES
+from nbutils.ops import PRIMITIVES
+from nbutils.supernet import SuperNet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pair(dtype=torch.float64, **kw):
+    """A plain and a fast network with identical parameters, alpha spread out (N(0, 1))."""
+    kw.setdefault("seed", 3)
+    torch.manual_seed(0)
+    plain = SuperNet(**kw)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for a in plain.arch_parameters():
+            a.copy_(torch.randn(a.shape, generator=g))
+    fast = FastSuperNet(**kw)
+    fast.load_state_dict(plain.state_dict())
+    return plain.to(dtype), fast.to(dtype)
+
+
+def run(model, x, y, train=True, inputs=None):
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    F.cross_entropy(logits, y).backward(inputs=inputs)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    return logits.detach(), grads, buffers
+
+
+def rel(a, b, floor: float = 1e-6) -> float:
+    """Norm-wise relative difference; a tensor whose norm is below ``floor`` per element is
+    treated as noise around 0 (e.g. the running mean of an already centred input)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(floor * b.numel() ** 0.5)).item()
+
+
+def assert_same(fast_out, plain_out, tol=1e-9):
+    (lf, gf, bf), (lp, gp, bp) = fast_out, plain_out
+    assert lf.shape == lp.shape
+    assert rel(lf, lp) < tol, rel(lf, lp)
+    assert gf.keys() == gp.keys()
+    bad = {n: rel(gf[n], gp[n]) for n in gp if rel(gf[n], gp[n]) > tol}
+    assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:5]
+    assert bf.keys() == bp.keys()
+    for n in bp:
+        if n.endswith("num_batches_tracked"):
+            assert torch.equal(bf[n], bp[n]), n
+        else:
+            assert rel(bf[n], bp[n]) < tol, (n, rel(bf[n], bp[n]))
+
+
+def data(n, c, size, dtype=torch.float64, seed=0, classes=10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, size, size, generator=g).to(dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+def random_switches(k, seed, with_none):
+    rng = random.Random(seed)
+    pool = list(PRIMITIVES) if with_none else [p for p in PRIMITIVES if p != "none"]
+    out = []
+    for _ in range(NUM_EDGES):
+        kept = set(rng.sample(pool, k))
+        out.append([p for p in PRIMITIVES if p in kept])   # reference order, as P-DARTS keeps it
+    return out
+
+
+# --------------------------------------------------------------------------- same structure
+
+
+def test_parameter_count_and_names_match_plain():
+    plain, fast = SuperNet(16, 10, 8), FastSuperNet(16, 10, 8)
+    assert sum(p.numel() for p in fast.weights()) == sum(p.numel() for p in plain.weights()) == 1930618
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert [n for n, _ in fast.named_buffers()] == [n for n, _ in plain.named_buffers()]
+    assert fast.reduction_positions(8) == plain.reduction_positions(8)
+
+
+def test_state_dict_interchangeable_both_ways():
+    plain, fast = pair(torch.float32, channels=4, layers=3, in_channels=3)
+    x, y = data(4, 3, 8, torch.float32)
+    fast2 = FastSuperNet(channels=4, layers=3, in_channels=3, seed=99)
+    fast2.load_state_dict(plain.state_dict())
+    plain2 = SuperNet(channels=4, layers=3, in_channels=3, seed=99)
+    plain2.load_state_dict(fast.state_dict())
+    for m in (plain, fast, fast2, plain2):
+        m.eval()
+    with torch.no_grad():
+        ref = plain(x)
+        for m in (fast, fast2, plain2):
+            torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_genotype_and_alpha_views_identical():
+    switches = random_switches(5, seed=1, with_none=True)
+    plain, fast = pair(torch.float32, channels=4, layers=3, switches_normal=switches, switches_reduce=switches[::-1])
+    assert fast.genotype() == plain.genotype()
+    for cell in ("normal", "reduce"):
+        assert (fast.full_alpha(cell) == plain.full_alpha(cell)).all()
+    for k, v in plain.alphas_numpy().items():
+        assert (fast.alphas_numpy()[k] == v).all()
+
+
+# --------------------------------------------------------------------------- same function (float64)
+
+CASES = {
+    "full space 3x16x16": dict(kw=dict(channels=4, layers=5, in_channels=3), x=(6, 3, 16)),
+    "1x28x28 (7x7 maps)": dict(kw=dict(channels=4, layers=5, in_channels=1), x=(4, 1, 28)),
+    "1x14x14 (odd 7x7 into stride 2 and FactorizedReduce)": dict(kw=dict(channels=4, layers=5, in_channels=1), x=(4, 1, 14)),
+    "P-DARTS 5 ops with none": dict(kw=dict(channels=4, layers=4, in_channels=3,
+                                            switches_normal=random_switches(5, 1, True),
+                                            switches_reduce=random_switches(5, 2, True)), x=(4, 3, 12)),
+    "P-DARTS 5 ops without none": dict(kw=dict(channels=4, layers=4, in_channels=3,
+                                               switches_normal=random_switches(5, 3, False),
+                                               switches_reduce=random_switches(5, 4, False)), x=(4, 3, 12)),
+    "2 ops per edge": dict(kw=dict(channels=4, layers=3, in_channels=3,
+                                   switches_normal=random_switches(2, 5, True),
+                                   switches_reduce=random_switches(2, 6, False)), x=(4, 3, 8)),
+    "skip dropout set to 0": dict(kw=dict(channels=4, layers=3, in_channels=3, skip_dropout=0.0), x=(4, 3, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_same_logits_gradients_and_running_stats_float64(name):
+    case = CASES[name]
+    plain, fast = pair(**case["kw"])
+    x, y = data(*case["x"])
+    assert_same(run(fast, x, y), run(plain, x, y))
+    # a second step, from the updated running stats, in eval mode (BN uses them)
+    assert_same(run(fast, x, y, train=False), run(plain, x, y, train=False))
+
+
+def test_skip_dropout_zero_and_eval_mode_match():
+    plain, fast = pair(channels=4, layers=3, in_channels=3, skip_dropout=0.3)
+    x, y = data(4, 3, 8)
+    for m in (plain, fast):
+        m.set_skip_dropout(0.0)
+    assert_same(run(fast, x, y), run(plain, x, y))
+    for m in (plain, fast):
+        m.set_skip_dropout(0.3)
+    assert_same(run(fast, x, y, train=False), run(plain, x, y, train=False))
+
+
+def test_dropout_only_on_identity_skips_in_train_mode():
+    plain, fast = pair(channels=4, layers=3, in_channels=3, skip_dropout=0.5)
+    x, y = data(4, 3, 8)
+    drops = [m for m in fast.modules() if isinstance(m, nn.Dropout)]
+    identity_skips = sum(
+        1 for cell in fast.cells for e in cell.edges
+        for name, op in zip(e.primitives, e.ops) if name == "skip_connect" and not hasattr(op, "conv_1")
+    )
+    assert len(drops) == identity_skips > 0
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: calls.append(mod)) for m in drops]
+    fast.train()
+    fast(x)
+    assert len(calls) == len(drops) and {id(m) for m in calls} == {id(m) for m in drops}
+    for h in hooks:
+        h.remove()
+    plain, fast = pair(channels=4, layers=3, in_channels=3, skip_dropout=0.5)   # fresh running stats
+    # p = 1 is deterministic (identity skips give zero): the two networks must agree exactly,
+    # and differ from p = 0 (so the dropout does act)
+    for m in (plain, fast):
+        m.set_skip_dropout(1.0)
+    out_fast = run(fast, x, y)
+    assert_same(out_fast, run(plain, x, y))
+    for m in (plain, fast):
+        m.set_skip_dropout(0.0)
+    assert rel(run(fast, x, y)[0], out_fast[0]) > 1e-3
+
+
+def test_arch_only_backward_gives_alpha_gradients_and_no_weight_gradients():
+    plain, fast = pair(channels=4, layers=3, in_channels=3)
+    x, y = data(4, 3, 8)
+    gf = run(fast, x, y, inputs=fast.arch_parameters())[1]
+    gp = run(plain, x, y, inputs=plain.arch_parameters())[1]
+    assert set(gf) == set(gp) == {"alpha_normal", "alpha_reduce"}
+    for n in gp:
+        assert rel(gf[n], gp[n]) < 1e-9
+    weights = list(fast.weights())
+    gw = run(fast, x, y, inputs=weights)[1]
+    assert "alpha_normal" not in gw and len(gw) == len(weights)
+
+
+# --------------------------------------------------------------------------- float32 paths (oneDNN, channels_last)
+
+
+@pytest.mark.parametrize("shape,kw", [
+    ((4, 3, 32), dict(channels=4, layers=3, in_channels=3)),
+    ((4, 1, 14), dict(channels=4, layers=5, in_channels=1,
+                      switches_normal=random_switches(5, 7, True), switches_reduce=random_switches(5, 8, True))),
+])
+def test_float32_as_accurate_as_plain(shape, kw):
+    ref64 = run(*pair(torch.float64, **kw)[:1], *data(*shape))
+    plain, fast = pair(torch.float32, **kw)
+    x, y = data(*shape, dtype=torch.float32)
+    outs = {"fast": run(fast, x, y), "plain": run(plain, x, y)}
+    for part in (0, 1, 2):
+        ref = {"": ref64[0]} if part == 0 else ref64[part]
+        for n, r in ref.items():
+            if n.endswith("num_batches_tracked"):
+                continue
+            get = (lambda o: o[0]) if part == 0 else (lambda o: o[part][n])
+            e_fast, e_plain = rel(get(outs["fast"]), r), rel(get(outs["plain"]), r)
+            assert e_fast <= 10 * e_plain + 1e-5, (n or "logits", e_fast, e_plain)
+
+
+# --------------------------------------------------------------------------- autograd: second order, functional_call
+
+
+@pytest.mark.parametrize("k,stride,dilation,size", [
+    (3, 1, 1, 6), (5, 1, 1, 6), (3, 1, 2, 6), (5, 1, 2, 8), (3, 1, 2, 5),
+    (3, 2, 1, 6), (5, 2, 1, 5), (3, 2, 2, 6), (5, 2, 2, 7),
+])
+def test_depthwise_conv_gradgradcheck(k, stride, dilation, size):
+    g = torch.Generator().manual_seed(k * 10 + stride + dilation)
+    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    pad = dilation * (k - 1) // 2
+    ref = F.conv2d(x, w, None, stride, pad, dilation, 3)
+    out = depthwise_conv2d(x, w, stride, pad, dilation)
+    torch.testing.assert_close(out, ref)
+    f = lambda a, b: depthwise_conv2d(a, b, stride, pad, dilation)
+    assert torch.autograd.gradcheck(f, (x, w))
+    assert torch.autograd.gradgradcheck(f, (x, w))
+
+
+def test_second_order_hessian_vector_products_match():
+    """d/dw of (d L / d alpha . v): what an exact second-order architect would differentiate."""
+    plain, fast = pair(channels=2, layers=3, in_channels=1)
+    x, y = data(2, 1, 8)
+    v = [torch.randn_like(a) for a in plain.arch_parameters()]
+    results = []
+    for m in (plain, fast):
+        m.train()
+        loss = F.cross_entropy(m(x), y)
+        ga = torch.autograd.grad(loss, m.arch_parameters(), create_graph=True)
+        dot = sum((g * u).sum() for g, u in zip(ga, v))
+        weights = list(m.weights())
+        hv = torch.autograd.grad(dot, weights + m.arch_parameters(), allow_unused=True)
+        results.append(([g.detach() for g in ga], [h for h in hv]))
+    (ga_p, hv_p), (ga_f, hv_f) = results
+    for a, b in zip(ga_f, ga_p):
+        assert rel(a, b) < 1e-9
+    for a, b in zip(hv_f, hv_p):
+        if b is None or a is None:
+            assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
+        else:
+            assert rel(a, b) < 1e-8
+
+
+def test_functional_call_with_plain_parameters():
+    plain, fast = pair(channels=4, layers=3, in_channels=3)
+    x, y = data(4, 3, 8)
+    params = {n: p.detach().clone().requires_grad_() for n, p in plain.named_parameters()}
+    buffers = {n: b.clone() for n, b in plain.named_buffers()}
+    outs = []
+    for m in (plain, fast):
+        m.train()
+        p = {n: t.detach().clone().requires_grad_() for n, t in params.items()}
+        logits = torch.func.functional_call(m, ({**p}, {n: b.clone() for n, b in buffers.items()}), (x,))
+        grads = torch.autograd.grad(F.cross_entropy(logits, y), list(p.values()))
+        outs.append((logits.detach(), dict(zip(p, grads))))
+    (lp, gp), (lf, gf) = outs
+    assert rel(lf, lp) < 1e-9
+    for n in gp:
+        assert rel(gf[n], gp[n]) < 1e-9, n
+
+
+def test_gradients_wrt_non_leaf_unrolled_weights_match():
+    """The unrolled (second-order) architect differentiates w.r.t. w' = w - lr * g, non-leaf
+    tensors fed through functional_call with copies of the BN buffers."""
+    plain, fast = pair(channels=4, layers=3, in_channels=1)
+    x, y = data(4, 1, 8)
+    outs = []
+    for m in (plain, fast):
+        m.train()
+        names = [n for n, _ in m.named_parameters() if not n.startswith("alpha")]
+        base = {n: p for n, p in m.named_parameters()}
+        weights = [base[n] for n in names]
+        grads = torch.autograd.grad(F.cross_entropy(m(x), y), weights)
+        unrolled = [w - 0.1 * g for w, g in zip(weights, grads)]
+        state = {**base, **dict(zip(names, unrolled)), **{n: b.clone() for n, b in m.named_buffers()}}
+        loss = F.cross_entropy(torch.func.functional_call(m, state, (x,)), y)
+        outs.append(torch.autograd.grad(loss, [*m.arch_parameters(), *unrolled], materialize_grads=True))
+    for a, b in zip(outs[1], outs[0]):
+        assert rel(a, b) < 1e-9
