@@ -2,8 +2,14 @@
 
     run PRESET        expand the preset into stages and run what is not in outputs/ yet
       --outputs DIR   where artifacts, executed notebooks and report.html go (default: outputs)
-      --only KIND     only the stages of one kind (poison, search, retrain, report) and what they need
+      --only KIND     only the stages of one kind (surrogate, poison, search, retrain, report)
+                      and what they need
       --dry-run       list the stages and whether each exists, without running anything
+      --workers N     stages run at once on a local Dask cluster (default: one per core;
+                      1: one after another in this process)
+      --scheduler ADDR  run the stages on an existing Dask cluster (tcp://host:8786)
+      --inline        run the steps instead of their notebooks (no executed notebooks are
+                      kept; faster, for debugging)
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--outputs", default="outputs", help="artifact folder (default: outputs)")
     run.add_argument("--only", default=None, help="only stages of this kind and what they need")
     run.add_argument("--dry-run", action="store_true", help="list the stages without running them")
+    run.add_argument("--workers", type=int, default=None, help="stages at once on a local Dask cluster (default: cores)")
+    run.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler to run on")
+    run.add_argument("--inline", action="store_true", help="run the steps without their notebooks")
     sub.add_parser("install-kernel", help="register the 'nbutils' Jupyter kernel inside this environment")
     args = parser.parse_args(argv)
     if args.command == "install-kernel":
@@ -49,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import run as run_preset
 
     try:
-        outcomes = run_preset(args.preset, args.outputs, only=args.only, dry_run=args.dry_run)
+        outcomes = run_preset(args.preset, args.outputs, only=args.only, dry_run=args.dry_run, inline=args.inline,
+                              workers=args.workers, scheduler=args.scheduler)
     except (ParamsError, DatasetNotFound, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .data import BatchLoader, ImageDataset, channel_stats, concatenate
 from .genotype import Genotype
 from .progress import progress
+from .fast_supernet import FastSuperNet
 from .supernet import SuperNet
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,14 @@ class DartsConfig:
     augment: bool = True
     anti: bool = False
     order: int = 1   # 1: first-order architecture gradient; 2: second order (unrolled)
+    fast: bool = True   # the fast supernet (same function and parameters as the plain one)
+    keep_epochs: tuple[int, ...] = ()   # keep the supernet after these epochs (0: before training)
 
     def __post_init__(self) -> None:
         check_order(self.order)
+        self.keep_epochs = tuple(int(e) for e in self.keep_epochs)
+        if any(not 0 <= e <= self.epochs for e in self.keep_epochs):
+            raise ValueError(f"keep_epochs must lie in 0..epochs ({self.epochs}), got {self.keep_epochs}")
 
 
 @dataclass
@@ -72,6 +78,7 @@ class SearchResult:
     history: list[dict] = field(default_factory=list)   # one row per epoch
     alphas: dict[str, np.ndarray] = field(default_factory=dict)  # "alpha_normal": epochs x 14 x 8, ...
     stages: list[dict] = field(default_factory=list)    # P-DARTS: one record per stage; empty for DARTS
+    supernets: dict[int, dict] = field(default_factory=dict)   # epoch -> SuperNet.checkpoint(), as asked
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,23 @@ class StepRule:
     anti: bool = False                     # negate alpha's gradient
     grad_clip: float = 5.0                 # norm clip of the weight gradient
     arch_grad_clip: float | None = None    # norm clip of alpha's gradient (P-DARTS); None: none (DARTS)
+
+
+def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
+    """``snapshots`` epochs evenly spaced over 0..epochs, both ends included when ``snapshots`` >= 2
+    (50 epochs, 6 snapshots: 0, 10, ..., 50, the workshop paper's e=6 ensemble); 1: the last."""
+    if snapshots < 0:
+        raise ValueError(f"snapshots must be >= 0, got {snapshots}")
+    if snapshots == 0:
+        return []
+    if snapshots == 1:
+        return [epochs]
+    return sorted({round(i * epochs / (snapshots - 1)) for i in range(snapshots)})
+
+
+def supernet_class(fast: bool) -> type[SuperNet]:
+    """The supernet a search trains: the fast path, or the plain executable specification."""
+    return FastSuperNet if fast else SuperNet
 
 
 def check_order(order: object) -> None:
@@ -106,7 +130,7 @@ def darts_search(
     default it is computed from the two halves together.
     """
     torch.manual_seed(seed)
-    model = SuperNet(
+    model = supernet_class(config.fast)(
         channels=config.channels,
         num_classes=weight_part.num_classes,
         layers=config.layers,
@@ -121,6 +145,9 @@ def darts_search(
     rule = StepRule(order=config.order, anti=config.anti, grad_clip=config.grad_clip)
 
     result = SearchResult(genotype=model.genotype())
+    keep = set(config.keep_epochs)
+    if 0 in keep:
+        result.supernets[0] = model.checkpoint()
     trace = {"alpha_normal": [], "alpha_reduce": []}
     for epoch in progress(range(config.epochs), desc="search epochs"):
         lr = w_opt.param_groups[0]["lr"]   # the rate this epoch trains with
@@ -132,6 +159,8 @@ def darts_search(
         result.history.append({"epoch": epoch + 1, "lr": lr, **stats, "genotype": genotype.to_dict()})
         log.info("epoch %d: train acc %.3f, val acc %.3f, %s", epoch + 1, stats["train_acc"], stats["val_acc"],
                  genotype.summary())
+        if epoch + 1 in keep:
+            result.supernets[epoch + 1] = model.checkpoint()
     result.genotype = model.genotype()
     result.alphas = {name: np.stack(values) for name, values in trace.items()}
     return result

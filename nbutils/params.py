@@ -21,8 +21,9 @@ Budget = Annotated[float, Field(gt=0, le=1, description="fraction of the search 
 Pixels = Annotated[float, Field(ge=0, le=255, description="pixel units, 0..255")]
 PositiveInt = Annotated[int, Field(ge=1)]
 
-NAS_ALGORITHMS = ("darts",)
-ATTACK_NAMES = ("none", "rlf", "gaussian")
+# darts_anti: the workshop paper's anti-search (DARTS maximising the loss), Table 1
+NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts")
+ATTACK_NAMES = ("none", "rlf", "clf", "gaussian", "gc", "alpha")
 
 PRESET_FILES = {
     "grid": "grid.yaml",
@@ -57,6 +58,8 @@ class DataSpec(Spec):
 class AttackEntry(Spec):
     name: Literal[ATTACK_NAMES]  # type: ignore[valid-type]
     budgets: list[Budget] = []
+    ensemble: Optional[PositiveInt] = None   # alpha only: supernets in the ensemble (workshop: e=1 or 6)
+    algorithms: Optional[list[Literal[NAS_ALGORITHMS]]] = None   # type: ignore[valid-type]  # default: every one
 
     @model_validator(mode="after")
     def _budgets_match_name(self) -> "AttackEntry":
@@ -64,7 +67,14 @@ class AttackEntry(Spec):
             raise ValueError("attack 'none' takes no budgets")
         if self.name != "none" and not self.budgets:
             raise ValueError(f"attack {self.name!r} needs at least one budget in (0, 1]")
+        if self.ensemble is not None and self.name != "alpha":
+            raise ValueError(f"ensemble applies to the alpha attack only, not {self.name!r}")
         return self
+
+    @property
+    def condition(self) -> str:
+        """The name the report groups by: the attack, with the alpha attack's ensemble size."""
+        return f"alpha-e{self.ensemble or 1}" if self.name == "alpha" else self.name
 
 
 class GridSpec(Spec):
@@ -80,14 +90,74 @@ class GridSpec(Spec):
     def _clean_condition_present(cls, attacks: list[AttackEntry]) -> list[AttackEntry]:
         if not any(a.name == "none" for a in attacks):
             raise ValueError("the attacks must include {name: none}: the clean condition every test compares against")
+        seen = [a.condition for a in attacks]
+        if len(seen) != len(set(seen)):
+            raise ValueError(f"each attack may appear once (put all its budgets in one list), got {seen}")
         return attacks
+
+    @model_validator(mode="after")
+    def _attacked_algorithms_searched(self) -> "GridSpec":
+        for a in self.attacks:
+            extra = sorted(set(a.algorithms or ()) - set(self.nas_algorithms))
+            if extra:
+                raise ValueError(f"attack {a.condition!r} names algorithms {extra} that nas_algorithms does not search")
+        return self
+
+    def attacked(self, attack: AttackEntry) -> list[str]:
+        """The algorithms an attack runs against, in nas_algorithms order."""
+        return [a for a in self.nas_algorithms if attack.algorithms is None or a in attack.algorithms]
+
+    @model_validator(mode="after")
+    def _attack_targets_exist(self) -> "GridSpec":
+        if any(a.name == "alpha" for a in self.attacks) and "darts" not in self.nas_algorithms:
+            raise ValueError("the alpha attack crafts its poisons on clean DARTS supernets: "
+                             "nas_algorithms must include darts")
+        return self
 
 
 # --- craft_poisons.yaml ------------------------------------------------------------------------
+class SurrogateSpec(Spec):
+    """CLF's surrogate ResNet-18, trained once per dataset and seed on the clean search data."""
+
+    epochs: PositiveInt = 40
+    batch_size: PositiveInt = 128
+    lr: Annotated[float, Field(gt=0)] = 0.1
+
+
+class GradientCancelingSpec(Spec):
+    steps: PositiveInt = 250
+    lr: Optional[Annotated[float, Field(gt=0)]] = None    # null: the recipe's default
+    batch_size: PositiveInt = 128
+    gradpc_epsilon: Annotated[float, Field(ge=0)] = 1.0   # L2 radius of the target's corruption
+    gradpc_steps: Optional[PositiveInt] = None            # null: one pass over the data
+    gradpc_step_size: Annotated[float, Field(gt=0)] = 1.0
+
+
+class AlphaAttackSpec(Spec):
+    steps: PositiveInt = 250
+    lr: Optional[Annotated[float, Field(gt=0)]] = None    # null: Witches' Brew's rule
+    batch_size: PositiveInt = 128
+    cells: Literal["normal", "both"] = "normal"   # the cells Eq. 2 sums over
+    augment: bool = True                          # differentiable translation and flip
+
+
 class CraftPoisonsSpec(Spec):
     seed: Annotated[int, Field(ge=0)] = 0   # which samples are poisoned, and the noise drawn
     eps: Pixels = 16.0                      # l_inf bound of clean-label perturbations
     sigma: Annotated[float, Field(ge=0)] = 16.0   # Gaussian noise standard deviation, pixel units
+    device: Device = "auto"
+    surrogate: SurrogateSpec = SurrogateSpec()
+    gc: GradientCancelingSpec = GradientCancelingSpec()
+    alpha: AlphaAttackSpec = AlphaAttackSpec()
+
+    def attack_spec(self, name: str, budget: float) -> dict:
+        """The ``nbutils.attacks.AttackSpec`` fields of one attack at one budget."""
+        spec = {"name": name, "budget": budget, "seed": self.seed, "eps": self.eps, "sigma": self.sigma}
+        if name == "gc":
+            spec.update(self.gc.model_dump())
+        elif name == "alpha":
+            spec.update(self.alpha.model_dump())
+        return spec
 
 
 # --- search.yaml -------------------------------------------------------------------------------
@@ -104,12 +174,57 @@ class DartsSpec(Spec):
     arch_lr: Annotated[float, Field(gt=0)] = 3e-4
     arch_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)
     arch_weight_decay: Annotated[float, Field(ge=0)] = 1e-3
+    order: Literal[1, 2] = 1   # architecture gradient: 1 first order, 2 second order (unrolled)
+
+
+class PdartsSpec(Spec):
+    """P-DARTS; the defaults are the reference's (three stages of 25 epochs, 10 of them warm-up)."""
+
+    layers: Annotated[list[Annotated[int, Field(ge=3)]], Field(min_length=1)] = [5, 11, 17]   # cells per stage
+    num_to_keep: Annotated[list[PositiveInt], Field(min_length=1)] = [5, 3, 1]   # operations per edge after each stage
+    dropout_rates: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=1)] = [0.1, 0.4, 0.7]
+    epochs: PositiveInt = 25            # per stage
+    warmup_epochs: Annotated[int, Field(ge=0)] = 10   # per stage, weights only
+    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 16
+    batch_size: PositiveInt = 96
+    lr: Annotated[float, Field(gt=0)] = 0.025
+    lr_min: Annotated[float, Field(ge=0)] = 0.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 3e-4
+    grad_clip: Annotated[float, Field(gt=0)] = 5.0
+    arch_lr: Annotated[float, Field(gt=0)] = 6e-4
+    arch_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)
+    arch_weight_decay: Annotated[float, Field(ge=0)] = 1e-3
+    max_skip: Optional[Annotated[int, Field(ge=0)]] = 2   # skip connections in the final normal cell; null: no limit
+    order: Literal[1, 2] = 1
+
+    @model_validator(mode="after")
+    def _stages_agree(self) -> "PdartsSpec":
+        n = len(self.layers)
+        if len(self.num_to_keep) != n or len(self.dropout_rates) != n:
+            raise ValueError(f"layers, num_to_keep and dropout_rates need one entry per stage; got {n}, "
+                             f"{len(self.num_to_keep)} and {len(self.dropout_rates)}")
+        keep = [8, *self.num_to_keep]
+        if any(b >= a for a, b in zip(keep, keep[1:])) or self.num_to_keep[-1] != 1:
+            raise ValueError(f"num_to_keep must decrease from 8 operations to 1, got {self.num_to_keep}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) cannot exceed epochs ({self.epochs})")
+        return self
 
 
 class SearchSpec(Spec):
     device: Device = "auto"
-    augment: bool = True     # random crop and flip during the search
+    augment: bool = True     # random crop and flip during the search (TMLR Table 6 turns it off)
+    fast: bool = True        # the fast supernet; false: the plain one (the executable specification)
     darts: DartsSpec = DartsSpec()
+    pdarts: PdartsSpec = PdartsSpec()
+
+    def config_of(self, algorithm: str) -> dict:
+        """The settings a search stage of ``algorithm`` runs with (``darts_anti`` shares DARTS')."""
+        family = {"darts_anti": "darts"}.get(algorithm, algorithm)
+        if family == "random":
+            return {}
+        return getattr(self, family).model_dump()
 
 
 # --- retrain.yaml ------------------------------------------------------------------------------

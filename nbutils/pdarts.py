@@ -29,12 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .darts import SearchResult, StepRule, check_order, make_optimisers, search_loaders, train_epoch
+from .darts import SearchResult, StepRule, check_order, make_optimisers, search_loaders, supernet_class, train_epoch
 from .data import ImageDataset
 from .genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
 from .ops import PRIMITIVES
 from .progress import progress
-from .supernet import SuperNet
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +66,7 @@ class PdartsConfig:
     augment: bool = True
     anti: bool = False
     order: int = 1
+    fast: bool = True                              # the fast supernet (same function as the plain one)
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(n) for n in self.layers)
@@ -124,7 +124,7 @@ def pdarts_search(
     stages = len(config.layers)
     for stage, (cells, keep, rate) in enumerate(zip(config.layers, config.num_to_keep, config.dropout_rates), 1):
         # a new network each stage: only the switches carry over
-        model = SuperNet(
+        model = supernet_class(config.fast)(
             channels=config.channels,
             num_classes=weight_part.num_classes,
             layers=cells,
@@ -173,7 +173,9 @@ def pdarts_search(
             records[-1]["genotype"] = final.to_dict()
         switches = kept
         log.info("stage %d done: %d operations per edge left", stage, keep)
-    return SearchResult(genotype=final, history=history, alphas=alphas, stages=records)
+    # the last stage's converged supernet: the target of NAS-specific gradient canceling
+    return SearchResult(genotype=final, history=history, alphas=alphas, stages=records,
+                        supernets={len(history): model.checkpoint()})
 
 
 # --------------------------------------------------------------------------- within a stage

@@ -42,8 +42,24 @@ def no_budget(budget) -> bool:
     return budget is None or (isinstance(budget, float) and math.isnan(budget))
 
 
+ATTACK_NAMES = {"none": "None", "rlf": "RLF", "clf": "CLF", "gaussian": "Noise", "gc": "GC"}
+ALGORITHM_NAMES = {"darts": "DARTS", "darts_anti": "DARTS anti-search", "pdarts": "P-DARTS", "tenas": "TE-NAS",
+                   "robot": "RoBoT", "nsganetv2": "NSGANetV2", "random": "Random"}
+
+
+def attack_name(attack: str) -> str:
+    """How the papers name a condition's attack (the alpha attack: the workshop paper's, with e)."""
+    if attack.startswith("alpha-e"):
+        return f"α-gradient (e={attack[len('alpha-e'):]})"
+    return ATTACK_NAMES.get(attack, attack.upper())
+
+
+def algorithm_name(algorithm: str) -> str:
+    return ALGORITHM_NAMES.get(algorithm, algorithm)
+
+
 def condition_label(attack: str, budget: float | None) -> str:
-    return "None" if attack == "none" else f"{attack.upper()} {100 * budget:g}%"
+    return "None" if attack == "none" else f"{attack_name(attack)} {100 * budget:g}%"
 
 
 def _rows_of(frame: pd.DataFrame, attack: str, budget) -> pd.Series:
@@ -92,11 +108,11 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
     statistically significant drops bold and underlined."""
     algorithms = list(dict.fromkeys(table.algorithm))
     conditions = list(dict.fromkeys((a, None if no_budget(b) else b) for a, b in zip(table.attack, table.budget)))
-    head = "".join(f'<th colspan="2">{html.escape(a.upper())}</th>' for a in algorithms)
+    head = "".join(f'<th colspan="2">{html.escape(algorithm_name(a))}</th>' for a in algorithms)
     sub = "".join("<th>Acc.</th><th>ΔImp.</th>" for _ in algorithms)
     body = []
     for attack, budget in conditions:
-        label = "None" if attack == "none" else attack.upper()
+        label = attack_name(attack)
         cells = [f"<td>{html.escape(label)}</td><td>{'–' if budget is None else f'{100 * budget:g}%'}</td>"]
         for a in algorithms:
             match = table[(table.algorithm == a) & _rows_of(table, attack, budget)]

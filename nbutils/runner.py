@@ -3,10 +3,13 @@ headless with papermill, reuse every artifact that exists, and summarise.
 
 A *trial* is one path poison -> search -> retrain and ends in one accuracy. Stages:
 
-    poison   01_craft_poisons.ipynb   one per (attack, budget)
-    search   03_search.ipynb          one per (algorithm, condition, trial), plus random samples
-    retrain  04_retrain.ipynb         one per search
-    report   99_report.ipynb          one, reading every retrain artifact
+    surrogate  00_surrogate.ipynb       CLF's surrogate ResNet-18, one per dataset and seed
+    poison     01_craft_poisons.ipynb   one per (attack, budget); gradient canceling one per
+                                        (algorithm, budget): it targets that algorithm's best
+                                        clean run, the alpha attack the best clean DARTS run
+    search     03_search.ipynb          one per (algorithm, condition, trial), plus random samples
+    retrain    04_retrain.ipynb         one per search
+    report     99_report.ipynb          one, reading every retrain artifact
 
 A failed stage does not stop the others; the stages that need its artifact are skipped, and
 the report shows their cells as missing with the reason.
@@ -23,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 from . import params
 from .store import ArtifactStore, atomic_write_bytes, stage_key
@@ -32,11 +36,13 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 NOTEBOOK_OF = {
+    "surrogate": "00_surrogate.ipynb",
     "poison": "01_craft_poisons.ipynb",
     "search": "03_search.ipynb",
     "retrain": "04_retrain.ipynb",
     "report": "99_report.ipynb",
 }
+STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "search", "retrain": "retrain"}
 EXECUTED_NOTEBOOK = "notebook.ipynb"
 REPORT_HTML = "report.html"
 
@@ -62,67 +68,133 @@ def _percent(budget: float) -> str:
     return f"{100 * budget:g}%"
 
 
+#: the algorithms whose gradient-canceling target is the converged supernet's alpha (NAS-specific
+#: GC, TMLR §3.2); every other algorithm's target is the weights of its best clean architecture
+SUPERNET_ALGORITHMS = ("darts", "darts_anti", "pdarts")
+
+
 def expand(preset: params.Preset) -> list[Stage]:
-    """Every stage of the preset, each after the stages it reads."""
+    """Every stage of the preset, each after the stages it reads.
+
+    First every algorithm's clean trials (the crafted attacks read them: gradient canceling
+    targets the best clean run of the algorithm it attacks, the alpha attack the best clean
+    DARTS run's supernets), then the poisons and the poisoned trials, then random sampling.
+    """
     grid = preset.grid
     data = grid.data.model_dump()
     stages: list[Stage] = []
-    cells: list[tuple[dict, Stage]] = []   # (meta, retrain stage) for the report
+    by_key: dict[tuple[str, str], Stage] = {}
+    cells: list[Stage] = []   # retrain stages, for the report
 
-    def retrain_of(search: Stage, trial_seed: int) -> Stage:
-        spec = {"data": data, "config": preset.retrain.model_dump(exclude={"device"}), "seed": trial_seed,
+    def add(stage: Stage) -> Stage:
+        """Append a stage once: equal stages (same kind and key) are one stage."""
+        key = (stage.kind, stage.key)
+        if key not in by_key:
+            by_key[key] = stage
+            stages.append(stage)
+        return by_key[key]
+
+    def trial(algorithm: str, entry: params.AttackEntry | None, budget: float | None, trial: int,
+              poison: Stage | None) -> tuple[Stage, Stage]:
+        seed = grid.seed + trial
+        spec = {"algorithm": algorithm, "data": data, "config": preset.search.config_of(algorithm),
+                "augment": preset.search.augment, "fast": preset.search.fast, "seed": seed,
+                "device": preset.search.device}
+        if entry is None:
+            keep = supernets_to_keep(preset, algorithm)
+            if keep is not None:
+                spec["keep_supernets"] = keep
+        condition = "clean" if entry is None else f"{entry.condition} {_percent(budget)}"
+        meta = {"algorithm": algorithm, "attack": "none" if entry is None else entry.condition,
+                "budget": budget, "trial": trial}
+        search = add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}",
+                           {"poison": poison} if poison else {}, meta))
+        return search, retrain_of(search, seed)
+
+    def retrain_of(search: Stage, seed: int) -> Stage:
+        spec = {"data": data, "config": preset.retrain.model_dump(exclude={"device"}), "seed": seed,
                 "device": preset.retrain.device}
-        stage = Stage("retrain", spec, f"retrain <- {search.label}", {"search": search}, dict(search.meta))
-        stages.append(stage)
-        cells.append((stage.meta, stage))
+        stage = add(Stage("retrain", spec, f"retrain <- {search.label}", {"search": search}, dict(search.meta)))
+        cells.append(stage)
         return stage
 
-    conditions: list[tuple[str, float | None, Stage | None]] = []
-    for attack in grid.attacks:
-        if attack.name == "none":
-            conditions.append(("none", None, None))
+    clean: dict[str, list[tuple[Stage, Stage]]] = {
+        algorithm: [trial(algorithm, None, None, t, None) for t in range(grid.trials)]
+        for algorithm in grid.nas_algorithms
+    }
+    craft = preset.craft_poisons
+    for entry in grid.attacks:
+        if entry.name == "none":
             continue
-        for budget in attack.budgets:
-            spec = {
-                "data": data,
-                "attack": {"name": attack.name, "budget": budget, "seed": preset.craft_poisons.seed,
-                           "eps": preset.craft_poisons.eps, "sigma": preset.craft_poisons.sigma},
-            }
-            stage = Stage("poison", spec, f"poison {attack.name} {_percent(budget)}",
-                          meta={"attack": attack.name, "budget": budget})
-            stages.append(stage)
-            conditions.append((attack.name, budget, stage))
-
-    for algorithm in grid.nas_algorithms:
-        for attack, budget, poison_stage in conditions:
-            for trial in range(grid.trials):
-                seed = grid.seed + trial
-                spec = {"algorithm": algorithm, "data": data, "config": preset.search.darts.model_dump(),
-                        "augment": preset.search.augment, "seed": seed, "device": preset.search.device}
-                condition = "clean" if attack == "none" else f"{attack} {_percent(budget)}"
-                meta = {"algorithm": algorithm, "attack": attack, "budget": budget, "trial": trial}
-                search = Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}",
-                               {"poison": poison_stage} if poison_stage else {}, meta)
-                stages.append(search)
-                retrain_of(search, seed)
+        for budget in entry.budgets:
+            for algorithm in grid.attacked(entry):
+                spec = {"data": data, "attack": craft.attack_spec(entry.name, budget), "device": craft.device}
+                inputs: dict[str, Stage] = {}
+                label = f"poison {entry.condition} {_percent(budget)}"
+                if entry.name == "clf":
+                    inputs["surrogate"] = add(surrogate_stage(preset))
+                elif entry.name == "gc":
+                    spec["target"] = {"algorithm": algorithm,
+                                      "kind": "alphas" if algorithm in SUPERNET_ALGORITHMS else "weights"}
+                    inputs = clean_inputs(clean[algorithm])
+                    label += f" against {algorithm}"
+                elif entry.name == "alpha":
+                    spec["ensemble"] = entry.ensemble or 1
+                    inputs = clean_inputs(clean["darts"])
+                meta = {"attack": entry.condition, "budget": budget}
+                poison = add(Stage("poison", spec, label, inputs, meta))
+                for t in range(grid.trials):
+                    trial(algorithm, entry, budget, t, poison)
 
     for sample in range(grid.random_samples):
         seed = grid.seed + sample
         meta = {"algorithm": "random", "attack": "none", "budget": None, "trial": sample}
-        search = Stage("search", {"algorithm": "random", "seed": seed}, f"random sample {sample + 1}", meta=meta)
-        stages.append(search)
+        search = add(Stage("search", {"algorithm": "random", "seed": seed}, f"random sample {sample + 1}", meta=meta))
         retrain_of(search, seed)
 
-    report_cells = [{**meta, "role": f"retrain{i}"} for i, (meta, _) in enumerate(cells)]
+    report_cells = [{**stage.meta, "role": f"retrain{i}"} for i, stage in enumerate(cells)]
     report = Stage(
         "report",
         {"report": preset.report.model_dump(), "preset": preset.name, "cells": report_cells,
          "settings": {k: getattr(preset, k).model_dump() for k in params.PRESET_FILES}},
         "report",
-        {f"retrain{i}": stage for i, (_, stage) in enumerate(cells)},
+        {f"retrain{i}": stage for i, stage in enumerate(cells)},
     )
     stages.append(report)
     return stages
+
+
+def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None:
+    """The epochs whose supernet a clean search must save for the crafted attacks, or None.
+
+    NAS-specific gradient canceling needs the converged supernet (always saved once any epoch
+    list is given); the alpha attack with an ensemble of e needs e snapshots evenly spaced
+    over the search (workshop paper: e=6 is epochs 0, 10, ..., 50)."""
+    from .darts import snapshot_epochs
+
+    names = {a.name for a in preset.grid.attacks}
+    keep: set[int] = set()
+    wanted = "gc" in names and algorithm in SUPERNET_ALGORITHMS
+    if algorithm == "darts" and "alpha" in names:
+        wanted = True
+        for entry in preset.grid.attacks:
+            if entry.name == "alpha":
+                keep.update(snapshot_epochs(preset.search.darts.epochs, entry.ensemble or 1))
+    return sorted(keep) if wanted else None
+
+
+def surrogate_stage(preset: params.Preset) -> Stage:
+    spec = {"data": preset.grid.data.model_dump(), "config": preset.craft_poisons.surrogate.model_dump(),
+            "seed": preset.craft_poisons.seed, "device": preset.craft_poisons.device}
+    return Stage("surrogate", spec, "surrogate ResNet-18 for CLF")
+
+
+def clean_inputs(runs: list[tuple[Stage, Stage]]) -> dict[str, Stage]:
+    """The clean trials of one algorithm as inputs: search0, retrain0, search1, ..."""
+    inputs = {}
+    for i, (search, retrain) in enumerate(runs):
+        inputs[f"search{i}"], inputs[f"retrain{i}"] = search, retrain
+    return inputs
 
 
 # --- execution ---------------------------------------------------------------------------------
@@ -156,9 +228,15 @@ def preflight(preset: params.Preset) -> None:
         )
 
 
-def execute_stage(stage: Stage, store: ArtifactStore, kernel: str) -> Outcome:
-    """Run one stage's notebook into a private folder and commit it, or keep it as failed."""
+def execute_stage(stage: Stage, store: ArtifactStore, kernel: str | None) -> Outcome:
+    """Run one stage into a private folder and commit it, or keep it as failed.
+
+    With a kernel the stage's notebook runs under papermill (the executed notebook is part of
+    the artifact); with ``kernel=None`` the step function runs in this process (no notebook:
+    faster, for tests and debugging). The report always runs as a notebook."""
     import papermill
+
+    from . import steps
 
     start = time.perf_counter()
     work = store.begin(stage.kind, stage.key)
@@ -169,10 +247,13 @@ def execute_stage(stage: Stage, store: ArtifactStore, kernel: str) -> Outcome:
         "out_dir": str(work),
     }
     try:
-        papermill.execute_notebook(
-            str(NOTEBOOKS / NOTEBOOK_OF[stage.kind]), str(notebook), parameters=parameters,
-            kernel_name=kernel, progress_bar=False, log_output=False, cwd=str(NOTEBOOKS),
-        )
+        if kernel is None and stage.kind != "report":
+            getattr(steps, STEP_OF[stage.kind])(**parameters)
+        else:
+            papermill.execute_notebook(
+                str(NOTEBOOKS / NOTEBOOK_OF[stage.kind]), str(notebook), parameters=parameters,
+                kernel_name=kernel or kernel_name(), progress_bar=False, log_output=False, cwd=str(NOTEBOOKS),
+            )
         if stage.kind == "report":
             render_html(notebook, work / REPORT_HTML)
     except KeyboardInterrupt:
@@ -212,8 +293,14 @@ def render_html(notebook: Path, html: Path) -> None:
 
 
 def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | None = None,
-        dry_run: bool = False, out=sys.stdout) -> list[Outcome]:
-    """Validate, check, then execute every stage not already in the store."""
+        dry_run: bool = False, inline: bool = False, workers: int | None = None, scheduler: str | None = None,
+        out=sys.stdout) -> list[Outcome]:
+    """Validate, check, then execute every stage not already in the store.
+
+    ``workers``: stages run at once on a local Dask cluster (default: one per CPU core; 1 runs
+    them one after another in this process without Dask); ``scheduler``: the address of an
+    existing Dask cluster to run them on instead. ``inline``: the steps in the executing
+    process instead of their notebooks, see :func:`execute_stage`."""
     preset = params.load_preset(preset_dir)
     stages = expand(preset)
     if only is not None:
@@ -221,53 +308,90 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
             raise params.ParamsError(f"--only {only!r} is not a stage; allowed: {', '.join(NOTEBOOK_OF)}")
         wanted = {id(s) for s in stages if s.kind == only}
         stages = [s for s in stages if id(s) in wanted or _needed_by(s, stages, wanted)]
+    if workers is not None and workers < 1:
+        raise params.ParamsError(f"--workers must be >= 1, got {workers}")
     store = ArtifactStore(outputs)
     if dry_run:
         for s in stages:
             state = "exists" if store.exists(s.kind, s.key) else "to run"
-            print(f"{s.kind:8s} {s.key}  {state:7s} {s.label}", file=out)
+            print(f"{s.kind:9s} {s.key}  {state:7s} {s.label}", file=out)
         return []
     preflight(preset)
     store.clean_partial()
     os.environ["NBUTILS_HEADLESS"] = "1"
-    kernel = kernel_name()
-
-    outcomes: dict[int, Outcome] = {}
-    total = len(stages)
+    kernel = None if inline else kernel_name()
+    workers = workers or default_workers()
     started = time.perf_counter()
+    if scheduler is None and workers == 1:
+        outcomes = _run_here(stages, store, kernel, out)
+    else:
+        from .cluster import run_on_dask
+
+        outcomes = run_on_dask(stages, store, kernel, workers=workers, scheduler=scheduler, out=out)
+    for outcome in outcomes:
+        if outcome.stage.kind == "report" and outcome.status in ("ran", "reused"):
+            shutil.copyfile(store.path("report", outcome.stage.key) / REPORT_HTML, Path(outputs) / REPORT_HTML)
+    print_summary(outcomes, time.perf_counter() - started, Path(outputs), out)
+    return outcomes
+
+
+def default_workers() -> int:
+    """One stage per CPU core this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def run_stage(stage: Stage, store: ArtifactStore, kernel: str | None, inputs: Sequence[Outcome] = (),
+              threads: int | None = None) -> Outcome:
+    """One stage, given the outcomes of the stages it reads: skipped when one of them failed
+    (the report instead shows what exists), reused when its artifact exists, else executed."""
+    if threads:
+        limit_threads(threads)
+    broken = {(o.stage.kind, o.stage.key): o for o in inputs if o.status in ("failed", "skipped")}
+    if broken and stage.kind == "report":
+        stage, broken = report_without(stage, broken), {}
+    if broken:
+        return Outcome(stage, "skipped", detail="needs " + ", ".join(o.stage.label for o in broken.values()))
+    if store.exists(stage.kind, stage.key):
+        return Outcome(stage, "reused", notebook=store.path(stage.kind, stage.key) / EXECUTED_NOTEBOOK)
+    return execute_stage(stage, store, kernel)
+
+
+def limit_threads(threads: int) -> None:
+    """Give the kernels this process starts (and its own torch) ``threads`` threads, so that
+    stages running side by side do not oversubscribe the cores."""
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def report_line(i: int, total: int, outcome: Outcome) -> str:
+    if outcome.status == "ran":
+        return f"[{i}/{total}] {outcome.stage.label}: ran in {outcome.seconds:.1f} s"
+    return f"[{i}/{total}] {outcome.stage.label}: {outcome.status}" + (f" ({outcome.detail})" if outcome.detail else "")
+
+
+def _run_here(stages: list[Stage], store: ArtifactStore, kernel: str | None, out) -> list[Outcome]:
+    """Every stage in order, in this process."""
+    outcomes: dict[int, Outcome] = {}
     for i, stage in enumerate(stages, 1):
-        broken = [s for s in stage.inputs.values() if outcomes[id(s)].status in ("failed", "skipped")]
-        if broken and stage.kind == "report":  # the report shows what exists and says what is missing
-            stage, broken = report_without(stage, {id(s): outcomes[id(s)] for s in broken}), []
-        if broken:
-            outcome = Outcome(stage, "skipped", detail="needs " + ", ".join(s.label for s in broken))
-        elif store.exists(stage.kind, stage.key):
-            outcome = Outcome(stage, "reused", notebook=store.path(stage.kind, stage.key) / EXECUTED_NOTEBOOK)
-        else:
-            print(f"[{i}/{total}] {stage.label} ...", file=out, flush=True)
-            outcome = execute_stage(stage, store, kernel)
+        if not store.exists(stage.kind, stage.key):
+            print(f"[{i}/{len(stages)}] {stage.label} ...", file=out, flush=True)
+        outcome = run_stage(stage, store, kernel, [outcomes[id(s)] for s in stage.inputs.values()])
         outcomes[id(stage)] = outcome
-        if outcome.status != "ran":
-            print(f"[{i}/{total}] {stage.label}: {outcome.status}" + (f" ({outcome.detail})" if outcome.detail else ""),
-                  file=out, flush=True)
-        else:
-            print(f"[{i}/{total}] {stage.label}: ran in {outcome.seconds:.1f} s", file=out, flush=True)
-        if stage.kind == "report" and outcome.status in ("ran", "reused"):
-            shutil.copyfile(store.path("report", stage.key) / REPORT_HTML, Path(outputs) / REPORT_HTML)
-    results = list(outcomes.values())
-    print_summary(results, time.perf_counter() - started, Path(outputs), out)
-    return results
+        print(report_line(i, len(stages), outcome), file=out, flush=True)
+    return list(outcomes.values())
 
 
-def report_without(report: Stage, missing: dict[int, Outcome]) -> Stage:
-    """The report stage restricted to the inputs that exist, listing the others with the reason."""
-    roles = {role for role, s in report.inputs.items() if id(s) in missing}
-    reasons = {role: f"{missing[id(s)].status}: {missing[id(s)].detail or s.label}"
-               for role, s in report.inputs.items() if role in roles}
+def report_without(report: Stage, missing: dict[tuple[str, str], Outcome]) -> Stage:
+    """The report stage restricted to the inputs that exist, listing the others with the reason
+    (``missing``: (kind, key) of a stage that did not finish -> its outcome)."""
+    lost = {role: missing[(s.kind, s.key)] for role, s in report.inputs.items() if (s.kind, s.key) in missing}
+    reasons = {role: f"{o.status}: {o.detail or o.stage.label}" for role, o in lost.items()}
     spec = dict(report.spec)
-    spec["cells"] = [c for c in report.spec["cells"] if c["role"] not in roles]
-    spec["missing"] = [{**c, "reason": reasons[c["role"]]} for c in report.spec["cells"] if c["role"] in roles]
-    inputs = {role: s for role, s in report.inputs.items() if role not in roles}
+    spec["cells"] = [c for c in report.spec["cells"] if c["role"] not in lost]
+    spec["missing"] = [{**c, "reason": reasons[c["role"]]} for c in report.spec["cells"] if c["role"] in lost]
+    inputs = {role: s for role, s in report.inputs.items() if role not in lost}
     return Stage(report.kind, spec, report.label, inputs, report.meta)
 
 

@@ -17,17 +17,22 @@ import torch
 
 from . import params
 from .attacks import AttackSpec, poison
-from .darts import DartsConfig, SearchDiverged, darts_search
+from .darts import DartsConfig, SearchDiverged, SearchResult, darts_search, snapshot_epochs
 from .data import ImageDataset, channel_stats, load_dataset, search_split, seeded_subset
 from .device import resolve_device, seed_everything
 from .genotype import Genotype, random_genotype
+from .network import EvalNetwork
+from .pdarts import PdartsConfig, pdarts_search
 from .poison_set import PoisonSet
 from .store import atomic_write_json, read_json, save_arrays
+from .supernet import supernet_from_checkpoint
 from .train import RetrainConfig, retrain as retrain_network
 
 log = logging.getLogger(__name__)
 
 GENOTYPE_FILE = "genotype.json"
+SUPERNETS_FILE = "supernets.pt"
+WEIGHTS_FILE = "weights.pt"
 RESULT_FILE = "result.json"
 
 
@@ -51,44 +56,152 @@ def retrain_sets(data: params.DataSpec) -> tuple[ImageDataset, ImageDataset]:
     )
 
 
+# --- 00 surrogate ---------------------------------------------------------------------------------
+SURROGATE_FILE = "surrogate.pt"
+
+
+def surrogate(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
+    """Train CLF's surrogate ResNet-18 on the clean search data (the attacker's copy of it)."""
+    from .surrogate import surrogate_logits, train_surrogate
+
+    out_dir = Path(out_dir)
+    seed = int(spec["seed"])
+    seed_everything(seed)
+    device = resolve_device(spec.get("device", "auto"))
+    pool = search_pool(_data(spec))
+    mean, std = channel_stats(pool)
+    start = time.perf_counter()
+    model = train_surrogate(pool, **spec["config"], seed=seed, device=device, mean=mean, std=std)
+    seconds = time.perf_counter() - start
+    train_acc = float((surrogate_logits(model, pool, mean, std, device).argmax(1) == pool.labels).float().mean())
+    torch.save({"num_classes": pool.num_classes, "in_channels": pool.in_channels,
+                "state": {k: v.cpu() for k, v in model.state_dict().items()}}, out_dir / SURROGATE_FILE)
+    result = {"train_acc": train_acc, "seconds": seconds, "device": str(device), "images": len(pool)}
+    atomic_write_json(out_dir / RESULT_FILE, result)
+    return result
+
+
+def load_surrogate(artifact: str | Path) -> torch.nn.Module:
+    from .surrogate import resnet18_small
+
+    saved = torch.load(Path(artifact) / SURROGATE_FILE, weights_only=True)
+    model = resnet18_small(saved["num_classes"], saved["in_channels"])
+    model.load_state_dict(saved["state"])
+    return model.eval()
+
+
 # --- 01 craft poisons ----------------------------------------------------------------------------
 def craft_poisons(spec: dict, inputs: dict, out_dir: str | Path) -> PoisonSet:
+    """Craft one poison set against the clean search data and save it as the attacker publishes it."""
+    attack = AttackSpec(**spec["attack"])   # a bad spec fails here, before any data is read
+    device = resolve_device(spec.get("device", "auto"))
     pool = search_pool(_data(spec))
-    poison_set = poison(pool, AttackSpec(**spec["attack"]))
+    models = attacker_models(spec, inputs)
+    if models:
+        seed_everything(attack.seed)
+    poison_set = poison(pool, attack, models=models, device=device, normalisation=channel_stats(pool))
+    if "attacker_model" in models:
+        poison_set.header["attacker_model"] = models.pop("attacker_model")
     poison_set.save(Path(out_dir))
     return poison_set
 
 
+def attacker_models(spec: dict, inputs: dict) -> dict:
+    """What a crafted attack needs, from the artifacts it reads (empty for RLF and noise).
+
+    Gradient canceling and the alpha attack take the clean run of highest retrained accuracy
+    (TMLR §4: "the highest-accuracy networks on clean data as the target"): for a supernet
+    algorithm its converged supernet, otherwise its retrained final network; the alpha attack
+    the ``ensemble`` supernet snapshots of that DARTS run."""
+    name = spec["attack"]["name"]
+    if name == "clf":
+        return {"surrogate": load_surrogate(inputs["surrogate"])}
+    if name not in ("gc", "alpha"):
+        return {}
+    best = best_clean_run(inputs)
+    chosen = {"search": str(best["search"]), "retrain": str(best["retrain"]), "test_acc": best["test_acc"]}
+    if name == "alpha":
+        checkpoints = load_supernets(best["search"])
+        epochs = sorted(checkpoints)
+        wanted = snapshot_epochs(epochs[-1], int(spec["ensemble"]))
+        missing = sorted(set(wanted) - set(epochs))
+        if missing:
+            raise ValueError(f"the alpha attack with ensemble {spec['ensemble']} needs supernets after epochs "
+                             f"{wanted}; the clean search saved {epochs}")
+        return {"supernets": [supernet_from_checkpoint(checkpoints[e]) for e in wanted],
+                "attacker_model": {**chosen, "epochs": wanted}}
+    if spec["target"]["kind"] == "alphas":
+        checkpoints = load_supernets(best["search"])
+        last = max(checkpoints)
+        return {"target": supernet_from_checkpoint(checkpoints[last]),
+                "attacker_model": {**chosen, "kind": "alphas", "epoch": last}}
+    return {"target": load_retrained(best["retrain"]), "attacker_model": {**chosen, "kind": "weights"}}
+
+
+def best_clean_run(inputs: dict) -> dict:
+    """Of the clean trials given as search0/retrain0, search1/retrain1, ..., the one whose
+    retrained network is most accurate (ties: the first)."""
+    runs = []
+    for role in sorted(r for r in inputs if r.startswith("retrain")):
+        i = role[len("retrain"):]
+        acc = read_json(Path(inputs[role]) / RESULT_FILE)["test_acc"]
+        runs.append({"search": Path(inputs[f"search{i}"]), "retrain": Path(inputs[role]), "test_acc": acc})
+    if not runs:
+        raise ValueError("a crafted attack needs the clean runs it targets as inputs search0/retrain0, ...")
+    return max(runs, key=lambda run: run["test_acc"])
+
+
 # --- 03 search -----------------------------------------------------------------------------------
+def _darts(weight_part, arch_part, spec, **common) -> SearchResult:
+    keep = set(spec.get("keep_supernets", ()))
+    if "keep_supernets" in spec:
+        keep.add(spec["config"]["epochs"])   # the converged supernet, always
+    config = DartsConfig(**spec["config"], augment=spec["augment"], fast=spec.get("fast", True),
+                         anti=spec["algorithm"] == "darts_anti", keep_epochs=tuple(sorted(keep)))
+    return darts_search(weight_part, arch_part, config, **common)
+
+
+def _pdarts(weight_part, arch_part, spec, **common) -> SearchResult:
+    config = PdartsConfig(**spec["config"], augment=spec["augment"], fast=spec.get("fast", True))
+    return pdarts_search(weight_part, arch_part, config, **common)
+
+
+#: algorithm -> search on (weight half, architecture half) of the search data
+SEARCHES = {"darts": _darts, "darts_anti": _darts, "pdarts": _pdarts}
+
+
 def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
-    """Run the spec's NAS algorithm on the (possibly poisoned) search data; save the genotype."""
+    """Run the spec's NAS algorithm on the (possibly poisoned) search data; save the genotype,
+    the per-epoch history and alpha. A diverged search records its error and raises."""
     out_dir = Path(out_dir)
     algorithm, seed = spec["algorithm"], int(spec["seed"])
+    if algorithm != "random" and algorithm not in SEARCHES:
+        raise ValueError(f"search algorithm {algorithm!r} is unknown; allowed: random, {', '.join(SEARCHES)}")
     seed_everything(seed)
     start = time.perf_counter()
     if algorithm == "random":
-        genotype = random_genotype(np.random.default_rng(seed))
-        result = {"algorithm": algorithm, "seed": seed, "history": []}
-    elif algorithm in ("darts", "darts_anti"):
+        found = SearchResult(genotype=random_genotype(np.random.default_rng(seed)))
+        device = torch.device("cpu")
+    else:
         device = resolve_device(spec.get("device", "auto"))
         pool = search_pool(_data(spec))
         normalisation = channel_stats(pool)  # from the clean images, so poisons cannot shift it
         if "poison" in inputs:
             pool = PoisonSet.load(inputs["poison"], pool).apply(pool)
         weight_part, arch_part = search_split(pool, seed)
-        config = DartsConfig(**spec["config"], augment=spec["augment"], anti=algorithm == "darts_anti")
         try:
-            found = darts_search(weight_part, arch_part, config, seed=seed, device=device, normalisation=normalisation)
+            found = SEARCHES[algorithm](weight_part, arch_part, spec, seed=seed, device=device,
+                                        normalisation=normalisation)
         except SearchDiverged as e:
             atomic_write_json(out_dir / "error.json", {"error": str(e), "traceback": traceback.format_exc()})
             raise
-        genotype = found.genotype
+    genotype = found.genotype
+    if found.alphas:
         save_arrays(out_dir / "alphas.npz", **found.alphas)
-        result = {"algorithm": algorithm, "seed": seed, "history": found.history, "device": str(device)}
-    else:
-        raise ValueError(f"search algorithm {algorithm!r} is unknown; allowed: random, darts, darts_anti")
-    result["seconds"] = time.perf_counter() - start
-    result["summary"] = genotype.summary()
+    if "keep_supernets" in spec and found.supernets:   # for the crafted attacks
+        torch.save({str(epoch): c for epoch, c in found.supernets.items()}, out_dir / SUPERNETS_FILE)
+    result = {"algorithm": algorithm, "seed": seed, "history": found.history, "stages": found.stages,
+              "device": str(device), "seconds": time.perf_counter() - start, "summary": genotype.summary()}
     atomic_write_json(out_dir / GENOTYPE_FILE, genotype.to_dict())
     atomic_write_json(out_dir / RESULT_FILE, result)
     return {**result, "genotype": genotype}
@@ -96,6 +209,14 @@ def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
 
 def load_genotype(artifact: str | Path) -> Genotype:
     return Genotype.from_dict(read_json(Path(artifact) / GENOTYPE_FILE))
+
+
+def load_supernets(artifact: str | Path) -> dict[int, dict]:
+    """The supernet checkpoints a clean search saved: epoch -> ``SuperNet.checkpoint()``."""
+    path = Path(artifact) / SUPERNETS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: this search did not keep its supernets")
+    return {int(epoch): c for epoch, c in torch.load(path, weights_only=True).items()}
 
 
 # --- 04 retrain ----------------------------------------------------------------------------------
@@ -109,10 +230,25 @@ def retrain(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     train_set, test_set = retrain_sets(_data(spec))
     result = retrain_network(genotype, train_set, test_set, RetrainConfig(**spec["config"]), seed=seed, device=device)
     model = result.pop("model")
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out_dir / "weights.pt")
-    record = {**result, "seed": seed, "genotype": genotype.to_dict(), "device": str(device)}
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
+    record = {**result, "seed": seed, "genotype": genotype.to_dict(), "device": str(device),
+              "input_size": int(train_set.images.shape[-1])}
     atomic_write_json(out_dir / RESULT_FILE, record)
     return {**record, "genotype": genotype}
+
+
+def load_retrained(artifact: str | Path) -> torch.nn.Module:
+    """The retrained final network of a retrain artifact, with its trained weights."""
+    artifact = Path(artifact)
+    result = read_json(artifact / RESULT_FILE)
+    config = RetrainConfig(**read_json(artifact / "spec.json")["spec"]["config"])
+    state = torch.load(artifact / WEIGHTS_FILE, weights_only=True)
+    stem = state["stem.0.weight"]
+    model = EvalNetwork(Genotype.from_dict(result["genotype"]), channels=config.channels,
+                        num_classes=state["classifier.weight"].shape[0], layers=config.layers,
+                        auxiliary=config.auxiliary, in_channels=stem.shape[1], input_size=result["input_size"])
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def example_stage(kind: str, preset: str = "quick", outputs: str | Path | None = None) -> tuple[dict, dict, str]:

@@ -98,6 +98,7 @@ class SuperNet(nn.Module):
         if layers < 3:
             raise ValueError(f"layers must be >= 3 (two reduction cells and one normal cell), got {layers}")
         self.channels, self.num_classes, self.layers = channels, num_classes, layers
+        self.in_channels, self.stem_multiplier = in_channels, stem_multiplier
         self.switches_normal = _check_switches(switches_normal, "switches_normal")
         self.switches_reduce = _check_switches(switches_reduce, "switches_reduce")
         if len(self.switches_normal[0]) != len(self.switches_reduce[0]):
@@ -123,6 +124,18 @@ class SuperNet(nn.Module):
         shape = (NUM_EDGES, len(self.switches_normal[0]))
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
+
+    def construction(self) -> dict:
+        """The constructor arguments that rebuild this supernet's structure (JSON types)."""
+        return {"channels": self.channels, "num_classes": self.num_classes, "layers": self.layers,
+                "in_channels": self.in_channels, "stem_multiplier": self.stem_multiplier,
+                "switches_normal": [list(ops) for ops in self.switches_normal],
+                "switches_reduce": [list(ops) for ops in self.switches_reduce]}
+
+    def checkpoint(self) -> dict:
+        """Structure and state on the CPU: what :func:`supernet_from_checkpoint` rebuilds from."""
+        return {"construction": self.construction(),
+                "state": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}}
 
     @staticmethod
     def reduction_positions(layers: int) -> tuple[int, int]:
@@ -187,3 +200,10 @@ def _check_switches(switches: Sequence[Sequence[str]] | None, name: str) -> list
         if len(set(edge)) != len(edge):
             raise ValueError(f"{name}: an edge lists an operation twice: {edge}")
     return switches
+
+
+def supernet_from_checkpoint(checkpoint: dict, cls: type[SuperNet] = SuperNet) -> SuperNet:
+    """The supernet a :meth:`SuperNet.checkpoint` describes, with its trained state."""
+    model = cls(**checkpoint["construction"])
+    model.load_state_dict(checkpoint["state"])
+    return model

@@ -1,5 +1,6 @@
-"""The runner end to end on the tiny preset: real notebooks executed by papermill, a failing
-notebook that does not stop the others, resumption, reuse, and errors before compute."""
+"""The runner end to end on the tiny preset: real notebooks executed by papermill, in this
+process and on a local Dask cluster, a failing notebook that does not stop the others,
+resumption, reuse, and errors before compute."""
 import json
 import re
 import shutil
@@ -46,12 +47,12 @@ def runs(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(runner, "NOTEBOOKS", notebooks_failing_retrain_for_seed_1(tmp))
-    a = runner.run(TINY, outputs)
+    a = runner.run(TINY, outputs, workers=1)   # in this process, where the patch applies
     mp.undo()
     kept = {o.stage.label: (o.notebook.exists() and o.notebook.parent.name.endswith(".failed"))
             for o in a if o.status == "failed"}
-    b = runner.run(TINY, outputs)
-    c = runner.run(TINY, outputs)
+    b = runner.run(TINY, outputs, workers=2)   # on a local Dask cluster
+    c = runner.run(TINY, outputs, workers=2)
     return {"outputs": outputs, "stages": stages, "a": a, "b": b, "c": c, "leftover": leftover, "kept": kept}
 
 

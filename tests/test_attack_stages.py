@@ -1,0 +1,133 @@
+"""The crafted attacks wired through the runner (steps run in-process): which stages the grid
+expands to, which clean run each attack targets, and the poison sets that come out."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nbutils import params, runner, steps
+from nbutils.attacks import AttackSpec, poison
+from nbutils.poison_set import PoisonSet
+from nbutils.store import ArtifactStore, read_json
+from nbutils.supernet import SuperNet
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESET = ROOT / "tests" / "presets" / "tiny_attacks"
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return params.load_preset(PRESET)
+
+
+@pytest.fixture(scope="module")
+def stages(preset):
+    return runner.expand(preset)
+
+
+def find(stages, kind, label_start):
+    return [s for s in stages if s.kind == kind and s.label.startswith(label_start)]
+
+
+def test_gradient_canceling_targets_each_algorithm_and_the_alpha_attack_darts(stages):
+    (gc_darts,) = find(stages, "poison", "poison gc 25% against darts")
+    (gc_pdarts,) = find(stages, "poison", "poison gc 25% against pdarts")
+    (alpha,) = find(stages, "poison", "poison alpha-e2")
+    (clf,) = find(stages, "poison", "poison clf")
+    assert gc_darts.spec["target"] == {"algorithm": "darts", "kind": "alphas"}
+    assert {s.meta["algorithm"] for s in gc_pdarts.inputs.values()} == {"pdarts"}
+    assert sorted(gc_darts.inputs) == ["retrain0", "retrain1", "search0", "search1"]
+    assert {s.meta["algorithm"] for s in alpha.inputs.values()} == {"darts"} and alpha.spec["ensemble"] == 2
+    assert {s.meta["attack"] for s in alpha.inputs.values()} == {"none"}
+    assert [s.kind for s in clf.inputs.values()] == ["surrogate"]
+    # the CLF poison is one stage for both algorithms; GC one per algorithm
+    searches = find(stages, "search", "search")
+    assert {id(s.inputs["poison"]) for s in searches if s.meta["attack"] == "clf"} == {id(clf)}
+    # every stage comes after the stages it reads
+    position = {id(s): i for i, s in enumerate(stages)}
+    assert all(position[id(inp)] < position[id(s)] for s in stages for inp in s.inputs.values())
+
+
+def test_clean_searches_keep_the_supernets_the_attacks_need(stages, preset):
+    for s in find(stages, "search", "search darts clean"):
+        assert s.spec["keep_supernets"] == [0, 2]   # ensemble of 2 over 2 epochs: the first and the last
+    for s in find(stages, "search", "search pdarts clean"):
+        assert s.spec["keep_supernets"] == []       # the converged supernet only
+    assert all("keep_supernets" not in s.spec for s in stages if s.kind == "search" and "clean" not in s.label)
+
+
+def test_alpha_attack_without_darts_is_refused_before_compute(tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(PRESET, bad)
+    grid = (PRESET / "grid.yaml").read_text().replace("nas_algorithms: [darts, pdarts]", "nas_algorithms: [pdarts]")
+    (bad / "grid.yaml").write_text(grid)
+    with pytest.raises(params.ParamsError, match="alpha attack .* must include darts"):
+        params.load_preset(bad)
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("attacks") / "outputs"
+    outcomes = runner.run(PRESET, outputs, only="poison", inline=True)
+    return outputs, outcomes
+
+
+def test_every_poison_stage_runs(crafted):
+    _, outcomes = crafted
+    assert {o.status for o in outcomes} == {"ran"}, [(o.stage.label, o.detail) for o in outcomes if o.status != "ran"]
+    assert sum(o.stage.kind == "poison" for o in outcomes) == 4
+
+
+def _poison_sets(crafted):
+    outputs, outcomes = crafted
+    pool = steps.search_pool(params.DataSpec.model_validate(outcomes[0].stage.spec["data"]))
+    for o in outcomes:
+        if o.stage.kind == "poison":
+            yield o.stage, PoisonSet.load(outputs / "poison" / o.stage.key, pool), pool
+
+
+def test_poisons_target_the_best_clean_run(crafted):
+    outputs, _ = crafted
+    for stage, poison_set, pool in _poison_sets(crafted):
+        assert len(poison_set) == 12   # 25% of 48
+        if stage.spec["attack"]["name"] == "clf":
+            assert (poison_set.labels != pool.labels[poison_set.indices]).all()
+            continue
+        assert (poison_set.labels == pool.labels[poison_set.indices]).all()   # clean-label
+        change = (poison_set.images.int() - pool.images[poison_set.indices].int()).abs()
+        assert 0 < int(change.max()) <= 16
+        chosen = poison_set.header["attacker_model"]
+        accs = {role: read_json(outputs / "retrain" / s.key / "result.json")["test_acc"]
+                for role, s in stage.inputs.items() if role.startswith("retrain")}
+        assert chosen["test_acc"] == max(accs.values())
+        if stage.spec["attack"]["name"] == "alpha":
+            assert chosen["epochs"] == [0, 2] and poison_set.header["crafting"]["ensemble"] == 2
+        else:
+            assert chosen["kind"] == "alphas" and poison_set.header["crafting"]["target"] == "alphas"
+
+
+def test_gradient_canceling_on_retrained_weights(crafted, tmp_path):
+    """The target of TE-NAS, RoBoT and NSGANetV2: the best clean run's retrained network."""
+    _, outcomes = crafted
+    (gc,) = [o.stage for o in outcomes if o.stage.label == "poison gc 25% against darts"]
+    store = ArtifactStore(crafted[0])
+    inputs = {role: str(store.path(s.kind, s.key)) for role, s in gc.inputs.items()}
+    spec = {**gc.spec, "target": {"algorithm": "darts", "kind": "weights"}}
+    models = steps.attacker_models(spec, inputs)
+    assert not isinstance(models["target"], SuperNet)
+    best = models["attacker_model"]["retrain"]
+    trained = torch.load(Path(best) / "weights.pt", weights_only=True)
+    assert all(torch.equal(v, trained[k]) for k, v in models["target"].state_dict().items())
+    poison_set = steps.craft_poisons(spec, inputs, tmp_path)
+    assert poison_set.header["crafting"]["target"] == "weights"
+    assert PoisonSet.load(tmp_path, steps.search_pool(params.DataSpec.model_validate(spec["data"]))) is not None
+
+
+def test_crafted_attack_without_its_model_is_refused():
+    from nbutils.data import ImageDataset
+
+    data = ImageDataset(name="toy", images=torch.zeros(8, 1, 8, 8, dtype=torch.uint8), labels=torch.arange(8) % 2, classes=("a", "b"))
+    for name, need in (("clf", "surrogate"), ("gc", "target"), ("alpha", "supernets")):
+        with pytest.raises(ValueError, match=f"needs models\\['{need}'\\]"):
+            poison(data, AttackSpec(name=name, budget=0.5), models={})
