@@ -22,7 +22,7 @@ Pixels = Annotated[float, Field(ge=0, le=255, description="pixel units, 0..255")
 PositiveInt = Annotated[int, Field(ge=1)]
 
 # darts_anti: the workshop paper's anti-search (DARTS maximising the loss), Table 1
-NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts")
+NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts", "robot")
 ATTACK_NAMES = ("none", "rlf", "clf", "gaussian", "gc", "alpha")
 
 PRESET_FILES = {
@@ -212,12 +212,36 @@ class PdartsSpec(Spec):
         return self
 
 
+class RobotSpec(Spec):
+    """RoBoT; the defaults are the reference's (pool of 60k, 1 + 24 BO queries, budget 25)."""
+
+    pool_size: PositiveInt = 60000          # random architectures scored by the six metrics
+    init_points: PositiveInt = 1            # random BO queries before the GP proposes
+    iterations: Annotated[int, Field(ge=0)] = 24   # BO proposals (UCB)
+    budget: PositiveInt = 25                # distinct architectures trained (BO + exploitation)
+    train_epochs: PositiveInt = 10          # brief training of each queried architecture
+    train_batch_size: PositiveInt = 576
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    lr_min: Annotated[float, Field(ge=0)] = 5e-3
+    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 16
+    layers: Annotated[int, Field(ge=3)] = 5
+    metric_batch_size: Annotated[int, Field(ge=2)] = 64
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> "RobotSpec":
+        if not self.init_points + self.iterations <= self.budget <= self.pool_size:
+            raise ValueError(f"need init_points + iterations <= budget <= pool_size, got {self.init_points} + "
+                             f"{self.iterations}, {self.budget}, {self.pool_size}")
+        return self
+
+
 class SearchSpec(Spec):
     device: Device = "auto"
     augment: bool = True     # random crop and flip during the search (TMLR Table 6 turns it off)
     fast: bool = True        # the fast supernet; false: the plain one (the executable specification)
     darts: DartsSpec = DartsSpec()
     pdarts: PdartsSpec = PdartsSpec()
+    robot: RobotSpec = RobotSpec()
 
     def config_of(self, algorithm: str) -> dict:
         """The settings a search stage of ``algorithm`` runs with (``darts_anti`` shares DARTS')."""

@@ -166,8 +166,14 @@ def _pdarts(weight_part, arch_part, spec, **common) -> SearchResult:
     return pdarts_search(weight_part, arch_part, config, **common)
 
 
+def _robot(weight_part, arch_part, spec, **common) -> SearchResult:
+    from .robot import RobotConfig, robot_search
+
+    return robot_search(weight_part, arch_part, RobotConfig(**spec["config"]), **common)
+
+
 #: algorithm -> search on (weight half, architecture half) of the search data
-SEARCHES = {"darts": _darts, "darts_anti": _darts, "pdarts": _pdarts}
+SEARCHES = {"darts": _darts, "darts_anti": _darts, "pdarts": _pdarts, "robot": _robot}
 
 
 def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
