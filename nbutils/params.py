@@ -30,8 +30,10 @@ PRESET_FILES = {
     "craft_poisons": "craft_poisons.yaml",
     "search": "search.yaml",
     "retrain": "retrain.yaml",
+    "metric_sensitivity": "metric_sensitivity.yaml",
     "report": "report.yaml",
 }
+OPTIONAL_FILES = ("metric_sensitivity",)   # a preset without the file does not run that study
 
 
 class ParamsError(ValueError):
@@ -270,6 +272,20 @@ class RetrainSpec(Spec):
     augment: bool = True
 
 
+# --- metric_sensitivity.yaml (TMLR Table 2) -----------------------------------------------------
+class MetricSensitivitySpec(Spec):
+    """Each training-free metric on clean and on poisoned data, same random architectures."""
+
+    run: bool = True
+    architectures: PositiveInt = 100    # random architectures (paper: 100)
+    samples: Annotated[int, Field(ge=2)] = 1000   # search images the metrics see (paper: 1000)
+    batch_size: Annotated[int, Field(ge=2)] = 64
+    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 16
+    layers: Annotated[int, Field(ge=3)] = 5
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Device = "auto"
+
+
 # --- report.yaml -------------------------------------------------------------------------------
 class ReportSpec(Spec):
     title: str = "Does neural architecture search survive poisoned data?"
@@ -281,6 +297,7 @@ FILE_SPECS: dict[str, type[Spec]] = {
     "craft_poisons": CraftPoisonsSpec,
     "search": SearchSpec,
     "retrain": RetrainSpec,
+    "metric_sensitivity": MetricSensitivitySpec,
     "report": ReportSpec,
 }
 
@@ -292,6 +309,7 @@ class Preset(Spec):
     craft_poisons: CraftPoisonsSpec
     search: SearchSpec
     retrain: RetrainSpec
+    metric_sensitivity: MetricSensitivitySpec
     report: ReportSpec
 
 
@@ -335,8 +353,11 @@ def load_preset(path: Path | str) -> Preset:
     specs, problems = {}, []
     for kind, filename in PRESET_FILES.items():
         file = path / filename
+        if not file.is_file() and kind in OPTIONAL_FILES:
+            specs[kind] = validate(kind, {"run": False}, str(file))
+            continue
         if not file.is_file():
-            problems.append(f"{file}: missing (a preset needs {', '.join(PRESET_FILES.values())})")
+            problems.append(f"{file}: missing (a preset needs {', '.join(PRESET_FILES[k] for k in PRESET_FILES if k not in OPTIONAL_FILES)})")
             continue
         try:
             specs[kind] = validate(kind, read_yaml(file), str(file))

@@ -136,6 +136,37 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
     )
 
 
+def load_sensitivity(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
+    """One row per (poison set, metric): the metric's percentage change, mean/std over architectures."""
+    rows = []
+    for study in spec.get("sensitivity", []):
+        result = read_json(Path(inputs[study["role"]]) / RESULT_FILE)
+        for line in result["summary"]:
+            rows.append({"attack": study["attack"], "budget": study["budget"], "target": study.get("target"), **line})
+    return pd.DataFrame(rows, columns=["attack", "budget", "target", "metric", "mean", "std", "n", "skipped"])
+
+
+def sensitivity_html(table: pd.DataFrame, caption: str = "") -> str:
+    """TMLR Table 2's layout: one row per attack, one column per metric, mean ± std in percent."""
+    metrics = list(dict.fromkeys(table.metric))
+    conditions = list(dict.fromkeys(zip(table.attack, table.budget, table.target)))
+    body = []
+    for attack, budget, target in conditions:
+        label = condition_label(attack, budget) + (f" (target {algorithm_name(target)})" if target else "")
+        cells = [f"<td>{html.escape(label)}</td>"]
+        for metric in metrics:
+            match = table[(table.attack == attack) & (table.budget == budget) & (table.metric == metric)
+                          & ((table.target == target) if target else table.target.isna())]
+            r = match.iloc[0] if len(match) else None
+            text = "-" if r is None else _fmt(r["mean"], r["std"])
+            title = "" if r is None else f' title="{r.n} architectures, {r.skipped} undefined"'
+            cells.append(f"<td{title}>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+    return ('<table class="nas-table">' + (f"<caption>{html.escape(caption)}</caption>" if caption else "")
+            + f"<thead><tr><th>Poisoning attack</th>{head}</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+
+
 def cells_html(genotype: Genotype, caption: str) -> str:
     """One architecture's normal and reduction cells side by side, as inline SVG."""
     from .figures import cell_svg

@@ -9,6 +9,8 @@ A *trial* is one path poison -> search -> retrain and ends in one accuracy. Stag
                                         clean run, the alpha attack the best clean DARTS run
     search     03_search.ipynb          one per (algorithm, condition, trial), plus random samples
     retrain    04_retrain.ipynb         one per search
+    sensitivity 05_metric_sensitivity   the training-free metrics on clean vs poisoned data,
+                                        one per poison set (TMLR Table 2)
     report     99_report.ipynb          one, reading every retrain artifact
 
 A failed stage does not stop the others; the stages that need its artifact are skipped, and
@@ -40,9 +42,11 @@ NOTEBOOK_OF = {
     "poison": "01_craft_poisons.ipynb",
     "search": "03_search.ipynb",
     "retrain": "04_retrain.ipynb",
+    "sensitivity": "05_metric_sensitivity.ipynb",
     "report": "99_report.ipynb",
 }
-STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "search", "retrain": "retrain"}
+STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "search", "retrain": "retrain",
+           "sensitivity": "metric_sensitivity"}
 EXECUTED_NOTEBOOK = "notebook.ipynb"
 REPORT_HTML = "report.html"
 
@@ -123,6 +127,7 @@ def expand(preset: params.Preset) -> list[Stage]:
         for algorithm in grid.nas_algorithms
     }
     craft = preset.craft_poisons
+    sensitivity: dict[int, Stage] = {}
     for entry in grid.attacks:
         if entry.name == "none":
             continue
@@ -142,7 +147,11 @@ def expand(preset: params.Preset) -> list[Stage]:
                     spec["ensemble"] = entry.ensemble or 1
                     inputs = clean_inputs(clean["darts"])
                 meta = {"attack": entry.condition, "budget": budget}
+                if entry.name == "gc":
+                    meta["target"] = algorithm
                 poison = add(Stage("poison", spec, label, inputs, meta))
+                if preset.metric_sensitivity.run and id(poison) not in sensitivity:
+                    sensitivity[id(poison)] = add(sensitivity_stage(preset, poison))
                 for t in range(grid.trials):
                     trial(algorithm, entry, budget, t, poison)
 
@@ -153,12 +162,14 @@ def expand(preset: params.Preset) -> list[Stage]:
         retrain_of(search, seed)
 
     report_cells = [{**stage.meta, "role": f"retrain{i}"} for i, stage in enumerate(cells)]
+    studies = [{**stage.meta, "role": f"sensitivity{i}"} for i, stage in enumerate(sensitivity.values())]
     report = Stage(
         "report",
         {"report": preset.report.model_dump(), "preset": preset.name, "cells": report_cells,
-         "settings": {k: getattr(preset, k).model_dump() for k in params.PRESET_FILES}},
+         "sensitivity": studies, "settings": {k: getattr(preset, k).model_dump() for k in params.PRESET_FILES}},
         "report",
-        {f"retrain{i}": stage for i, stage in enumerate(cells)},
+        {**{f"retrain{i}": stage for i, stage in enumerate(cells)},
+         **{f"sensitivity{i}": stage for i, stage in enumerate(sensitivity.values())}},
     )
     stages.append(report)
     return stages
@@ -181,6 +192,13 @@ def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None
             if entry.name == "alpha":
                 keep.update(snapshot_epochs(preset.search.darts.epochs, entry.ensemble or 1))
     return sorted(keep) if wanted else None
+
+
+def sensitivity_stage(preset: params.Preset, poison: Stage) -> Stage:
+    spec = {"data": preset.grid.data.model_dump(), "config": preset.metric_sensitivity.model_dump(exclude={"run", "device"}),
+            "device": preset.metric_sensitivity.device}
+    return Stage("sensitivity", spec, f"metric sensitivity to {poison.label.removeprefix('poison ')}",
+                 {"poison": poison}, dict(poison.meta))
 
 
 def surrogate_stage(preset: params.Preset) -> Stage:
@@ -390,6 +408,7 @@ def report_without(report: Stage, missing: dict[tuple[str, str], Outcome]) -> St
     reasons = {role: f"{o.status}: {o.detail or o.stage.label}" for role, o in lost.items()}
     spec = dict(report.spec)
     spec["cells"] = [c for c in report.spec["cells"] if c["role"] not in lost]
+    spec["sensitivity"] = [c for c in report.spec.get("sensitivity", []) if c["role"] not in lost]
     spec["missing"] = [{**c, "reason": reasons[c["role"]]} for c in report.spec["cells"] if c["role"] in lost]
     inputs = {role: s for role, s in report.inputs.items() if role not in lost}
     return Stage(report.kind, spec, report.label, inputs, report.meta)

@@ -243,6 +243,32 @@ def retrain(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     return {**record, "genotype": genotype}
 
 
+# --- 05 metric sensitivity ----------------------------------------------------------------------
+SENSITIVITY_FILE = "sensitivity.csv"
+
+
+def metric_sensitivity(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
+    """The six training-free metrics of random architectures on clean and on poisoned search
+    data (TMLR Table 2); saves one row per architecture x metric and the per-metric summary."""
+    from .metric_sensitivity import metric_sensitivity as measure, summarise
+
+    out_dir = Path(out_dir)
+    config = dict(spec["config"])
+    seed = int(config.pop("seed"))
+    device = resolve_device(spec.get("device", "auto"))
+    clean = search_pool(_data(spec))
+    poisoned = PoisonSet.load(inputs["poison"], clean).apply(clean)
+    config["samples"] = min(config["samples"], len(clean))
+    start = time.perf_counter()
+    table = measure(clean, poisoned, **config, seed=seed, device=device, normalisation=channel_stats(clean))
+    summary = summarise(table)
+    table.to_csv(out_dir / SENSITIVITY_FILE, index=False)
+    result = {"summary": summary.to_dict(orient="records"), "seconds": time.perf_counter() - start,
+              "samples": config["samples"], "device": str(device)}
+    atomic_write_json(out_dir / RESULT_FILE, result)
+    return {**result, "table": table, "summary_table": summary}
+
+
 def load_retrained(artifact: str | Path) -> torch.nn.Module:
     """The retrained final network of a retrain artifact, with its trained weights."""
     artifact = Path(artifact)

@@ -69,7 +69,7 @@ def test_alpha_attack_without_darts_is_refused_before_compute(tmp_path):
 @pytest.fixture(scope="module")
 def crafted(tmp_path_factory):
     outputs = tmp_path_factory.mktemp("attacks") / "outputs"
-    outcomes = runner.run(PRESET, outputs, only="poison", inline=True)
+    outcomes = runner.run(PRESET, outputs, only="sensitivity", inline=True)
     return outputs, outcomes
 
 
@@ -77,6 +77,21 @@ def test_every_poison_stage_runs(crafted):
     _, outcomes = crafted
     assert {o.status for o in outcomes} == {"ran"}, [(o.stage.label, o.detail) for o in outcomes if o.status != "ran"]
     assert sum(o.stage.kind == "poison" for o in outcomes) == 4
+    assert sum(o.stage.kind == "sensitivity" for o in outcomes) == 4
+
+
+def test_metric_sensitivity_of_each_poison_set(crafted):
+    """synflow sees an input of ones, never the data: exactly 0% change; label flipping
+    cannot move jacob_cov (no labels) but moves the loss-gradient metrics."""
+    outputs, outcomes = crafted
+    for o in outcomes:
+        if o.stage.kind != "sensitivity":
+            continue
+        summary = {row["metric"]: row for row in read_json(outputs / "sensitivity" / o.stage.key / "result.json")["summary"]}
+        assert set(summary) == {"grad_norm", "snip", "grasp", "fisher", "synflow", "jacob_cov"}
+        assert summary["synflow"]["mean"] == 0.0 and summary["synflow"]["n"] == 2
+        if o.stage.meta["attack"] == "clf":
+            assert summary["jacob_cov"]["mean"] == 0.0 and summary["grad_norm"]["mean"] != 0.0
 
 
 def _poison_sets(crafted):
