@@ -22,7 +22,7 @@ Pixels = Annotated[float, Field(ge=0, le=255, description="pixel units, 0..255")
 PositiveInt = Annotated[int, Field(ge=1)]
 
 # darts_anti: the workshop paper's anti-search (DARTS maximising the loss), Table 1
-NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts", "robot")
+NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts", "robot", "nsganetv2")
 ATTACK_NAMES = ("none", "rlf", "clf", "gaussian", "gc", "alpha")
 
 PRESET_FILES = {
@@ -237,6 +237,27 @@ class RobotSpec(Spec):
         return self
 
 
+class Nsganetv2Spec(Spec):
+    """NSGANetV2 on the DARTS space with a weight-sharing supernet trained on the search data;
+    the defaults are the reference's (100 initial architectures, 30 iterations of 8)."""
+
+    initial_design: Annotated[int, Field(ge=6)] = 100   # the adaptive predictor cross-validates: >= 6
+    iterations: Annotated[int, Field(ge=0)] = 30
+    candidates_per_iteration: PositiveInt = 8
+    predictor: Literal["adaptive", "rbf", "gp", "cart"] = "adaptive"
+    population: Annotated[int, Field(ge=2)] = 40     # NSGA-II on the predictor
+    generations: PositiveInt = 20
+    cost: Literal["params", "macs"] = "params"       # the second objective, of the retrained network
+    cost_channels: Annotated[int, Field(ge=2, multiple_of=2)] = 36
+    cost_layers: Annotated[int, Field(ge=3)] = 20
+    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 16   # the supernet
+    layers: Annotated[int, Field(ge=3)] = 8
+    epochs: Annotated[int, Field(ge=0)] = 50
+    batch_size: Annotated[int, Field(ge=2)] = 64
+    lr: Annotated[float, Field(gt=0)] = 0.025
+    calibration_batches: PositiveInt = 10
+
+
 class SearchSpec(Spec):
     device: Device = "auto"
     augment: bool = True     # random crop and flip during the search (TMLR Table 6 turns it off)
@@ -244,6 +265,7 @@ class SearchSpec(Spec):
     darts: DartsSpec = DartsSpec()
     pdarts: PdartsSpec = PdartsSpec()
     robot: RobotSpec = RobotSpec()
+    nsganetv2: Nsganetv2Spec = Nsganetv2Spec()
 
     def config_of(self, algorithm: str) -> dict:
         """The settings a search stage of ``algorithm`` runs with (``darts_anti`` shares DARTS')."""

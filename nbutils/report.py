@@ -11,10 +11,11 @@ import html
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .genotype import Genotype
-from .stats import CellSummary, benjamini_hochberg, delta_improvement, welch_less
+from .stats import CellSummary, benjamini_hochberg, delta_improvement, detectable_drop, dimp_interval, welch_less
 from .store import read_json
 
 RESULT_FILE = "result.json"
@@ -27,13 +28,17 @@ def load_results(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
         artifact = Path(inputs[cell["role"]])
         result = read_json(artifact / RESULT_FILE)
         record = read_json(artifact / "spec.json")
+        search = artifact.parent.parent / "search" / record["inputs"]["search"]["key"]
+        search_record = read_json(search / "spec.json") if (search / "spec.json").exists() else {}
         rows.append({
             "algorithm": cell["algorithm"], "attack": cell["attack"], "budget": cell["budget"],
             "trial": cell["trial"], "acc": 100.0 * result["test_acc"],
             "genotype": Genotype.from_dict(result["genotype"]), "parameters": result["parameters"],
-            "retrain_seconds": record.get("seconds", math.nan), "artifact": str(artifact),
+            "search_seconds": search_record.get("seconds", math.nan),
+            "retrain_seconds": record.get("seconds", math.nan), "artifact": str(artifact), "search": str(search),
         })
-    columns = ["algorithm", "attack", "budget", "trial", "acc", "genotype", "parameters", "retrain_seconds", "artifact"]
+    columns = ["algorithm", "attack", "budget", "trial", "acc", "genotype", "parameters", "search_seconds",
+               "retrain_seconds", "artifact", "search"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -67,7 +72,8 @@ def _rows_of(frame: pd.DataFrame, attack: str, budget) -> pd.Series:
     return (frame.attack == attack) & same_budget
 
 
-TABLE_COLUMNS = ["algorithm", "attack", "budget", "condition", "n", "acc_mean", "acc_std", "dimp", "p", "p_bh", "significant"]
+TABLE_COLUMNS = ["algorithm", "attack", "budget", "condition", "n", "acc_mean", "acc_std", "dimp", "dimp_low",
+                 "dimp_high", "p", "p_bh", "significant", "detectable_drop", "cpu_hours"]
 
 
 def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
@@ -81,20 +87,45 @@ def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         algorithm_rows = []
         for attack, budget in conditions:
             budget = None if no_budget(budget) else budget
-            accs = group.loc[_rows_of(group, attack, budget), "acc"].to_numpy()
+            rows_here = group.loc[_rows_of(group, attack, budget)]
+            accs = rows_here["acc"].to_numpy()
             summary = CellSummary.of(accs)
             p = math.nan if attack == "none" else welch_less(accs, clean)
+            low, high = dimp_interval(accs, random_acc)
+            spread = CellSummary.of(np.concatenate([accs - accs.mean(), clean - clean.mean()])).std if len(clean) else math.nan
             algorithm_rows.append({
                 "algorithm": algorithm, "attack": attack, "budget": budget,
                 "condition": condition_label(attack, budget),
                 "n": summary.n, "acc_mean": summary.mean, "acc_std": summary.std,
-                "dimp": delta_improvement(summary.mean, random_mean), "p": p,
+                "dimp": delta_improvement(summary.mean, random_mean), "dimp_low": low, "dimp_high": high, "p": p,
+                "detectable_drop": math.nan if attack == "none" else detectable_drop(spread, len(accs), len(clean), alpha),
+                "cpu_hours": float((rows_here["search_seconds"].fillna(0) + rows_here["retrain_seconds"].fillna(0)).sum()) / 3600,
             })
         reject, adjusted = benjamini_hochberg([r["p"] for r in algorithm_rows], alpha)
         for r, rej, adj in zip(algorithm_rows, reject, adjusted):
             r["p_bh"], r["significant"] = adj, bool(rej)
         rows += algorithm_rows
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def details_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Beyond the papers, one row per cell: dImp with its 95% confidence interval, the p-values,
+    the smallest drop the cell's trials could detect (one-sided, power 0.8) and its compute cost."""
+    def interval(r) -> str:
+        return "-" if math.isnan(r.dimp_low) else f"[{r.dimp_low:.2f}, {r.dimp_high:.2f}]"
+
+    return pd.DataFrame({
+        "NAS": [algorithm_name(a) for a in table.algorithm],
+        "condition": table.condition,
+        "n": table.n,
+        "Acc.": [_fmt(m, s) for m, s in zip(table.acc_mean, table.acc_std)],
+        "ΔImp.": table.dimp.round(2),
+        "ΔImp. 95% CI": [interval(r) for r in table.itertuples()],
+        "p (Welch)": table.p.map(lambda v: "-" if math.isnan(v) else f"{v:.3g}"),
+        "p (BH)": table.p_bh.map(lambda v: "-" if math.isnan(v) else f"{v:.3g}"),
+        "detectable drop (pp)": table.detectable_drop.map(lambda v: "-" if math.isnan(v) else f"{v:.2f}"),
+        "CPU hours": table.cpu_hours.round(3),
+    })
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -142,7 +173,7 @@ def load_sensitivity(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
     for study in spec.get("sensitivity", []):
         result = read_json(Path(inputs[study["role"]]) / RESULT_FILE)
         for line in result["summary"]:
-            rows.append({"attack": study["attack"], "budget": study["budget"], "target": study.get("target"), **line})
+            rows.append({"attack": study["attack"], "budget": study["budget"], "target": study.get("target") or "", **line})
     return pd.DataFrame(rows, columns=["attack", "budget", "target", "metric", "mean", "std", "n", "skipped"])
 
 
@@ -156,7 +187,7 @@ def sensitivity_html(table: pd.DataFrame, caption: str = "") -> str:
         cells = [f"<td>{html.escape(label)}</td>"]
         for metric in metrics:
             match = table[(table.attack == attack) & (table.budget == budget) & (table.metric == metric)
-                          & ((table.target == target) if target else table.target.isna())]
+                          & (table.target == target)]
             r = match.iloc[0] if len(match) else None
             text = "-" if r is None else _fmt(r["mean"], r["std"])
             title = "" if r is None else f' title="{r.n} architectures, {r.skipped} undefined"'
@@ -165,6 +196,33 @@ def sensitivity_html(table: pd.DataFrame, caption: str = "") -> str:
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
     return ('<table class="nas-table">' + (f"<caption>{html.escape(caption)}</caption>" if caption else "")
             + f"<thead><tr><th>Poisoning attack</th>{head}</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+
+
+def poison_figure(spec: dict, inputs: dict[str, str], count: int = 6):
+    """TMLR Figure 2: the same randomly drawn search images clean and under every clean-label
+    attack of the run at one budget, with each perturbation magnified; None without one."""
+    from .params import DataSpec
+    from .poison_figures import poison_grid
+    from .poison_set import PoisonSet
+    from .steps import search_pool
+
+    studies = [p for p in spec.get("poisons", []) if p["attack"] not in ("rlf", "clf")]
+    if not studies:
+        return None
+    budget = max(p["budget"] for p in studies)   # the largest: the same victims for every attack
+    pool = search_pool(DataSpec.model_validate(spec["settings"]["grid"]["data"]))
+    sets = {}
+    for p in studies:
+        if p["budget"] == budget:
+            name = attack_name(p["attack"]) + (f" vs {algorithm_name(p['target'])}" if p.get("target") else "")
+            sets[name] = PoisonSet.load(inputs[p["role"]], pool)
+    common = sorted(set.intersection(*(set(s.indices.tolist()) for s in sets.values())))
+    if not common:
+        return None
+    variants = {name: s.images[[s.indices.tolist().index(i) for i in common]] for name, s in sets.items()}
+    eps = max(s.header.get("eps") or 0 for s in sets.values())
+    return poison_grid(pool.images[common], variants, count=count, eps=eps,
+                       labels=[pool.classes[int(pool.labels[i])] for i in common])
 
 
 def cells_html(genotype: Genotype, caption: str) -> str:

@@ -163,13 +163,17 @@ def expand(preset: params.Preset) -> list[Stage]:
 
     report_cells = [{**stage.meta, "role": f"retrain{i}"} for i, stage in enumerate(cells)]
     studies = [{**stage.meta, "role": f"sensitivity{i}"} for i, stage in enumerate(sensitivity.values())]
+    poisons = [s for s in stages if s.kind == "poison"]
+    shown = [{**stage.meta, "role": f"poison{i}"} for i, stage in enumerate(poisons)]
     report = Stage(
         "report",
         {"report": preset.report.model_dump(), "preset": preset.name, "cells": report_cells,
-         "sensitivity": studies, "settings": {k: getattr(preset, k).model_dump() for k in params.PRESET_FILES}},
+         "sensitivity": studies, "poisons": shown,
+         "settings": {k: getattr(preset, k).model_dump() for k in params.PRESET_FILES}},
         "report",
         {**{f"retrain{i}": stage for i, stage in enumerate(cells)},
-         **{f"sensitivity{i}": stage for i, stage in enumerate(sensitivity.values())}},
+         **{f"sensitivity{i}": stage for i, stage in enumerate(sensitivity.values())},
+         **{f"poison{i}": stage for i, stage in enumerate(poisons)}},
     )
     stages.append(report)
     return stages
@@ -409,6 +413,7 @@ def report_without(report: Stage, missing: dict[tuple[str, str], Outcome]) -> St
     spec = dict(report.spec)
     spec["cells"] = [c for c in report.spec["cells"] if c["role"] not in lost]
     spec["sensitivity"] = [c for c in report.spec.get("sensitivity", []) if c["role"] not in lost]
+    spec["poisons"] = [c for c in report.spec.get("poisons", []) if c["role"] not in lost]
     spec["missing"] = [{**c, "reason": reasons[c["role"]]} for c in report.spec["cells"] if c["role"] in lost]
     inputs = {role: s for role, s in report.inputs.items() if role not in lost}
     return Stage(report.kind, spec, report.label, inputs, report.meta)

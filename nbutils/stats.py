@@ -59,3 +59,35 @@ def benjamini_hochberg(pvalues, alpha: float = 0.05) -> tuple[np.ndarray, np.nda
         r, adj, _, _ = multipletests(pvalues[finite], alpha=alpha, method="fdr_bh")
         reject[finite], adjusted[finite] = r, adj
     return reject, adjusted
+
+
+def dimp_interval(accs, random_accs, confidence: float = 0.95) -> tuple[float, float]:
+    """Welch confidence interval of dImp = mean(accs) - mean(random_accs), in the inputs' units.
+
+    The difference of two independent means with unequal variances: ``d +- t * se`` with
+    ``se = sqrt(s1^2/n1 + s2^2/n2)`` and the Welch-Satterthwaite degrees of freedom. NaN when
+    either side has fewer than two values or both have no spread."""
+    a, b = np.asarray(accs, dtype=np.float64), np.asarray(random_accs, dtype=np.float64)
+    if a.size < 2 or b.size < 2:
+        return math.nan, math.nan
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    if va + vb == 0:
+        return math.nan, math.nan
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = float(sps.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(va + vb)
+    d = float(a.mean() - b.mean())
+    return d - half, d + half
+
+
+def detectable_drop(std: float, n_poisoned: int, n_clean: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest drop of mean accuracy (same units as ``std``) that a one-sided two-sample
+    t-test at level ``alpha`` detects with probability ``power``, for trials with standard
+    deviation ``std``: Cohen's d from statsmodels' power analysis, times ``std``. It tells
+    which "no significant drop" verdicts are merely underpowered. NaN when undefined."""
+    from statsmodels.stats.power import TTestIndPower
+
+    if not (n_poisoned >= 2 and n_clean >= 2 and math.isfinite(std) and std > 0):
+        return math.nan
+    d = TTestIndPower().solve_power(effect_size=None, nobs1=n_poisoned, alpha=alpha, power=power,
+                                    ratio=n_clean / n_poisoned, alternative="larger")
+    return float(np.atleast_1d(d)[0]) * std

@@ -172,8 +172,14 @@ def _robot(weight_part, arch_part, spec, **common) -> SearchResult:
     return robot_search(weight_part, arch_part, RobotConfig(**spec["config"]), **common)
 
 
+def _nsganetv2(weight_part, arch_part, spec, **common) -> SearchResult:
+    from .nsganetv2 import Nsganetv2Config, nsganetv2_search
+
+    return nsganetv2_search(weight_part, arch_part, Nsganetv2Config(**spec["config"], augment=spec["augment"]), **common)
+
+
 #: algorithm -> search on (weight half, architecture half) of the search data
-SEARCHES = {"darts": _darts, "darts_anti": _darts, "pdarts": _pdarts, "robot": _robot}
+SEARCHES = {"darts": _darts, "darts_anti": _darts, "pdarts": _pdarts, "robot": _robot, "nsganetv2": _nsganetv2}
 
 
 def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from nbutils.stats import CellSummary, benjamini_hochberg, delta_improvement, welch_less
+from nbutils.stats import CellSummary, benjamini_hochberg, delta_improvement, detectable_drop, dimp_interval, welch_less
 
 
 def welch_by_hand(a, b):
@@ -60,3 +60,31 @@ def test_cell_summary_and_dimp():
     assert s.std == pytest.approx(0.2)  # sample standard deviation
     assert math.isnan(CellSummary.of([97.0]).std)
     assert delta_improvement(97.32, 96.73) == pytest.approx(0.59)
+
+
+def test_dimp_interval_known_answer():
+    # a: mean 2, var 1, n 3; b: mean 5, var 1, n 3 -> d = -3, se = sqrt(2/3), Welch df = 4
+    low, high = dimp_interval([1, 2, 3], [4, 5, 6])
+    half = sps.t.ppf(0.975, 4) * math.sqrt(2 / 3)
+    assert (low, high) == pytest.approx((-3 - half, -3 + half), rel=1e-12)
+
+
+def test_dimp_interval_covers_at_the_nominal_rate():
+    rng = np.random.default_rng(1)
+    hits = 0
+    for _ in range(2000):
+        low, high = dimp_interval(rng.normal(1.0, 1.0, 5), rng.normal(0.0, 3.0, 8))
+        hits += low <= 1.0 <= high
+    assert 0.93 < hits / 2000 < 0.97
+
+
+def test_detectable_drop_has_the_stated_power():
+    """Simulated: a true drop of the detectable size is found by the one-sided Welch test at
+    about the stated power (Welch is slightly conservative against the pooled t-test)."""
+    drop = detectable_drop(1.0, 10, 10)
+    assert 1.0 < drop < 1.3   # Cohen's d for n=10+10, alpha 0.05 one-sided, power 0.8 is 1.155
+    rng = np.random.default_rng(2)
+    found = np.mean([welch_less(rng.normal(-drop, 1, 10), rng.normal(0, 1, 10)) < 0.05 for _ in range(2000)])
+    assert 0.75 < found < 0.85
+    assert detectable_drop(1.0, 2, 2) > detectable_drop(1.0, 10, 10) > detectable_drop(1.0, 50, 50)
+    assert math.isnan(detectable_drop(0.0, 5, 5)) and math.isnan(detectable_drop(1.0, 1, 5))
