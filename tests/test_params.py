@@ -94,3 +94,13 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "file.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("preset", ["quick", "cpu", "paper"])
+def test_shipped_presets_validate_and_expand(preset):
+    from nbutils.runner import expand
+
+    stages = expand(load_preset(Path(__file__).resolve().parent.parent / "params" / preset))
+    kinds = {s.kind for s in stages}
+    assert {"surrogate", "poison", "search", "retrain", "sensitivity", "report"} <= kinds
+    assert len({(s.kind, s.key) for s in stages}) == len(stages)   # no stage twice
