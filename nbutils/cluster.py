@@ -36,6 +36,8 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
 
     from .runner import Outcome, default_workers, report_line, run_stage
 
+    for name in ("distributed", "tornado", "bokeh"):   # keep the run's output to the stages' progress
+        logging.getLogger(name).setLevel(logging.WARNING)
     cluster = None
     if scheduler is None:
         threads = max(1, default_workers() // workers)

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits")
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "noise")
+NOISE_SIZES = {"train": 2000, "test": 500}   # the noise dataset: 28x28 grey images, 10 random classes
 SPLITS: tuple[str, ...] = ("train", "test")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATA_ROOT_ENV = "NBUTILS_DATA_ROOT"
@@ -263,6 +264,8 @@ def _load_cached(
     train = split == "train"
     if name == "digits":
         ds = _load_digits(train)
+    elif name == "noise":
+        ds = _noise(train)
     elif name == "fashion_mnist":
         ds = _load_fashion_mnist(train, root, download, debian_dir)
     else:
@@ -431,6 +434,16 @@ def _load_digits(train: bool) -> ImageDataset:
         torch.from_numpy(targets[idx]),
         tuple(str(i) for i in range(10)),
     )
+
+
+def _noise(train: bool) -> ImageDataset:
+    """Pure noise: uniformly random 28x28 grey images with uniformly random labels of 10
+    classes (fixed seeds), the TMLR paper's extreme out-of-distribution search data."""
+    generator = torch.Generator().manual_seed(0 if train else 1)
+    n = NOISE_SIZES["train" if train else "test"]
+    images = torch.randint(0, 256, (n, 1, 28, 28), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    return ImageDataset("noise", images, labels, tuple(f"noise {i}" for i in range(10)))
 
 
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -79,8 +79,18 @@ class AttackEntry(Spec):
         return f"alpha-e{self.ensemble or 1}" if self.name == "alpha" else self.name
 
 
+class OodEntry(Spec):
+    """Search on another dataset, retrain on the grid's (TMLR Table 3)."""
+
+    dataset: DatasetName    # the search data (noise: pure random images)
+    search_size: Optional[PositiveInt] = None
+    search_image_size: Optional[Annotated[int, Field(ge=8)]] = None
+
+
 class GridSpec(Spec):
     data: DataSpec = DataSpec()
+    ood: list[OodEntry] = []                  # out-of-distribution searches, clean, per algorithm
+    augmentation_ablation: list[Literal[NAS_ALGORITHMS]] = []  # type: ignore[valid-type]  # TMLR Table 6
     trials: PositiveInt = 2
     seed: Annotated[int, Field(ge=0)] = 0
     nas_algorithms: Annotated[list[Literal[NAS_ALGORITHMS]], Field(min_length=1)] = ["darts"]  # type: ignore[valid-type]
@@ -103,6 +113,16 @@ class GridSpec(Spec):
             extra = sorted(set(a.algorithms or ()) - set(self.nas_algorithms))
             if extra:
                 raise ValueError(f"attack {a.condition!r} names algorithms {extra} that nas_algorithms does not search")
+        return self
+
+    @model_validator(mode="after")
+    def _ablation_searched(self) -> "GridSpec":
+        extra = sorted(set(self.augmentation_ablation) - set(self.nas_algorithms))
+        if extra:
+            raise ValueError(f"augmentation_ablation names algorithms {extra} that nas_algorithms does not search")
+        if self.augmentation_ablation and not any(a.name == "gc" for a in self.attacks):
+            raise ValueError("augmentation_ablation repeats gradient canceling without search augmentation: "
+                             "the attacks must include gc")
         return self
 
     def attacked(self, attack: AttackEntry) -> list[str]:

@@ -32,12 +32,13 @@ def load_results(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
         search_record = read_json(search / "spec.json") if (search / "spec.json").exists() else {}
         rows.append({
             "algorithm": cell["algorithm"], "attack": cell["attack"], "budget": cell["budget"],
-            "trial": cell["trial"], "acc": 100.0 * result["test_acc"],
+            "trial": cell["trial"], "acc": 100.0 * result["test_acc"], "study": cell.get("study", "main"),
+            "search_dataset": cell.get("search_dataset"),
             "genotype": Genotype.from_dict(result["genotype"]), "parameters": result["parameters"],
             "search_seconds": search_record.get("seconds", math.nan),
             "retrain_seconds": record.get("seconds", math.nan), "artifact": str(artifact), "search": str(search),
         })
-    columns = ["algorithm", "attack", "budget", "trial", "acc", "genotype", "parameters", "search_seconds",
+    columns = ["algorithm", "attack", "budget", "trial", "acc", "study", "search_dataset", "genotype", "parameters", "search_seconds",
                "retrain_seconds", "artifact", "search"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -223,6 +224,79 @@ def poison_figure(spec: dict, inputs: dict[str, str], count: int = 6):
     eps = max(s.header.get("eps") or 0 for s in sets.values())
     return poison_grid(pool.images[common], variants, count=count, eps=eps,
                        labels=[pool.classes[int(pool.labels[i])] for i in common])
+
+
+def ood_html(results: pd.DataFrame, random_acc: CellSummary, dataset: str) -> str:
+    """TMLR Table 3: each algorithm searched on its own (clean) data and on out-of-distribution
+    data, every architecture retrained and tested on ``dataset``; Acc. and dImp."""
+    ood = results[results.study == "ood"]
+    if ood.empty:
+        return ""
+    sources = list(dict.fromkeys(ood.search_dataset))
+    algorithms = [a for a in dict.fromkeys(ood.algorithm)]
+    head = "".join(f'<th colspan="2">searched on {html.escape(s)}</th>' for s in [dataset, *sources])
+    sub = "".join("<th>Acc.</th><th>ΔImp.</th>" for _ in range(1 + len(sources)))
+    body = []
+    for algorithm in algorithms:
+        cells = [f"<td>{html.escape(algorithm_name(algorithm))}</td>"]
+        groups = [results[(results.study == "main") & (results.algorithm == algorithm) & (results.attack == "none")]]
+        groups += [ood[(ood.algorithm == algorithm) & (ood.search_dataset == s)] for s in sources]
+        for group in groups:
+            s = CellSummary.of(group.acc)
+            dimp = delta_improvement(s.mean, random_acc.mean)
+            cells.append(f"<td>{_fmt(s.mean, s.std)}</td><td>{'-' if math.isnan(dimp) else f'{dimp:.2f}'}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ('<table class="nas-table"><caption>TMLR Table 3. Out-of-distribution search: architectures found on '
+            f'other data, retrained and tested on {html.escape(dataset)} (accuracy in %).</caption>'
+            f"<thead><tr><th>NAS</th>{head}</tr><tr><th></th>{sub}</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+
+
+def reference_points_html(results: pd.DataFrame, random_acc: CellSummary) -> str:
+    """The workshop paper's Table 1: clean DARTS against its two reference points, random
+    sampling and anti-search (the worst cells DARTS can find), with the normal cell's make-up."""
+    rows = []
+    for algorithm, label in (("darts", "DARTS (clean)"), ("random", "Random sampling"), ("darts_anti", "DARTS anti-search")):
+        group = results[(results.algorithm == algorithm) & (results.attack == "none")]
+        if group.empty:
+            continue
+        summary = CellSummary.of(group.acc)
+        counts = [g.counts("normal") for g in group.genotype]
+        make_up = " / ".join(f"{np.mean([c[k] for c in counts]):.1f}" for k in ("conv", "pool", "skip"))
+        dimp = delta_improvement(summary.mean, random_acc.mean)
+        rows.append(f"<tr><td>{label}</td><td>{summary.n}</td><td>{_fmt(summary.mean, summary.std)}</td>"
+                    f"<td>{'–' if algorithm == 'random' else f'{dimp:.2f}'}</td><td>{make_up}</td></tr>")
+    if not rows:
+        return ""
+    return ('<table class="nas-table"><caption>Workshop Table 1. DARTS against random sampling and anti-search '
+            '(accuracy in %; normal cell: mean number of convolutions / pools / skips).</caption>'
+            "<thead><tr><th>Search</th><th>n</th><th>Acc.</th><th>ΔImp.</th><th>conv / pool / skip</th></tr></thead>"
+            "<tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def budget_figure(table: pd.DataFrame, algorithm: str = "darts"):
+    """Workshop Figure 3: accuracy against the poisoning budget, one line per attack, error
+    bars one standard deviation over trials, the clean accuracy at budget 0; None without data."""
+    from matplotlib.figure import Figure
+
+    rows = table[table.algorithm == algorithm]
+    clean = rows[rows.attack == "none"]
+    attacks = [a for a in dict.fromkeys(rows.attack) if a != "none"]
+    if clean.empty or not attacks:
+        return None
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    c = clean.iloc[0]
+    for attack in attacks:
+        points = rows[rows.attack == attack].sort_values("budget")
+        x = [0.0] + [100 * b for b in points.budget]
+        y = [c.acc_mean] + list(points.acc_mean)
+        err = [0 if math.isnan(c.acc_std) else c.acc_std] + [0 if math.isnan(s) else s for s in points.acc_std]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=attack_name(attack))
+    ax.set_xlabel("poisoning budget p (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{algorithm_name(algorithm)}: accuracy of the retrained architecture vs budget")
+    ax.legend(fontsize=8)
+    return fig
 
 
 def cells_html(genotype: Genotype, caption: str) -> str:

@@ -75,6 +75,8 @@ def _percent(budget: float) -> str:
 #: the algorithms whose gradient-canceling target is the converged supernet's alpha (NAS-specific
 #: GC, TMLR §3.2); every other algorithm's target is the weights of its best clean architecture
 SUPERNET_ALGORITHMS = ("darts", "darts_anti", "pdarts")
+#: searched on clean data only: anti-search is the workshop paper's worst-case reference (Table 1)
+CLEAN_ONLY = ("darts_anti",)
 
 
 def expand(preset: params.Preset) -> list[Stage]:
@@ -99,18 +101,27 @@ def expand(preset: params.Preset) -> list[Stage]:
         return by_key[key]
 
     def trial(algorithm: str, entry: params.AttackEntry | None, budget: float | None, trial: int,
-              poison: Stage | None) -> tuple[Stage, Stage]:
+              poison: Stage | None, study: str = "main", search_data: dict | None = None,
+              augment: bool | None = None) -> tuple[Stage, Stage]:
+        """One search and its retraining. ``study``: main (the robustness table), ood (searched
+        on ``search_data``, TMLR Table 3) or no_augment (search without augmentation, Table 6)."""
         seed = grid.seed + trial
-        spec = {"algorithm": algorithm, "data": data, "config": preset.search.config_of(algorithm),
-                "augment": preset.search.augment, "fast": preset.search.fast, "seed": seed,
-                "device": preset.search.device}
-        if entry is None:
+        spec = {"algorithm": algorithm, "data": search_data or data, "config": preset.search.config_of(algorithm),
+                "augment": preset.search.augment if augment is None else augment, "fast": preset.search.fast,
+                "seed": seed, "device": preset.search.device}
+        if entry is None and study == "main":
             keep = supernets_to_keep(preset, algorithm)
             if keep is not None:
                 spec["keep_supernets"] = keep
         condition = "clean" if entry is None else f"{entry.condition} {_percent(budget)}"
+        if study == "ood":
+            condition += f" searched on {search_data['dataset']}"
+        elif study == "no_augment":
+            condition += " without search augmentation"
         meta = {"algorithm": algorithm, "attack": "none" if entry is None else entry.condition,
-                "budget": budget, "trial": trial}
+                "budget": budget, "trial": trial, "study": study}
+        if study == "ood":
+            meta["search_dataset"] = search_data["dataset"]
         search = add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}",
                            {"poison": poison} if poison else {}, meta))
         return search, retrain_of(search, seed)
@@ -133,6 +144,8 @@ def expand(preset: params.Preset) -> list[Stage]:
             continue
         for budget in entry.budgets:
             for algorithm in grid.attacked(entry):
+                if algorithm in CLEAN_ONLY:
+                    continue
                 spec = {"data": data, "attack": craft.attack_spec(entry.name, budget), "device": craft.device}
                 inputs: dict[str, Stage] = {}
                 label = f"poison {entry.condition} {_percent(budget)}"
@@ -154,6 +167,18 @@ def expand(preset: params.Preset) -> list[Stage]:
                     sensitivity[id(poison)] = add(sensitivity_stage(preset, poison))
                 for t in range(grid.trials):
                     trial(algorithm, entry, budget, t, poison)
+                if entry.name == "gc" and algorithm in grid.augmentation_ablation:
+                    for t in range(grid.trials):
+                        trial(algorithm, entry, budget, t, poison, study="no_augment", augment=False)
+
+    for algorithm in grid.augmentation_ablation:   # the clean reference of the ablation
+        for t in range(grid.trials):
+            trial(algorithm, None, None, t, None, study="no_augment", augment=False)
+    for ood in grid.ood:
+        search_data = {**data, **ood.model_dump()}
+        for algorithm in grid.nas_algorithms:
+            for t in range(grid.trials):
+                trial(algorithm, None, None, t, None, study="ood", search_data=search_data)
 
     for sample in range(grid.random_samples):
         seed = grid.seed + sample
@@ -241,8 +266,9 @@ def preflight(preset: params.Preset) -> None:
     from .data import load_dataset
 
     data = preset.grid.data
-    for split in ("train", "test"):
-        load_dataset(data.dataset, split, data.data_root, data.download)
+    for dataset in [data.dataset, *(ood.dataset for ood in preset.grid.ood)]:
+        for split in ("train", "test"):
+            load_dataset(dataset, split, data.data_root, data.download)
     if shutil.which("dot") is None:
         raise RuntimeError(
             "graphviz's `dot` program was not found; the report draws cells with it. "

@@ -1,0 +1,79 @@
+"""Grid expansion on toy grids: which stages exist, what each reads, and their order."""
+from pathlib import Path
+
+import pytest
+
+from nbutils import params, runner
+from nbutils.data import load_dataset
+
+TINY_ATTACKS = Path(__file__).resolve().parent / "presets" / "tiny_attacks"
+
+
+def preset(**grid):
+    """A preset from the tiny test preset's files, with ``grid`` replacing grid.yaml's keys."""
+    base = params.load_preset(TINY_ATTACKS)
+    values = base.grid.model_dump()
+    values.update(grid)
+    return base.model_copy(update={"grid": params.validate("grid", values)})
+
+
+def test_every_stage_follows_its_inputs_and_appears_once():
+    stages = runner.expand(preset(ood=[{"dataset": "noise", "search_size": 32, "search_image_size": 8}],
+                                  augmentation_ablation=["pdarts"]))
+    position = {id(s): i for i, s in enumerate(stages)}
+    assert all(position[id(i)] < position[id(s)] for s in stages for i in s.inputs.values())
+    assert len({(s.kind, s.key) for s in stages}) == len(stages)
+    assert stages[-1].kind == "report"
+
+
+def test_attack_restricted_to_some_algorithms():
+    stages = runner.expand(preset(attacks=[{"name": "none"}, {"name": "rlf", "budgets": [0.25], "algorithms": ["pdarts"]}]))
+    searched = {(s.meta["algorithm"], s.meta["attack"]) for s in stages if s.kind == "search"}
+    assert ("pdarts", "rlf") in searched and ("darts", "rlf") not in searched
+
+
+def test_anti_search_runs_on_clean_data_only():
+    stages = runner.expand(preset(nas_algorithms=["darts", "darts_anti"], attacks=[
+        {"name": "none"}, {"name": "rlf", "budgets": [0.25]}]))
+    anti = [s for s in stages if s.kind == "search" and s.meta["algorithm"] == "darts_anti"]
+    assert len(anti) == 2 and {s.meta["attack"] for s in anti} == {"none"}
+
+
+def test_ood_search_on_other_data_retrains_on_the_grids():
+    stages = runner.expand(preset(ood=[{"dataset": "noise", "search_size": 32, "search_image_size": 8}]))
+    ood = [s for s in stages if s.kind == "search" and s.meta.get("study") == "ood"]
+    assert len(ood) == 2 * 2   # two algorithms x two trials
+    assert all(s.spec["data"]["dataset"] == "noise" and s.spec["data"]["search_size"] == 32 for s in ood)
+    retrains = [s for s in stages if s.kind == "retrain" and s.inputs["search"] in ood]
+    assert len(retrains) == 4 and all(r.spec["data"]["dataset"] == "digits" for r in retrains)
+    report = stages[-1]
+    assert sum(c.get("study") == "ood" for c in report.spec["cells"]) == 4
+
+
+def test_augmentation_ablation_reuses_the_gc_poisons():
+    stages = runner.expand(preset(augmentation_ablation=["pdarts"]))
+    ablation = [s for s in stages if s.kind == "search" and s.meta.get("study") == "no_augment"]
+    assert {s.meta["attack"] for s in ablation} == {"none", "gc"} and len(ablation) == 4
+    assert all(s.spec["augment"] is False and s.spec["algorithm"] == "pdarts" for s in ablation)
+    (gc,) = [s for s in stages if s.label == "poison gc 25% against pdarts"]
+    assert all(s.inputs["poison"] is gc for s in ablation if s.meta["attack"] == "gc")
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"augmentation_ablation": ["pdarts"], "attacks": [{"name": "none"}]}, "must include gc"),
+    ({"augmentation_ablation": ["robot"]}, "does not search"),
+    ({"attacks": [{"name": "none"}, {"name": "rlf", "budgets": [0.5], "algorithms": ["robot"]}]}, "does not search"),
+    ({"attacks": [{"name": "none"}, {"name": "rlf", "budgets": [0.5]}, {"name": "rlf", "budgets": [0.1]}]}, "once"),
+    ({"ood": [{"dataset": "imagenet"}]}, "ood.0.dataset"),
+])
+def test_impossible_grids_are_refused(grid, message):
+    with pytest.raises(params.ParamsError, match=message):
+        preset(**grid)
+
+
+def test_noise_dataset_is_fixed_random_images():
+    train, again = load_dataset("noise", "train"), load_dataset("noise", "train")
+    test = load_dataset("noise", "test")
+    assert train.images.shape == (2000, 1, 28, 28) and len(test) == 500 and train.num_classes == 10
+    assert train.checksum() == again.checksum() != test.checksum()
+    assert 120 < float(train.images.float().mean()) < 135   # uniform over 0..255
