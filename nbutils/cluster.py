@@ -42,7 +42,7 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
     if scheduler is None:
         threads = max(1, default_workers() // workers)
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+                               dashboard_address=":0", silence_logs=logging.ERROR)
         client = Client(cluster)
     else:
         threads = None   # the remote workers' own settings

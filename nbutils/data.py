@@ -492,11 +492,19 @@ def seeded_subset(ds: ImageDataset, size: int | None, seed: int) -> ImageDataset
     """
     if size is None:
         return ds
+    chosen = seeded_subset_indices(ds, size, seed)
+    return ds if len(chosen) == len(ds) else ds.subset(chosen)
+
+
+def seeded_subset_indices(ds: ImageDataset, size: int | None, seed: int) -> np.ndarray:
+    """The sorted indices :func:`seeded_subset` takes (all of them for ``size`` None or >= n)."""
+    if size is None:
+        return np.arange(len(ds))
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"size must be None or an int >= 1, got {size!r}")
     n = len(ds)
     if size >= n:
-        return ds
+        return np.arange(n)
     from sklearn.model_selection import train_test_split
 
     everything = np.arange(n)
@@ -507,7 +515,7 @@ def seeded_subset(ds: ImageDataset, size: int | None, seed: int) -> ImageDataset
     except ValueError as err:
         logger.info("seeded_subset: stratified sampling impossible for size %d (%s); sampling at random", size, err)
         chosen = train_test_split(everything, train_size=int(size), random_state=seed)[0]
-    return ds.subset(np.sort(chosen))
+    return np.sort(chosen)
 
 
 def channel_stats(ds: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -37,8 +37,11 @@ Departures from the reference, deliberate:
   with BN + ReLU (``lastact``), which avoids this; a TE-NAS search on our supernet needs the
   same.
 * ``G G^T`` and its eigenvalues are computed in float64 (the reference: float32 ``symeig``).
-* The given network is not modified: the computations run on a deep copy (the reference
-  updates BN running statistics and leaves gradients behind). Drop path is off on the copy.
+* The given network is not modified (the reference updates BN running statistics and leaves
+  gradients behind): the reference loop runs on a deep copy; the batched NTK and the region
+  count run on the network itself with batch-norm running statistics frozen and every mode
+  restored afterwards (a deep copy of a TE-NAS supernet costs more than its NTK at 8x8).
+  Drop path is off during the computation.
 * Logits: the output, or its first element for a tuple output (our
   :class:`~nbutils.network.EvalNetwork` returns ``(logits, aux)``; TE-NAS's networks return
   ``(features, logits)`` and the reference takes element 1). Pass ``logits_fn`` otherwise.
@@ -119,6 +122,39 @@ def _working_copy(network: nn.Module, train_mode: bool) -> nn.Module:
     for p in net.parameters():
         p.grad = None
     return net
+
+
+@contextmanager
+def _measuring(network: nn.Module, train_mode: bool):
+    """Use ``network`` itself for a measurement and leave it exactly as it was: every module's
+    mode is set (and restored), drop path is off, and in training mode every batch-norm layer
+    stops tracking running statistics for the duration (it normalises with the batch's
+    statistics either way, so the values are those of a copy in training mode, and no buffer
+    changes). Callers take gradients with ``torch.autograd.grad``, so no ``.grad`` is left
+    behind. Far cheaper than a deep copy, which costs more than the measurement on a small
+    network."""
+    modules = list(network.modules())
+    modes = [m.training for m in modules]
+    norms = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)] if train_mode else []
+    tracking = [m.track_running_stats for m in norms]
+    drop_path = getattr(network, "drop_path_prob", None)
+    try:
+        for m in modules:
+            if m.training != train_mode:
+                m.training = train_mode
+        for m in norms:
+            m.track_running_stats = False
+        if drop_path is not None:
+            network.drop_path_prob = 0.0
+        yield network
+    finally:
+        for m, training in zip(modules, modes):
+            if m.training != training:
+                m.training = training
+        for m, flag in zip(norms, tracking):
+            m.track_running_stats = flag
+        if drop_path is not None:
+            network.drop_path_prob = drop_path
 
 
 def ntk_weight_names(network: nn.Module) -> list[str]:
@@ -230,11 +266,10 @@ def per_sample_gradients(network: nn.Module, inputs: Batches, *, train_mode: boo
     ``benchmarks/ntk_speed.py``), and leaves it alone otherwise. The choice only changes
     rounding."""
     logits_fn = logits_fn or default_logits
-    net = _working_copy(network, train_mode)
-    weights = [p for name, p in net.named_parameters() if "weight" in name and p.requires_grad]
-    use_mkldnn = torch.backends.mkldnn.enabled and (not _mostly_single_channel(net) if mkldnn is None else mkldnn)
+    weights = [p for name, p in network.named_parameters() if "weight" in name and p.requires_grad]
+    use_mkldnn = torch.backends.mkldnn.enabled and (not _mostly_single_channel(network) if mkldnn is None else mkldnn)
     rows = []
-    with _mkldnn_enabled(use_mkldnn):
+    with _measuring(network, train_mode) as net, _mkldnn_enabled(use_mkldnn):
         for batch in _as_batches(inputs):
             n = batch.shape[0]
             summed = logits_fn(net, batch.clone()).reshape(n, -1).sum(1)
@@ -271,21 +306,20 @@ def ntk_condition_numbers(networks: Sequence[nn.Module], inputs: Batches, **kwar
 def activation_patterns(network: nn.Module, inputs: Batches, *, train_mode: bool = True) -> torch.Tensor:
     """Boolean ``samples x neurons``: ``output > 0`` of every call of an ``nn.ReLU`` module whose
     input is 4-D, concatenated in call order; the batches are forwarded one at a time (no
-    gradients, on a copy: ``network`` is not modified)."""
-    net = _working_copy(network, train_mode)
+    gradients; ``network`` is left as it was)."""
     recorded: list[torch.Tensor] = []
 
     def hook(module, args, output):
         if isinstance(args, tuple) and args and args[0].dim() == 4:
             recorded.append((output.detach() > 0).reshape(output.shape[0], -1))
 
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.ReLU)]
+    handles = [m.register_forward_hook(hook) for m in network.modules() if isinstance(m, nn.ReLU)]
     patterns = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _measuring(network, train_mode) as net:
             for batch in _as_batches(inputs):
                 recorded.clear()
-                net(batch)
+                net(batch.clone())
                 if not recorded:
                     raise ValueError("the network has no nn.ReLU module with a 4-D input: no activation pattern")
                 patterns.append(torch.cat(recorded, dim=1).cpu())
@@ -311,14 +345,28 @@ def linear_regions(network: nn.Module, inputs: Batches, *, train_mode: bool = Tr
 
 
 def region_inputs(images: torch.Tensor, *, num_batches: int = 3, batch_size: int = 1000, crop: int = 3,
-                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                  generator: torch.Generator | None = None, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None) -> list[torch.Tensor]:
     """TE-NAS's inputs for the region count: ``num_batches`` batches of ``batch_size`` random
-    ``crop x crop`` crops of one random channel (``1 x crop x crop``) of the given normalised
-    images ``N x C x H x W``; images are drawn without replacement, as a shuffled loader does
-    (reshuffled when exhausted)."""
+    ``crop x crop`` crops of one random channel (``1 x crop x crop``) of the images
+    ``N x C x H x W``; images are drawn without replacement, as a shuffled loader does
+    (reshuffled when exhausted).
+
+    Without ``mean``/``std`` the images are taken as already normalised. With them (one value
+    per channel), the images are pixel values 0..255 (e.g. an
+    :class:`~nbutils.data.ImageDataset`'s uint8 images) and each crop is scaled to [0, 1] and
+    normalised with the statistics of the channel it was cut from, as the reference's
+    ``ToTensor, Normalize, RandChannel`` transform does; only the crops are converted."""
     if images.dim() != 4 or images.shape[-1] < crop or images.shape[-2] < crop:
         raise ValueError(f"images must be N x C x H x W with H, W >= {crop}, got {tuple(images.shape)}")
+    for name, value in (("num_batches", num_batches), ("batch_size", batch_size), ("crop", crop)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     n, c, h, w = images.shape
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std must be given together (or neither)")
+    if mean is not None and (len(mean) != c or len(std) != c or any(not s > 0 for s in std)):
+        raise ValueError(f"mean and std must have one value per channel ({c}), std positive; got {tuple(mean)}, {tuple(std)}")
     total = num_batches * batch_size
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-total // n))])[:total]
     top = torch.randint(0, h - crop + 1, (total,), generator=generator)
@@ -328,4 +376,8 @@ def region_inputs(images: torch.Tensor, *, num_batches: int = 3, batch_size: int
     ys = (top[:, None] + rows[None, :])[:, :, None].expand(total, crop, crop)
     xs = (left[:, None] + rows[None, :])[:, None, :].expand(total, crop, crop)
     crops = images[order[:, None, None], channel[:, None, None], ys, xs].unsqueeze(1)
+    if mean is not None:
+        m = torch.tensor(mean, dtype=torch.float32)[channel].view(-1, 1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32)[channel].view(-1, 1, 1, 1)
+        crops = (crops.to(torch.float32) / 255.0 - m) / s
     return list(crops.split(batch_size))

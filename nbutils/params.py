@@ -31,9 +31,10 @@ PRESET_FILES = {
     "search": "search.yaml",
     "retrain": "retrain.yaml",
     "metric_sensitivity": "metric_sensitivity.yaml",
+    "defend": "defend.yaml",
     "report": "report.yaml",
 }
-OPTIONAL_FILES = ("metric_sensitivity",)   # a preset without the file does not run that study
+OPTIONAL_FILES = ("metric_sensitivity", "defend")   # a preset without the file does not run that study
 
 
 class ParamsError(ValueError):
@@ -87,8 +88,17 @@ class OodEntry(Spec):
     search_image_size: Optional[Annotated[int, Field(ge=8)]] = None
 
 
+class DefenseEntry(Spec):
+    """One defence applied to poisoned search data before the search (TMLR Table 4)."""
+
+    name: Literal["sanitise", "relabel", "denoise"]
+    attacks: Annotated[list[str], Field(min_length=1)]   # the conditions it defends (e.g. rlf, gc)
+    algorithms: Optional[list[Literal[NAS_ALGORITHMS]]] = None   # type: ignore[valid-type]  # default: every one
+
+
 class GridSpec(Spec):
     data: DataSpec = DataSpec()
+    defenses: list[DefenseEntry] = []
     ood: list[OodEntry] = []                  # out-of-distribution searches, clean, per algorithm
     augmentation_ablation: list[Literal[NAS_ALGORITHMS]] = []  # type: ignore[valid-type]  # TMLR Table 6
     trials: PositiveInt = 2
@@ -123,6 +133,19 @@ class GridSpec(Spec):
         if self.augmentation_ablation and not any(a.name == "gc" for a in self.attacks):
             raise ValueError("augmentation_ablation repeats gradient canceling without search augmentation: "
                              "the attacks must include gc")
+        return self
+
+    @model_validator(mode="after")
+    def _defended_attacks_exist(self) -> "GridSpec":
+        conditions = {a.condition for a in self.attacks if a.name != "none"}
+        for d in self.defenses:
+            unknown = sorted(set(d.attacks) - conditions)
+            if unknown:
+                raise ValueError(f"defense {d.name!r} names attacks {unknown} the grid does not run; "
+                                 f"allowed: {sorted(conditions)}")
+            extra = sorted(set(d.algorithms or ()) - set(self.nas_algorithms))
+            if extra:
+                raise ValueError(f"defense {d.name!r} names algorithms {extra} that nas_algorithms does not search")
         return self
 
     def attacked(self, attack: AttackEntry) -> list[str]:
@@ -328,6 +351,32 @@ class MetricSensitivitySpec(Spec):
     device: Device = "auto"
 
 
+# --- defend.yaml (TMLR Table 4) -----------------------------------------------------------------
+class DefendSpec(Spec):
+    """Settings of each defence (``nbutils.defenses.DefenseSpec`` fields); grid.yaml says which run."""
+
+    run: bool = True
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Device = "auto"
+    sanitise: dict = {}
+    relabel: dict = {}
+    denoise: dict = {}
+
+    @model_validator(mode="after")
+    def _settings_valid(self) -> "DefendSpec":
+        from .defenses import DefenseSpec
+
+        for name in ("sanitise", "relabel", "denoise"):
+            try:
+                DefenseSpec(name=name, seed=self.seed, **getattr(self, name))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{name}: {e}") from None
+        return self
+
+    def defense_spec(self, name: str) -> dict:
+        return {"name": name, "seed": self.seed, **getattr(self, name)}
+
+
 # --- report.yaml -------------------------------------------------------------------------------
 class ReportSpec(Spec):
     title: str = "Does neural architecture search survive poisoned data?"
@@ -340,6 +389,7 @@ FILE_SPECS: dict[str, type[Spec]] = {
     "search": SearchSpec,
     "retrain": RetrainSpec,
     "metric_sensitivity": MetricSensitivitySpec,
+    "defend": DefendSpec,
     "report": ReportSpec,
 }
 
@@ -352,7 +402,14 @@ class Preset(Spec):
     search: SearchSpec
     retrain: RetrainSpec
     metric_sensitivity: MetricSensitivitySpec
+    defend: DefendSpec
     report: ReportSpec
+
+    @model_validator(mode="after")
+    def _defenses_configured(self) -> "Preset":
+        if self.grid.defenses and not self.defend.run:
+            raise ValueError("grid.yaml lists defenses but the preset has no defend.yaml (or it says run: false)")
+        return self
 
 
 def _format_errors(source: str, error: ValidationError) -> list[str]:

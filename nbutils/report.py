@@ -251,6 +251,38 @@ def ood_html(results: pd.DataFrame, random_acc: CellSummary, dataset: str) -> st
             f"<thead><tr><th>NAS</th>{head}</tr><tr><th></th>{sub}</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
 
 
+def defense_html(results: pd.DataFrame, random_acc: CellSummary, alpha: float = 0.05) -> str:
+    """TMLR Table 4: per defence, attack and NAS algorithm, Acc. and dImp of the defended
+    search; bold and underlined where a one-sided Welch test finds the defended accuracy
+    higher than the undefended poisoned one (Benjamini-Hochberg over the table's p-values)."""
+    defended = results[results.study.str.startswith("defense:")]
+    if defended.empty:
+        return ""
+    rows = []
+    for (defense, attack, budget, algorithm), group in defended.groupby(
+            [defended.study.str.removeprefix("defense:"), "attack", "budget", "algorithm"], sort=False):
+        poisoned = results[(results.study == "main") & (results.algorithm == algorithm) & _rows_of(results, attack, budget)]
+        s = CellSummary.of(group.acc)
+        rows.append({"defense": defense, "attack": attack, "budget": budget, "algorithm": algorithm, "summary": s,
+                     "poisoned": CellSummary.of(poisoned.acc), "p": welch_less(poisoned.acc.to_numpy(), group.acc.to_numpy())})
+    reject, adjusted = benjamini_hochberg([r["p"] for r in rows], alpha)
+    body = []
+    for r, rej, adj in zip(rows, reject, adjusted):
+        acc, dimp = _fmt(r["summary"].mean, r["summary"].std), delta_improvement(r["summary"].mean, random_acc.mean)
+        dimp = "-" if math.isnan(dimp) else f"{dimp:.2f}"
+        if rej:
+            acc, dimp = f"<b><u>{acc}</u></b>", f"<b><u>{dimp}</u></b>"
+        title = f"one-sided Welch p={r['p']:.3g}, BH-adjusted p={adj:.3g}" if not math.isnan(r["p"]) else ""
+        body.append(f"<tr><td>{html.escape(r['defense'])}</td><td>{html.escape(condition_label(r['attack'], r['budget']))}</td>"
+                    f"<td>{html.escape(algorithm_name(r['algorithm']))}</td>"
+                    f"<td>{_fmt(r['poisoned'].mean, r['poisoned'].std)}</td>"
+                    f'<td title="{title}">{acc}</td><td title="{title}">{dimp}</td></tr>')
+    return ('<table class="nas-table"><caption>TMLR Table 4. Defences: accuracy (%) without and with the defence; '
+            "bold and underlined: the defence significantly improves on the poisoned search.</caption>"
+            "<thead><tr><th>Defence</th><th>Attack</th><th>NAS</th><th>Poisoned Acc.</th><th>Defended Acc.</th>"
+            "<th>ΔImp.</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+
+
 def reference_points_html(results: pd.DataFrame, random_acc: CellSummary) -> str:
     """The workshop paper's Table 1: clean DARTS against its two reference points, random
     sampling and anti-search (the worst cells DARTS can find), with the normal cell's make-up."""

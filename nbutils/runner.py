@@ -7,6 +7,7 @@ A *trial* is one path poison -> search -> retrain and ends in one accuracy. Stag
     poison     01_craft_poisons.ipynb   one per (attack, budget); gradient canceling one per
                                         (algorithm, budget): it targets that algorithm's best
                                         clean run, the alpha attack the best clean DARTS run
+    defend     02_defend.ipynb          one per (defence, poison set): the defended search data
     search     03_search.ipynb          one per (algorithm, condition, trial), plus random samples
     retrain    04_retrain.ipynb         one per search
     sensitivity 05_metric_sensitivity   the training-free metrics on clean vs poisoned data,
@@ -43,10 +44,11 @@ NOTEBOOK_OF = {
     "search": "03_search.ipynb",
     "retrain": "04_retrain.ipynb",
     "sensitivity": "05_metric_sensitivity.ipynb",
+    "defend": "02_defend.ipynb",
     "report": "99_report.ipynb",
 }
 STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "search", "retrain": "retrain",
-           "sensitivity": "metric_sensitivity"}
+           "sensitivity": "metric_sensitivity", "defend": "defend"}
 EXECUTED_NOTEBOOK = "notebook.ipynb"
 REPORT_HTML = "report.html"
 
@@ -118,12 +120,16 @@ def expand(preset: params.Preset) -> list[Stage]:
             condition += f" searched on {search_data['dataset']}"
         elif study == "no_augment":
             condition += " without search augmentation"
+        elif study.startswith("defense:"):
+            condition += f" defended by {study.removeprefix('defense:')}"
         meta = {"algorithm": algorithm, "attack": "none" if entry is None else entry.condition,
                 "budget": budget, "trial": trial, "study": study}
         if study == "ood":
             meta["search_dataset"] = search_data["dataset"]
-        search = add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}",
-                           {"poison": poison} if poison else {}, meta))
+        if study.startswith("defense:"):
+            meta["defense"] = study.removeprefix("defense:")
+        reads = {} if poison is None else {"defended" if poison.kind == "defend" else "poison": poison}
+        search = add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}", reads, meta))
         return search, retrain_of(search, seed)
 
     def retrain_of(search: Stage, seed: int) -> Stage:
@@ -167,6 +173,11 @@ def expand(preset: params.Preset) -> list[Stage]:
                     sensitivity[id(poison)] = add(sensitivity_stage(preset, poison))
                 for t in range(grid.trials):
                     trial(algorithm, entry, budget, t, poison)
+                for defense in grid.defenses:
+                    if entry.condition in defense.attacks and (defense.algorithms is None or algorithm in defense.algorithms):
+                        defended = add(defend_stage(preset, defense.name, poison))
+                        for t in range(grid.trials):
+                            trial(algorithm, entry, budget, t, defended, study=f"defense:{defense.name}")
                 if entry.name == "gc" and algorithm in grid.augmentation_ablation:
                     for t in range(grid.trials):
                         trial(algorithm, entry, budget, t, poison, study="no_augment", augment=False)
@@ -221,6 +232,13 @@ def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None
             if entry.name == "alpha":
                 keep.update(snapshot_epochs(preset.search.darts.epochs, entry.ensemble or 1))
     return sorted(keep) if wanted else None
+
+
+def defend_stage(preset: params.Preset, name: str, poison: Stage) -> Stage:
+    spec = {"data": preset.grid.data.model_dump(), "defense": preset.defend.defense_spec(name),
+            "device": preset.defend.device}
+    return Stage("defend", spec, f"defend with {name} against {poison.label.removeprefix('poison ')}",
+                 {"poison": poison}, {**poison.meta, "defense": name})
 
 
 def sensitivity_stage(preset: params.Preset, poison: Stage) -> Stage:

@@ -18,7 +18,7 @@ import torch
 from . import params
 from .attacks import AttackSpec, poison
 from .darts import DartsConfig, SearchDiverged, SearchResult, darts_search, snapshot_epochs
-from .data import ImageDataset, channel_stats, load_dataset, search_split, seeded_subset
+from .data import ImageDataset, channel_stats, load_dataset, search_split, seeded_subset, seeded_subset_indices
 from .device import resolve_device, seed_everything
 from .genotype import Genotype, random_genotype
 from .network import EvalNetwork
@@ -151,6 +151,52 @@ def best_clean_run(inputs: dict) -> dict:
     return max(runs, key=lambda run: run["test_acc"])
 
 
+# --- 02 defend ----------------------------------------------------------------------------------
+DEFENDED_FILE = "defended.npz"
+
+
+def defend(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
+    """Apply one defence to the poisoned search data; save the defended data and the record
+    (which samples were dropped or relabelled or denoised, and how well, scored against the
+    clean data the audit knows and the defender does not)."""
+    from .defenses import DefenseSpec, defend as apply_defense
+
+    out_dir = Path(out_dir)
+    defense = DefenseSpec(**spec["defense"])   # a bad spec fails here, before any data is read
+    device = resolve_device(spec.get("device", "auto"))
+    seed_everything(defense.seed)
+    data = _data(spec)
+    clean = search_pool(data)
+    poison_set = PoisonSet.load(inputs["poison"], clean)
+    poisoned = poison_set.apply(clean)
+    trusted = trusted_pool(data, defense.ddpm_trusted_size) if defense.name == "denoise" and not defense.ddpm_path else None
+    result = apply_defense(poisoned, defense, device=device, clean_labels=clean.labels, clean_images=clean.images,
+                           poison_indices=poison_set.indices, trusted=trusted)
+    save_arrays(out_dir / DEFENDED_FILE, images=result.dataset.images.numpy(), labels=result.dataset.labels.numpy())
+    if result.arrays:   # per-sample details of the defence (kept indices, cluster ids, ...)
+        save_arrays(out_dir / "defense_details.npz", **result.arrays)
+    record = {**result.record, "poison": read_json(Path(inputs["poison"]) / "poison.json"), "device": str(device)}
+    atomic_write_json(out_dir / RESULT_FILE, record)
+    return {**record, "dataset": result.dataset}
+
+
+def load_defended(artifact: str | Path, like: ImageDataset) -> ImageDataset:
+    """The defended search data a defend stage saved (classes and name from ``like``)."""
+    with np.load(Path(artifact) / DEFENDED_FILE) as saved:
+        return ImageDataset(like.name, torch.from_numpy(saved["images"]), torch.from_numpy(saved["labels"]), like.classes)
+
+
+def trusted_pool(data: params.DataSpec, size: int) -> ImageDataset:
+    """Clean training images outside the search data, which a defender holds out and trusts."""
+    full = load_dataset(data.dataset, "train", data.data_root, data.download, data.search_image_size)
+    searched = seeded_subset_indices(full, data.search_size, seed=data.subset_seed)
+    rest = np.setdiff1d(np.arange(len(full)), searched)
+    if len(rest) == 0:
+        raise ValueError("denoise without a ddpm_path trains a DDPM on clean training images outside the search "
+                         "data, and the search uses all of them: lower data.search_size or give ddpm_path")
+    return seeded_subset(full.subset(rest), size, seed=data.subset_seed)
+
+
 # --- 03 search -----------------------------------------------------------------------------------
 def _darts(weight_part, arch_part, spec, **common) -> SearchResult:
     keep = set(spec.get("keep_supernets", ()))
@@ -200,6 +246,8 @@ def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
         normalisation = channel_stats(pool)  # from the clean images, so poisons cannot shift it
         if "poison" in inputs:
             pool = PoisonSet.load(inputs["poison"], pool).apply(pool)
+        elif "defended" in inputs:
+            pool = load_defended(inputs["defended"], pool)
         weight_part, arch_part = search_split(pool, seed)
         try:
             found = SEARCHES[algorithm](weight_part, arch_part, spec, seed=seed, device=device,

@@ -146,3 +146,24 @@ def test_crafted_attack_without_its_model_is_refused():
     for name, need in (("clf", "surrogate"), ("gc", "target"), ("alpha", "supernets")):
         with pytest.raises(ValueError, match=f"needs models\\['{need}'\\]"):
             poison(data, AttackSpec(name=name, budget=0.5), models={})
+
+
+@pytest.mark.parametrize("name", ["sanitise", "relabel"])
+def test_defended_search_data_feeds_a_search(crafted, tmp_path, preset, name):
+    outputs, outcomes = crafted
+    (clf,) = [o.stage for o in outcomes if o.stage.label == "poison clf 25%"]
+    defend_stage = runner.defend_stage(preset, name, clf)
+    inputs = {"poison": str(outputs / "poison" / clf.key)}
+    (tmp_path / "defend").mkdir()
+    record = steps.defend(defend_stage.spec, inputs, tmp_path / "defend")
+    pool = steps.search_pool(preset.grid.data)
+    defended = steps.load_defended(tmp_path / "defend", pool)
+    assert len(defended) == record["samples_out"] and record["samples_in"] == 48
+    if name == "sanitise":
+        assert 30 <= len(defended) <= 38   # 30% of every class dropped, rounded per class
+    else:
+        assert len(defended) == 48 and torch.equal(defended.images, pool.images)
+    (search,) = [s for s in runner.expand(preset) if s.label == "search darts clf 25% trial 1"]
+    (tmp_path / "search").mkdir()
+    found = steps.search(search.spec, {"defended": str(tmp_path / "defend")}, tmp_path / "search")
+    assert found["genotype"].summary()

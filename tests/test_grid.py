@@ -77,3 +77,20 @@ def test_noise_dataset_is_fixed_random_images():
     assert train.images.shape == (2000, 1, 28, 28) and len(test) == 500 and train.num_classes == 10
     assert train.checksum() == again.checksum() != test.checksum()
     assert 120 < float(train.images.float().mean()) < 135   # uniform over 0..255
+
+
+def test_defenses_read_the_poison_and_feed_the_search():
+    stages = runner.expand(preset(defenses=[{"name": "sanitise", "attacks": ["clf"], "algorithms": ["darts"]},
+                                            {"name": "denoise", "attacks": ["gc"]}]))
+    defends = [s for s in stages if s.kind == "defend"]
+    assert sorted(s.label for s in defends) == [
+        "defend with denoise against gc 25% against darts", "defend with denoise against gc 25% against pdarts",
+        "defend with sanitise against clf 25%"]
+    searches = [s for s in stages if s.kind == "search" and "defended" in s.inputs]
+    assert len(searches) == (1 + 2) * 2 and all(s.inputs["defended"] in defends for s in searches)
+    assert {s.meta["defense"] for s in searches} == {"sanitise", "denoise"}
+
+
+def test_defense_of_an_attack_not_run_is_refused():
+    with pytest.raises(params.ParamsError, match="names attacks \\['rlf'\\]"):
+        preset(defenses=[{"name": "sanitise", "attacks": ["rlf"]}])
