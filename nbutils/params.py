@@ -86,6 +86,7 @@ class OodEntry(Spec):
     dataset: DatasetName    # the search data (noise: pure random images)
     search_size: Optional[PositiveInt] = None
     search_image_size: Optional[Annotated[int, Field(ge=8)]] = None
+    algorithms: Optional[list[Literal[NAS_ALGORITHMS]]] = None   # type: ignore[valid-type]  # default: every one
 
 
 class DefenseEntry(Spec):

@@ -144,7 +144,7 @@ def expand(preset: params.Preset) -> list[Stage]:
         for algorithm in grid.nas_algorithms
     }
     craft = preset.craft_poisons
-    sensitivity: dict[int, Stage] = {}
+    sensitivity: dict[tuple[str, float], Stage] = {}
     for entry in grid.attacks:
         if entry.name == "none":
             continue
@@ -169,8 +169,9 @@ def expand(preset: params.Preset) -> list[Stage]:
                 if entry.name == "gc":
                     meta["target"] = algorithm
                 poison = add(Stage("poison", spec, label, inputs, meta))
-                if preset.metric_sensitivity.run and id(poison) not in sensitivity:
-                    sensitivity[id(poison)] = add(sensitivity_stage(preset, poison))
+                # one study per attack and budget (for gradient canceling: against the first algorithm)
+                if preset.metric_sensitivity.run and (entry.condition, budget) not in sensitivity:
+                    sensitivity[(entry.condition, budget)] = add(sensitivity_stage(preset, poison))
                 for t in range(grid.trials):
                     trial(algorithm, entry, budget, t, poison)
                 for defense in grid.defenses:
@@ -186,8 +187,8 @@ def expand(preset: params.Preset) -> list[Stage]:
         for t in range(grid.trials):
             trial(algorithm, None, None, t, None, study="no_augment", augment=False)
     for ood in grid.ood:
-        search_data = {**data, **ood.model_dump()}
-        for algorithm in grid.nas_algorithms:
+        search_data = {**data, **ood.model_dump(exclude={"algorithms"})}
+        for algorithm in ood.algorithms or grid.nas_algorithms:
             for t in range(grid.trials):
                 trial(algorithm, None, None, t, None, study="ood", search_data=search_data)
 
