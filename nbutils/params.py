@@ -22,7 +22,8 @@ Pixels = Annotated[float, Field(ge=0, le=255, description="pixel units, 0..255")
 PositiveInt = Annotated[int, Field(ge=1)]
 
 # darts_anti: the workshop paper's anti-search (DARTS maximising the loss), Table 1
-NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts", "robot", "nsganetv2")
+NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts", "tenas", "robot", "nsganetv2")
+LABEL_FREE = ("tenas",)    # never read labels: label flipping cannot change what they find
 ATTACK_NAMES = ("none", "rlf", "clf", "gaussian", "gc", "alpha")
 
 PRESET_FILES = {
@@ -149,9 +150,20 @@ class GridSpec(Spec):
                 raise ValueError(f"defense {d.name!r} names algorithms {extra} that nas_algorithms does not search")
         return self
 
+    @model_validator(mode="after")
+    def _label_attacks_need_labels(self) -> "GridSpec":
+        for a in self.attacks:
+            named = sorted(set(a.algorithms or ()) & set(LABEL_FREE))
+            if a.name in ("rlf", "clf") and named:
+                raise ValueError(f"attack {a.name!r} only changes labels, which {named} never read (TMLR Table 1 "
+                                 "marks these cells '-'); remove them from its algorithms")
+        return self
+
     def attacked(self, attack: AttackEntry) -> list[str]:
-        """The algorithms an attack runs against, in nas_algorithms order."""
-        return [a for a in self.nas_algorithms if attack.algorithms is None or a in attack.algorithms]
+        """The algorithms an attack runs against, in nas_algorithms order; label flipping
+        skips the label-free algorithms (the report marks those cells '-' with the reason)."""
+        return [a for a in self.nas_algorithms if (attack.algorithms is None or a in attack.algorithms)
+                and not (attack.name in ("rlf", "clf") and a in LABEL_FREE)]
 
     @model_validator(mode="after")
     def _attack_targets_exist(self) -> "GridSpec":
@@ -258,6 +270,18 @@ class PdartsSpec(Spec):
         return self
 
 
+class TenasSpec(Spec):
+    """TE-NAS; the defaults are the reference's (NTK batch 14, C=1, 2 cells, 3 repeats)."""
+
+    batch_size: Annotated[int, Field(ge=2)] = 14
+    channels: PositiveInt = 1
+    cells: Annotated[int, Field(ge=2)] = 2
+    repeats: PositiveInt = 3
+    region_batches: PositiveInt = 3
+    region_batch_size: Annotated[int, Field(ge=2)] = 1000
+    prune_per_round: PositiveInt = 3
+
+
 class RobotSpec(Spec):
     """RoBoT; the defaults are the reference's (pool of 60k, 1 + 24 BO queries, budget 25)."""
 
@@ -308,6 +332,7 @@ class SearchSpec(Spec):
     fast: bool = True        # the fast supernet; false: the plain one (the executable specification)
     darts: DartsSpec = DartsSpec()
     pdarts: PdartsSpec = PdartsSpec()
+    tenas: TenasSpec = TenasSpec()
     robot: RobotSpec = RobotSpec()
     nsganetv2: Nsganetv2Spec = Nsganetv2Spec()
 

@@ -135,6 +135,14 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.2f} ± {std:.2f}" if not math.isnan(std) else f"{mean:.2f}"
 
 
+def not_run_reason(algorithm: str, attack: str) -> str:
+    from .params import LABEL_FREE
+
+    if algorithm in LABEL_FREE and attack in ("rlf", "clf"):
+        return f"{algorithm_name(algorithm)} never reads labels: label flipping cannot change its search"
+    return "not in this run's grid, or its trials did not finish"
+
+
 def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") -> str:
     """The papers' table layout: conditions as rows, (Acc., dImp.) per NAS algorithm as columns;
     statistically significant drops bold and underlined."""
@@ -149,7 +157,8 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
         for a in algorithms:
             match = table[(table.algorithm == a) & _rows_of(table, attack, budget)]
             if match.empty:
-                cells.append("<td>-</td><td>-</td>")
+                why = not_run_reason(a, attack)
+                cells.append(f'<td title="{html.escape(why)}">-</td><td title="{html.escape(why)}">-</td>')
                 continue
             r = match.iloc[0]
             acc, dimp = _fmt(r.acc_mean, r.acc_std), ("-" if math.isnan(r.dimp) else f"{r.dimp:.2f}")

@@ -12,6 +12,7 @@ A *trial* is one path poison -> search -> retrain and ends in one accuracy. Stag
     retrain    04_retrain.ipynb         one per search
     sensitivity 05_metric_sensitivity   the training-free metrics on clean vs poisoned data,
                                         one per poison set (TMLR Table 2)
+    gallery    06_genotype_gallery      one: every found cell, clean beside worst poisoned
     report     99_report.ipynb          one, reading every retrain artifact
 
 A failed stage does not stop the others; the stages that need its artifact are skipped, and
@@ -45,10 +46,12 @@ NOTEBOOK_OF = {
     "retrain": "04_retrain.ipynb",
     "sensitivity": "05_metric_sensitivity.ipynb",
     "defend": "02_defend.ipynb",
+    "gallery": "06_genotype_gallery.ipynb",
     "report": "99_report.ipynb",
 }
 STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "search", "retrain": "retrain",
            "sensitivity": "metric_sensitivity", "defend": "defend"}
+SUMMARIES = ("gallery", "report")   # read many trials and show what exists when some failed
 EXECUTED_NOTEBOOK = "notebook.ipynb"
 REPORT_HTML = "report.html"
 
@@ -212,7 +215,9 @@ def expand(preset: params.Preset) -> list[Stage]:
          **{f"sensitivity{i}": stage for i, stage in enumerate(sensitivity.values())},
          **{f"poison{i}": stage for i, stage in enumerate(poisons)}},
     )
-    stages.append(report)
+    gallery = Stage("gallery", {"cells": report_cells, "preset": preset.name}, "genotype gallery",
+                    {f"retrain{i}": stage for i, stage in enumerate(cells)})
+    stages += [gallery, report]
     return stages
 
 
@@ -300,7 +305,7 @@ def execute_stage(stage: Stage, store: ArtifactStore, kernel: str | None) -> Out
 
     With a kernel the stage's notebook runs under papermill (the executed notebook is part of
     the artifact); with ``kernel=None`` the step function runs in this process (no notebook:
-    faster, for tests and debugging). The report always runs as a notebook."""
+    faster, for tests and debugging). The gallery and the report always run as notebooks."""
     import papermill
 
     from . import steps
@@ -314,7 +319,7 @@ def execute_stage(stage: Stage, store: ArtifactStore, kernel: str | None) -> Out
         "out_dir": str(work),
     }
     try:
-        if kernel is None and stage.kind != "report":
+        if kernel is None and stage.kind in STEP_OF:
             getattr(steps, STEP_OF[stage.kind])(**parameters)
         else:
             papermill.execute_notebook(
@@ -414,7 +419,7 @@ def run_stage(stage: Stage, store: ArtifactStore, kernel: str | None, inputs: Se
     if threads:
         limit_threads(threads)
     broken = {(o.stage.kind, o.stage.key): o for o in inputs if o.status in ("failed", "skipped")}
-    if broken and stage.kind == "report":
+    if broken and stage.kind in SUMMARIES:
         stage, broken = report_without(stage, broken), {}
     if broken:
         return Outcome(stage, "skipped", detail="needs " + ", ".join(o.stage.label for o in broken.values()))

@@ -224,8 +224,18 @@ def _nsganetv2(weight_part, arch_part, spec, **common) -> SearchResult:
     return nsganetv2_search(weight_part, arch_part, Nsganetv2Config(**spec["config"], augment=spec["augment"]), **common)
 
 
+def _tenas(weight_part, arch_part, spec, **common) -> SearchResult:
+    from .data import concatenate
+    from .tenas import TenasConfig, tenas_search
+
+    # training-free: TE-NAS reads the whole search data, both halves
+    config = TenasConfig(**spec["config"], augment=spec["augment"])
+    return tenas_search(concatenate(weight_part, arch_part), config, **common)
+
+
 #: algorithm -> search on (weight half, architecture half) of the search data
-SEARCHES = {"darts": _darts, "darts_anti": _darts, "pdarts": _pdarts, "robot": _robot, "nsganetv2": _nsganetv2}
+SEARCHES = {"darts": _darts, "darts_anti": _darts, "pdarts": _pdarts, "tenas": _tenas, "robot": _robot,
+            "nsganetv2": _nsganetv2}
 
 
 def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:

@@ -94,3 +94,13 @@ def test_defenses_read_the_poison_and_feed_the_search():
 def test_defense_of_an_attack_not_run_is_refused():
     with pytest.raises(params.ParamsError, match="names attacks \\['rlf'\\]"):
         preset(defenses=[{"name": "sanitise", "attacks": ["rlf"]}])
+
+
+def test_label_flipping_skips_the_label_free_tenas():
+    stages = runner.expand(preset(nas_algorithms=["darts", "tenas"], attacks=[
+        {"name": "none"}, {"name": "rlf", "budgets": [0.25]}, {"name": "gc", "budgets": [0.25]}]))
+    tenas = {s.meta["attack"] for s in stages if s.kind == "search" and s.meta["algorithm"] == "tenas"}
+    assert tenas == {"none", "gc"}
+    with pytest.raises(params.ParamsError, match="never read"):
+        preset(nas_algorithms=["darts", "tenas"],
+               attacks=[{"name": "none"}, {"name": "clf", "budgets": [0.25], "algorithms": ["tenas"]}])

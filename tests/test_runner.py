@@ -68,7 +68,7 @@ def test_failing_notebook_does_not_stop_the_others(runs):
     assert sorted(status["failed"]) == sorted([
         "retrain <- search darts clean trial 2", "retrain <- search darts rlf 25% trial 2", "retrain <- random sample 2",
     ])
-    assert len(status["ran"]) == 14 - 3 and "report" in status["ran"]
+    assert len(status["ran"]) == 15 - 3 and "report" in status["ran"] and "genotype gallery" in status["ran"]
     for o in runs["a"]:
         if o.status == "failed":
             assert runs["kept"][o.stage.label]  # the executed notebook was kept in <key>.failed/
@@ -86,9 +86,9 @@ def test_rerun_redoes_only_what_failed_and_resumes(runs):
     status = by_status(runs["b"])
     assert sorted(status["ran"]) == sorted([
         "retrain <- search darts clean trial 2", "retrain <- search darts rlf 25% trial 2",
-        "retrain <- random sample 2", "report",
+        "retrain <- random sample 2", "genotype gallery", "report",
     ])
-    assert len(status["reused"]) == 14 - 4 and "failed" not in status
+    assert len(status["reused"]) == 15 - 5 and "failed" not in status
     assert not runs["leftover"].exists()  # the interrupted run's leftovers were cleaned
 
 
