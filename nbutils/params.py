@@ -280,6 +280,7 @@ class TenasSpec(Spec):
     region_batches: PositiveInt = 3
     region_batch_size: Annotated[int, Field(ge=2)] = 1000
     prune_per_round: PositiveInt = 3
+    fresh_batches: bool = True   # false: the candidates of a round share their batches (about half the work)
 
 
 class RobotSpec(Spec):
