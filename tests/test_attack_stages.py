@@ -69,8 +69,9 @@ def test_alpha_attack_without_darts_is_refused_before_compute(tmp_path):
 @pytest.fixture(scope="module")
 def crafted(tmp_path_factory):
     outputs = tmp_path_factory.mktemp("attacks") / "outputs"
-    outcomes = runner.run(PRESET, outputs, only="sensitivity", inline=True)
-    return outputs, outcomes
+    poisons = runner.run(PRESET, outputs, only="poison", inline=True)
+    studies = runner.run(PRESET, outputs, only="sensitivity", inline=True)   # reuses the poisons
+    return outputs, poisons + [o for o in studies if o.stage.kind == "sensitivity"]
 
 
 def test_every_poison_stage_runs(crafted):
