@@ -16,7 +16,8 @@ from nbutils.pdarts import PdartsConfig, final_cell, pdarts_genotype, pdarts_sea
 from nbutils.supernet import SuperNet
 
 CPU = torch.device("cpu")
-TINY = dict(layers=(3, 4, 5), epochs=2, warmup_epochs=1, channels=4, batch_size=8)
+# the plain supernet: these tests record its modules (the fast one is tested equal to it elsewhere)
+TINY = dict(layers=(3, 4, 5), epochs=2, warmup_epochs=1, channels=4, batch_size=8, fast=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -194,7 +195,7 @@ class _Recorder:
 def tiny_run():
     recorder = _Recorder()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pdarts_mod, "SuperNet", recorder.cls)
+        mp.setattr(pdarts_mod, "supernet_class", lambda fast: recorder.cls)
         result = pdarts_search(toy(16, seed=1), toy(16, seed=2), PdartsConfig(**TINY), seed=3, device=CPU)
     return result, recorder
 
