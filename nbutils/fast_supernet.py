@@ -74,26 +74,6 @@ def _native_grads(grad, x, w, stride, padding, dilation, mask):
     )
 
 
-def _native_weight_grad(grad, x, kh: int, kw: int, stride: int, pad_h: int, pad_w: int) -> torch.Tensor:
-    """oneDNN's depthwise weight gradient for a ``kh x kw`` kernel (C x 1 x kh x kw)."""
-    probe = x.new_empty(x.shape[1], 1, kh, kw)
-    return torch.ops.aten.convolution_backward(
-        grad, x, probe, None, [stride, stride], [pad_h, pad_w], [1, 1], False, [0, 0], x.shape[1],
-        [False, True, False])[1]
-
-
-def _shift_columns(t: torch.Tensor, s: int) -> torch.Tensor:
-    """``t[..., w - s]`` with zeros shifted in (``s`` = +1 or -1), same memory format."""
-    out = torch.empty_like(t)
-    if s > 0:
-        out[..., :s].zero_()
-        out[..., s:].copy_(t[..., :-s])
-    else:
-        out[..., s:].zero_()
-        out[..., :s].copy_(t[..., -s:])
-    return out
-
-
 def _polyphase(t: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W), H and W even -> (4N, C, H/2, W/2): the four (row parity, column parity)
     sub-images stacked along the batch, channels_last."""
@@ -102,33 +82,28 @@ def _polyphase(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(4 * n, h // 2, w // 2, c).permute(0, 3, 1, 2)
 
 
-def _weight_grad_5x5(x: torch.Tensor, grad: torch.Tensor, stride: int) -> torch.Tensor:
-    """Weight gradient of a 5x5 depthwise convolution with padding 2, stride 1 or 2, as two
-    5x3 ones (oneDNN's fast depthwise weight-gradient kernel takes widths up to 3 only).
-
-    Kernel columns 0..2 (offsets -2..0) are a 5x3 kernel with padding (2, 1) on the input
-    shifted right by one column; columns 2..4 one on the input shifted left by one, of which
-    columns 3 and 4 are kept. The right shift drops the last input column, which only column
-    2 of a stride-1 kernel reads (at the last output column): that term is added back.
-    """
-    left = _native_weight_grad(grad, _shift_columns(x, 1), 5, 3, stride, 2, 1)
-    right = _native_weight_grad(grad, _shift_columns(x, -1), 5, 3, stride, 2, 1)
-    if stride == 1:
-        last = _native_weight_grad(grad[..., -1:], x[..., -1:], 5, 1, 1, 2, 0)
-        left = torch.cat([left[..., :2], left[..., 2:] + last], dim=-1)
-    return torch.cat([left, right[..., 1:]], dim=-1)
-
-
 def _weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, stride: int, padding: int, dilation: int) -> torch.Tensor:
     """d loss / d weight of a depthwise convolution (weight C x 1 x k x k)."""
-    same = 2 * padding == dilation * (k - 1)
-    even = x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0
-    if _OPTIONS["polyphase"] and same and stride == 1 and dilation == 2 and even:
+    c = x.shape[1]
+    same = stride == 1 and 2 * padding == dilation * (k - 1)
+    if _OPTIONS["polyphase"] and same and dilation == 2 and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
         # a dilation-2 kernel sees each parity sub-image separately, undilated
         return _weight_grad(_polyphase(x), _polyphase(grad), k, 1, padding // 2, 1)
-    if _OPTIONS["split5x5"] and same and dilation == 1 and k == 5 and (stride == 1 or (stride == 2 and even)):
-        return _weight_grad_5x5(x, grad, stride)
-    return _native_grads(grad, x, x.new_empty(x.shape[1], 1, k, k), stride, padding, dilation, [False, True, False])[1]
+    if _OPTIONS["split5x5"] and same and dilation == 1 and k == 5:
+        # four 3x3 weight gradients on shifted windows of the padded input
+        h, w = x.shape[-2:]
+        xp = F.pad(x, (2, 2, 2, 2))
+        probe = x.new_empty(c, 1, 3, 3)
+        blocks = {}
+        for oh in (0, 2):
+            for ow in (0, 2):
+                window = xp[:, :, oh: oh + h + 2, ow: ow + w + 2]
+                blocks[oh, ow] = _native_grads(grad, window, probe, 1, 0, 1, [False, True, False])[1]
+        top = torch.cat([blocks[0, 0], blocks[0, 2][..., 1:]], dim=-1)
+        bottom = torch.cat([blocks[2, 0], blocks[2, 2][..., 1:]], dim=-1)
+        return torch.cat([top, bottom[..., 1:, :]], dim=-2)
+    probe = x.new_empty(c, 1, k, k)
+    return _native_grads(grad, x, probe, stride, padding, dilation, [False, True, False])[1]
 
 
 def _input_grad(grad: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, dilation: int) -> torch.Tensor:
@@ -202,43 +177,34 @@ def _dw(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def _accumulate(acc: list, node: int, weight: torch.Tensor, value: torch.Tensor) -> None:
-    """Add ``weight * value`` to node ``node``'s sum."""
     if acc[node] is None:
         acc[node] = value * weight
     else:
         acc[node].addcmul_(value, weight)
 
 
-def _add(acc: list, node: int, weighted: torch.Tensor) -> None:
-    """Add an already weighted operation output to node ``node``'s sum."""
-    if acc[node] is None:
-        acc[node] = weighted
-    else:
-        acc[node].add_(weighted)
-
-
 def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.conv2d(x, conv.weight, conv.bias)
 
 
-def _sep_conv(r: torch.Tensor, op: nn.Sequential, scale: torch.Tensor) -> torch.Tensor:
-    """``scale *`` SepConv on an already ReLU'd input (op: ReLU, dw, pw, BN, ReLU, dw, pw, BN)."""
+def _sep_conv(r: torch.Tensor, op: nn.Sequential) -> torch.Tensor:
+    """SepConv on an already ReLU'd input (op: ReLU, dw, pw, BN, ReLU, dw, pw, BN)."""
     t = _batch_norm(_pointwise(_dw(r, op[1]), op[2]), op[3])
     t = F.relu(t)
-    return _batch_norm(_pointwise(_dw(t, op[5]), op[6]), op[7], scale)
+    return _batch_norm(_pointwise(_dw(t, op[5]), op[6]), op[7])
 
 
-def _dil_conv(r: torch.Tensor, op: nn.Sequential, scale: torch.Tensor) -> torch.Tensor:
-    """``scale *`` DilConv on an already ReLU'd input (op: ReLU, dw, pw, BN)."""
-    return _batch_norm(_pointwise(_dw(r, op[1]), op[2]), op[3], scale)
+def _dil_conv(r: torch.Tensor, op: nn.Sequential) -> torch.Tensor:
+    """DilConv on an already ReLU'd input (op: ReLU, dw, pw, BN)."""
+    return _batch_norm(_pointwise(_dw(r, op[1]), op[2]), op[3])
 
 
-def _factorized_reduce(r: torch.Tensor, op: nn.Module, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``scale *`` FactorizedReduce on an already ReLU'd input (same arithmetic as its forward)."""
+def _factorized_reduce(r: torch.Tensor, op: nn.Module) -> torch.Tensor:
+    """FactorizedReduce on an already ReLU'd input (same arithmetic as its forward)."""
     shifted = r[:, :, 1:, 1:]
     if r.shape[-1] % 2 or r.shape[-2] % 2:
         shifted = F.pad(shifted, (0, r.shape[-1] % 2, 0, r.shape[-2] % 2))
-    return _batch_norm(torch.cat([op.conv_1(r), op.conv_2(shifted)], dim=1), op.bn, scale)
+    return _batch_norm(torch.cat([op.conv_1(r), op.conv_2(shifted)], dim=1), op.bn)
 
 
 @torch.no_grad()
@@ -254,42 +220,30 @@ def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: to
         bn.running_var.mul_(1 - momentum).add_(var * momentum)
 
 
-def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, scale: torch.Tensor | None = None,
-                shared: list[nn.BatchNorm2d] | None = None) -> torch.Tensor:
-    """``scale * bn(x)`` (``scale`` None: 1), with ``bn``'s running-stat update in train mode.
+def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, shared: list[nn.BatchNorm2d] | None = None) -> torch.Tensor:
+    """``bn(x)``, accurate in channels_last too.
 
-    ``scale`` (an edge's softmax(alpha) weight, 0-dim) is folded into the batch norm's
-    per-channel weight: the native backward kernel then returns its gradient,
-    ``sum(grad * bn(x))``, from the sums it forms for the input gradient anyway, and no
-    separate multiply, nor its backward, touches the tensor.
-
-    Accuracy: PyTorch's channels_last batch-norm kernel accumulates its statistics with a
-    large float32 error (~1e-5 relative at 64 x 32 x 32 values per channel, ~1e-4 when the
-    mean is large against the spread, as after a max pool), against ~1e-7 for the NCHW
-    kernel. In train mode we therefore centre the input first on its (accurately reduced)
-    per-channel mean: batch norm is invariant to that shift, the kernel's sums no longer
-    cancel, and the running statistics are updated here with the mean added back.
-    ``shared``: further BN modules fed the same tensor (pools): they get the same update.
+    PyTorch's channels_last batch-norm kernel accumulates its statistics with a large float32
+    error (~1e-5 relative at 64 x 32 x 32 values per channel, ~1e-4 when the mean is large
+    against the spread, as after a max pool), against ~1e-7 for the NCHW kernel. In train
+    mode we therefore centre the input first on its (accurately reduced) per-channel mean:
+    batch norm is invariant to that shift, the kernel's sums no longer cancel, and the
+    running statistics are updated here with the mean added back. ``shared``: further BN
+    modules fed the same tensor (pools): their running stats get the same update.
     """
-    weight, bias = bn.weight, bn.bias
-    if scale is not None:
-        # contiguous: the channels_last backward kernel miscomputes the input gradient for a
-        # stride-0 (expanded) weight (torch 2.14)
-        weight = scale.expand(x.shape[1]).contiguous() if weight is None else weight * scale
-        bias = None if bias is None else bias * scale
-    if not bn.training and bn.track_running_stats:   # eval mode: running statistics, elementwise
-        return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
+    if not bn.training and bn.track_running_stats:
+        return bn(x)                      # eval mode: running statistics, elementwise
     centre = None
     if not x.is_contiguous():
         with torch.no_grad():
             centre = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
         x = x - centre
     if bn.running_mean is None:
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
     c = x.shape[1]
     mean = x.new_zeros(c)   # momentum 1 into scratch buffers: the batch mean and unbiased variance
     var = x.new_ones(c)
-    out = F.batch_norm(x, mean, var, weight, bias, True, 1.0, bn.eps)
+    out = F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
     if centre is not None:
         mean = mean + centre.view(-1)
     _update_running_stats([bn] + list(shared or ()), mean, var)
@@ -324,14 +278,14 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
                     continue
                 if relu_h is None:
                     relu_h = F.relu(h)
-                _add(acc, node, _factorized_reduce(relu_h, op, w[k]))
+                _accumulate(acc, node, w[k], _factorized_reduce(relu_h, op))
                 continue
             if relu_h is None:
                 relu_h = F.relu(h)
             if name in _SEP:
-                _add(acc, node, _sep_conv(relu_h, op, w[k]))
+                _accumulate(acc, node, w[k], _sep_conv(relu_h, op))
             elif name in _DIL:
-                _add(acc, node, _dil_conv(relu_h, op, w[k]))
+                _accumulate(acc, node, w[k], _dil_conv(relu_h, op))
             else:  # pragma: no cover - PRIMITIVES is closed; keep the plain semantics anyway
                 _accumulate(acc, node, w[k], op(h))
     for name, uses in pools.items():
@@ -339,29 +293,12 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
         pooled = pool(h)
         bns = [op[1] for _, _, op in uses]
         if len(uses) > 1 and _pool_shareable(bns):
-            out = _batch_norm(pooled, bns[0], shared=bns[1:])
+            out = _batch_norm(pooled, bns[0], bns[1:])
             for node, wk, _ in uses:
                 _accumulate(acc, node, wk, out)
         else:
             for node, wk, op in uses:
-                _add(acc, node, _batch_norm(pooled, op[1], wk))
-
-
-class _CatChannels(torch.autograd.Function):
-    """``torch.cat(tensors, dim=1)`` whose backward hands each input a gradient in the
-    input's own memory format, not a channel slice of the output's gradient: a strided
-    gradient slows down every elementwise kernel of the backward pass behind it."""
-
-    @staticmethod
-    def forward(ctx, *tensors):
-        ctx.sizes = [t.shape[1] for t in tensors]
-        ctx.formats = [_CL if t.is_contiguous(memory_format=_CL) else torch.contiguous_format for t in tensors]
-        return torch.cat(tensors, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return tuple(part.contiguous(memory_format=fmt)
-                     for part, fmt in zip(grad.split(ctx.sizes, dim=1), ctx.formats))
+                _accumulate(acc, node, wk, _batch_norm(pooled, op[1]))
 
 
 def _preprocess(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -382,7 +319,7 @@ def _cell_forward(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights:
         edges = [(node, offsets[node] + j) for node in range(max(0, j - 1), STEPS)]
         _source_forward(cell, states[j], edges, weights, acc)
     states.append(acc[STEPS - 1])
-    return _CatChannels.apply(*states[-STEPS:])
+    return torch.cat(states[-STEPS:], dim=1)
 
 
 class FastSuperNet(SuperNet):
