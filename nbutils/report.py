@@ -229,7 +229,10 @@ def poison_figure(spec: dict, inputs: dict[str, str], count: int = 6):
     common = sorted(set.intersection(*(set(s.indices.tolist()) for s in sets.values())))
     if not common:
         return None
-    variants = {name: s.images[[s.indices.tolist().index(i) for i in common]] for name, s in sets.items()}
+    variants = {}
+    for name, s in sets.items():
+        row = {int(index): position for position, index in enumerate(s.indices)}
+        variants[name] = s.images[[row[i] for i in common]]
     eps = max(s.header.get("eps") or 0 for s in sets.values())
     return poison_grid(pool.images[common], variants, count=count, eps=eps,
                        labels=[pool.classes[int(pool.labels[i])] for i in common])

@@ -97,8 +97,7 @@ def craft_poisons(spec: dict, inputs: dict, out_dir: str | Path) -> PoisonSet:
     device = resolve_device(spec.get("device", "auto"))
     pool = search_pool(_data(spec))
     models = attacker_models(spec, inputs)
-    if models:
-        seed_everything(attack.seed)
+    seed_everything(attack.seed)
     poison_set = poison(pool, attack, models=models, device=device, normalisation=channel_stats(pool))
     if "attacker_model" in models:
         poison_set.header["attacker_model"] = models.pop("attacker_model")

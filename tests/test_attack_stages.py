@@ -137,7 +137,8 @@ def test_gradient_canceling_on_retrained_weights(crafted, tmp_path):
     assert all(torch.equal(v, trained[k]) for k, v in models["target"].state_dict().items())
     poison_set = steps.craft_poisons(spec, inputs, tmp_path)
     assert poison_set.header["crafting"]["target"] == "weights"
-    assert PoisonSet.load(tmp_path, steps.search_pool(params.DataSpec.model_validate(spec["data"]))) is not None
+    reloaded = PoisonSet.load(tmp_path, steps.search_pool(params.DataSpec.model_validate(spec["data"])))
+    assert len(reloaded) == 12 and torch.equal(reloaded.images, poison_set.images)
 
 
 def test_crafted_attack_without_its_model_is_refused():

@@ -18,30 +18,9 @@ from nbutils.network import EvalNetwork, count_parameters
 from nbutils.supernet import SuperNet
 from nbutils.train import RetrainConfig, cutout, evaluate, retrain
 
+from toys import toy
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny networks run fastest on one thread, and a busy 2-core machine makes OpenMP spin:
-    one intra-op thread for this module, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def toy(n: int, *, seed: int, num_classes: int = 3, channels: int = 1, size: int = 8, labels=None) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
-    if labels is None:
-        labels = torch.arange(n) % num_classes
-    return ImageDataset(
-        name="toy",
-        images=images,
-        labels=torch.as_tensor(labels, dtype=torch.int64),
-        classes=tuple(f"c{i}" for i in range(num_classes)),
-    )
 
 
 def tiny_config(**kw) -> DartsConfig:

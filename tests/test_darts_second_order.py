@@ -26,22 +26,10 @@ from nbutils.data import ImageDataset
 from nbutils.genotype import Genotype
 from nbutils.supernet import SuperNet
 
+from toys import toy
+
 CPU = torch.device("cpu")
 ETA, MOMENTUM, WD = 0.025, 0.9, 3e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def toy(n: int, *, seed: int, num_classes: int = 3) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g)
-    return ImageDataset("toy", images, torch.arange(n) % num_classes, tuple(f"c{i}" for i in range(num_classes)))
 
 
 def tiny_supernet(dtype=torch.float32) -> SuperNet:

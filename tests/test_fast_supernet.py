@@ -25,14 +25,6 @@ from nbutils.ops import PRIMITIVES
 from nbutils.supernet import SuperNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def pair(dtype=torch.float64, **kw):
     """A plain and a fast network with identical parameters, alpha spread out (N(0, 1))."""
     kw.setdefault("seed", 3)

@@ -21,20 +21,11 @@ from nbutils.metric_sensitivity import (
 )
 from nbutils.zero_cost import METRICS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from toys import toy
 
 
 def toy_dataset(n: int = 16, seed: int = 0, classes: int = 3) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    return ImageDataset("toy", images, labels, tuple(str(c) for c in range(classes)))
+    return toy(n, seed=seed, num_classes=classes, random_labels=True)
 
 
 def flipped_labels(ds: ImageDataset, indices: np.ndarray) -> ImageDataset:

@@ -35,26 +35,9 @@ from nbutils.nsganetv2 import (
 from nbutils.data import BatchLoader
 from nbutils.one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, recalibrate_batch_norm, train_one_shot
 
+from toys import toy
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny networks run fastest on one thread (and the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def toy(n: int, *, seed: int, num_classes: int = 3, size: int = 8) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    return ImageDataset(
-        name="toy",
-        images=torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g),
-        labels=torch.arange(n) % num_classes,
-        classes=tuple(f"c{i}" for i in range(num_classes)),
-    )
 
 
 def dominates(a: np.ndarray, b: np.ndarray) -> bool:

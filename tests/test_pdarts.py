@@ -15,23 +15,11 @@ from nbutils.ops import PRIMITIVES
 from nbutils.pdarts import PdartsConfig, final_cell, pdarts_genotype, pdarts_search, skip_dropout_rate, switch_off
 from nbutils.supernet import SuperNet
 
+from toys import toy
+
 CPU = torch.device("cpu")
 # the plain supernet: these tests record its modules (the fast one is tested equal to it elsewhere)
 TINY = dict(layers=(3, 4, 5), epochs=2, warmup_epochs=1, channels=4, batch_size=8, fast=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def toy(n: int, *, seed: int, num_classes: int = 3) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g)
-    return ImageDataset("toy", images, torch.arange(n) % num_classes, tuple(f"c{i}" for i in range(num_classes)))
 
 
 # --------------------------------------------------------------------------- configuration

@@ -21,21 +21,11 @@ from nbutils.robot import (
     sample_pool,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny networks run fastest on one thread (a busy 2-core machine makes OpenMP spin)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from toys import toy
 
 
 def toy_dataset(n: int, seed: int, classes: int = 3, size: int = 8) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    return ImageDataset("toy", images, labels, tuple(str(c) for c in range(classes)))
+    return toy(n, seed=seed, num_classes=classes, size=size, random_labels=True)
 
 
 def tiny_config(**overrides) -> RobotConfig:

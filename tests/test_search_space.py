@@ -36,16 +36,6 @@ from nbutils.supernet import SuperNet
 NON_NONE = [p for p in PRIMITIVES if p != "none"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny networks run fastest on one thread, and a busy 2-core machine makes OpenMP spin:
-    one intra-op thread for this module, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(params) -> int:
     return sum(p.numel() for p in params)
 

@@ -35,15 +35,6 @@ from nbutils.tenas import (
 from nbutils.zero_cost import MetricUndefined
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny networks run fastest on one thread, and a busy 2-core machine makes OpenMP spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _dataset(n: int = 48, size: int = 8, channels: int = 1, seed: int = 0, constant: bool = False) -> ImageDataset:
     g = torch.Generator().manual_seed(seed)
     if constant:

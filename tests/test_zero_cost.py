@@ -45,15 +45,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "zero_cost_known_answers.json"
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny networks run fastest on one thread (a busy 2-core machine makes OpenMP spin)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- fixture networks
 
 
