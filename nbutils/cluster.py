@@ -1,8 +1,9 @@
 """Running a grid's stages on Dask: a local cluster sized to the machine, or any existing one.
 
-Each stage is one Dask task; the tasks of the stages it reads are its dependencies, so Dask
-starts a stage as soon as its inputs exist and runs independent stages side by side. A task
-never raises for a failing notebook (:func:`nbutils.runner.run_stage` turns it into a
+Each execution (one stage, or the trials of one condition) is one Dask task; the tasks of the
+stages it reads are its dependencies, so Dask starts it as soon as its inputs exist and runs
+independent ones side by side. A task
+never raises for a failing notebook (:func:`nbutils.runner.run_execution` turns it into a
 "failed" outcome, and the stages that need it into "skipped" ones), so one failure does not
 stop independent work. Artifacts are committed atomically by the store: interrupting a run
 loses only the stages in flight, and running it again reuses everything already committed.
@@ -29,12 +30,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _run_execution(group, store, kernel, needs, threads):
+    """The task of one execution: ``needs`` are the outcome lists of the executions it reads."""
+    from .runner import run_execution
+
+    return run_execution(group, store, kernel, [o for outcomes in needs for o in outcomes], threads)
+
+
 def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | None, *, workers: int,
                 scheduler: str | None = None, out=sys.stdout) -> list["Outcome"]:
-    """Submit every stage as a task after the tasks it reads; return the outcomes in stage order."""
+    """Submit every execution as a task after the tasks it reads; return the outcomes in stage order."""
     from dask.distributed import Client, LocalCluster, as_completed
 
-    from .runner import Outcome, default_workers, report_line, run_stage
+    from .runner import Outcome, default_workers, executions, report_line
 
     for name in ("distributed", "tornado", "bokeh"):   # keep the run's output to the stages' progress
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -51,21 +59,28 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
           + (f" ({threads} thread{'s' if threads > 1 else ''} each)" if threads else f" at {scheduler}"),
           file=out, flush=True)
     try:
-        futures = {}
-        for stage in stages:
-            needs = [futures[id(s)] for s in stage.inputs.values()]
-            futures[id(stage)] = client.submit(run_stage, stage, store, kernel, needs, threads,
-                                               key=f"{stage.kind}-{stage.key}", pure=False)
-        stage_of = {f.key: stage for stage, f in zip(stages, futures.values())}
-        outcomes: dict[str, Outcome] = {}
-        for i, future in enumerate(as_completed(list(futures.values())), 1):
+        groups = executions(stages)
+        future_of: dict[int, object] = {}   # id(stage) -> the future of its execution
+        futures = []
+        for group in groups:
+            needs = list({id(f): f for f in (future_of[id(i)] for s in group for i in s.inputs.values())}.values())
+            future = client.submit(_run_execution, group, store, kernel, needs, threads,
+                                   key=f"{group[0].kind}-{group[0].key}", pure=False)
+            futures.append(future)
+            future_of.update({id(s): future for s in group})
+        group_of = {f.key: group for group, f in zip(groups, futures)}
+        outcomes: dict[int, Outcome] = {}
+        done = 0
+        for future in as_completed(futures):
             try:
-                outcome = future.result()
+                finished = future.result()
             except Exception as e:  # a worker died more often than Dask retries, or a dependency did
-                outcome = Outcome(stage_of[future.key], "failed", detail=f"{type(e).__name__}: {e}")
-            outcomes[future.key] = outcome
-            print(report_line(i, len(stages), outcome), file=out, flush=True)
-        return [outcomes[f.key] for f in futures.values()]
+                finished = [Outcome(s, "failed", detail=f"{type(e).__name__}: {e}") for s in group_of[future.key]]
+            for stage, outcome in zip(group_of[future.key], finished):   # the stages of this process
+                done += 1
+                outcomes[id(stage)] = outcome
+                print(report_line(done, len(stages), outcome), file=out, flush=True)
+        return [outcomes[id(s)] for s in stages]
     finally:
         client.close()
         if cluster is not None:

@@ -343,14 +343,20 @@ def _load_torchvision(name: str, train: bool, root: Path, download: bool) -> Ima
     return ImageDataset(name, images, labels, classes)
 
 
+#: torchvision's ``FashionMNIST.classes``, without importing torchvision
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+
+
 def _load_fashion_mnist(train: bool, root: Path, download: bool, debian_dir: Path | None) -> ImageDataset:
     """torchvision layout under the data root, else the Debian IDX files, else download, else not found."""
     split = "train" if train else "test"
     torchvision_raw = _tv_locations("fashion_mnist", train, root)[0]
-    try:
-        return _load_torchvision("fashion_mnist", train, root, download=False)
-    except DatasetNotFound:
-        logger.debug("fashion_mnist not in the torchvision layout at %s", torchvision_raw)
+    if torchvision_raw.is_dir():   # importing torchvision costs seconds: only when its files are there
+        try:
+            return _load_torchvision("fashion_mnist", train, root, download=False)
+        except DatasetNotFound:
+            logger.debug("fashion_mnist not in the torchvision layout at %s", torchvision_raw)
 
     places = [torchvision_raw]
     if debian_dir is not None:
@@ -363,14 +369,12 @@ def _load_fashion_mnist(train: bool, root: Path, download: bool, debian_dir: Pat
             labels = _read_idx(label_file, _IDX_LABELS_MAGIC)
             if len(images) != len(labels):
                 raise ValueError(f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels")
-            from torchvision.datasets import FashionMNIST
-
             logger.info("fashion_mnist/%s from the Debian package in %s", split, debian_dir)
             return ImageDataset(
                 "fashion_mnist",
                 torch.from_numpy(images).unsqueeze(1).contiguous(),
                 torch.from_numpy(labels.astype(np.int64)),
-                tuple(FashionMNIST.classes),
+                FASHION_MNIST_CLASSES,
             )
 
     if download:

@@ -17,6 +17,13 @@ A *trial* is one path poison -> search -> retrain and ends in one accuracy. Stag
 
 A failed stage does not stop the others; the stages that need its artifact are skipped, and
 the report shows their cells as missing with the reason.
+
+Stages are the unit of storage; *executions* are the unit of work. The trials of one
+condition (the searches of one algorithm on one poison set, then their retrainings) run in
+one execution of their notebook, which loops over them (parameter ``trials``): starting a
+kernel and importing torch costs several seconds, paid once per condition rather than once
+per trial. Every trial still gets its own artifact (with a copy of the executed notebook),
+and a trial that fails does not take the others of its execution down with it.
 """
 from __future__ import annotations
 
@@ -52,6 +59,8 @@ NOTEBOOK_OF = {
 STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "search", "retrain": "retrain",
            "sensitivity": "metric_sensitivity", "defend": "defend"}
 SUMMARIES = ("gallery", "report")   # read many trials and show what exists when some failed
+#: kinds whose trials of one condition share one notebook execution (notebook parameter ``trials``)
+BATCHED = ("search", "retrain")
 EXECUTED_NOTEBOOK = "notebook.ipynb"
 REPORT_HTML = "report.html"
 
@@ -63,6 +72,7 @@ class Stage:
     label: str
     inputs: dict[str, "Stage"] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)   # what the report groups by; not part of the key
+    batch: str | None = None   # stages of one kind with the same batch share an execution; not in the key
 
     def __post_init__(self) -> None:
         # plain JSON types only: what papermill passes to a notebook and what the key hashes
@@ -132,13 +142,15 @@ def expand(preset: params.Preset) -> list[Stage]:
         if study.startswith("defense:"):
             meta["defense"] = study.removeprefix("defense:")
         reads = {} if poison is None else {"defended" if poison.kind == "defend" else "poison": poison}
-        search = add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}", reads, meta))
+        search = add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}", reads, meta,
+                           batch=f"{algorithm} {condition}"))
         return search, retrain_of(search, seed)
 
     def retrain_of(search: Stage, seed: int) -> Stage:
         spec = {"data": data, "config": preset.retrain.model_dump(exclude={"device"}), "seed": seed,
                 "device": preset.retrain.device}
-        stage = add(Stage("retrain", spec, f"retrain <- {search.label}", {"search": search}, dict(search.meta)))
+        stage = add(Stage("retrain", spec, f"retrain <- {search.label}", {"search": search}, dict(search.meta),
+                          batch=search.batch))
         cells.append(stage)
         return stage
 
@@ -198,7 +210,8 @@ def expand(preset: params.Preset) -> list[Stage]:
     for sample in range(grid.random_samples):
         seed = grid.seed + sample
         meta = {"algorithm": "random", "attack": "none", "budget": None, "trial": sample}
-        search = add(Stage("search", {"algorithm": "random", "seed": seed}, f"random sample {sample + 1}", meta=meta))
+        search = add(Stage("search", {"algorithm": "random", "seed": seed}, f"random sample {sample + 1}", meta=meta,
+                           batch="random"))
         retrain_of(search, seed)
 
     report_cells = [{**stage.meta, "role": f"retrain{i}"} for i, stage in enumerate(cells)]
@@ -300,47 +313,101 @@ def preflight(preset: params.Preset) -> None:
         )
 
 
-def execute_stage(stage: Stage, store: ArtifactStore, kernel: str | None) -> Outcome:
-    """Run one stage into a private folder and commit it, or keep it as failed.
+def executions(stages: list[Stage]) -> list[list[Stage]]:
+    """The stages grouped into executions (see the module docstring), each after the
+    executions it reads from; a stage outside :data:`BATCHED` or without a batch is alone."""
+    groups: dict[tuple, list[Stage]] = {}
+    for stage in stages:
+        group = (stage.kind, stage.batch) if stage.kind in BATCHED and stage.batch else (stage.kind, id(stage))
+        groups.setdefault(group, []).append(stage)
+    where = {id(s): i for i, members in enumerate(groups.values()) for s in members}
+    needs = [{where[id(inp)] for s in members for inp in s.inputs.values() if id(inp) in where}
+             for members in groups.values()]
+    ordered, done = [], set()
+    pending = list(range(len(groups)))
+    members = list(groups.values())
+    while pending:   # stable topological order: the first execution whose inputs are all placed
+        ready = next((i for i in pending if needs[i] <= done), None)
+        if ready is None:
+            raise RuntimeError("executions read each other in a cycle: "
+                               + ", ".join(members[i][0].label for i in pending[:3]))
+        ordered.append(members[ready])
+        done.add(ready)
+        pending.remove(ready)
+    return ordered
 
-    With a kernel the stage's notebook runs under papermill (the executed notebook is part of
-    the artifact); with ``kernel=None`` the step function runs in this process (no notebook:
-    faster, for tests and debugging). The gallery and the report always run as notebooks."""
+
+def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> list[Outcome]:
+    """Run stages of one kind in one execution, each into a private folder; commit each one
+    that completed, keep each other one as failed.
+
+    With a kernel the stages' notebook runs under papermill (the executed notebook is part of
+    every artifact); with ``kernel=None`` the step functions run in this process (no notebook:
+    faster, for tests and debugging). The gallery and the report always run as notebooks.
+    Kinds in :data:`BATCHED` take the list ``trials`` and mark each trial that completed
+    (:func:`nbutils.steps.run_trials`); the others take one stage's ``spec``, ``inputs`` and
+    ``out_dir``."""
     import papermill
 
     from . import steps
 
+    kind = stages[0].kind
+    if any(s.kind != kind for s in stages) or (len(stages) > 1 and kind not in BATCHED):
+        raise ValueError(f"one execution runs stages of one kind in {BATCHED}, got {[s.kind for s in stages]}")
     start = time.perf_counter()
-    work = store.begin(stage.kind, stage.key)
-    notebook = work / EXECUTED_NOTEBOOK
-    parameters = {
-        "spec": stage.spec,
-        "inputs": {role: str(store.path(s.kind, s.key)) for role, s in stage.inputs.items()},
-        "out_dir": str(work),
-    }
+    works = [store.begin(s.kind, s.key) for s in stages]
+    trials = [{"spec": s.spec, "inputs": {role: str(store.path(i.kind, i.key)) for role, i in s.inputs.items()},
+               "out_dir": str(work)} for s, work in zip(stages, works)]
+    notebook = works[0] / EXECUTED_NOTEBOOK
+    error = None
     try:
-        if kernel is None and stage.kind in STEP_OF:
-            getattr(steps, STEP_OF[stage.kind])(**parameters)
+        if kernel is None and kind in STEP_OF:
+            step = getattr(steps, STEP_OF[kind])
+            steps.run_trials(step, trials) if kind in BATCHED else step(**trials[0])
         else:
             papermill.execute_notebook(
-                str(NOTEBOOKS / NOTEBOOK_OF[stage.kind]), str(notebook), parameters=parameters,
+                str(NOTEBOOKS / NOTEBOOK_OF[kind]), str(notebook),
+                parameters={"trials": trials} if kind in BATCHED else trials[0],
                 kernel_name=kernel or kernel_name(), progress_bar=False, log_output=False, cwd=str(NOTEBOOKS),
             )
-        if stage.kind == "report":
-            render_html(notebook, work / REPORT_HTML)
+        if kind == "report":
+            render_html(notebook, works[0] / REPORT_HTML)
     except KeyboardInterrupt:
         raise
-    except Exception as e:  # a failing notebook must not stop the other trials
-        failed = store.fail(work, stage.kind, stage.key)
-        reason = str(e).strip().splitlines()
-        return Outcome(stage, "failed", time.perf_counter() - start,
-                       reason[-1] if reason else type(e).__name__, failed / EXECUTED_NOTEBOOK)
+    except Exception as e:  # a failing notebook must not stop the other stages
+        error = e
     seconds = time.perf_counter() - start
-    record = {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
-              "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
-              "seconds": seconds}
-    final = store.commit(work, stage.kind, stage.key, record)
-    return Outcome(stage, "ran", seconds, notebook=final / EXECUTED_NOTEBOOK)
+    for work in works[1:]:   # every artifact holds the executed notebook
+        if notebook.is_file():
+            shutil.copyfile(notebook, work / EXECUTED_NOTEBOOK)
+    outcomes = []
+    for stage, work in zip(stages, works):
+        completed = (work / steps.COMPLETED_FILE).is_file() if kind in BATCHED else error is None
+        (work / steps.COMPLETED_FILE).unlink(missing_ok=True)
+        if not completed:
+            failed = store.fail(work, stage.kind, stage.key)
+            outcomes.append(Outcome(stage, "failed", seconds, _failure_reason(failed, error), failed / EXECUTED_NOTEBOOK))
+            continue
+        record = {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
+                  "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
+                  "seconds": seconds / len(stages), "execution": {"stages": len(stages), "seconds": seconds}}
+        final = store.commit(work, stage.kind, stage.key, record)
+        outcomes.append(Outcome(stage, "ran", seconds / len(stages), notebook=final / EXECUTED_NOTEBOOK))
+    return outcomes
+
+
+def _failure_reason(folder: Path, error: Exception | None) -> str:
+    """The last line of the trial's own traceback, else of the execution's error."""
+    from .steps import FAILED_FILE
+
+    if (folder / FAILED_FILE).is_file():
+        lines = (folder / FAILED_FILE).read_text().strip().splitlines()
+    elif error is not None:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        lines = ["not completed: the execution stopped (" + lines[-1] + ")"]
+    else:
+        lines = ["not completed: the execution ended before this trial"]
+    return lines[-1] if lines else "failed"
 
 
 def render_html(notebook: Path, html: Path) -> None:
@@ -372,7 +439,7 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
     ``workers``: stages run at once on a local Dask cluster (default: one per CPU core; 1 runs
     them one after another in this process without Dask); ``scheduler``: the address of an
     existing Dask cluster to run them on instead. ``inline``: the steps in the executing
-    process instead of their notebooks, see :func:`execute_stage`."""
+    process instead of their notebooks, see :func:`execute`."""
     preset = params.load_preset(preset_dir)
     stages = expand(preset)
     if only is not None:
@@ -412,20 +479,29 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def run_stage(stage: Stage, store: ArtifactStore, kernel: str | None, inputs: Sequence[Outcome] = (),
-              threads: int | None = None) -> Outcome:
-    """One stage, given the outcomes of the stages it reads: skipped when one of them failed
-    (the report instead shows what exists), reused when its artifact exists, else executed."""
+def run_execution(stages: list[Stage], store: ArtifactStore, kernel: str | None, inputs: Sequence[Outcome] = (),
+                  threads: int | None = None) -> list[Outcome]:
+    """One execution's stages, given the outcomes of the stages they read: a stage is skipped
+    when one of its inputs failed (a summary instead shows what exists), reused when its
+    artifact exists, else executed (all of those together, see :func:`execute`)."""
     if threads:
         limit_threads(threads)
-    broken = {(o.stage.kind, o.stage.key): o for o in inputs if o.status in ("failed", "skipped")}
-    if broken and stage.kind in SUMMARIES:
-        stage, broken = report_without(stage, broken), {}
-    if broken:
-        return Outcome(stage, "skipped", detail="needs " + ", ".join(o.stage.label for o in broken.values()))
-    if store.exists(stage.kind, stage.key):
-        return Outcome(stage, "reused", notebook=store.path(stage.kind, stage.key) / EXECUTED_NOTEBOOK)
-    return execute_stage(stage, store, kernel)
+    broken_inputs = {(o.stage.kind, o.stage.key): o for o in inputs if o.status in ("failed", "skipped")}
+    outcomes: list[Outcome | None] = []
+    todo = []
+    for stage in stages:
+        broken = {k: o for k, o in broken_inputs.items() if k in {(s.kind, s.key) for s in stage.inputs.values()}}
+        if broken and stage.kind in SUMMARIES:
+            stage, broken = report_without(stage, broken), {}
+        if broken:
+            outcomes.append(Outcome(stage, "skipped", detail="needs " + ", ".join(o.stage.label for o in broken.values())))
+        elif store.exists(stage.kind, stage.key):
+            outcomes.append(Outcome(stage, "reused", notebook=store.path(stage.kind, stage.key) / EXECUTED_NOTEBOOK))
+        else:
+            outcomes.append(None)
+            todo.append(stage)
+    ran = iter(execute(todo, store, kernel) if todo else [])
+    return [outcome if outcome is not None else next(ran) for outcome in outcomes]
 
 
 def limit_threads(threads: int) -> None:
@@ -444,15 +520,19 @@ def report_line(i: int, total: int, outcome: Outcome) -> str:
 
 
 def _run_here(stages: list[Stage], store: ArtifactStore, kernel: str | None, out) -> list[Outcome]:
-    """Every stage in order, in this process."""
+    """Every execution in order, in this process; outcomes in stage order."""
     outcomes: dict[int, Outcome] = {}
-    for i, stage in enumerate(stages, 1):
-        if not store.exists(stage.kind, stage.key):
-            print(f"[{i}/{len(stages)}] {stage.label} ...", file=out, flush=True)
-        outcome = run_stage(stage, store, kernel, [outcomes[id(s)] for s in stage.inputs.values()])
-        outcomes[id(stage)] = outcome
-        print(report_line(i, len(stages), outcome), file=out, flush=True)
-    return list(outcomes.values())
+    done = 0
+    for group in executions(stages):
+        todo = [s.label for s in group if not store.exists(s.kind, s.key)]
+        if todo:
+            print(f"[{done + 1}/{len(stages)}] {'; '.join(todo)} ...", file=out, flush=True)
+        inputs = [outcomes[id(s)] for stage in group for s in stage.inputs.values()]
+        for stage, outcome in zip(group, run_execution(group, store, kernel, inputs)):
+            outcomes[id(stage)] = outcome
+            done += 1
+            print(report_line(done, len(stages), outcome), file=out, flush=True)
+    return [outcomes[id(s)] for s in stages]
 
 
 def report_without(report: Stage, missing: dict[tuple[str, str], Outcome]) -> Stage:

@@ -4,6 +4,8 @@ compute, write the results into the stage's folder, return what the notebook sho
 A notebook cell reads like a sentence: ``result = steps.search(spec, inputs, out_dir)``.
 The runner fills ``spec``, ``inputs`` (role -> artifact folder) and ``out_dir``; run by hand,
 ``example_stage`` gives the first stage of a preset's kind with its inputs found in the store.
+The search and retrain notebooks take the trials of one condition at once (``trials``, a list
+of those three) and run them with :func:`run_trials`.
 """
 from __future__ import annotations
 
@@ -34,6 +36,44 @@ GENOTYPE_FILE = "genotype.json"
 SUPERNETS_FILE = "supernets.pt"
 WEIGHTS_FILE = "weights.pt"
 RESULT_FILE = "result.json"
+COMPLETED_FILE = ".completed"   # written by run_trials for the runner, removed before the commit
+FAILED_FILE = "failed.txt"       # the traceback of a trial that failed
+
+
+def run_trials(step, trials: list[dict]) -> list[dict | None]:
+    """``step(**trial)`` for every trial of one execution, each into its own ``out_dir``.
+
+    A trial that raises leaves its traceback in ``failed.txt`` and its result is None; the
+    other trials still run. Each trial that completes is marked for the runner, which commits
+    exactly those."""
+    results = []
+    for trial in trials:
+        out_dir = Path(trial["out_dir"])
+        try:
+            result = step(**trial)
+        except Exception:
+            text = traceback.format_exc()
+            log.error("trial with seed %s failed:\n%s", trial["spec"].get("seed"), text)
+            (out_dir / FAILED_FILE).write_text(text)
+            results.append(None)
+        else:
+            (out_dir / COMPLETED_FILE).write_text("")
+            results.append(result)
+    return results
+
+
+def raise_if_failed(trials: list[dict], results: list[dict | None]) -> None:
+    """End of a trials notebook: fail the execution when a trial failed (after every trial ran)."""
+    failed = [Path(t["out_dir"], FAILED_FILE).read_text().strip().splitlines()[-1]
+              for t, r in zip(trials, results) if r is None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(trials)} trials failed: " + "; ".join(failed))
+
+
+def example_trials(kind: str, preset: str = "quick", outputs: str | Path | None = None) -> list[dict]:
+    """For running a trials notebook by hand: the first stage of ``kind`` as a list of one trial."""
+    spec, inputs, out_dir = example_stage(kind, preset, outputs)
+    return [{"spec": spec, "inputs": inputs, "out_dir": out_dir}]
 
 
 def _data(spec: dict) -> params.DataSpec:

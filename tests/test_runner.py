@@ -16,20 +16,29 @@ from nbutils.store import read_json
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "presets" / "tiny"
 INJECTED = '''
-if spec.get("seed") == 1:
-    raise RuntimeError("injected failure for the test")
+_retrain = steps.retrain
+
+
+def retrain_failing_for_seed_1(spec, inputs, out_dir):
+    if spec.get("seed") == 1:
+        raise RuntimeError("injected failure for the test")
+    return _retrain(spec, inputs, out_dir)
+
+
+steps.retrain = retrain_failing_for_seed_1
 '''
 
 
 def notebooks_failing_retrain_for_seed_1(tmp_path: Path) -> Path:
-    """A copy of the notebooks whose retrain step fails for seed 1 (the second trial)."""
+    """A copy of the notebooks whose retrain step fails for seed 1 (the second trial of each
+    condition, which shares its execution with the first)."""
     import nbformat
 
     folder = tmp_path / "notebooks"
     shutil.copytree(runner.NOTEBOOKS, folder)
     nb = nbformat.read(folder / runner.NOTEBOOK_OF["retrain"], as_version=4)
     position = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    nb.cells.insert(position + 1, nbformat.v4.new_code_cell(INJECTED))
+    nb.cells.insert(position + 2, nbformat.v4.new_code_cell(INJECTED))   # after the imports
     nbformat.write(nb, folder / runner.NOTEBOOK_OF["retrain"])
     return folder
 
