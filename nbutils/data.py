@@ -257,9 +257,8 @@ def _load_cached(
         base = _load_cached(name, split, root, download, None, debian_dir)
         if base.shape_chw[1:] == (image_size, image_size):
             return base
-        resized = ImageDataset(base.name, _resize_uint8(base.images, image_size), base.labels, base.classes)
-        logger.info("resized %s/%s from %s to %dx%d", name, split, base.shape_chw[1:], image_size, image_size)
-        return resized
+        logger.info("resizing %s/%s from %s to %dx%d", name, split, base.shape_chw[1:], image_size, image_size)
+        return resized(base, image_size)
 
     train = split == "train"
     if name == "digits":
@@ -448,6 +447,13 @@ def _noise(train: bool) -> ImageDataset:
     images = torch.randint(0, 256, (n, 1, 28, 28), generator=generator, dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,), generator=generator)
     return ImageDataset("noise", images, labels, tuple(f"noise {i}" for i in range(10)))
+
+
+def resized(ds: ImageDataset, size: int) -> ImageDataset:
+    """``ds`` with every image resized to ``size`` x ``size`` (bilinear, antialiased, uint8)."""
+    if ds.shape_chw[1:] == (size, size):
+        return ds
+    return ImageDataset(ds.name, _resize_uint8(ds.images, size), ds.labels, ds.classes)
 
 
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -96,6 +96,7 @@ class DefenseEntry(Spec):
     name: Literal["sanitise", "relabel", "denoise"]
     attacks: Annotated[list[str], Field(min_length=1)]   # the conditions it defends (e.g. rlf, gc)
     algorithms: Optional[list[Literal[NAS_ALGORITHMS]]] = None   # type: ignore[valid-type]  # default: every one
+    budgets: Optional[list[Budget]] = None   # default: every budget of those attacks (TMLR Table 4: 50% only)
 
 
 class GridSpec(Spec):
@@ -148,6 +149,11 @@ class GridSpec(Spec):
             extra = sorted(set(d.algorithms or ()) - set(self.nas_algorithms))
             if extra:
                 raise ValueError(f"defense {d.name!r} names algorithms {extra} that nas_algorithms does not search")
+            budgets = {b for a in self.attacks if a.condition in d.attacks for b in a.budgets}
+            missing = sorted(set(d.budgets or ()) - budgets)
+            if missing:
+                raise ValueError(f"defense {d.name!r} names budgets {missing} that none of its attacks "
+                                 f"{d.attacks} runs; allowed: {sorted(budgets)}")
         return self
 
     @model_validator(mode="after")
@@ -281,6 +287,7 @@ class TenasSpec(Spec):
     region_batch_size: Annotated[int, Field(ge=2)] = 1000
     prune_per_round: PositiveInt = 3
     fresh_batches: bool = True   # false: the candidates of a round share their batches (about half the work)
+    image_size: Annotated[int, Field(ge=8)] | None = None   # resize the search images for TE-NAS (null: as they are)
 
 
 class RobotSpec(Spec):

@@ -4,11 +4,17 @@
 into the papers' table: per NAS algorithm and condition, Acc (mean +- std over trials),
 dImp against the random-sampling mean, and the one-sided Welch test against the clean
 condition with Benjamini-Hochberg correction over the algorithm's p-values.
+
+Links: every accuracy in a table links to its trials in the "Every architecture" listing
+(:func:`trials_html`), where each trial's accuracy links to the executed notebook of its
+retraining and of its search, and to their artifact folders. Links are relative to the
+outputs folder, where the runner puts ``report.html``.
 """
 from __future__ import annotations
 
 import html
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +43,29 @@ def load_results(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
             "genotype": Genotype.from_dict(result["genotype"]), "parameters": result["parameters"],
             "search_seconds": search_record.get("seconds", math.nan),
             "retrain_seconds": record.get("seconds", math.nan), "artifact": str(artifact), "search": str(search),
+            "anchor": trials_anchor(cell["algorithm"], cell["attack"], cell["budget"], cell.get("study", "main"),
+                                    cell.get("search_dataset")),
         })
     columns = ["algorithm", "attack", "budget", "trial", "acc", "study", "search_dataset", "genotype", "parameters", "search_seconds",
-               "retrain_seconds", "artifact", "search"]
+               "retrain_seconds", "artifact", "search", "anchor"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def trials_anchor(algorithm: str, attack: str, budget, study: str = "main", search_dataset: str | None = None) -> str:
+    """The HTML id of one cell's trials in the listing (:func:`trials_html`)."""
+    parts = [study, algorithm, attack, "" if no_budget(budget) else f"{100 * budget:g}", search_dataset or ""]
+    return "trials-" + re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def artifact_href(folder: str | Path, file: str = "notebook.ipynb") -> str:
+    """A stage folder ``<outputs>/<kind>/<key>`` (or a file in it) relative to the outputs folder."""
+    folder = Path(folder)
+    return f"{folder.parent.name}/{folder.name}/{file}".rstrip("/")
+
+
+def _linked(text: str, href: str, title: str = "") -> str:
+    title = f' title="{html.escape(title)}"' if title else ""
+    return f'<a href="{html.escape(href)}"{title}>{text}</a>'
 
 
 def no_budget(budget) -> bool:
@@ -117,7 +142,8 @@ def details_table(table: pd.DataFrame) -> pd.DataFrame:
 
     return pd.DataFrame({
         "NAS": [algorithm_name(a) for a in table.algorithm],
-        "condition": table.condition,
+        "condition": [_linked(html.escape(r.condition), "#" + trials_anchor(r.algorithm, r.attack, r.budget))
+                      for r in table.itertuples()],
         "n": table.n,
         "Acc.": [_fmt(m, s) for m, s in zip(table.acc_mean, table.acc_std)],
         "ΔImp.": table.dimp.round(2),
@@ -127,6 +153,34 @@ def details_table(table: pd.DataFrame) -> pd.DataFrame:
         "detectable drop (pp)": table.detectable_drop.map(lambda v: "-" if math.isnan(v) else f"{v:.2f}"),
         "CPU hours": table.cpu_hours.round(3),
     })
+
+
+def trials_html(results: pd.DataFrame) -> str:
+    """Every retrained architecture, one row per trial, grouped by cell (each group's first row
+    carries the anchor the tables link to): its accuracy links to the executed retraining
+    notebook, "search" to the executed search notebook, and the folder links to the artifacts."""
+    body = []
+    for anchor, group in results.groupby("anchor", sort=False):
+        for i, r in enumerate(group.itertuples()):
+            row_id = f' id="{anchor}"' if i == 0 else ""
+            condition = "random sampling" if r.algorithm == "random" else condition_label(r.attack, r.budget)
+            if r.study == "ood":
+                condition += f", searched on {r.search_dataset}"
+            elif r.study == "no_augment":
+                condition += ", search without augmentation"
+            elif r.study.startswith("defense:"):
+                condition += f", defended by {r.study.removeprefix('defense:')}"
+            body.append(
+                f"<tr{row_id}><td>{html.escape(algorithm_name(r.algorithm))}</td><td>{html.escape(condition)}</td>"
+                f"<td>{r.trial + 1}</td><td>{_linked(f'{r.acc:.2f}', artifact_href(r.artifact), 'executed retraining notebook')}</td>"
+                f"<td>{r.parameters:,}</td><td>{html.escape(r.genotype.summary())}</td>"
+                f"<td>{_linked('search', artifact_href(r.search), 'executed search notebook')} · "
+                f"{_linked('folders', artifact_href(r.artifact, ''), 'retraining artifact')}"
+                f"/{_linked('…', artifact_href(r.search, ''), 'search artifact')}</td></tr>")
+    return ('<table class="nas-table"><caption>Every architecture: one row per trial. The accuracy opens the '
+            "executed retraining notebook, “search” the executed search notebook.</caption>"
+            "<thead><tr><th>NAS</th><th>Condition</th><th>Trial</th><th>Acc. (%)</th><th>Parameters</th>"
+            "<th>Cells</th><th>Notebooks</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -165,10 +219,12 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
             if r.significant:
                 acc, dimp = f"<b><u>{acc}</u></b>", f"<b><u>{dimp}</u></b>"
             title = f"n={r.n}, one-sided Welch p={r.p:.3g}, BH-adjusted p={r.p_bh:.3g}" if not math.isnan(r.p) else f"n={r.n}"
-            cells.append(f'<td title="{title}">{acc}</td><td title="{title}">{dimp}</td>')
+            href = "#" + trials_anchor(a, attack, budget)
+            cells.append(f'<td title="{title}">{_linked(acc, href)}</td><td title="{title}">{_linked(dimp, href)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
+    random_acc_text = _linked(_fmt(random_acc.mean, random_acc.std), "#" + trials_anchor("random", "none", None))
     random_row = (f"<tr><td>Random</td><td>–</td><td colspan=\"{2 * len(algorithms)}\">"
-                  f"{_fmt(random_acc.mean, random_acc.std)} (n={random_acc.n}, the dImp reference)</td></tr>")
+                  f"{random_acc_text} (n={random_acc.n}, the dImp reference)</td></tr>")
     return (
         '<table class="nas-table">'
         + (f"<caption>{html.escape(caption)}</caption>" if caption else "")
@@ -183,8 +239,9 @@ def load_sensitivity(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
     for study in spec.get("sensitivity", []):
         result = read_json(Path(inputs[study["role"]]) / RESULT_FILE)
         for line in result["summary"]:
-            rows.append({"attack": study["attack"], "budget": study["budget"], "target": study.get("target") or "", **line})
-    return pd.DataFrame(rows, columns=["attack", "budget", "target", "metric", "mean", "std", "n", "skipped"])
+            rows.append({"attack": study["attack"], "budget": study["budget"], "target": study.get("target") or "", **line,
+                         "notebook": artifact_href(inputs[study["role"]])})
+    return pd.DataFrame(rows, columns=["attack", "budget", "target", "metric", "mean", "std", "n", "skipped", "notebook"])
 
 
 def sensitivity_html(table: pd.DataFrame, caption: str = "") -> str:
@@ -199,7 +256,7 @@ def sensitivity_html(table: pd.DataFrame, caption: str = "") -> str:
             match = table[(table.attack == attack) & (table.budget == budget) & (table.metric == metric)
                           & (table.target == target)]
             r = match.iloc[0] if len(match) else None
-            text = "-" if r is None else _fmt(r["mean"], r["std"])
+            text = "-" if r is None else _linked(_fmt(r["mean"], r["std"]), r["notebook"])
             title = "" if r is None else f' title="{r.n} architectures, {r.skipped} undefined"'
             cells.append(f"<td{title}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -256,7 +313,12 @@ def ood_html(results: pd.DataFrame, random_acc: CellSummary, dataset: str) -> st
         for group in groups:
             s = CellSummary.of(group.acc)
             dimp = delta_improvement(s.mean, random_acc.mean)
-            cells.append(f"<td>{_fmt(s.mean, s.std)}</td><td>{'-' if math.isnan(dimp) else f'{dimp:.2f}'}</td>")
+            if group.empty:
+                cells.append("<td>-</td><td>-</td>")
+                continue
+            href = "#" + group.anchor.iloc[0]
+            cells.append(f"<td>{_linked(_fmt(s.mean, s.std), href)}</td>"
+                         f"<td>{_linked('-' if math.isnan(dimp) else f'{dimp:.2f}', href)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return ('<table class="nas-table"><caption>TMLR Table 3. Out-of-distribution search: architectures found on '
             f'other data, retrained and tested on {html.escape(dataset)} (accuracy in %).</caption>'
@@ -276,6 +338,8 @@ def defense_html(results: pd.DataFrame, random_acc: CellSummary, alpha: float = 
         poisoned = results[(results.study == "main") & (results.algorithm == algorithm) & _rows_of(results, attack, budget)]
         s = CellSummary.of(group.acc)
         rows.append({"defense": defense, "attack": attack, "budget": budget, "algorithm": algorithm, "summary": s,
+                     "href": "#" + group.anchor.iloc[0],
+                     "poisoned_href": "#" + trials_anchor(algorithm, attack, budget),
                      "poisoned": CellSummary.of(poisoned.acc), "p": welch_less(poisoned.acc.to_numpy(), group.acc.to_numpy())})
     reject, adjusted = benjamini_hochberg([r["p"] for r in rows], alpha)
     body = []
@@ -284,10 +348,11 @@ def defense_html(results: pd.DataFrame, random_acc: CellSummary, alpha: float = 
         dimp = "-" if math.isnan(dimp) else f"{dimp:.2f}"
         if rej:
             acc, dimp = f"<b><u>{acc}</u></b>", f"<b><u>{dimp}</u></b>"
+        acc, dimp = _linked(acc, r["href"]), _linked(dimp, r["href"])
         title = f"one-sided Welch p={r['p']:.3g}, BH-adjusted p={adj:.3g}" if not math.isnan(r["p"]) else ""
         body.append(f"<tr><td>{html.escape(r['defense'])}</td><td>{html.escape(condition_label(r['attack'], r['budget']))}</td>"
                     f"<td>{html.escape(algorithm_name(r['algorithm']))}</td>"
-                    f"<td>{_fmt(r['poisoned'].mean, r['poisoned'].std)}</td>"
+                    f"<td>{_linked(_fmt(r['poisoned'].mean, r['poisoned'].std), r['poisoned_href'])}</td>"
                     f'<td title="{title}">{acc}</td><td title="{title}">{dimp}</td></tr>')
     return ('<table class="nas-table"><caption>TMLR Table 4. Defences: accuracy (%) without and with the defence; '
             "bold and underlined: the defence significantly improves on the poisoned search.</caption>"
@@ -307,7 +372,8 @@ def reference_points_html(results: pd.DataFrame, random_acc: CellSummary) -> str
         counts = [g.counts("normal") for g in group.genotype]
         make_up = " / ".join(f"{np.mean([c[k] for c in counts]):.1f}" for k in ("conv", "pool", "skip"))
         dimp = delta_improvement(summary.mean, random_acc.mean)
-        rows.append(f"<tr><td>{label}</td><td>{summary.n}</td><td>{_fmt(summary.mean, summary.std)}</td>"
+        accuracy = _linked(_fmt(summary.mean, summary.std), "#" + trials_anchor(algorithm, "none", None))
+        rows.append(f"<tr><td>{label}</td><td>{summary.n}</td><td>{accuracy}</td>"
                     f"<td>{'–' if algorithm == 'random' else f'{dimp:.2f}'}</td><td>{make_up}</td></tr>")
     if not rows:
         return ""

@@ -63,6 +63,9 @@ SUMMARIES = ("gallery", "report")   # read many trials and show what exists when
 BATCHED = ("search", "retrain")
 EXECUTED_NOTEBOOK = "notebook.ipynb"
 REPORT_HTML = "report.html"
+#: the report links to artifacts relative to the outputs folder; its copy in the report stage's
+#: own folder (two levels down) resolves them through this base, removed from outputs/report.html
+STAGE_BASE = '<base href="../../">'
 
 
 @dataclass(eq=False)
@@ -190,7 +193,9 @@ def expand(preset: params.Preset) -> list[Stage]:
                 for t in range(grid.trials):
                     trial(algorithm, entry, budget, t, poison)
                 for defense in grid.defenses:
-                    if entry.condition in defense.attacks and (defense.algorithms is None or algorithm in defense.algorithms):
+                    if (entry.condition in defense.attacks
+                            and (defense.algorithms is None or algorithm in defense.algorithms)
+                            and (defense.budgets is None or budget in defense.budgets)):
                         defended = add(defend_stage(preset, defense.name, poison))
                         for t in range(grid.trials):
                             trial(algorithm, entry, budget, t, defended, study=f"defense:{defense.name}")
@@ -365,6 +370,9 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> li
             step = getattr(steps, STEP_OF[kind])
             steps.run_trials(step, trials) if kind in BATCHED else step(**trials[0])
         else:
+            # Dask workers (on remote clusters too) set MALLOC_TRIM_THRESHOLD_=65536; a kernel
+            # inheriting it faults on every fresh tensor (see nbutils.cluster.WORKER_ENVIRON)
+            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
             papermill.execute_notebook(
                 str(NOTEBOOKS / NOTEBOOK_OF[kind]), str(notebook),
                 parameters={"trials": trials} if kind in BATCHED else trials[0],
@@ -428,7 +436,15 @@ def render_html(notebook: Path, html: Path) -> None:
     # (require.js for widgets, MathJax) rather than have the page reach the network
     body = re.sub(r'<script[^>]*src="https?://[^"]*"[^>]*>\s*</script>', "", body)
     body = re.sub(r'<script type="text/x-mathjax-config">.*?</script>', "", body, flags=re.S)
+    body = body.replace("<head>", "<head>" + STAGE_BASE, 1)
     atomic_write_bytes(html, body.encode())
+
+
+def publish_report(stage_html: Path, outputs: Path) -> Path:
+    """The report stage's page as ``outputs/report.html``, its links relative to ``outputs``."""
+    target = Path(outputs) / REPORT_HTML
+    atomic_write_bytes(target, stage_html.read_text().replace(STAGE_BASE, "", 1).encode())
+    return target
 
 
 def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | None = None,
@@ -469,7 +485,7 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
         outcomes = run_on_dask(stages, store, kernel, workers=workers, scheduler=scheduler, out=out)
     for outcome in outcomes:
         if outcome.stage.kind == "report" and outcome.status in ("ran", "reused"):
-            shutil.copyfile(store.path("report", outcome.stage.key) / REPORT_HTML, Path(outputs) / REPORT_HTML)
+            publish_report(store.path("report", outcome.stage.key) / REPORT_HTML, Path(outputs))
     print_summary(outcomes, time.perf_counter() - started, Path(outputs), out)
     return outcomes
 

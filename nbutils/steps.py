@@ -27,6 +27,7 @@ from .network import EvalNetwork
 from .pdarts import PdartsConfig, pdarts_search
 from .poison_set import PoisonSet
 from .store import atomic_write_json, read_json, save_arrays
+from .fast_supernet import FastSuperNet   # the attacks' supernets: same function, faster (tested)
 from .supernet import supernet_from_checkpoint
 from .train import RetrainConfig, retrain as retrain_network
 
@@ -167,12 +168,12 @@ def attacker_models(spec: dict, inputs: dict) -> dict:
         if missing:
             raise ValueError(f"the alpha attack with ensemble {spec['ensemble']} needs supernets after epochs "
                              f"{wanted}; the clean search saved {epochs}")
-        return {"supernets": [supernet_from_checkpoint(checkpoints[e]) for e in wanted],
+        return {"supernets": [supernet_from_checkpoint(checkpoints[e], FastSuperNet) for e in wanted],
                 "attacker_model": {**chosen, "epochs": wanted}}
     if spec["target"]["kind"] == "alphas":
         checkpoints = load_supernets(best["search"])
         last = max(checkpoints)
-        return {"target": supernet_from_checkpoint(checkpoints[last]),
+        return {"target": supernet_from_checkpoint(checkpoints[last], FastSuperNet),
                 "attacker_model": {**chosen, "kind": "alphas", "epoch": last}}
     return {"target": load_retrained(best["retrain"]), "attacker_model": {**chosen, "kind": "weights"}}
 
@@ -264,12 +265,16 @@ def _nsganetv2(weight_part, arch_part, spec, **common) -> SearchResult:
 
 
 def _tenas(weight_part, arch_part, spec, **common) -> SearchResult:
-    from .data import concatenate
+    from .data import concatenate, resized
     from .tenas import TenasConfig, tenas_search
 
     # training-free: TE-NAS reads the whole search data, both halves
-    config = TenasConfig(**spec["config"], augment=spec["augment"])
-    return tenas_search(concatenate(weight_part, arch_part), config, **common)
+    settings = dict(spec["config"])
+    image_size = settings.pop("image_size", None)
+    data = concatenate(weight_part, arch_part)
+    if image_size is not None:   # smaller measurements for a CPU (the normalisation is per channel)
+        data = resized(data, image_size)
+    return tenas_search(data, TenasConfig(**settings, augment=spec["augment"]), **common)
 
 
 #: algorithm -> search on (weight half, architecture half) of the search data

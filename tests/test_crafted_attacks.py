@@ -294,6 +294,29 @@ def test_nas_specific_gc_on_supernet_alphas(tiny_supernet, data):
     assert (quantised - ds.images[victims].int()).abs().max() <= EPS
 
 
+def test_nas_specific_gc_is_the_same_on_the_fast_supernet(tiny_supernet, data):
+    """The crafted attacks run on FastSuperNet: the GC objective and its gradient in the poison
+    images (a second-order quantity) equal the plain supernet's to float32 rounding."""
+    from nbutils.fast_supernet import FastSuperNet
+
+    ds, mean, std = data
+    plain = copy.deepcopy(tiny_supernet)
+    fast = FastSuperNet(**tiny_supernet.construction())
+    fast.load_state_dict(plain.state_dict())
+    target = gc.named_targets(plain, plain.arch_parameters(), [a.detach() * 0.5 for a in plain.arch_parameters()])
+    victims = torch.arange(16, 24)
+    values = []
+    for model in (plain, fast):
+        loader = BatchLoader(ds.subset(range(16)), 16, shuffle=False, seed=0, mean=mean, std=std)
+        values.append(gc.gc_objective(model, target, loader, ds.images[victims].float() / 255, ds.labels[victims],
+                                      budget=1 / 3,
+                                      mean=mean, std=std, batch_size=4, device="cpu", with_grad=True))
+    (v_plain, g_plain), (v_fast, g_fast) = values
+    assert v_fast == pytest.approx(v_plain, rel=1e-5)
+    scale = g_plain.abs().max()
+    assert scale > 0 and (g_fast - g_plain).abs().max() <= 1e-4 * scale   # measured: 4e-6
+
+
 # --------------------------------------------------------------------------- the workshop paper's alpha attack
 
 

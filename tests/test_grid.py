@@ -104,3 +104,41 @@ def test_label_flipping_skips_the_label_free_tenas():
     with pytest.raises(params.ParamsError, match="never read"):
         preset(nas_algorithms=["darts", "tenas"],
                attacks=[{"name": "none"}, {"name": "clf", "budgets": [0.25], "algorithms": ["tenas"]}])
+
+
+def test_defense_restricted_to_some_budgets():
+    stages = runner.expand(preset(attacks=[{"name": "none"}, {"name": "clf", "budgets": [0.25, 0.5]}],
+                                  defenses=[{"name": "sanitise", "attacks": ["clf"], "budgets": [0.5]}]))
+    assert {s.meta["budget"] for s in stages if s.kind == "defend"} == {0.5}
+    with pytest.raises(params.ParamsError, match="names budgets \\[0.1\\]"):
+        preset(defenses=[{"name": "sanitise", "attacks": ["clf"], "budgets": [0.1]}])
+
+
+def test_trials_of_one_condition_share_an_execution():
+    stages = runner.expand(preset(attacks=[{"name": "none"}, {"name": "rlf", "budgets": [0.25]}]))
+    groups = runner.executions(stages)
+    assert sorted(s.key for g in groups for s in g) == sorted(s.key for s in stages)   # each stage once
+    done = set()
+    for group in groups:   # every execution after the executions it reads
+        assert all(id(i) in done for s in group for i in s.inputs.values())
+        done.update(id(s) for s in group)
+        assert len({s.kind for s in group}) == 1
+        if group[0].kind in runner.BATCHED:
+            assert len({(s.meta["algorithm"], s.meta["attack"], s.meta.get("study")) for s in group}) == 1
+            assert sorted(s.meta["trial"] for s in group) == list(range(len(group)))
+        else:
+            assert len(group) == 1
+    trials = preset().grid.trials
+    searches = [g for g in groups if g[0].kind == "search"]
+    assert trials > 1 and all(len(g) == trials for g in searches)
+
+
+def test_longest_chains_first():
+    from nbutils.cluster import chain_lengths
+
+    groups = runner.executions(runner.expand(preset(attacks=[{"name": "none"}, {"name": "gc", "budgets": [0.25]}])))
+    length = dict(zip((g[0].label for g in groups), chain_lengths(groups)))
+    # clean search -> clean retrain -> GC poison -> poisoned search -> retrain -> report
+    assert length["search darts clean trial 1"] == 6 and length["report"] == 1
+    assert length["poison gc 25% against darts"] == 4
+    assert length["genotype gallery"] == 1

@@ -140,6 +140,21 @@ def test_report_html_is_self_contained_and_matches_the_artifacts(runs):
     assert f"{mean:.2f} ±" in html
 
 
+def test_every_number_links_to_its_notebook(runs):
+    outputs = runs["outputs"]
+    html = (outputs / "report.html").read_text()
+    assert "<base" not in html   # the copy beside the stage folders links relative to them
+    for stage in runs["stages"]:
+        if stage.kind in ("retrain", "search"):
+            href = f"{stage.kind}/{stage.key}/notebook.ipynb"
+            assert f'href="{href}"' in html and (outputs / href).is_file(), stage.label
+    targets = set(re.findall(r'href="#([^"]+)"', html))
+    anchors = set(re.findall(r' id="([^"]+)"', html))
+    assert len(targets) >= 3 and targets <= anchors   # table cells -> their trials in the listing
+    stage_copy = next(outputs.glob("report/*/report.html")).read_text()
+    assert '<base href="../../">' in stage_copy
+
+
 def test_bad_parameter_fails_before_compute(tmp_path, capsys):
     preset = tmp_path / "bad"
     shutil.copytree(TINY, preset)
@@ -158,3 +173,42 @@ def test_missing_dataset_says_where_it_looked(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert str(tmp_path / "empty") in err and "download" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_killing_a_worker_loses_only_its_task(tmp_path):
+    """SIGKILL the Dask worker running a search: Dask restarts the worker and runs that task
+    again, every other artifact is kept, the run completes, and a re-run reuses everything."""
+    import os
+    import signal
+    import threading
+
+    outputs = tmp_path / "outputs"
+    killed: dict = {}
+    stop = threading.Event()
+
+    def kill_the_first_search_worker():
+        while not stop.is_set():
+            for work in (outputs / "search").glob(".tmp-*"):   # .tmp-<key>-<pid of the worker>-...
+                _, key, pid, _ = work.name.split("-", 3)
+                if int(pid) != os.getpid():
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.update(key=key, pid=int(pid))
+                    return
+            stop.wait(0.02)
+
+    killer = threading.Thread(target=kill_the_first_search_worker, daemon=True)
+    killer.start()
+    try:
+        first = runner.run(TINY, outputs, workers=2, inline=True)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no search ran on a worker"
+    assert {o.status for o in first} <= {"ran", "reused"}
+    redone = next(o for o in first if o.stage.key == killed["key"])
+    assert redone.status == "ran" and (outputs / "search" / killed["key"] / "genotype.json").is_file()
+    stages = runner.expand(load_preset(TINY))
+    assert all((outputs / s.kind / s.key / "spec.json").is_file() for s in stages)
+    second = runner.run(TINY, outputs, workers=2, inline=True)
+    assert {o.status for o in second} == {"reused"}
+    assert not list((outputs / "search").glob(f".tmp-*-{killed['pid']}-*"))   # the dead worker's leftovers
