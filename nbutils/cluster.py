@@ -2,11 +2,11 @@
 
 Each execution (one stage, or the trials of one condition) is one Dask task; the tasks of the
 stages it reads are its dependencies, so Dask starts it as soon as its inputs exist and runs
-independent ones side by side. A task
-never raises for a failing notebook (:func:`nbutils.runner.run_execution` turns it into a
-"failed" outcome, and the stages that need it into "skipped" ones), so one failure does not
-stop independent work. Artifacts are committed atomically by the store: interrupting a run
-loses only the stages in flight, and running it again reuses everything already committed.
+independent ones side by side. A task never raises for a failing notebook
+(:func:`nbutils.runner.run_execution` turns it into a "failed" outcome, and the stages that
+need it into "skipped" ones), so one failure does not stop independent work. Artifacts are
+committed atomically by the store: interrupting a run loses only the stages in flight, and
+running it again reuses everything already committed.
 
 On a local cluster every worker is a process running one stage at a time, and the cores
 are shared out between the workers (``OMP_NUM_THREADS`` for the kernels they start), so two
@@ -103,7 +103,7 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
                 finished = future.result()
             except Exception as e:  # a worker died more often than Dask retries, or a dependency did
                 finished = [Outcome(s, "failed", detail=f"{type(e).__name__}: {e}") for s in group_of[future.key]]
-            for stage, outcome in zip(group_of[future.key], finished):   # the stages of this process
+            for stage, outcome in zip(group_of[future.key], finished):   # outcomes carry copies of the stages
                 done += 1
                 outcomes[id(stage)] = outcome
                 print(report_line(done, len(stages), outcome), file=out, flush=True)

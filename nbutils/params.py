@@ -369,6 +369,8 @@ class RetrainSpec(Spec):
     drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.3
     cutout: Annotated[int, Field(ge=0)] = 16
     augment: bool = True
+    mixed_precision: bool = False   # CUDA only: float16 autocast with gradient scaling
+    channels_last: bool = False     # NHWC activations (faster on recent GPUs)
 
 
 # --- metric_sensitivity.yaml (TMLR Table 2) -----------------------------------------------------

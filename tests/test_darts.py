@@ -344,3 +344,17 @@ def test_retrain_deterministic():
     b = retrain(published("DARTS_V1"), toy(32, seed=71), toy(8, seed=72), config, seed=3, device=CPU)
     assert a["curve"] == b["curve"]
     assert a["test_loss"] == b["test_loss"] and a["test_acc"] == b["test_acc"]
+
+
+def test_retrain_channels_last_is_the_same_training():
+    """channels_last changes the memory layout, not the arithmetic: the same curve and test
+    loss to float32 rounding; mixed precision asked for on the CPU trains in float32, and says so."""
+    config = RetrainConfig(epochs=1, channels=4, layers=3, batch_size=16, cutout=2)
+    plain = retrain(published("DARTS_V2"), toy(32, seed=81), toy(8, seed=82), config, seed=4, device=CPU)
+    nhwc = retrain(published("DARTS_V2"), toy(32, seed=81), toy(8, seed=82),
+                   RetrainConfig(**{**config.__dict__, "channels_last": True, "mixed_precision": True}),
+                   seed=4, device=CPU)
+    assert nhwc["channels_last"] and not nhwc["mixed_precision"] and not plain["channels_last"]
+    assert nhwc["curve"][0]["train_loss"] == pytest.approx(plain["curve"][0]["train_loss"], rel=1e-4)
+    assert nhwc["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-4)
+    assert nhwc["model"].stem[0].weight.is_contiguous(memory_format=torch.channels_last)

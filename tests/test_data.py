@@ -112,6 +112,12 @@ def test_fashion_mnist_falls_back_to_debian_files(split, tmp_path, monkeypatch):
     assert_matches(ds, expected, split, "fashion_mnist")
 
 
+def test_fashion_mnist_class_names_are_torchvision_s():
+    from torchvision.datasets import FashionMNIST
+
+    assert data.FASHION_MNIST_CLASSES == tuple(FashionMNIST.classes)   # kept without importing torchvision
+
+
 def test_fashion_mnist_prefers_torchvision_layout_over_debian(tmp_path, monkeypatch):
     in_root = fx.write_fashion_mnist(tmp_path / "root", seed=1)
     fx.write_debian_fashion_mnist(tmp_path / "debian", seed=2)
