@@ -388,9 +388,12 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> li
     for work in works[1:]:   # every artifact holds the executed notebook
         if notebook.is_file():
             shutil.copyfile(notebook, work / EXECUTED_NOTEBOOK)
+    # the notebook failed although no trial did (its display cells, say): nothing counts as done
+    trial_failed = any((work / steps.FAILED_FILE).is_file() for work in works)
     outcomes = []
     for stage, work in zip(stages, works):
-        completed = (work / steps.COMPLETED_FILE).is_file() if kind in BATCHED else error is None
+        marked = (work / steps.COMPLETED_FILE).is_file()
+        completed = (marked and (error is None or trial_failed)) if kind in BATCHED else error is None
         (work / steps.COMPLETED_FILE).unlink(missing_ok=True)
         if not completed:
             failed = store.fail(work, stage.kind, stage.key)

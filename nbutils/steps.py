@@ -22,12 +22,12 @@ from .attacks import AttackSpec, poison
 from .darts import DartsConfig, SearchDiverged, SearchResult, darts_search, snapshot_epochs
 from .data import ImageDataset, channel_stats, load_dataset, search_split, seeded_subset, seeded_subset_indices
 from .device import resolve_device, seed_everything
+from .fast_supernet import FastSuperNet   # the attacks' supernets: same function, faster (tested)
 from .genotype import Genotype, random_genotype
 from .network import EvalNetwork
 from .pdarts import PdartsConfig, pdarts_search
 from .poison_set import PoisonSet
 from .store import atomic_write_json, read_json, save_arrays
-from .fast_supernet import FastSuperNet   # the attacks' supernets: same function, faster (tested)
 from .supernet import supernet_from_checkpoint
 from .train import RetrainConfig, retrain as retrain_network
 
@@ -265,16 +265,12 @@ def _nsganetv2(weight_part, arch_part, spec, **common) -> SearchResult:
 
 
 def _tenas(weight_part, arch_part, spec, **common) -> SearchResult:
-    from .data import concatenate, resized
+    from .data import concatenate
     from .tenas import TenasConfig, tenas_search
 
     # training-free: TE-NAS reads the whole search data, both halves
-    settings = dict(spec["config"])
-    image_size = settings.pop("image_size", None)
-    data = concatenate(weight_part, arch_part)
-    if image_size is not None:   # smaller measurements for a CPU (the normalisation is per channel)
-        data = resized(data, image_size)
-    return tenas_search(data, TenasConfig(**settings, augment=spec["augment"]), **common)
+    config = TenasConfig(**spec["config"], augment=spec["augment"])
+    return tenas_search(concatenate(weight_part, arch_part), config, **common)
 
 
 #: algorithm -> search on (weight half, architecture half) of the search data

@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .darts import SearchResult
-from .data import BatchLoader, ImageDataset, channel_stats
+from .data import BatchLoader, ImageDataset, channel_stats, resized
 from .genotype import NUM_EDGES, STEPS, Genotype, parse_alpha
 from .ntk import linear_regions, ntk_condition_number, region_inputs
 from .ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op
@@ -132,6 +132,7 @@ class TenasConfig:
     augment: bool = True          # NTK batches: random crop (padding 4) and flip, as the reference's loader
     fresh_batches: bool = True    # False: common NTK batches, crops and thin networks for a round
     operations: tuple[str, ...] = SEARCH_OPERATIONS   # the operations every edge starts with
+    image_size: int | None = None  # resize the images to this side for both indicators (None: as given)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "channels", "stem_multiplier", "repeats", "region_batches",
@@ -151,6 +152,9 @@ class TenasConfig:
             raise ValueError(f"TenasConfig.operations must list distinct operations of {', '.join(SEARCH_OPERATIONS)}, "
                              f"got {ops!r}")
         self.operations = tuple(op for op in SEARCH_OPERATIONS if op in ops)
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < 8):
+            raise ValueError(f"TenasConfig.image_size must be None or an int >= 8, got {self.image_size!r}")
         for name in ("augment", "fresh_batches"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TenasConfig.{name} must be true or false, got {getattr(self, name)!r}")
@@ -533,9 +537,11 @@ def tenas_search(
         raise ValueError(f"config must be a TenasConfig, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    mean, std = normalisation or channel_stats(dataset)   # per channel: the same after resizing
+    if config.image_size is not None:
+        dataset = resized(dataset, config.image_size)
     _check_dataset(dataset, config)
     device = torch.device(device)
-    mean, std = normalisation or channel_stats(dataset)
     indicators = _Indicators(dataset, config, mean, std, int(seed), device)
     switches = initial_switches(config.operations)
     history: list[dict] = []

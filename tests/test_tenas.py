@@ -265,3 +265,19 @@ def test_bad_input_is_refused_before_compute():
         tenas_search(_dataset(n=3), TenasConfig(**_SMALL | {"batch_size": 4}), seed=0, device="cpu")
     with pytest.raises(ValueError, match="TenasConfig"):
         tenas_search(_dataset(), {"batch_size": 4}, seed=0, device="cpu")
+
+
+def test_image_size_measures_on_resized_images():
+    from dataclasses import replace
+
+    from nbutils.data import channel_stats, resized
+
+    config = TenasConfig(operations=("dil_conv_3x3",), **_SMALL)
+    big = _dataset(size=16, seed=4)
+    norm = channel_stats(big)
+    a = tenas_search(big, replace(config, image_size=8), seed=3, device="cpu", normalisation=norm)
+    b = tenas_search(resized(big, 8), config, seed=3, device="cpu", normalisation=norm)
+    assert [[c["kappa"] for c in row["candidates"]] for row in a.history] == \
+           [[c["kappa"] for c in row["candidates"]] for row in b.history]
+    with pytest.raises(ValueError, match="image_size"):
+        TenasConfig(image_size=4)
