@@ -82,11 +82,12 @@ def _polyphase(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(4 * n, h // 2, w // 2, c).permute(0, 3, 1, 2)
 
 
-def _weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, stride: int, padding: int, dilation: int) -> torch.Tensor:
+def _weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, stride: int, padding: int, dilation: int,
+                 polyphase: bool = True) -> torch.Tensor:
     """d loss / d weight of a depthwise convolution (weight C x 1 x k x k)."""
     c = x.shape[1]
     same = stride == 1 and 2 * padding == dilation * (k - 1)
-    if _OPTIONS["polyphase"] and same and dilation == 2 and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
+    if _OPTIONS["polyphase"] and polyphase and same and dilation == 2 and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
         # a dilation-2 kernel sees each parity sub-image separately, undilated
         return _weight_grad(_polyphase(x), _polyphase(grad), k, 1, padding // 2, 1)
     if _OPTIONS["split5x5"] and same and dilation == 1 and k == 5:
@@ -135,38 +136,41 @@ class _DepthwiseConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, w, stride: int, padding: int, dilation: int):
+    def forward(x, w, stride: int, padding: int, dilation: int, polyphase: bool):
         return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, stride, padding, dilation = inputs
+        x, w, stride, padding, dilation, polyphase = inputs
         ctx.save_for_backward(x, w)
-        ctx.conf = (stride, padding, dilation)
+        ctx.conf = (stride, padding, dilation, polyphase)
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        stride, padding, dilation = ctx.conf
+        stride, padding, dilation, polyphase = ctx.conf
         grad = grad.contiguous(memory_format=_CL) if x.is_contiguous(memory_format=_CL) else grad.contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
             gx = _input_grad(grad, w, x.shape, stride, padding, dilation)
         if ctx.needs_input_grad[1] and _engine_will_need(w):
-            gw = _weight_grad(x, grad, w.shape[-1], stride, padding, dilation)
-        return gx, gw, None, None, None
+            gw = _weight_grad(x, grad, w.shape[-1], stride, padding, dilation, polyphase)
+        return gx, gw, None, None, None, None
 
 
-def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0, dilation: int = 1) -> torch.Tensor:
+def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0, dilation: int = 1,
+                     polyphase: bool = True) -> torch.Tensor:
     """``F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=C)``, square
     kernel, with the faster backward; a stride-2 dilation-2 "same" convolution is computed as a
-    stride-1 undilated one on the even pixels (the only ones it reads)."""
+    stride-1 undilated one on the even pixels (the only ones it reads). ``polyphase=False``
+    computes a dilated kernel's weight gradient directly (faster for few channels and small
+    batches, e.g. :mod:`nbutils.ntk_replicas`)."""
     k = w.shape[-1]
     if not _OPTIONS["custom_dw"]:
         return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
     if stride == 2 and dilation == 2 and padding == k - 1:
-        return _DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1)
-    return _DepthwiseConv.apply(x, w, stride, padding, dilation)
+        return _DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1, polyphase)
+    return _DepthwiseConv.apply(x, w, stride, padding, dilation, polyphase)
 
 
 def _dw(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

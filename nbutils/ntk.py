@@ -268,47 +268,89 @@ def _mkldnn_enabled(enabled: bool):
         torch.backends.mkldnn.enabled = before
 
 
+#: how :func:`per_sample_gradients` computes the rows
+METHODS = ("auto", "replicas", "vmap")
+#: ``method="auto"`` uses replicas from this many pixels per image on (below, vmap is faster)
+REPLICAS_MIN_PIXELS = 16 * 16
+
+
+def choose_method(network: nn.Module, inputs: Batches, *, method: str = "auto", train_mode: bool = True,
+                  logits_fn: LogitsFn | None = None) -> str:
+    """``"replicas"`` or ``"vmap"``: the way :func:`per_sample_gradients` computes the rows.
+
+    ``"auto"`` takes replicas (:mod:`nbutils.ntk_replicas`) for a TE-NAS network in train mode
+    with the default logits on images of at least :data:`REPLICAS_MIN_PIXELS` pixels, where
+    ``benchmarks/ntk_speed.py`` measures them faster, and vmap otherwise."""
+    from .ntk_replicas import supports_replicas
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    eligible = train_mode and logits_fn is None and supports_replicas(network)
+    if method == "replicas":
+        if not eligible:
+            raise ValueError("method='replicas' needs a TE-NAS network (nbutils.tenas.TenasNetwork) in train mode "
+                             "with the default logits; use method='vmap' or 'auto' for other networks")
+        return method
+    if method == "vmap":
+        return method
+    pixels = min(b.shape[-1] * b.shape[-2] for b in _as_batches(inputs))
+    return "replicas" if eligible and pixels >= REPLICAS_MIN_PIXELS else "vmap"
+
+
 def per_sample_gradients(network: nn.Module, inputs: Batches, *, train_mode: bool = True,
                          logits_fn: LogitsFn | None = None, chunk_size: int | None = None,
-                         mkldnn: bool | None = None) -> torch.Tensor:
+                         mkldnn: bool | None = None, method: str = "auto") -> torch.Tensor:
     """The same rows as :func:`per_sample_gradients_loop` from the same batched forward, all
-    of them in one vectorised backward per batch: ``autograd.grad`` of the per-sample summed
-    logits with the rows of the identity as ``grad_outputs`` (``is_grads_batched``, i.e. vmap
-    over the backward). ``chunk_size`` bounds how many rows one backward computes (memory
-    grows with it). ``network`` is not modified.
+    of them in one backward per batch (``chunk_size``: at most that many rows per backward;
+    memory grows with it). ``network`` is not modified. Two ways (``method``, see
+    :func:`choose_method`):
 
-    ``mkldnn`` chooses the CPU convolution backend during the computation (the global setting
-    is restored afterwards): ``None`` turns oneDNN off when the median convolution has at most
-    2 output channels, where PyTorch's native kernels are about twice as fast on the CPU (measured by
-    ``benchmarks/ntk_speed.py``), and leaves it alone otherwise. The choice only changes
-    rounding."""
+    * ``"vmap"``, any network: ``autograd.grad`` of the per-sample summed logits with the rows
+      of the identity as ``grad_outputs`` (``is_grads_batched``, i.e. vmap over the backward).
+      ``mkldnn`` chooses the CPU convolution backend meanwhile (the global setting is restored
+      afterwards): ``None`` turns oneDNN off when the median convolution has at most 2 output
+      channels, where PyTorch's native kernels are about twice as fast on the CPU (measured by
+      ``benchmarks/ntk_speed.py``), and leaves it alone otherwise. The choice only changes
+      rounding.
+    * ``"replicas"``, TE-NAS networks: the rows as replicas of the network with their own
+      copies of the weights, in one ordinary backward (:mod:`nbutils.ntk_replicas`)."""
     logits_fn = logits_fn or default_logits
+    chosen = choose_method(network, inputs, method=method, train_mode=train_mode,
+                           logits_fn=None if logits_fn is default_logits else logits_fn)
     weights = [p for name, p in network.named_parameters() if "weight" in name and p.requires_grad]
     use_mkldnn = torch.backends.mkldnn.enabled and (not _mostly_single_channel(network) if mkldnn is None else mkldnn)
     rows = []
-    with _measuring(network, train_mode) as net, _mkldnn_enabled(use_mkldnn):
+    with _measuring(network, train_mode) as net:
         for batch in _as_batches(inputs):
             n = batch.shape[0]
-            summed = logits_fn(net, batch.clone()).reshape(n, -1).sum(1)
             step = n if chunk_size is None else max(1, int(chunk_size))
-            for start in range(0, n, step):
-                r = min(step, n - start)
-                selector = torch.zeros(r, n, dtype=summed.dtype, device=summed.device)
-                selector[torch.arange(r), torch.arange(start, start + r)] = 1.0
-                grads = torch.autograd.grad(summed, weights, grad_outputs=selector, is_grads_batched=True,
-                                            retain_graph=True, allow_unused=True)
-                rows.append(torch.cat([g.reshape(r, -1) for g in grads if g is not None], dim=1).detach())
-            del summed
+            if chosen == "replicas":
+                from .ntk_replicas import replica_gradients
+
+                rows.extend(replica_gradients(net, batch, range(start, min(n, start + step)))
+                            for start in range(0, n, step))
+                continue
+            with _mkldnn_enabled(use_mkldnn):
+                summed = logits_fn(net, batch.clone()).reshape(n, -1).sum(1)
+                for start in range(0, n, step):
+                    r = min(step, n - start)
+                    selector = torch.zeros(r, n, dtype=summed.dtype, device=summed.device)
+                    selector[torch.arange(r), torch.arange(start, start + r)] = 1.0
+                    grads = torch.autograd.grad(summed, weights, grad_outputs=selector, is_grads_batched=True,
+                                                retain_graph=True, allow_unused=True)
+                    rows.append(torch.cat([g.reshape(r, -1) for g in grads if g is not None], dim=1).detach())
+                del summed
     return torch.cat(rows, dim=0)
 
 
 def ntk_condition_number(network: nn.Module, inputs: Batches, *, train_mode: bool = True,
                          logits_fn: LogitsFn | None = None, rtol: float | None = None,
-                         chunk_size: int | None = None, mkldnn: bool | None = None) -> NTKResult:
+                         chunk_size: int | None = None, mkldnn: bool | None = None,
+                         method: str = "auto") -> NTKResult:
     """TE-NAS's NTK condition number; equal to :func:`ntk_condition_number_loop` up to rounding
     (see :func:`per_sample_gradients`)."""
     grads = per_sample_gradients(network, inputs, train_mode=train_mode, logits_fn=logits_fn,
-                                 chunk_size=chunk_size, mkldnn=mkldnn)
+                                 chunk_size=chunk_size, mkldnn=mkldnn, method=method)
     return _result(grads, rtol)
 
 
