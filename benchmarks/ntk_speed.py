@@ -1,7 +1,7 @@
 """NTK condition number: the reference loop (one backward per sample) against the batched
 version (one vectorised backward through the same batched forward), on the CPU.
 
-    python benchmarks/ntk_speed.py [--repeats 3] [--threads 1] [--quick]
+    python benchmarks/ntk_speed.py [--repeats 5] [--threads 1] [--quick]
 
 Networks: :class:`nbutils.tenas.TenasNetwork`, the supernet TE-NAS measures (``C = 1``, a
 normal and a reduction cell, stem multiplier 1, affine BN, pools without BN, BN + ReLU before
@@ -14,11 +14,13 @@ global pooling, all 7 non-``none`` operations on every edge, 10 classes). Settin
 * ``wider`` (not with ``--quick``): C = 4, batch 14, 32x32x3.
 
 For each: the time (best of ``--repeats``) of the reference loop (PyTorch's default CPU
-backend), of the batched version as the code runs it (oneDNN off for networks whose median
-convolution has at most 2 output channels) and with oneDNN forced on, the speed-up over the
-loop, and the largest relative difference of kappa from the loop's. Times are wall-clock and,
-in brackets, the process's CPU time, which a busy shared machine disturbs less. Inputs are
-random normals (kappa's value is not the point).
+backend), of the two batched ways (``method="vmap"``: one vectorised backward, oneDNN off for
+networks whose median convolution has at most 2 output channels; ``method="replicas"``: the
+rows as replicas in one ordinary backward, :mod:`nbutils.ntk_replicas`), which one
+``method="auto"`` takes, the speed-ups over the loop, and the largest relative difference of
+kappa from the loop's. Times are wall-clock and, in brackets, the process's CPU time, which a
+busy shared machine disturbs less. The runs of the three alternate, so that a change in the
+machine's load hits all of them. Inputs are random normals (kappa's value is not the point).
 """
 from __future__ import annotations
 
@@ -27,19 +29,8 @@ import time
 
 import torch
 
-from nbutils.ntk import ntk_condition_number, ntk_condition_number_loop
+from nbutils.ntk import choose_method, ntk_condition_number, ntk_condition_number_loop
 from nbutils.tenas import TenasNetwork, initial_switches
-
-
-def best_of(fn, repeats: int):
-    """(best wall seconds, best CPU seconds, last result)."""
-    walls, cpus, result = [], [], None
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return min(walls), min(cpus), result
 
 
 def run(name: str, channels: int, batch: int, size: int, in_channels: int, repeats: int) -> dict:
@@ -47,25 +38,41 @@ def run(name: str, channels: int, batch: int, size: int, in_channels: int, repea
     net = TenasNetwork(initial_switches(), channels=channels, num_classes=10, in_channels=in_channels).train()
     x = torch.randn(batch, in_channels, size, size)
     n_weights = sum(p.numel() for n, p in net.named_parameters() if "weight" in n)
-    ntk_condition_number(net, x)  # warm-up (allocator, oneDNN primitives)
-    loop_wall, loop_cpu, loop = best_of(lambda: ntk_condition_number_loop(net, x), repeats)
-    fast_wall, fast_cpu, fast = best_of(lambda: ntk_condition_number(net, x), repeats)
-    on_wall, on_cpu, fast_on = best_of(lambda: ntk_condition_number(net, x, mkldnn=True), repeats)
-    rel = max(abs(r.kappa - loop.kappa) / abs(loop.kappa) for r in (fast, fast_on))
+    methods = {
+        "loop": lambda: ntk_condition_number_loop(net, x),
+        "vmap": lambda: ntk_condition_number(net, x, method="vmap"),
+        "replicas": lambda: ntk_condition_number(net, x, method="replicas"),
+    }
+    for fn in methods.values():
+        fn()   # warm-up (allocator, oneDNN primitives)
+    walls = {k: [] for k in methods}
+    cpus = {k: [] for k in methods}
+    results = {}
+    for _ in range(repeats):
+        for key, fn in methods.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[key] = fn()
+            walls[key].append(time.perf_counter() - wall)
+            cpus[key].append(time.process_time() - cpu)
+    wall = {k: min(v) for k, v in walls.items()}
+    cpu = {k: min(v) for k, v in cpus.items()}
+    loop = results["loop"]
+    rel = max(abs(results[k].kappa - loop.kappa) / abs(loop.kappa) for k in ("vmap", "replicas"))
+    auto = choose_method(net, x)
     print(
         f"{name:6s} C={channels} N={batch:2d} {size}x{size}x{in_channels} weights={n_weights:6d} | "
-        f"loop {loop_wall:6.3f}s ({loop_cpu:6.3f}) | "
-        f"batched {fast_wall:6.3f}s ({fast_cpu:6.3f})  x{loop_wall / fast_wall:4.2f} (x{loop_cpu / fast_cpu:4.2f}) | "
-        f"batched, oneDNN on {on_wall:6.3f}s ({on_cpu:6.3f})  x{loop_wall / on_wall:4.2f} | "
-        f"kappa {loop.kappa:.6g} (max rel diff {rel:.1e})",
+        f"loop {wall['loop']:6.3f}s ({cpu['loop']:6.3f}) | "
+        + " | ".join(f"{k} {wall[k]:6.3f}s ({cpu[k]:6.3f}) x{wall['loop'] / wall[k]:4.2f} (x{cpu['loop'] / cpu[k]:4.2f})"
+                     for k in ("vmap", "replicas"))
+        + f" | auto: {auto} | kappa {loop.kappa:.6g} (max rel diff {rel:.1e})",
         flush=True,
     )
-    return {"loop": loop_wall, "batched": fast_wall, "rel_diff": rel}
+    return {"wall": wall, "cpu": cpu, "rel_diff": rel, "auto": auto}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="no 'wider' setting, 2 repeats")
     args = parser.parse_args()

@@ -16,28 +16,28 @@ architecture parameters) is flattened into row ``i`` of ``G``; ``NTK = G G^T``;
 
 * :func:`ntk_condition_number_loop` is the reference's procedure, one backward per sample
   through the batched forward: the executable specification.
-* :func:`ntk_condition_number` computes the same rows from the same batched forward with one
-  vectorised backward (``torch.autograd.grad(..., is_grads_batched=True)``: vmap over the
-  rows of the identity as output gradients). It is not a per-sample forward: BN still sees
-  the whole batch. Its speed on the CPU comes as much from the convolution backend as from
-  the batching (see :func:`per_sample_gradients` and ``benchmarks/ntk_speed.py``).
+* :func:`ntk_condition_number` computes the same rows from the same batched forward in one
+  backward, one of two ways (:func:`choose_method`): ``"vmap"``, for any network, vectorises
+  the backward (``torch.autograd.grad(..., is_grads_batched=True)``: vmap over the rows of
+  the identity as output gradients); ``"replicas"``, for TE-NAS networks
+  (:mod:`nbutils.ntk_replicas`), evaluates one replica of the network per row, each with its
+  own copy of the weights, and takes one ordinary backward. Neither is a per-sample forward:
+  batch norm sees the whole batch.
 
-Speed, measured with ``benchmarks/ntk_speed.py`` (2 shared cores, one thread, CPU seconds):
-at TE-NAS's setting (C=1 supernet, batch 14, 32x32x3) the loop takes ~3.0 s and the batched
-version ~1.0 s (x3.0); on the quick preset's 16x16x1 data ~1.3 s and ~0.38 s (x3.5); batch 8
-of 8x8x1 x4.2. The issue's target of x5 at TE-NAS's setting is not reached. The loop is not dominated by per-call overhead that
-batching removes: at C=1 the convolution kernels are compute-bound (a convolution on 14x
-the samples costs ~14x), and 70% of the batched time is the convolution backward, which
-``is_grads_batched`` (the legacy vmap) still runs once per row. Tried and dropped, all exact
-to float tolerance: ``torch.func`` (``vjp`` + ``vmap``, real batching rules: native CPU
-convolution backward loops over the 196 folded samples, oneDNN is slow on one channel; x1.6
-to x2.5, never better than the legacy vmap); the same with a custom convolution whose
-backward is a forward convolution plus an unfold/matmul weight gradient (each custom
-``autograd.Function`` costs ~2 ms under vmap); the rows as replicas folded into the channels
-of one ordinary forward and backward (depthwise convolutions with 14x the channels,
-per-replica weights as separate leaves: ~0.5 s fixed cost plus ~0.045 s per row at 32x32,
-x2.6); oneDNN depthwise convolutions in channels-last layout (fast, but the layout
-conversions and channels-last batch norm's float32 statistics undo it).
+Speed, measured with ``benchmarks/ntk_speed.py`` (one thread, best of 5; this shared VM's
+speed drifts by +-20% between runs): at TE-NAS's setting (C=1 supernet, batch 14, 32x32x3)
+the loop takes 2.7-3.4 s, vmap 0.9-1.2 s (x2.3-x3.0), replicas 0.6-0.8 s (x3.6-x5.6); on
+16x16x1 images replicas are x4.0-x5.2, and on 8x8 vmap is the faster (x3.5 against x2.9),
+so ``method="auto"`` takes replicas from 16x16 on. The loop is not dominated by per-call
+overhead that batching removes: at C=1 the native convolution kernels are compute-bound per
+sample, and 70% of vmap's time is the convolution backward, which ``is_grads_batched`` (the
+legacy vmap) still runs once per row; replicas turn those into channels_last calls over 14x
+the channels and the depthwise weight gradient into one matrix product. Tried and dropped
+for vmap, all exact to float tolerance: ``torch.func`` (``vjp`` + ``vmap``, real batching
+rules: native CPU convolution backward loops over the 196 folded samples, oneDNN is slow on
+one channel; x1.6 to x2.5); the same with a custom convolution whose backward is a forward
+convolution plus an unfold/matmul weight gradient (each custom ``autograd.Function`` costs
+~2 ms under vmap).
 
 Departures from the reference, deliberate:
 

@@ -12,20 +12,34 @@ batch at once, replica ``r`` with its own copy ``W_r`` of every weight (all copi
 the network's weights), each replica's batch norm normalising over that replica's ``N``
 samples only. Every replica therefore computes exactly the network's batched forward, and
 with ``L = sum_r s_{rows[r]}(replica r)``, ``dL/dW_r`` is row ``rows[r]`` of ``G``: one
-ordinary backward gives all rows. Replicas cost ``R`` times the forward, but every operation
-runs once on ``R x N`` samples in layouts the CPU kernels are fast on:
+ordinary backward gives all rows. Replicas cost ``R`` times the forward (about 40% of the
+time), but every operation runs once, on tensors ``R`` times larger, in layouts the CPU
+kernels are fast on:
 
-* activations are 5-D ``(R, N, C, H, W)`` tensors stored as ``(H, W, R, N, C)``, so that
-  ``(1, R*N*C, H, W)`` is a free channels_last view: each depthwise convolution and pool is
-  one channels_last call over ``R*N*C`` channels (oneDNN's fast case; the depthwise backward
-  is :func:`nbutils.fast_supernet.depthwise_conv2d`'s where oneDNN's own is slow);
-* 1x1 convolutions are per-replica channel mixes, batch norm is a per-(replica, channel)
-  normalisation over ``(N, H, W)``, the classifier a per-replica matrix product.
+* replica tensors are ``(N, R*C, H, W)`` channels_last, channel ``r*C + c`` holding channel
+  ``c`` of replica ``r``: depthwise convolutions, pools and batch norm are single calls over
+  ``R*C`` channels, batch norm's per-channel statistics are exactly per replica;
+* a single-channel depthwise convolution followed by a single-channel 1x1 (TE-NAS's ``C = 1``
+  SepConv and DilConv) is one convolution with the product of the weights; its weight
+  gradient is one matrix product against the input's patches (:class:`_ReplicaDepthwise`),
+  its input gradient a depthwise convolution;
+* other 1x1 convolutions are one matrix product with a block-diagonal weight; stride-2
+  reads of even or odd pixels keep a channels_last gradient (:class:`_Subsample`);
+* the ReLU that several operations of an edge apply to the same state is computed once.
 
-Measured with ``benchmarks/ntk_speed.py``; equal to the loop to float tolerance
-(``tests/test_ntk_replicas.py``). Supports the modules TE-NAS's networks are built from
-(:class:`~nbutils.tenas.TenasNetwork` and its cells and operations);
-:func:`supports_replicas` says whether a network qualifies.
+Measured with ``benchmarks/ntk_speed.py`` (one thread, best of 5, a shared 2-core VM whose
+speed drifts by +-20% between runs): at TE-NAS's setting (C = 1, batch 14, 32x32x3) the loop
+takes 2.7-3.4 s, vmap 0.9-1.2 s, replicas 0.6-0.8 s (x3.6 to x5.6 over the loop); at 16x16x1
+x4.0-x5.2; at 8x8 replicas are slower than vmap, and ``method="auto"`` keeps vmap there.
+Equal to the loop to float tolerance (``tests/test_ntk_replicas.py`` checks 1e-9 in float64).
+Supports the modules TE-NAS's networks are built from (:class:`~nbutils.tenas.TenasNetwork`
+and its cells and operations); :func:`supports_replicas` says whether a network qualifies.
+
+Tried and dropped (each measured slower): activations stored as ``(H, W, R, N, C)`` so that
+depthwise convolutions run over ``R*N*C`` channels of one image (per-replica broadcasts then
+run with an innermost loop of ``C = 1`` elements); computing the forward of batch norm,
+pools and depthwise convolutions on replica 0 only and tiling the result (the tiling copies
+cost what the saved arithmetic did).
 """
 from __future__ import annotations
 
