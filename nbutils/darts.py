@@ -64,9 +64,11 @@ class DartsConfig:
     order: int = 1   # 1: first-order architecture gradient; 2: second order (unrolled)
     fast: bool = True   # the fast supernet (same function and parameters as the plain one)
     keep_epochs: tuple[int, ...] = ()   # keep the supernet after these epochs (0: before training)
+    mixed_precision: bool = False   # CUDA only: float16 autocast with gradient scaling (first order only)
 
     def __post_init__(self) -> None:
         check_order(self.order)
+        check_mixed_precision(self.mixed_precision, self.order)
         self.keep_epochs = tuple(int(e) for e in self.keep_epochs)
         if any(not 0 <= e <= self.epochs for e in self.keep_epochs):
             raise ValueError(f"keep_epochs must lie in 0..epochs ({self.epochs}), got {self.keep_epochs}")
@@ -90,6 +92,41 @@ class StepRule:
     anti: bool = False                     # negate alpha's gradient
     grad_clip: float = 5.0                 # norm clip of the weight gradient
     arch_grad_clip: float | None = None    # norm clip of alpha's gradient (P-DARTS); None: none (DARTS)
+
+
+class Precision:
+    """Mixed precision for the search steps: autocast and one gradient scaler for the weights,
+    one for alpha (their gradients have different scales). Disabled, it is float32 and every
+    call is a pass-through. ``Precision.for_device`` enables float16 on CUDA only."""
+
+    def __init__(self, enabled: bool = False, device_type: str = "cpu", dtype: torch.dtype = torch.float16):
+        self.enabled, self.device_type, self.dtype = enabled, device_type, dtype
+        self.weights = torch.amp.GradScaler(device_type, enabled=enabled)
+        self.alpha = torch.amp.GradScaler(device_type, enabled=enabled)
+
+    @classmethod
+    def for_device(cls, mixed_precision: bool, device: torch.device) -> "Precision":
+        amp = mixed_precision and device.type == "cuda"
+        if mixed_precision and not amp:
+            log.warning("mixed_precision applies on CUDA only; searching in float32 on %s", device)
+        return cls(amp, device.type)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+FLOAT32 = Precision()
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if autocast made it half precision, else as it is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def check_mixed_precision(mixed_precision: bool, order: int) -> None:
+    if mixed_precision and order == 2:
+        raise ValueError("mixed_precision supports the first-order search only (order: 1): the second-order "
+                         "step's finite differences need float32")
 
 
 def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
@@ -143,6 +180,7 @@ def darts_search(
         normalisation=normalisation,
     )
     rule = StepRule(order=config.order, anti=config.anti, grad_clip=config.grad_clip)
+    precision = Precision.for_device(config.mixed_precision, device)
 
     result = SearchResult(genotype=model.genotype())
     keep = set(config.keep_epochs)
@@ -151,7 +189,8 @@ def darts_search(
     trace = {"alpha_normal": [], "alpha_reduce": []}
     for epoch in progress(range(config.epochs), desc="search epochs"):
         lr = w_opt.param_groups[0]["lr"]   # the rate this epoch trains with
-        stats = train_epoch(model, w_opt, a_opt, train_loader, arch_loader, rule, where=f"epoch {epoch + 1}")
+        stats = train_epoch(model, w_opt, a_opt, train_loader, arch_loader, rule, where=f"epoch {epoch + 1}",
+                            precision=precision)
         schedule.step()
         for name, value in model.alphas_numpy().items():
             trace[name].append(value)
@@ -212,6 +251,7 @@ def train_epoch(
     rule: StepRule,
     *,
     where: str,
+    precision: Precision = FLOAT32,
 ) -> dict[str, float | None]:
     """One pass over the weight half: per batch an architecture step (unless ``rule.arch_step``
     is off) on the next batch of the architecture half, then a weight step.
@@ -232,8 +272,8 @@ def train_epoch(
             except StopIteration:
                 arch_batches = iter(arch_loader)
                 x_val, y_val = next(arch_batches)
-            loss_val, logits_val = architecture_step(model, a_opt, w_opt, (x, y), (x_val, y_val), rule)
-        loss, logits = weight_step(model, w_opt, (x, y), rule.grad_clip)
+            loss_val, logits_val = architecture_step(model, a_opt, w_opt, (x, y), (x_val, y_val), rule, precision)
+        loss, logits = weight_step(model, w_opt, (x, y), rule.grad_clip, precision)
         _check_finite(loss, loss_val, model, where)
 
         sums["train_loss"] += loss.item() * len(y)
@@ -252,18 +292,22 @@ def train_epoch(
     }
 
 
-def weight_step(model: SuperNet, w_opt: torch.optim.Optimizer, batch: Batch, grad_clip: float) -> Batch:
-    """One SGD step on the training loss of ``batch``, the gradient norm clipped to ``grad_clip``.
-    Returns the loss and the logits (detached)."""
+def weight_step(model: SuperNet, w_opt: torch.optim.Optimizer, batch: Batch, grad_clip: float,
+                precision: Precision = FLOAT32) -> Batch:
+    """One SGD step on the training loss of ``batch``, the gradient norm clipped to ``grad_clip``
+    (of the unscaled gradient, with mixed precision). Returns the loss and the logits (detached)."""
     x, y = batch
     weights = [p for group in w_opt.param_groups for p in group["params"]]
     w_opt.zero_grad(set_to_none=True)
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    loss.backward(inputs=weights)
+    with precision.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    precision.weights.scale(loss).backward(inputs=weights)
+    precision.weights.unscale_(w_opt)
     torch.nn.utils.clip_grad_norm_(weights, grad_clip)
-    w_opt.step()
-    return loss.detach(), logits.detach()
+    precision.weights.step(w_opt)      # skipped (and the scale lowered) on non-finite gradients
+    precision.weights.update()
+    return _widened(loss.detach()), _widened(logits.detach())
 
 
 # --------------------------------------------------------------------------- the architecture step
@@ -276,6 +320,7 @@ def architecture_step(
     train_batch: Batch,
     val_batch: Batch,
     rule: StepRule,
+    precision: Precision = FLOAT32,
 ) -> Batch:
     """Set alpha's gradient (first or second order, negated for anti-search, optionally
     clipped) and take one Adam step. The weights never move here; with ``order=2`` neither do
@@ -283,8 +328,10 @@ def architecture_step(
     alphas = model.arch_parameters()
     a_opt.zero_grad(set_to_none=True)
     if rule.order == 1:
-        grads, loss_val, logits_val = first_order_alpha_grad(model, val_batch)
+        grads, loss_val, logits_val = first_order_alpha_grad(model, val_batch, precision)
     else:
+        if precision.enabled:
+            raise ValueError("mixed precision supports the first-order architecture step only")
         group = w_opt.param_groups[0]
         buffers = [w_opt.state.get(p, {}).get("momentum_buffer") for p in model.weights()]
         grads, loss_val, logits_val = unrolled_alpha_grad(
@@ -294,19 +341,24 @@ def architecture_step(
     sign = -1.0 if rule.anti else 1.0
     for alpha, grad in zip(alphas, grads):
         alpha.grad = sign * grad
+    precision.alpha.unscale_(a_opt)
     if rule.arch_grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(alphas, rule.arch_grad_clip)
-    a_opt.step()
+    precision.alpha.step(a_opt)
+    precision.alpha.update()
     return loss_val.detach(), logits_val.detach()
 
 
-def first_order_alpha_grad(model: SuperNet, val_batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """d L_val / d alpha at the current weights. Returns (gradients, loss, logits)."""
+def first_order_alpha_grad(model: SuperNet, val_batch: Batch, precision: Precision = FLOAT32
+                           ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """d L_val / d alpha at the current weights (times ``precision.alpha``'s scale with mixed
+    precision: :func:`architecture_step` unscales). Returns (gradients, loss, logits)."""
     x_val, y_val = val_batch
-    logits = model(x_val)
-    loss = F.cross_entropy(logits, y_val)
-    grads = torch.autograd.grad(loss, model.arch_parameters())
-    return list(grads), loss.detach(), logits.detach()
+    with precision.autocast():
+        logits = model(x_val)
+        loss = F.cross_entropy(logits, y_val)
+    grads = torch.autograd.grad(precision.alpha.scale(loss), model.arch_parameters())
+    return list(grads), _widened(loss.detach()), _widened(logits.detach())
 
 
 def unrolled_alpha_grad(

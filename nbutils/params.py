@@ -338,11 +338,21 @@ class SearchSpec(Spec):
     device: Device = "auto"
     augment: bool = True     # random crop and flip during the search (TMLR Table 6 turns it off)
     fast: bool = True        # the fast supernet; false: the plain one (the executable specification)
+    mixed_precision: bool = False   # DARTS and P-DARTS on CUDA: float16 autocast with gradient scaling (order 1)
     darts: DartsSpec = DartsSpec()
     pdarts: PdartsSpec = PdartsSpec()
     tenas: TenasSpec = TenasSpec()
     robot: RobotSpec = RobotSpec()
     nsganetv2: Nsganetv2Spec = Nsganetv2Spec()
+
+    @model_validator(mode="after")
+    def _mixed_precision_first_order(self) -> "SearchSpec":
+        if self.mixed_precision:
+            second = [name for name in ("darts", "pdarts") if getattr(self, name).order == 2]
+            if second:
+                raise ValueError(f"mixed_precision supports the first-order search only: set order: 1 in "
+                                 f"{' and '.join(second)}, or mixed_precision: false")
+        return self
 
     def config_of(self, algorithm: str) -> dict:
         """The settings a search stage of ``algorithm`` runs with (``darts_anti`` shares DARTS')."""

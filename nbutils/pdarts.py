@@ -29,7 +29,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .darts import SearchResult, StepRule, check_order, make_optimisers, search_loaders, supernet_class, train_epoch
+from .darts import (
+    Precision,
+    SearchResult,
+    StepRule,
+    check_mixed_precision,
+    check_order,
+    make_optimisers,
+    search_loaders,
+    supernet_class,
+    train_epoch,
+)
 from .data import ImageDataset
 from .genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
 from .ops import PRIMITIVES
@@ -67,8 +77,10 @@ class PdartsConfig:
     anti: bool = False
     order: int = 1
     fast: bool = True                              # the fast supernet (same function as the plain one)
+    mixed_precision: bool = False                  # CUDA only: float16 autocast with gradient scaling (order 1)
 
     def __post_init__(self) -> None:
+        check_mixed_precision(self.mixed_precision, self.order)
         self.layers = tuple(int(n) for n in self.layers)
         self.num_to_keep = tuple(int(k) for k in self.num_to_keep)
         self.dropout_rates = tuple(float(p) for p in self.dropout_rates)
@@ -134,6 +146,7 @@ def pdarts_search(
             skip_dropout=rate,
         ).to(device)
         w_opt, schedule, a_opt = make_optimisers(model, config)
+        precision = Precision.for_device(config.mixed_precision, device)
         trace = {"alpha_normal": [], "alpha_reduce": []}
         for epoch in progress(range(config.epochs), desc=f"P-DARTS stage {stage}/{stages}"):
             p = skip_dropout_rate(rate, epoch, config.epochs, config.warmup_epochs)
@@ -142,7 +155,7 @@ def pdarts_search(
                             grad_clip=config.grad_clip, arch_grad_clip=config.grad_clip)
             lr = w_opt.param_groups[0]["lr"]
             stats = train_epoch(model, w_opt, a_opt, train_loader, arch_loader, rule,
-                                where=f"stage {stage}, epoch {epoch + 1}")
+                                where=f"stage {stage}, epoch {epoch + 1}", precision=precision)
             schedule.step()
             for name, value in model.alphas_numpy().items():
                 trace[name].append(value)

@@ -61,6 +61,8 @@ STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "searc
 SUMMARIES = ("gallery", "report")   # read many trials and show what exists when some failed
 #: kinds whose trials of one condition share one notebook execution (notebook parameter ``trials``)
 BATCHED = ("search", "retrain")
+#: the searches that ``search.mixed_precision`` applies to (the others train in float32)
+MIXED_PRECISION_ALGORITHMS = ("darts", "darts_anti", "pdarts")
 EXECUTED_NOTEBOOK = "notebook.ipynb"
 REPORT_HTML = "report.html"
 #: the report links to artifacts relative to the outputs folder; its copy in the report stage's
@@ -127,6 +129,8 @@ def expand(preset: params.Preset) -> list[Stage]:
         spec = {"algorithm": algorithm, "data": search_data or data, "config": preset.search.config_of(algorithm),
                 "augment": preset.search.augment if augment is None else augment, "fast": preset.search.fast,
                 "seed": seed, "device": preset.search.device}
+        if preset.search.mixed_precision and algorithm in MIXED_PRECISION_ALGORITHMS:
+            spec["mixed_precision"] = True   # only when on: the keys of float32 searches stay as they were
         if entry is None and study == "main":
             keep = supernets_to_keep(preset, algorithm)
             if keep is not None:

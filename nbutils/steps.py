@@ -243,12 +243,14 @@ def _darts(weight_part, arch_part, spec, **common) -> SearchResult:
     if "keep_supernets" in spec:
         keep.add(spec["config"]["epochs"])   # the converged supernet, always
     config = DartsConfig(**spec["config"], augment=spec["augment"], fast=spec.get("fast", True),
-                         anti=spec["algorithm"] == "darts_anti", keep_epochs=tuple(sorted(keep)))
+                         anti=spec["algorithm"] == "darts_anti", keep_epochs=tuple(sorted(keep)),
+                         mixed_precision=spec.get("mixed_precision", False))
     return darts_search(weight_part, arch_part, config, **common)
 
 
 def _pdarts(weight_part, arch_part, spec, **common) -> SearchResult:
-    config = PdartsConfig(**spec["config"], augment=spec["augment"], fast=spec.get("fast", True))
+    config = PdartsConfig(**spec["config"], augment=spec["augment"], fast=spec.get("fast", True),
+                          mixed_precision=spec.get("mixed_precision", False))
     return pdarts_search(weight_part, arch_part, config, **common)
 
 
