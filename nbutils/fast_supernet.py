@@ -55,7 +55,7 @@ from .genotype import STEPS
 from .ops import FactorizedReduce, ReLUConvBN
 from .supernet import SearchCell, SuperNet
 
-__all__ = ["FastSuperNet", "depthwise_conv2d"]
+__all__ = ["FastSuperNet", "depthwise_conv2d", "depthwise_input_grad"]
 
 _CL = torch.channels_last
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")
@@ -107,7 +107,7 @@ def _weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, stride: int, paddi
     return _native_grads(grad, x, probe, stride, padding, dilation, [False, True, False])[1]
 
 
-def _input_grad(grad: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, dilation: int) -> torch.Tensor:
+def depthwise_input_grad(grad: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, dilation: int) -> torch.Tensor:
     """d loss / d input of a depthwise convolution, itself a depthwise convolution."""
     c, k = w.shape[0], w.shape[-1]
     if _OPTIONS["flip_input_grad"] and stride == 1 and 2 * padding == dilation * (k - 1):
@@ -152,7 +152,7 @@ class _DepthwiseConv(torch.autograd.Function):
         grad = grad.contiguous(memory_format=_CL) if x.is_contiguous(memory_format=_CL) else grad.contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = _input_grad(grad, w, x.shape, stride, padding, dilation)
+            gx = depthwise_input_grad(grad, w, x.shape, stride, padding, dilation)
         if ctx.needs_input_grad[1] and _engine_will_need(w):
             gw = _weight_grad(x, grad, w.shape[-1], stride, padding, dilation, polyphase)
         return gx, gw, None, None, None, None

@@ -28,7 +28,9 @@ Speed, measured with ``benchmarks/ntk_speed.py`` (one thread, best of 5; this sh
 speed drifts by +-20% between runs): at TE-NAS's setting (C=1 supernet, batch 14, 32x32x3)
 the loop takes 2.7-3.4 s, vmap 0.9-1.2 s (x2.3-x3.0), replicas 0.6-0.8 s (x3.6-x5.6); on
 16x16x1 images replicas are x4.0-x5.2, and on 8x8 vmap is the faster (x3.5 against x2.9),
-so ``method="auto"`` takes replicas from 16x16 on. The loop is not dominated by per-call
+so ``method="auto"`` takes replicas from 16x16 on. With both cores (``--threads 2``; the
+loop gains nothing from the second, 2.6-2.9 s), replicas take 0.46 s at TE-NAS's setting
+(x5.7-x6.3) and 0.23-0.26 s at 16x16 (x6.1-x6.2). The loop is not dominated by per-call
 overhead that batching removes: at C=1 the native convolution kernels are compute-bound per
 sample, and 70% of vmap's time is the convolution backward, which ``is_grads_batched`` (the
 legacy vmap) still runs once per row; replicas turn those into channels_last calls over 14x
@@ -93,6 +95,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from .ntk_replicas import replica_gradients, supports_replicas
 
 LogitsFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 Batches = torch.Tensor | Sequence[torch.Tensor]
@@ -281,8 +285,6 @@ def choose_method(network: nn.Module, inputs: Batches, *, method: str = "auto", 
     ``"auto"`` takes replicas (:mod:`nbutils.ntk_replicas`) for a TE-NAS network in train mode
     with the default logits on images of at least :data:`REPLICAS_MIN_PIXELS` pixels, where
     ``benchmarks/ntk_speed.py`` measures them faster, and vmap otherwise."""
-    from .ntk_replicas import supports_replicas
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     eligible = train_mode and logits_fn is None and supports_replicas(network)
@@ -325,8 +327,6 @@ def per_sample_gradients(network: nn.Module, inputs: Batches, *, train_mode: boo
             n = batch.shape[0]
             step = n if chunk_size is None else max(1, int(chunk_size))
             if chosen == "replicas":
-                from .ntk_replicas import replica_gradients
-
                 rows.extend(replica_gradients(net, batch, range(start, min(n, start + step)))
                             for start in range(0, n, step))
                 continue
