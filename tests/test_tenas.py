@@ -281,3 +281,27 @@ def test_image_size_measures_on_resized_images():
            [[c["kappa"] for c in row["candidates"]] for row in b.history]
     with pytest.raises(ValueError, match="image_size"):
         TenasConfig(image_size=4)
+
+
+def test_search_on_16px_images_measures_through_replicas_as_through_vmap(monkeypatch):
+    """From 16x16 on, the NTK of a TE-NAS search goes through replicas (nbutils.ntk_replicas):
+    the same measurements and the same genotype as through vmap."""
+    import functools
+
+    import nbutils.ntk as ntk_mod
+    import nbutils.tenas as tenas_mod
+
+    config = TenasConfig(operations=("dil_conv_3x3",), **_SMALL)
+    data = _dataset(size=16, seed=4)
+    used = []
+    choose = ntk_mod.choose_method
+    monkeypatch.setattr(ntk_mod, "choose_method", lambda *a, **k: used.append(choose(*a, **k)) or used[-1])
+    replicas = tenas_search(data, config, seed=1, device="cpu")
+    assert set(used) == {"replicas"}
+    monkeypatch.setattr(tenas_mod, "ntk_condition_number",
+                        functools.partial(ntk_mod.ntk_condition_number, method="vmap"))
+    vmap = tenas_search(data, config, seed=1, device="cpu")
+    assert replicas.genotype == vmap.genotype
+    for row_r, row_v in zip(replicas.history, vmap.history):
+        for c_r, c_v in zip(row_r["candidates"], row_v["candidates"]):
+            assert np.allclose(c_r["kappa"], c_v["kappa"], rtol=1e-4) and c_r["regions"] == c_v["regions"]
