@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import BatchLoader, ImageDataset, channel_stats, concatenate
+from .device import MixedPrecision
 from .genotype import Genotype
 from .progress import progress
 from .fast_supernet import FastSuperNet
@@ -95,24 +96,15 @@ class StepRule:
 
 
 class Precision:
-    """Mixed precision for the search steps: autocast and one gradient scaler for the weights,
-    one for alpha (their gradients have different scales). Disabled, it is float32 and every
-    call is a pass-through. ``Precision.for_device`` enables float16 on CUDA only."""
+    """Mixed precision for the search steps (:class:`nbutils.device.MixedPrecision`) with one
+    gradient scaler for the weights and one for alpha (their gradients have different scales)."""
 
-    def __init__(self, enabled: bool = False, device_type: str = "cpu", dtype: torch.dtype = torch.float16):
-        self.enabled, self.device_type, self.dtype = enabled, device_type, dtype
-        self.weights = torch.amp.GradScaler(device_type, enabled=enabled)
-        self.alpha = torch.amp.GradScaler(device_type, enabled=enabled)
-
-    @classmethod
-    def for_device(cls, mixed_precision: bool, device: torch.device) -> "Precision":
-        amp = mixed_precision and device.type == "cuda"
-        if mixed_precision and not amp:
-            log.warning("mixed_precision applies on CUDA only; searching in float32 on %s", device)
-        return cls(amp, device.type)
+    def __init__(self, mode: MixedPrecision = MixedPrecision()):
+        self.mode, self.enabled = mode, mode.enabled
+        self.weights, self.alpha = mode.scaler(), mode.scaler()
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+        return self.mode.autocast()
 
 
 FLOAT32 = Precision()
@@ -180,7 +172,7 @@ def darts_search(
         normalisation=normalisation,
     )
     rule = StepRule(order=config.order, anti=config.anti, grad_clip=config.grad_clip)
-    precision = Precision.for_device(config.mixed_precision, device)
+    precision = Precision(MixedPrecision.for_device(config.mixed_precision, device, "searching"))
 
     result = SearchResult(genotype=model.genotype())
     keep = set(config.keep_epochs)

@@ -1,10 +1,15 @@
-"""Device choice and seeding: ``device: auto|cpu|cuda`` in every spec, nothing calls ``.cuda()``."""
+"""Device choice, mixed precision and seeding: ``device: auto|cpu|cuda`` in every spec,
+nothing calls ``.cuda()``."""
 from __future__ import annotations
 
+import logging
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -26,3 +31,29 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Autocast to ``dtype`` with gradient scaling, or (disabled) float32 where every call is a
+    pass-through. :meth:`for_device` enables float16 on CUDA only."""
+
+    enabled: bool = False
+    device_type: str = "cpu"
+    dtype: torch.dtype = torch.float16
+
+    @classmethod
+    def for_device(cls, asked: bool, device: torch.device, what: str) -> "MixedPrecision":
+        """``mixed_precision: true`` on ``device``; elsewhere than CUDA, a warning and float32
+        (``what``: the work, for the message, e.g. "training")."""
+        enabled = asked and device.type == "cuda"
+        if asked and not enabled:
+            log.warning("mixed_precision applies on CUDA only; %s in float32 on %s", what, device)
+        return cls(enabled, device.type)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """A fresh gradient scaler (one per set of parameters whose gradients share a scale)."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.enabled)

@@ -314,25 +314,18 @@ class _Replicas:
         raise TypeError(f"no replica evaluation for {type(module).__name__}")  # pragma: no cover
 
     def cell(self, cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, removed) -> torch.Tensor:
-        """:meth:`nbutils.tenas.TenasCell.forward` on replica tensors."""
-        states = [self.apply(cell.preprocess0, s0), self.apply(cell.preprocess1, s1)]
-        relus = [F.relu(h) for h in states]      # every operation but the pools starts with ReLU(h)
-        offset = 0
-        for node in range(STEPS):
-            total = None
-            for j, h in enumerate(states):
-                edge = cell.edges[offset + j]
-                alive = [name for name in edge if (offset + j, name) not in removed]
-                for name in alive:
-                    term = self.apply(edge[name], h, relus[j]) * (1.0 / len(alive))
-                    total = term if total is None else total + term
-            if total is None:
-                raise ValueError(f"node {node + 2} of a {'reduction' if cell.reduction else 'normal'} cell has no "
-                                 f"operation left on any incoming edge")
-            offset += len(states)
-            states.append(total)
-            relus.append(F.relu(total) if node < STEPS - 1 else None)
-        return _replicas_cat(states[-STEPS:], self.r)
+        """:meth:`nbutils.tenas.TenasCell.forward` on replica tensors; the ReLU that every
+        operation but the pools applies to a state is computed once per state."""
+        relus: dict[int, torch.Tensor] = {}
+
+        def run(module: nn.Module, h: torch.Tensor, j: int | None) -> torch.Tensor:
+            if j is None:
+                return self.apply(module, h)
+            if j not in relus:
+                relus[j] = F.relu(h)
+            return self.apply(module, h, relus[j])
+
+        return _replicas_cat(cell.states(s0, s1, removed, run)[-STEPS:], self.r)
 
     def summed_logits(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """:meth:`nbutils.tenas.TenasNetwork.forward` on the replicas: ``s`` (N, R), the summed

@@ -41,6 +41,7 @@ from .darts import (
     train_epoch,
 )
 from .data import ImageDataset
+from .device import MixedPrecision
 from .genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
 from .ops import PRIMITIVES
 from .progress import progress
@@ -146,7 +147,7 @@ def pdarts_search(
             skip_dropout=rate,
         ).to(device)
         w_opt, schedule, a_opt = make_optimisers(model, config)
-        precision = Precision.for_device(config.mixed_precision, device)
+        precision = Precision(MixedPrecision.for_device(config.mixed_precision, device, "searching"))
         trace = {"alpha_normal": [], "alpha_reduce": []}
         for epoch in progress(range(config.epochs), desc=f"P-DARTS stage {stage}/{stages}"):
             p = skip_dropout_rate(rate, epoch, config.epochs, config.warmup_epochs)

@@ -83,7 +83,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Hashable, Iterator, Mapping, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -183,7 +183,16 @@ class TenasCell(nn.Module):
         )
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, removed: frozenset[tuple[int, str]]) -> torch.Tensor:
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        states = self.states(s0, s1, removed)
+        return torch.cat(states[-STEPS:], dim=1)
+
+    def states(self, s0: torch.Tensor, s1: torch.Tensor, removed: frozenset[tuple[int, str]],
+               run: Callable[[nn.Module, torch.Tensor, int | None], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The two preprocessed inputs, then the node sums. ``run(module, h, j)`` evaluates a
+        module on ``h``, state ``j`` of the cell (``None`` for the inputs of the preprocessing);
+        by default ``module(h)`` (:mod:`nbutils.ntk_replicas` evaluates replicas instead)."""
+        run = run or (lambda module, h, j: module(h))
+        states = [run(self.preprocess0, s0, None), run(self.preprocess1, s1, None)]
         offset = 0
         for node in range(STEPS):
             total = None
@@ -191,14 +200,14 @@ class TenasCell(nn.Module):
                 edge = self.edges[offset + j]
                 alive = [name for name in edge if (offset + j, name) not in removed]
                 for name in alive:
-                    term = edge[name](h) * (1.0 / len(alive))
+                    term = run(edge[name], h, j) * (1.0 / len(alive))
                     total = term if total is None else total + term
             if total is None:
                 raise ValueError(f"node {node + 2} of a {'reduction' if self.reduction else 'normal'} cell has no "
                                  f"operation left on any incoming edge")
             offset += len(states)
             states.append(total)
-        return torch.cat(states[-STEPS:], dim=1)
+        return states
 
 
 class TenasNetwork(nn.Module):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import BatchLoader, ImageDataset, channel_stats
+from .device import MixedPrecision
 from .genotype import Genotype
 from .network import EvalNetwork, count_parameters
 from .progress import progress
@@ -91,12 +92,10 @@ def retrain(
         in_channels=train_set.in_channels,
         input_size=train_set.images.shape[-1],
     ).to(device)
-    amp = config.mixed_precision and device.type == "cuda"
-    if config.mixed_precision and not amp:
-        log.warning("mixed_precision applies on CUDA only; training in float32 on %s", device)
+    precision = MixedPrecision.for_device(config.mixed_precision, device, "training")
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = precision.scaler()
     mean, std = channel_stats(train_set)
     train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, seed=seed, augment=config.augment, mean=mean, std=std, device=device)
     test_loader = BatchLoader(test_set, 256, shuffle=False, seed=seed, mean=mean, std=std, device=device)
@@ -113,7 +112,7 @@ def retrain(
             if config.cutout > 0:
                 x = cutout(x, config.cutout, generator)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            with precision.autocast():
                 logits, aux = model(x.contiguous(memory_format=layout))
                 loss = F.cross_entropy(logits, y)
                 if aux is not None:
@@ -136,7 +135,7 @@ def retrain(
         "curve": curve,
         "parameters": count_parameters(model, exclude_auxiliary=True),
         "seconds": time.perf_counter() - start,
-        "mixed_precision": amp,
+        "mixed_precision": precision.enabled,
         "channels_last": config.channels_last,
         "model": model,
     }

@@ -18,6 +18,7 @@ from nbutils.darts import (
     make_optimisers,
     weight_step,
 )
+from nbutils.device import MixedPrecision
 from nbutils.params import SearchSpec
 from nbutils.pdarts import PdartsConfig
 from nbutils.supernet import SuperNet
@@ -32,7 +33,7 @@ def test_mixed_precision_on_the_cpu_searches_in_float32_and_says_so(caplog):
     weight_part, arch_part = toy(32, seed=1), toy(32, seed=2)
     cpu = torch.device("cpu")
     plain = darts_search(weight_part, arch_part, _tiny_config(), seed=0, device=cpu)
-    with caplog.at_level(logging.WARNING, logger="nbutils.darts"):
+    with caplog.at_level(logging.WARNING, logger="nbutils.device"):
         asked = darts_search(weight_part, arch_part, _tiny_config(mixed_precision=True), seed=0, device=cpu)
     assert "mixed_precision applies on CUDA only" in caplog.text
     assert asked.history[-1]["train_loss"] == plain.history[-1]["train_loss"]
@@ -47,7 +48,7 @@ def test_autocast_and_scaled_steps_track_float32():
     base = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
     moved = {}
-    for name, precision in (("float32", Precision()), ("mixed", Precision(True, "cpu", torch.bfloat16))):
+    for name, precision in (("float32", Precision()), ("mixed", Precision(MixedPrecision(True, "cpu", torch.bfloat16)))):
         model = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0)
         model.load_state_dict(base.state_dict())
         w_opt, _, a_opt = make_optimisers(model, _tiny_config())
@@ -67,7 +68,7 @@ def test_autocast_and_scaled_steps_track_float32():
     flat32 = torch.cat([g.flatten() for g in first_order_alpha_grad(base, (x, y))[0]])
     clear = flat32.abs() > 0.1 * flat32.abs().max()
     assert clear.sum() > 10 and torch.equal(step32[clear].sign(), step16[clear].sign())
-    precision = Precision(True, "cpu", torch.bfloat16)
+    precision = Precision(MixedPrecision(True, "cpu", torch.bfloat16))
     scaled, _, _ = first_order_alpha_grad(base, (x, y), precision)
     scale = precision.alpha.get_scale()
     unscaled = torch.cat([g.flatten() for g in scaled]) / scale
