@@ -180,35 +180,86 @@ def _dw(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 # --------------------------------------------------------------------------- cell forward
 
 
-def _accumulate(acc: list, node: int, weight: torch.Tensor, value: torch.Tensor) -> None:
-    if acc[node] is None:
-        acc[node] = value * weight
-    else:
-        acc[node].addcmul_(value, weight)
+class _NodeSum:
+    """The weighted sum of the operation outputs that make one node."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+
+    def add_owned(self, weighted: torch.Tensor) -> None:
+        """Add ``weighted``, an operation output already times its weight that nothing else
+        reads (so it may become the accumulator)."""
+        self.total = weighted if self.total is None else self.total.add_(weighted)
+
+    def add(self, weight: torch.Tensor, value: torch.Tensor) -> None:
+        """Add ``weight * value``."""
+        self.total = value * weight if self.total is None else self.total.addcmul_(value, weight)
+
+    def state(self, dense_grad: bool) -> torch.Tensor:
+        """The node's tensor; ``dense_grad``: hand its gradient on densely laid out."""
+        return _DenseGrad.apply(self.total) if dense_grad and self.total.requires_grad else self.total
 
 
-def _pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    return F.conv2d(x, conv.weight, conv.bias)
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands on its gradient densely laid out like the input.
+
+    A node's gradient sums what its readers send back, one of which is a channel slice of
+    the cell output's gradient (the backward of ``torch.cat``). PyTorch's batch-norm backward
+    runs a generic kernel, several times slower, on such a strided gradient; made dense once
+    per node, the gradient of every operation output summed into the node (the same tensor)
+    is dense too, and each batch norm runs the fast channels_last kernel.
+    """
+
+    @staticmethod
+    def forward(x):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x = inputs[0]
+        ctx.layout = _CL if x.is_contiguous(memory_format=_CL) and not x.is_contiguous() else torch.contiguous_format
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.layout)
 
 
-def _sep_conv(r: torch.Tensor, op: nn.Sequential) -> torch.Tensor:
-    """SepConv on an already ReLU'd input (op: ReLU, dw, pw, BN, ReLU, dw, pw, BN)."""
-    t = _batch_norm(_pointwise(_dw(r, op[1]), op[2]), op[3])
-    t = F.relu(t)
-    return _batch_norm(_pointwise(_dw(t, op[5]), op[6]), op[7])
+def _pointwise_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                          scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``bn(conv(x))`` for a 1x1 convolution, times ``scale``.
+
+    When ``bn`` normalises with batch statistics and ``x`` is channels_last, the convolution's
+    bias subtracts its output's per-channel mean, ``W @ mean(x)``: batch norm ignores the
+    shift, and its channels_last kernel gets the centred input it needs for accurate sums
+    (see :func:`_batch_norm`) without a subtraction pass of its own.
+    """
+    plain_1x1 = conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.kernel_size == (1, 1)
+    if plain_1x1 and (bn.training or bn.running_mean is None) and not x.is_contiguous():
+        with torch.no_grad():
+            centre = conv.weight.flatten(1) @ x.mean(dim=(0, 2, 3))
+        return _batch_norm(F.conv2d(x, conv.weight, -centre), bn, scale=scale, centre=centre)
+    return _batch_norm(conv(x), bn, scale=scale)
 
 
-def _dil_conv(r: torch.Tensor, op: nn.Sequential) -> torch.Tensor:
-    """DilConv on an already ReLU'd input (op: ReLU, dw, pw, BN)."""
-    return _batch_norm(_pointwise(_dw(r, op[1]), op[2]), op[3])
+def _sep_conv(r: torch.Tensor, op: nn.Sequential, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """SepConv on an already ReLU'd input (op: ReLU, dw, pw, BN, ReLU, dw, pw, BN), times
+    ``scale``."""
+    t = _pointwise_batch_norm(_dw(r, op[1]), op[2], op[3]).relu_()   # BN's backward needs its input only
+    return _pointwise_batch_norm(_dw(t, op[5]), op[6], op[7], scale=scale)
 
 
-def _factorized_reduce(r: torch.Tensor, op: nn.Module) -> torch.Tensor:
-    """FactorizedReduce on an already ReLU'd input (same arithmetic as its forward)."""
+def _dil_conv(r: torch.Tensor, op: nn.Sequential, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """DilConv on an already ReLU'd input (op: ReLU, dw, pw, BN), times ``scale``."""
+    return _pointwise_batch_norm(_dw(r, op[1]), op[2], op[3], scale=scale)
+
+
+def _factorized_reduce(r: torch.Tensor, op: nn.Module, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """FactorizedReduce on an already ReLU'd input (same arithmetic as its forward), times
+    ``scale``."""
     shifted = r[:, :, 1:, 1:]
     if r.shape[-1] % 2 or r.shape[-2] % 2:
         shifted = F.pad(shifted, (0, r.shape[-1] % 2, 0, r.shape[-2] % 2))
-    return _batch_norm(torch.cat([op.conv_1(r), op.conv_2(shifted)], dim=1), op.bn)
+    return _batch_norm(torch.cat([op.conv_1(r), op.conv_2(shifted)], dim=1), op.bn, scale=scale)
 
 
 @torch.no_grad()
@@ -224,8 +275,9 @@ def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: to
         bn.running_var.mul_(1 - momentum).add_(var * momentum)
 
 
-def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, shared: list[nn.BatchNorm2d] | None = None) -> torch.Tensor:
-    """``bn(x)``, accurate in channels_last too.
+def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, shared: list[nn.BatchNorm2d] | None = None,
+                scale: torch.Tensor | None = None, centre: torch.Tensor | None = None) -> torch.Tensor:
+    """``bn(x)``, accurate in channels_last too; times ``scale`` (a scalar tensor) if given.
 
     PyTorch's channels_last batch-norm kernel accumulates its statistics with a large float32
     error (~1e-5 relative at 64 x 32 x 32 values per channel, ~1e-4 when the mean is large
@@ -233,21 +285,32 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, shared: list[nn.BatchNorm2d
     mode we therefore centre the input first on its (accurately reduced) per-channel mean:
     batch norm is invariant to that shift, the kernel's sums no longer cancel, and the
     running statistics are updated here with the mean added back. ``shared``: further BN
-    modules fed the same tensor (pools): their running stats get the same update.
+    modules fed the same tensor (pools): their running stats get the same update. ``centre``:
+    the per-channel mean already subtracted from ``x`` (train mode only).
+
+    ``scale`` is folded into the kernel's affine weight: ``scale * bn(x)`` costs one
+    normalisation pass, and in the backward the kernel returns both ``scale * d bn`` and,
+    as its weight gradient, the per-channel ``<grad, bn(x)>`` whose sum is d loss / d scale.
+    A mixed operation's architecture weight multiplies its output this way for free.
     """
+    weight, bias = bn.weight, bn.bias
+    if scale is not None:
+        c = x.shape[1]
+        # contiguous: PyTorch's channels_last kernel misreads a stride-0 (expanded) weight
+        weight = scale.expand(c).contiguous() if weight is None else weight * scale
+        bias = None if bias is None else bias * scale
     if not bn.training and bn.track_running_stats:
-        return bn(x)                      # eval mode: running statistics, elementwise
-    centre = None
-    if not x.is_contiguous():
+        return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
+    if centre is None and not x.is_contiguous():
         with torch.no_grad():
-            centre = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
-        x = x - centre
+            centre = x.mean(dim=(0, 2, 3))
+        x = x - centre.view(1, -1, 1, 1)
     if bn.running_mean is None:
-        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
     c = x.shape[1]
     mean = x.new_zeros(c)   # momentum 1 into scratch buffers: the batch mean and unbiased variance
     var = x.new_ones(c)
-    out = F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
+    out = F.batch_norm(x, mean, var, weight, bias, True, 1.0, bn.eps)
     if centre is not None:
         mean = mean + centre.view(-1)
     _update_running_stats([bn] + list(shared or ()), mean, var)
@@ -262,7 +325,7 @@ def _pool_shareable(bns: list[nn.Module]) -> bool:
 
 
 def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, int]], weights: torch.Tensor,
-                    acc: list) -> None:
+                    nodes: list[_NodeSum]) -> None:
     """Add the contributions of every edge reading state ``h`` to the node accumulators.
     ``edges``: (node, edge index) pairs."""
     relu_h = None
@@ -278,20 +341,20 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
                 continue
             if name == "skip_connect":
                 if isinstance(op, nn.Sequential) or not hasattr(op, "conv_1"):
-                    _accumulate(acc, node, w[k], op(h))      # identity, with or without dropout
+                    nodes[node].add(w[k], op(h))      # identity, with or without dropout
                     continue
                 if relu_h is None:
                     relu_h = F.relu(h)
-                _accumulate(acc, node, w[k], _factorized_reduce(relu_h, op))
+                nodes[node].add_owned(_factorized_reduce(relu_h, op, scale=w[k]))
                 continue
             if relu_h is None:
                 relu_h = F.relu(h)
             if name in _SEP:
-                _accumulate(acc, node, w[k], _sep_conv(relu_h, op))
+                nodes[node].add_owned(_sep_conv(relu_h, op, scale=w[k]))
             elif name in _DIL:
-                _accumulate(acc, node, w[k], _dil_conv(relu_h, op))
+                nodes[node].add_owned(_dil_conv(relu_h, op, scale=w[k]))
             else:  # pragma: no cover - PRIMITIVES is closed; keep the plain semantics anyway
-                _accumulate(acc, node, w[k], op(h))
+                nodes[node].add(w[k], op(h))
     for name, uses in pools.items():
         pool = uses[0][2][0]
         pooled = pool(h)
@@ -299,30 +362,32 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
         if len(uses) > 1 and _pool_shareable(bns):
             out = _batch_norm(pooled, bns[0], bns[1:])
             for node, wk, _ in uses:
-                _accumulate(acc, node, wk, out)
+                nodes[node].add(wk, out)
         else:
             for node, wk, op in uses:
-                _accumulate(acc, node, wk, _batch_norm(pooled, op[1]))
+                nodes[node].add_owned(_batch_norm(pooled, op[1], scale=wk))
 
 
 def _preprocess(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, ReLUConvBN):
-        return _batch_norm(module[1](F.relu(x)), module[2])
+        return _pointwise_batch_norm(F.relu(x), module[1], module[2])
     if isinstance(module, FactorizedReduce):
         return _factorized_reduce(F.relu(x), module)
     return module(x)  # pragma: no cover
 
 
-def _cell_forward(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _cell_forward(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+                  dense_grads: bool = True) -> torch.Tensor:
+    """One search cell; ``dense_grads``: see :class:`_DenseGrad`."""
     states = [_preprocess(cell.preprocess0, s0), _preprocess(cell.preprocess1, s1)]
     offsets = [node * (node + 3) // 2 for node in range(STEPS)]   # first edge of each node
-    acc: list = [None] * STEPS
+    nodes = [_NodeSum() for _ in range(STEPS)]
     for j in range(STEPS + 1):          # source state j feeds nodes max(0, j - 1) .. STEPS - 1
         if j >= 2:
-            states.append(acc[j - 2])   # node j - 2 has all its inputs now
+            states.append(nodes[j - 2].state(dense_grads))   # node j - 2 has all its inputs now
         edges = [(node, offsets[node] + j) for node in range(max(0, j - 1), STEPS)]
-        _source_forward(cell, states[j], edges, weights, acc)
-    states.append(acc[STEPS - 1])
+        _source_forward(cell, states[j], edges, weights, nodes)
+    states.append(nodes[STEPS - 1].state(dense_grads))
     return torch.cat(states[-STEPS:], dim=1)
 
 
@@ -336,6 +401,12 @@ class FastSuperNet(SuperNet):
         if _OPTIONS["channels_last"]:
             x = x.contiguous(memory_format=_CL)
         s0 = s1 = _batch_norm(conv(x), bn)
-        for cell in self.cells:
-            s0, s1 = s1, _cell_forward(cell, s0, s1, w_reduce if cell.reduction else w_normal)
+        last = len(self.cells) - 1
+        for i, cell in enumerate(self.cells):
+            # The last cell's gradient comes from the global average pool: constant over each
+            # image's channel. The channels_last batch-norm backward kernel, which sums in
+            # float32 pixel after pixel, loses accuracy on it (~20x plain's error in float32
+            # tests), while the generic kernel, which runs on the strided gradient and sums in
+            # double, does not; the last cell is the smallest, so this costs little.
+            s0, s1 = s1, _cell_forward(cell, s0, s1, w_reduce if cell.reduction else w_normal, dense_grads=i < last)
         return self.classifier(self.global_pooling(s1).flatten(1))
