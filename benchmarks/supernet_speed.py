@@ -18,22 +18,25 @@ Throughput is images per second, from the median time of the timed iterations (w
 iterations, which create oneDNN primitives and grow the heap, are excluded). Both networks
 start from the same parameters and see the same random batches. ``torch.set_num_threads(2)``.
 
-Peak memory: each (configuration, network) pair runs in a fresh child process (this script
-with ``--child``). PyTorch's CPU allocations are invisible to ``tracemalloc``, so the child
-reads its peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) once the
-model, optimisers and data exist, and again after all steps: the difference is the peak
-memory the steps added (activations kept for backward, gradients, optimiser state). The
-numbers include allocator slack and are a few MB coarse.
+Each network runs in fresh child processes (this script with ``--child``), so that neither
+inherits the other's heap: in one process, the plain network's 9 GB of freed activations
+slowed the fast network's next steps by 20-50%. The load of a shared machine drifts by 20% or
+more over minutes, so the children alternate, plain, fast, fast, plain, ... (``--rounds``
+pairs), and each network's median is taken over all its timed iterations.
 
-The machine may be shared: times on a busy machine are noisy, so the script prints every
-iteration's time as well as the median.
+Peak memory: PyTorch's CPU allocations are invisible to ``tracemalloc``, so each child reads
+its peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) once the model,
+optimisers and data exist, and again after all steps: the difference is the peak memory the
+steps added (activations kept for backward, gradients, optimiser state). The numbers include
+allocator slack and are a few MB coarse; the largest over the rounds is shown.
+
+The script prints every iteration's time as well as the median.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,67 +47,75 @@ CONFIGS = {
     "darts": dict(channels=16, layers=8, batch=64, in_channels=3, size=32, num_classes=10),
     "quick": dict(channels=8, layers=5, batch=64, in_channels=1, size=16, num_classes=10),
 }
+IMPLS = ("plain", "fast")
 
 
 def _maxrss_mb() -> float:
-    import resource as r
-    return r.getrusage(r.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: kilobytes
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: kilobytes
+
+
+class _Bench:
+    """One network with its optimisers and batches, and its two timed steps."""
+
+    def __init__(self, config: str, impl: str, n: int):
+        import torch
+        import torch.nn.functional as F
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from nbutils.fast_supernet import FastSuperNet
+        from nbutils.supernet import SuperNet
+
+        self.torch, self.F = torch, F
+        cfg = CONFIGS[config]
+        cls = FastSuperNet if impl == "fast" else SuperNet
+        torch.manual_seed(0)
+        self.model = cls(channels=cfg["channels"], num_classes=cfg["num_classes"], layers=cfg["layers"],
+                         in_channels=cfg["in_channels"], seed=0)
+        self.model.train()
+        self.weights = list(self.model.weights())
+        self.w_opt = torch.optim.SGD(self.weights, 0.025, momentum=0.9, weight_decay=3e-4)
+        self.a_opt = torch.optim.Adam(self.model.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+        g = torch.Generator().manual_seed(1)
+        shape = (cfg["batch"], cfg["in_channels"], cfg["size"], cfg["size"])
+        self.n = n
+        self.xs = [torch.randn(shape, generator=g) for _ in range(2 * n)]
+        self.ys = [torch.randint(0, cfg["num_classes"], (cfg["batch"],), generator=g) for _ in range(2 * n)]
+
+    def weight_step(self, i: int) -> float:
+        t = time.perf_counter()
+        self.w_opt.zero_grad(set_to_none=True)
+        loss = self.F.cross_entropy(self.model(self.xs[i]), self.ys[i])
+        loss.backward(inputs=self.weights)
+        self.torch.nn.utils.clip_grad_norm_(self.weights, 5.0)
+        self.w_opt.step()
+        return time.perf_counter() - t
+
+    def arch_step(self, i: int) -> float:
+        t = time.perf_counter()
+        self.a_opt.zero_grad(set_to_none=True)
+        loss = self.F.cross_entropy(self.model(self.xs[self.n + i]), self.ys[self.n + i])
+        loss.backward(inputs=self.model.arch_parameters())
+        self.a_opt.step()
+        return time.perf_counter() - t
 
 
 def child(config: str, impl: str, warmup: int, iters: int, threads: int) -> dict:
+    """Seconds per step and the peak memory the steps add, in a fresh process."""
     import torch
-    import torch.nn.functional as F
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nbutils.fast_supernet import FastSuperNet
-    from nbutils.supernet import SuperNet
 
     torch.set_num_threads(threads)
-    cfg = CONFIGS[config]
-    cls = FastSuperNet if impl == "fast" else SuperNet
-    torch.manual_seed(0)
-    model = cls(channels=cfg["channels"], num_classes=cfg["num_classes"], layers=cfg["layers"],
-                in_channels=cfg["in_channels"], seed=0)
-    model.train()
-    weights = list(model.weights())
-    w_opt = torch.optim.SGD(weights, 0.025, momentum=0.9, weight_decay=3e-4)
-    a_opt = torch.optim.Adam(model.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
-    g = torch.Generator().manual_seed(1)
-    n = warmup + iters
-    shape = (cfg["batch"], cfg["in_channels"], cfg["size"], cfg["size"])
-    xs = [torch.randn(shape, generator=g) for _ in range(2 * n)]
-    ys = [torch.randint(0, cfg["num_classes"], (cfg["batch"],), generator=g) for _ in range(2 * n)]
+    b = _Bench(config, impl, warmup + iters)
     rss_before = _maxrss_mb()
-
-    def weight_step(i: int) -> float:
-        t = time.perf_counter()
-        w_opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xs[i]), ys[i])
-        loss.backward(inputs=weights)
-        torch.nn.utils.clip_grad_norm_(weights, 5.0)
-        w_opt.step()
-        return time.perf_counter() - t
-
-    def arch_step(i: int) -> float:
-        t = time.perf_counter()
-        a_opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xs[n + i]), ys[n + i])
-        loss.backward(inputs=model.arch_parameters())
-        a_opt.step()
-        return time.perf_counter() - t
-
     times = {"weight": [], "arch": []}
-    for i in range(n):   # interleaved as in the search: architecture step, then weight step
-        ta = arch_step(i)
-        tw = weight_step(i)
+    for i in range(warmup + iters):   # as in the search: architecture step, then weight step
+        ta = b.arch_step(i)
+        tw = b.weight_step(i)
         if i >= warmup:
             times["arch"].append(ta)
             times["weight"].append(tw)
     rss_after = _maxrss_mb()
-    return {
-        "config": config, "impl": impl, "batch": cfg["batch"], "threads": threads,
-        "times": times, "rss_before_mb": rss_before, "rss_peak_mb": rss_after, "rss_delta_mb": rss_after - rss_before,
-    }
+    return {"times": times, "rss_peak_mb": rss_after, "rss_delta_mb": rss_after - rss_before}
 
 
 def run_child(config: str, impl: str, warmup: int, iters: int, threads: int) -> dict:
@@ -118,8 +129,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the quick preset's configuration only")
     parser.add_argument("--configs", nargs="*", choices=sorted(CONFIGS), help="configurations to run")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations per step (default 1, quick 2)")
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations per step (default 3, quick 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations per child (default 1, quick 2)")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations per child (default 3, quick 5)")
+    parser.add_argument("--rounds", type=int, default=2, help="plain/fast child pairs, alternating (default 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,22 +146,28 @@ def main() -> None:
     for config in configs:
         warmup = args.warmup if args.warmup is not None else (2 if config == "quick" else 1)
         iters = args.iters if args.iters is not None else (5 if config == "quick" else 3)
-        results = {}
-        for impl in ("plain", "fast"):
-            t0 = time.perf_counter()
-            r = run_child(config, impl, warmup, iters, args.threads)
-            results[impl] = r
-            print(f"[{config}/{impl}] {time.perf_counter() - t0:.0f} s wall; "
-                  f"weight step s: {' '.join(f'{t:.2f}' for t in r['times']['weight'])}; "
-                  f"arch step s: {' '.join(f'{t:.2f}' for t in r['times']['arch'])}; "
-                  f"peak RSS +{r['rss_delta_mb']:.0f} MB", flush=True)
-        for impl, r in results.items():
-            ips = {k: r["batch"] / statistics.median(v) for k, v in r["times"].items()}
-            rows.append((config, impl, ips["weight"], ips["arch"], r["rss_delta_mb"], r["rss_peak_mb"]))
+        times = {impl: {"weight": [], "arch": []} for impl in IMPLS}
+        memory = {impl: [] for impl in IMPLS}
+        for r in range(args.rounds):
+            for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):
+                t0 = time.perf_counter()
+                out = run_child(config, impl, warmup, iters, args.threads)
+                for kind in times[impl]:
+                    times[impl][kind] += out["times"][kind]
+                memory[impl].append((out["rss_delta_mb"], out["rss_peak_mb"]))
+                print(f"[{config}/{impl}, round {r + 1}] {time.perf_counter() - t0:.0f} s wall; "
+                      f"weight step s: {' '.join(f'{v:.2f}' for v in out['times']['weight'])}; "
+                      f"arch step s: {' '.join(f'{v:.2f}' for v in out['times']['arch'])}; "
+                      f"peak RSS +{out['rss_delta_mb']:.0f} MB", flush=True)
+        for impl in IMPLS:
+            ips = {k: CONFIGS[config]["batch"] / statistics.median(v) for k, v in times[impl].items()}
+            delta, peak = max(memory[impl])
+            rows.append((config, impl, ips["weight"], ips["arch"], delta, peak))
     print()
     cfg_text = {k: f"C={v['channels']}, {v['layers']} cells, batch {v['batch']}, {v['in_channels']}x{v['size']}x{v['size']}"
                 for k, v in CONFIGS.items()}
-    print(f"threads: {args.threads}; images/s from the median timed iteration; memory: peak RSS added by the steps")
+    print(f"threads: {args.threads}; images/s from the median timed iteration over {args.rounds} alternating child pairs; "
+          "memory: peak RSS added by the steps")
     header = f"{'config':<7} {'network':<7} {'weight img/s':>12} {'arch img/s':>11} {'speed-up w/a':>13} {'peak +MB':>9} {'peak MB':>8}"
     print(header)
     print("-" * len(header))

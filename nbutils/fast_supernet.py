@@ -177,6 +177,50 @@ def _dw(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return depthwise_conv2d(x, conv.weight, conv.stride[0], conv.padding[0], conv.dilation[0])
 
 
+class _DepthwiseFanout(torch.autograd.Function):
+    """Several stride-1 depthwise convolutions of one input, as :class:`_DepthwiseConv` each;
+    the backward sums their input gradients in place. (PyTorch's autograd engine adds the
+    gradients of a channels_last tensor's readers out of place, a fresh tensor per reader,
+    and the ReLU of a state feeds up to 16 of these convolutions.)
+    """
+
+    @staticmethod
+    def forward(x, confs, *weights):
+        return tuple(F.conv2d(x, w, None, 1, padding, dilation, x.shape[1]) for (padding, dilation), w in zip(confs, weights))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, confs, *weights = inputs
+        ctx.save_for_backward(x, *weights)
+        ctx.confs = confs
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        channels_last = x.is_contiguous(memory_format=_CL)
+        gx = None
+        gws = [None] * len(weights)
+        for i, (grad, w, (padding, dilation)) in enumerate(zip(grads, weights, ctx.confs)):
+            if grad is None:
+                continue
+            grad = grad.contiguous(memory_format=_CL) if channels_last else grad.contiguous()
+            if ctx.needs_input_grad[0]:
+                g = depthwise_input_grad(grad, w, x.shape, 1, padding, dilation)
+                gx = g if gx is None else gx.add_(g)
+            if ctx.needs_input_grad[2 + i] and _engine_will_need(w):
+                gws[i] = _weight_grad(x, grad, w.shape[-1], 1, padding, dilation)
+        return gx, None, *gws
+
+
+def _depthwise_fanout(x: torch.Tensor, convs: list[nn.Conv2d]) -> list[torch.Tensor]:
+    """``[_dw(x, conv) for conv in convs]``, through :class:`_DepthwiseFanout` when it can."""
+    if len(convs) > 1 and _OPTIONS["custom_dw"] and all(c.stride == (1, 1) for c in convs):
+        confs = tuple((c.padding[0], c.dilation[0]) for c in convs)
+        return list(_DepthwiseFanout.apply(x, confs, *(c.weight for c in convs)))
+    return [_dw(x, conv) for conv in convs]
+
+
 # --------------------------------------------------------------------------- cell forward
 
 
@@ -241,16 +285,17 @@ def _pointwise_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     return _batch_norm(conv(x), bn, scale=scale)
 
 
-def _sep_conv(r: torch.Tensor, op: nn.Sequential, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """SepConv on an already ReLU'd input (op: ReLU, dw, pw, BN, ReLU, dw, pw, BN), times
-    ``scale``."""
-    t = _pointwise_batch_norm(_dw(r, op[1]), op[2], op[3]).relu_()   # BN's backward needs its input only
+def _sep_conv(d: torch.Tensor, op: nn.Sequential, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """SepConv (op: ReLU, dw, pw, BN, ReLU, dw, pw, BN) from the output ``d`` of its first
+    depthwise convolution on the ReLU'd input, times ``scale``."""
+    t = _pointwise_batch_norm(d, op[2], op[3]).relu_()   # BN's backward needs its input only
     return _pointwise_batch_norm(_dw(t, op[5]), op[6], op[7], scale=scale)
 
 
-def _dil_conv(r: torch.Tensor, op: nn.Sequential, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """DilConv on an already ReLU'd input (op: ReLU, dw, pw, BN), times ``scale``."""
-    return _pointwise_batch_norm(_dw(r, op[1]), op[2], op[3], scale=scale)
+def _dil_conv(d: torch.Tensor, op: nn.Sequential, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """DilConv (op: ReLU, dw, pw, BN) from the output ``d`` of its depthwise convolution on
+    the ReLU'd input, times ``scale``."""
+    return _pointwise_batch_norm(d, op[2], op[3], scale=scale)
 
 
 def _factorized_reduce(r: torch.Tensor, op: nn.Module, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,6 +375,7 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
     ``edges``: (node, edge index) pairs."""
     relu_h = None
     pools: dict[str, list] = {}
+    convs: list = []     # sep and dil convolutions: their first depthwise convolutions share relu_h
     for node, e in edges:
         mixed = cell.edges[e]
         w = weights[e]
@@ -347,14 +393,16 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
                     relu_h = F.relu(h)
                 nodes[node].add_owned(_factorized_reduce(relu_h, op, scale=w[k]))
                 continue
-            if relu_h is None:
-                relu_h = F.relu(h)
-            if name in _SEP:
-                nodes[node].add_owned(_sep_conv(relu_h, op, scale=w[k]))
-            elif name in _DIL:
-                nodes[node].add_owned(_dil_conv(relu_h, op, scale=w[k]))
+            if name in _SEP or name in _DIL:
+                convs.append((node, w[k], name, op))
             else:  # pragma: no cover - PRIMITIVES is closed; keep the plain semantics anyway
                 nodes[node].add(w[k], op(h))
+    if convs:
+        if relu_h is None:
+            relu_h = F.relu(h)
+        firsts = _depthwise_fanout(relu_h, [op[1] for *_, op in convs])
+        for (node, wk, name, op), d in zip(convs, firsts):
+            nodes[node].add_owned((_sep_conv if name in _SEP else _dil_conv)(d, op, scale=wk))
     for name, uses in pools.items():
         pool = uses[0][2][0]
         pooled = pool(h)
