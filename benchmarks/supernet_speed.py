@@ -135,10 +135,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for name, least in (("warmup", 0), ("iters", 1), ("rounds", 1), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            parser.error(f"--{name} must be at least {least}, got {value}")
 
     if args.child:
         config, impl = args.child
-        print(json.dumps(child(config, impl, args.warmup or 1, args.iters or 3, args.threads)))
+        warmup = 1 if args.warmup is None else args.warmup
+        print(json.dumps(child(config, impl, warmup, args.iters or 3, args.threads)))
         return
 
     configs = args.configs or (["quick"] if args.quick else ["darts", "quick"])
