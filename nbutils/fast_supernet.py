@@ -238,12 +238,61 @@ class _DepthwiseFanout(torch.autograd.Function):
         return gx, None, *gws
 
 
-def _depthwise_fanout(x: torch.Tensor, convs: list[nn.Conv2d]) -> list[torch.Tensor]:
-    """``[_dw(x, conv) for conv in convs]``, through :class:`_DepthwiseFanout` when it can."""
-    if len(convs) > 1 and _OPTIONS["custom_dw"] and all(c.stride == (1, 1) for c in convs):
-        confs = tuple((c.padding[0], c.dilation[0]) for c in convs)
-        return list(_DepthwiseFanout.apply(x, confs, *(c.weight for c in convs)))
-    return [_dw(x, conv) for conv in convs]
+def _reads_even_pixels(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` (stride 2, dilation 2, "same" padding) reads only the even pixels."""
+    return conv.stride == (2, 2) and conv.dilation == (2, 2) and conv.padding[0] == conv.kernel_size[0] - 1
+
+
+def _depthwise_fanout(x: torch.Tensor, convs: list[nn.Conv2d], on_even: bool = False) -> list[torch.Tensor]:
+    """``[_dw(x, conv) for conv in convs]``, through :class:`_DepthwiseFanout` when it can.
+    ``on_even``: ``x`` holds the even pixels of the convolutions' input, which all satisfy
+    :func:`_reads_even_pixels`: each is a stride-1 undilated convolution of ``x``."""
+    if on_even:
+        specs = [(c.weight, 1, c.padding[0] // 2, 1) for c in convs]
+    else:
+        specs = [(c.weight, c.stride[0], c.padding[0], c.dilation[0]) for c in convs]
+    if len(specs) > 1 and _OPTIONS["custom_dw"] and all(stride == 1 for _, stride, _, _ in specs):
+        confs = tuple((padding, dilation) for _, _, padding, dilation in specs)
+        return list(_DepthwiseFanout.apply(x, confs, *(w for w, *_ in specs)))
+    return [depthwise_conv2d(x, w, stride, padding, dilation) for w, stride, padding, dilation in specs]
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return _CL if x.is_contiguous(memory_format=_CL) and not x.is_contiguous() else torch.contiguous_format
+
+
+class _EvenOdd(torch.autograd.Function):
+    """``(x[:, :, ::2, ::2], x[:, :, 1::2, 1::2])``, each laid out densely like ``x``.
+
+    The pixels FactorizedReduce's two stride-2 1x1 convolutions read (the second on ``x``
+    shifted by one pixel), and the only pixels a stride-2 dilation-2 "same" convolution reads.
+    The backward writes both gradients into one tensor laid out like ``x``: autograd's own
+    slice backward zero-fills a full NCHW tensor per slice, and adding it to the
+    channels_last gradients from ``x``'s other readers runs a slow mixed-layout kernel.
+    """
+
+    @staticmethod
+    def forward(x):
+        layout = _layout(x)
+        return x[:, :, ::2, ::2].contiguous(memory_format=layout), x[:, :, 1::2, 1::2].contiguous(memory_format=layout)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x = inputs[0]
+        ctx.shape, ctx.layout = x.shape, _layout(x)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, even, odd):
+        some = even if even is not None else odd
+        if some is None:
+            return None
+        grad = torch.empty(ctx.shape, dtype=some.dtype, device=some.device, memory_format=ctx.layout)
+        for (rows, cols), part in (((0, 0), even), ((1, 1), odd), ((0, 1), None), ((1, 0), None)):
+            view = grad[:, :, rows::2, cols::2]
+            view.zero_() if part is None else view.copy_(part)
+        return grad
+
 
 
 # --------------------------------------------------------------------------- cell forward
@@ -260,9 +309,10 @@ class _NodeSum:
         reads (so it may become the accumulator)."""
         self.total = weighted if self.total is None else self.total.add_(weighted)
 
-    def add(self, weight: torch.Tensor, value: torch.Tensor) -> None:
-        """Add ``weight * value``."""
-        self.total = value * weight if self.total is None else self.total.addcmul_(value, weight)
+    def add(self, scale: torch.Tensor, value: torch.Tensor) -> None:
+        """Add ``scale * value``, ``scale`` per channel."""
+        scale = scale.view(1, -1, 1, 1)
+        self.total = value * scale if self.total is None else self.total.addcmul_(value, scale)
 
     def state(self, dense_grad: bool) -> torch.Tensor:
         """The node's tensor; ``dense_grad``: hand its gradient on densely laid out."""
@@ -293,70 +343,125 @@ class _DenseGrad(torch.autograd.Function):
         return grad.contiguous(memory_format=ctx.layout)
 
 
-def _pointwise_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
-                          scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``bn(conv(x))`` for a 1x1 convolution, times ``scale``.
-
-    When ``bn`` normalises with batch statistics and ``x`` is channels_last, the convolution's
-    bias subtracts its output's per-channel mean, ``W @ mean(x)``: batch norm ignores the
-    shift, and its channels_last kernel gets the centred input it needs for accurate sums
-    (see :func:`_batch_norm`) without a subtraction pass of its own.
-    """
-    plain_1x1 = conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.kernel_size == (1, 1)
-    if plain_1x1 and (bn.training or bn.running_mean is None) and not x.is_contiguous():
+def _centred_pointwise(x: torch.Tensor, weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.conv2d(x, weight)`` for a 1x1 kernel that ``bn`` normalises next, and the shift
+    it was given: when ``bn`` normalises with batch statistics and ``x`` is channels_last,
+    the convolution's bias subtracts (an estimate of) its output's per-channel mean,
+    ``weight @ mean(x)``. Batch norm ignores the shift, and its channels_last kernel gets the
+    centred input it needs for accurate sums (see :func:`_batch_norm`) without a
+    subtraction pass of its own."""
+    if (bn.training or bn.running_mean is None) and _layout(x) == _CL:
         with torch.no_grad():
-            centre = conv.weight.flatten(1) @ x.mean(dim=(0, 2, 3))
-        return _batch_norm(F.conv2d(x, conv.weight, -centre), bn, scale=scale, centre=centre)
-    return _batch_norm(conv(x), bn, scale=scale)
+            centre = weight.flatten(1) @ _centre(x)
+        return F.conv2d(x, weight, -centre), centre
+    return F.conv2d(x, weight), None
 
 
-def _sep_conv(d: torch.Tensor, op: nn.Sequential, scale: torch.Tensor | None = None) -> torch.Tensor:
+def _pointwise_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, stats: _RunningStats,
+                          scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``bn(conv(x))`` for a 1x1 convolution (see :func:`_centred_pointwise`), times ``scale``."""
+    if conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.kernel_size == (1, 1):
+        y, centre = _centred_pointwise(x, conv.weight, bn)
+        return _batch_norm(y, bn, stats, scale=scale, centre=centre)
+    return _batch_norm(conv(x), bn, stats, scale=scale)
+
+
+def _sep_conv(d: torch.Tensor, op: nn.Sequential, stats: _RunningStats, scale: torch.Tensor | None = None) -> torch.Tensor:
     """SepConv (op: ReLU, dw, pw, BN, ReLU, dw, pw, BN) from the output ``d`` of its first
     depthwise convolution on the ReLU'd input, times ``scale``."""
-    t = _pointwise_batch_norm(d, op[2], op[3]).relu_()   # BN's backward needs its input only
-    return _pointwise_batch_norm(_dw(t, op[5]), op[6], op[7], scale=scale)
+    t = _pointwise_batch_norm(d, op[2], op[3], stats).relu_()   # BN's backward needs its input only
+    return _pointwise_batch_norm(_dw(t, op[5]), op[6], op[7], stats, scale=scale)
 
 
-def _dil_conv(d: torch.Tensor, op: nn.Sequential, scale: torch.Tensor | None = None) -> torch.Tensor:
+def _dil_conv(d: torch.Tensor, op: nn.Sequential, stats: _RunningStats, scale: torch.Tensor | None = None) -> torch.Tensor:
     """DilConv (op: ReLU, dw, pw, BN) from the output ``d`` of its depthwise convolution on
     the ReLU'd input, times ``scale``."""
-    return _pointwise_batch_norm(d, op[2], op[3], scale=scale)
+    return _pointwise_batch_norm(d, op[2], op[3], stats, scale=scale)
 
 
-def _factorized_reduce(r: torch.Tensor, op: nn.Module, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """FactorizedReduce on an already ReLU'd input (same arithmetic as its forward), times
-    ``scale``."""
-    shifted = r[:, :, 1:, 1:]
-    if r.shape[-1] % 2 or r.shape[-2] % 2:
-        shifted = F.pad(shifted, (0, r.shape[-1] % 2, 0, r.shape[-2] % 2))
-    return _batch_norm(torch.cat([op.conv_1(r), op.conv_2(shifted)], dim=1), op.bn, scale=scale)
+def _factorized_reduce(halves: tuple[torch.Tensor, torch.Tensor], op: FactorizedReduce, stats: _RunningStats,
+                       scale: torch.Tensor | None = None) -> torch.Tensor:
+    """FactorizedReduce (same arithmetic as its forward) from the even and odd pixels of its
+    ReLU'd input (:class:`_EvenOdd`), times ``scale``. Its stride-2 1x1 convolutions are
+    stride-1 convolutions of these; an odd input size gets the reference's zero padding."""
+    even, odd = halves
+    if odd.shape[-2:] != even.shape[-2:]:
+        odd = F.pad(odd, (0, even.shape[-1] - odd.shape[-1], 0, even.shape[-2] - odd.shape[-2]))
+    y1, centre1 = _centred_pointwise(even, op.conv_1.weight, op.bn)
+    y2, centre2 = _centred_pointwise(odd, op.conv_2.weight, op.bn)
+    centre = None if centre1 is None else torch.cat([centre1, centre2])
+    return _batch_norm(torch.cat([y1, y2], dim=1), op.bn, stats, scale=scale, centre=centre)
 
 
-@torch.no_grad()
-def _update_running_stats(bns: list[nn.BatchNorm2d], mean: torch.Tensor, var: torch.Tensor) -> None:
-    """The running-stat update each BN module would do on a batch with this mean and
-    (unbiased) variance: what ``F.batch_norm`` does in train mode."""
-    for bn in bns:
-        if not bn.track_running_stats or bn.running_mean is None:
-            continue
-        bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        bn.running_mean.mul_(1 - momentum).add_(mean * momentum)
-        bn.running_var.mul_(1 - momentum).add_(var * momentum)
+class _RunningStats:
+    """The running-statistics updates of one forward pass, applied together at its end.
+
+    In train mode every BN module updates its running mean and variance with the batch's;
+    done one module at a time that is seven small operations per module, ~5000 per forward
+    of DARTS' supernet, which cost more than some of the convolutions. The batch statistics
+    are collected here as the kernel returns them (the mean and ``1 / sqrt(var + eps)``) and
+    :meth:`apply` updates every module with a handful of ``torch._foreach_*`` calls, the
+    arithmetic ``F.batch_norm`` does: ``(1 - momentum) * running + momentum * batch``, the
+    variance unbiased, the momentum ``1 / num_batches_tracked`` when it is ``None``.
+    """
+
+    def __init__(self) -> None:
+        self.bns: list[nn.BatchNorm2d] = []
+        self.means: list[torch.Tensor] = []
+        self.invstds: list[torch.Tensor] = []
+        self.counts: list[int] = []   # values per channel
+
+    def add(self, bns: list[nn.BatchNorm2d], mean: torch.Tensor, invstd: torch.Tensor, count: int) -> None:
+        """Batch statistics ``mean`` and ``invstd`` (from ``count`` values per channel) for
+        the modules ``bns`` (those that track running statistics)."""
+        bns = [bn for bn in bns if bn.track_running_stats and bn.running_mean is not None]
+        if bns:
+            self.bns.append(bns)
+            self.means.append(mean)
+            self.invstds.append(invstd)
+            self.counts.append(count)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if not self.bns:
+            return
+        # unbiased variance from 1 / sqrt(biased var + eps); clamped: rounding near var = 0
+        variances = torch._foreach_pow(self.invstds, -2.0)
+        torch._foreach_sub_(variances, [group[0].eps for group in self.bns])
+        torch._foreach_mul_(variances, [n / max(n - 1, 1) for n in self.counts])
+        torch._foreach_clamp_min_(variances, 0.0)
+        modules = [bn for group in self.bns for bn in group]
+        means = [m for m, group in zip(self.means, self.bns) for _ in group]
+        variances = [v for v, group in zip(variances, self.bns) for _ in group]
+        torch._foreach_add_([bn.num_batches_tracked for bn in modules], 1)
+        momenta = [bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked) for bn in modules]
+        for running, batch in (("running_mean", means), ("running_var", variances)):
+            buffers = [getattr(bn, running) for bn in modules]
+            torch._foreach_mul_(buffers, [1.0 - m for m in momenta])
+            torch._foreach_add_(buffers, torch._foreach_mul(batch, momenta))
+        self.__init__()
 
 
-def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, shared: list[nn.BatchNorm2d] | None = None,
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """An estimate of ``x``'s per-channel mean, close enough to centre it for the batch-norm
+    kernel's sums (see :func:`_batch_norm`): the mean over the first few images, at least
+    2048 values per channel (any shift is exact; this one leaves ~2% of the spread)."""
+    n, _, h, w = x.shape
+    return x[: min(n, -(-2048 // (h * w)))].mean(dim=(0, 2, 3))
+
+
+def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, shared: list[nn.BatchNorm2d] | None = None,
                 scale: torch.Tensor | None = None, centre: torch.Tensor | None = None) -> torch.Tensor:
-    """``bn(x)``, accurate in channels_last too; times ``scale`` (a scalar tensor) if given.
+    """``bn(x)``, accurate in channels_last too; times ``scale`` (per channel) if given.
 
     PyTorch's channels_last batch-norm kernel accumulates its statistics with a large float32
     error (~1e-5 relative at 64 x 32 x 32 values per channel, ~1e-4 when the mean is large
     against the spread, as after a max pool), against ~1e-7 for the NCHW kernel. In train
-    mode we therefore centre the input first on its (accurately reduced) per-channel mean:
-    batch norm is invariant to that shift, the kernel's sums no longer cancel, and the
-    running statistics are updated here with the mean added back. ``shared``: further BN
-    modules fed the same tensor (pools): their running stats get the same update. ``centre``:
-    the per-channel mean already subtracted from ``x`` (train mode only).
+    mode we therefore centre the input first on (an estimate of) its per-channel mean: batch
+    norm is invariant to that shift, and the kernel's sums no longer cancel. The running
+    statistics, with the shift added back, go to ``stats``. ``shared``: further BN modules
+    fed the same tensor (pools): their running stats get the same update. ``centre``: the
+    per-channel shift already subtracted from ``x`` (train mode only).
 
     ``scale`` is folded into the kernel's affine weight: ``scale * bn(x)`` costs one
     normalisation pass, and in the backward the kernel returns both ``scale * d bn`` and,
@@ -365,25 +470,18 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, shared: list[nn.BatchNorm2d
     """
     weight, bias = bn.weight, bn.bias
     if scale is not None:
-        c = x.shape[1]
-        # contiguous: PyTorch's channels_last kernel misreads a stride-0 (expanded) weight
-        weight = scale.expand(c).contiguous() if weight is None else weight * scale
+        weight = scale if weight is None else weight * scale
         bias = None if bias is None else bias * scale
     if not bn.training and bn.track_running_stats:
         return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
     if centre is None and not x.is_contiguous():
         with torch.no_grad():
-            centre = x.mean(dim=(0, 2, 3))
+            centre = _centre(x)
         x = x - centre.view(1, -1, 1, 1)
-    if bn.running_mean is None:
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
-    c = x.shape[1]
-    mean = x.new_zeros(c)   # momentum 1 into scratch buffers: the batch mean and unbiased variance
-    var = x.new_ones(c)
-    out = F.batch_norm(x, mean, var, weight, bias, True, 1.0, bn.eps)
+    out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, bn.eps)
     if centre is not None:
-        mean = mean + centre.view(-1)
-    _update_running_stats([bn] + list(shared or ()), mean, var)
+        mean = mean + centre
+    stats.add([bn] + list(shared or ()), mean, invstd, x.numel() // x.shape[1])
     return out
 
 
@@ -394,16 +492,17 @@ def _pool_shareable(bns: list[nn.Module]) -> bool:
     )
 
 
-def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, int]], weights: torch.Tensor,
-                    nodes: list[_NodeSum]) -> None:
+def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, int]], scales: list[list[torch.Tensor]],
+                    nodes: list[_NodeSum], stats: _RunningStats) -> None:
     """Add the contributions of every edge reading state ``h`` to the node accumulators.
-    ``edges``: (node, edge index) pairs."""
-    relu_h = None
+    ``edges``: (node, edge index) pairs; ``scales[e][k]``: edge e's weight for operation k,
+    per channel."""
     pools: dict[str, list] = {}
     convs: list = []     # sep and dil convolutions: their first depthwise convolutions share relu_h
+    reduces: list = []   # FactorizedReduce skips (reduction cells)
     for node, e in edges:
         mixed = cell.edges[e]
-        w = weights[e]
+        w = scales[e]
         for k, (name, op) in enumerate(zip(mixed.primitives, mixed.ops)):
             if name == "none":
                 continue
@@ -411,55 +510,66 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
                 pools.setdefault(name, []).append((node, w[k], op))
                 continue
             if name == "skip_connect":
-                if isinstance(op, nn.Sequential) or not hasattr(op, "conv_1"):
+                if isinstance(op, FactorizedReduce):
+                    reduces.append((node, w[k], op))
+                else:
                     nodes[node].add(w[k], op(h))      # identity, with or without dropout
-                    continue
-                if relu_h is None:
-                    relu_h = F.relu(h)
-                nodes[node].add_owned(_factorized_reduce(relu_h, op, scale=w[k]))
                 continue
             if name in _SEP or name in _DIL:
                 convs.append((node, w[k], name, op))
             else:  # pragma: no cover - PRIMITIVES is closed; keep the plain semantics anyway
                 nodes[node].add(w[k], op(h))
-    if convs:
-        if relu_h is None:
-            relu_h = F.relu(h)
-        firsts = _depthwise_fanout(relu_h, [op[1] for *_, op in convs])
-        for (node, wk, name, op), d in zip(convs, firsts):
-            nodes[node].add_owned((_sep_conv if name in _SEP else _dil_conv)(d, op, scale=wk))
+    if convs or reduces:
+        relu_h = F.relu(h)
+        on_even = [i for i, (*_, op) in enumerate(convs) if _reads_even_pixels(op[1])]
+        on_all = [i for i in range(len(convs)) if i not in on_even]
+        halves = _EvenOdd.apply(relu_h) if on_even or reduces else None
+        firsts = dict(zip(on_all, _depthwise_fanout(relu_h, [convs[i][-1][1] for i in on_all])))
+        if on_even:
+            firsts.update(zip(on_even, _depthwise_fanout(halves[0], [convs[i][-1][1] for i in on_even], on_even=True)))
+        for i, (node, wk, name, op) in enumerate(convs):
+            nodes[node].add_owned((_sep_conv if name in _SEP else _dil_conv)(firsts[i], op, stats, scale=wk))
+        for node, wk, op in reduces:
+            nodes[node].add_owned(_factorized_reduce(halves, op, stats, scale=wk))
     for name, uses in pools.items():
         pool = uses[0][2][0]
         pooled = pool(h)
         bns = [op[1] for _, _, op in uses]
         if len(uses) > 1 and _pool_shareable(bns):
-            out = _batch_norm(pooled, bns[0], bns[1:])
+            out = _batch_norm(pooled, bns[0], stats, bns[1:])
             for node, wk, _ in uses:
                 nodes[node].add(wk, out)
         else:
             for node, wk, op in uses:
-                nodes[node].add_owned(_batch_norm(pooled, op[1], scale=wk))
+                nodes[node].add_owned(_batch_norm(pooled, op[1], stats, scale=wk))
 
 
-def _preprocess(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _preprocess(module: nn.Module, x: torch.Tensor, stats: _RunningStats) -> torch.Tensor:
     if isinstance(module, ReLUConvBN):
-        return _pointwise_batch_norm(F.relu(x), module[1], module[2])
+        return _pointwise_batch_norm(F.relu(x), module[1], module[2], stats)
     if isinstance(module, FactorizedReduce):
-        return _factorized_reduce(F.relu(x), module)
+        return _factorized_reduce(_EvenOdd.apply(F.relu(x)), module, stats)
     return module(x)  # pragma: no cover
 
 
 def _cell_forward(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
-                  dense_grads: bool = True) -> torch.Tensor:
+                  stats: _RunningStats, dense_grads: bool = True) -> torch.Tensor:
     """One search cell; ``dense_grads``: see :class:`_DenseGrad`."""
-    states = [_preprocess(cell.preprocess0, s0), _preprocess(cell.preprocess1, s1)]
+    states = [_preprocess(cell.preprocess0, s0, stats), _preprocess(cell.preprocess1, s1, stats)]
+    # the architecture weights expanded per channel, one vector per (edge, operation): one
+    # unbind (a single stack in the backward) instead of a select per operation, and each
+    # vector is the batch-norm weight its operation's output gets (see _batch_norm)
+    n_edges, n_ops = weights.shape
+    vectors = weights.unsqueeze(-1).expand(n_edges, n_ops, states[0].shape[1]).contiguous().view(n_edges * n_ops, -1)
+    vectors = vectors.unbind(0)
+    scales = [vectors[e * n_ops: (e + 1) * n_ops] for e in range(n_edges)]
     offsets = [node * (node + 3) // 2 for node in range(STEPS)]   # first edge of each node
     nodes = [_NodeSum() for _ in range(STEPS)]
     for j in range(STEPS + 1):          # source state j feeds nodes max(0, j - 1) .. STEPS - 1
         if j >= 2:
             states.append(nodes[j - 2].state(dense_grads))   # node j - 2 has all its inputs now
         edges = [(node, offsets[node] + j) for node in range(max(0, j - 1), STEPS)]
-        _source_forward(cell, states[j], edges, weights, nodes)
+        _source_forward(cell, states[j], edges, scales, nodes, stats)
     states.append(nodes[STEPS - 1].state(dense_grads))
     return torch.cat(states[-STEPS:], dim=1)
 
@@ -473,7 +583,8 @@ class FastSuperNet(SuperNet):
         conv, bn = self.stem
         if _OPTIONS["channels_last"]:
             x = x.contiguous(memory_format=_CL)
-        s0 = s1 = _batch_norm(conv(x), bn)
+        stats = _RunningStats()
+        s0 = s1 = _batch_norm(conv(x), bn, stats)
         last = len(self.cells) - 1
         for i, cell in enumerate(self.cells):
             # The last cell's gradient comes from the global average pool: constant over each
@@ -481,5 +592,7 @@ class FastSuperNet(SuperNet):
             # float32 pixel after pixel, loses accuracy on it (~20x plain's error in float32
             # tests), while the generic kernel, which runs on the strided gradient and sums in
             # double, does not; the last cell is the smallest, so this costs little.
-            s0, s1 = s1, _cell_forward(cell, s0, s1, w_reduce if cell.reduction else w_normal, dense_grads=i < last)
+            s0, s1 = s1, _cell_forward(cell, s0, s1, w_reduce if cell.reduction else w_normal, stats,
+                                       dense_grads=i < last)
+        stats.apply()
         return self.classifier(self.global_pooling(s1).flatten(1))

@@ -306,3 +306,20 @@ def test_gradients_wrt_non_leaf_unrolled_weights_match():
         outs.append(torch.autograd.grad(loss, [*m.arch_parameters(), *unrolled], materialize_grads=True))
     for a, b in zip(outs[1], outs[0]):
         assert rel(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("size", [(6, 6), (7, 5)])
+def test_even_odd_pixels_gradgradcheck(size):
+    from nbutils.fast_supernet import _EvenOdd
+    g = torch.Generator().manual_seed(sum(size))
+    x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    even, odd = _EvenOdd.apply(x)
+    assert torch.equal(even, x[:, :, ::2, ::2]) and torch.equal(odd, x[:, :, 1::2, 1::2])
+    assert even.is_contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(_EvenOdd.apply, (x,))
+    assert torch.autograd.gradgradcheck(_EvenOdd.apply, (x,))
+    # only one of the two outputs used: the other's pixels get a zero gradient
+    (grad,) = torch.autograd.grad(odd.sum(), x)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    assert grad[:, :, 1::2, 1::2].eq(1).all() and grad.sum() == odd.numel()
