@@ -161,14 +161,10 @@ class _DepthwiseConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, w, stride: int, padding: int, dilation: int, polyphase: bool):
-        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, stride, padding, dilation, polyphase = inputs
+    def forward(ctx, x, w, stride: int, padding: int, dilation: int, polyphase: bool):
         ctx.save_for_backward(x, w)
         ctx.conf = (stride, padding, dilation, polyphase)
+        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -210,15 +206,11 @@ class _DepthwiseFanout(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, confs, *weights):
-        return tuple(F.conv2d(x, w, None, 1, padding, dilation, x.shape[1]) for (padding, dilation), w in zip(confs, weights))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, confs, *weights = inputs
+    def forward(ctx, x, confs, *weights):
         ctx.save_for_backward(x, *weights)
         ctx.confs = confs
         ctx.set_materialize_grads(False)
+        return tuple(F.conv2d(x, w, None, 1, padding, dilation, x.shape[1]) for (padding, dilation), w in zip(confs, weights))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -272,15 +264,10 @@ class _EvenOdd(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x):
-        layout = _layout(x)
-        return x[:, :, ::2, ::2].contiguous(memory_format=layout), x[:, :, 1::2, 1::2].contiguous(memory_format=layout)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x = inputs[0]
+    def forward(ctx, x):
         ctx.shape, ctx.layout = x.shape, _layout(x)
         ctx.set_materialize_grads(False)
+        return x[:, :, ::2, ::2].contiguous(memory_format=ctx.layout), x[:, :, 1::2, 1::2].contiguous(memory_format=ctx.layout)
 
     @staticmethod
     def backward(ctx, even, odd):
@@ -311,12 +298,32 @@ class _NodeSum:
 
     def add(self, scale: torch.Tensor, value: torch.Tensor) -> None:
         """Add ``scale * value``, ``scale`` per channel."""
-        scale = scale.view(1, -1, 1, 1)
-        self.total = value * scale if self.total is None else self.total.addcmul_(value, scale)
+        if self.total is None:
+            self.total = value * scale.view(1, -1, 1, 1)
+        else:
+            self.total = _AddScaled.apply(self.total, value, scale)
 
     def state(self, dense_grad: bool) -> torch.Tensor:
         """The node's tensor; ``dense_grad``: hand its gradient on densely laid out."""
         return _DenseGrad.apply(self.total) if dense_grad and self.total.requires_grad else self.total
+
+
+class _AddScaled(torch.autograd.Function):
+    """``total.addcmul_(value, scale)`` with ``scale`` per channel; its backward makes one
+    full-size product per input (autograd's own ``addcmul_`` backward makes three)."""
+
+    @staticmethod
+    def forward(ctx, total, value, scale):
+        ctx.mark_dirty(total)
+        ctx.save_for_backward(value, scale)
+        return total.addcmul_(value, scale.view(1, -1, 1, 1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, scale = ctx.saved_tensors
+        grad_value = grad * scale.view(1, -1, 1, 1) if ctx.needs_input_grad[1] else None
+        grad_scale = (grad * value).sum(dim=(0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return grad, grad_value, grad_scale
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -330,13 +337,9 @@ class _DenseGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x):
+    def forward(ctx, x):
+        ctx.layout = _layout(x)
         return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x = inputs[0]
-        ctx.layout = _CL if x.is_contiguous(memory_format=_CL) and not x.is_contiguous() else torch.contiguous_format
 
     @staticmethod
     def backward(ctx, grad):
