@@ -109,29 +109,54 @@ def _polyphase(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(4 * n, h // 2, w // 2, c).permute(0, 3, 1, 2)
 
 
-def _weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, stride: int, padding: int, dilation: int,
+class _Prepared:
+    """A depthwise convolution's input with the copies of it that weight gradients read, made
+    once: :class:`_DepthwiseFanout` computes the weight gradients of up to 16 convolutions
+    of one input, and those of the same kind read the same polyphase sub-images and the same
+    windows of the padded input."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self._polyphase: _Prepared | None = None
+        self._windows: dict | None = None
+
+    def polyphase(self) -> _Prepared:
+        """The four parity sub-images (:func:`_polyphase`), prepared in turn."""
+        if self._polyphase is None:
+            self._polyphase = _Prepared(_polyphase(self.x))
+        return self._polyphase
+
+    def windows(self) -> dict[tuple[int, int], torch.Tensor]:
+        """The four (H + 2) x (W + 2) windows of the input padded by 2, at offsets 0 and 2
+        in each direction, laid out densely."""
+        if self._windows is None:
+            h, w = self.x.shape[-2:]
+            padded = F.pad(self.x, (2, 2, 2, 2))
+            layout = _layout(self.x)
+            self._windows = {(oh, ow): padded[:, :, oh: oh + h + 2, ow: ow + w + 2].contiguous(memory_format=layout)
+                             for oh in (0, 2) for ow in (0, 2)}
+        return self._windows
+
+
+def _weight_grad(x: _Prepared, grad: torch.Tensor, k: int, stride: int, padding: int, dilation: int,
                  polyphase: bool = True) -> torch.Tensor:
-    """d loss / d weight of a depthwise convolution (weight C x 1 x k x k)."""
-    c = x.shape[1]
+    """d loss / d weight of a depthwise convolution (weight C x 1 x k x k) of ``x.x``."""
+    c = x.x.shape[1]
     same = stride == 1 and 2 * padding == dilation * (k - 1)
-    if _OPTIONS["polyphase"] and polyphase and same and dilation == 2 and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
+    if (_OPTIONS["polyphase"] and polyphase and same and dilation == 2
+            and x.x.shape[-1] % 2 == 0 and x.x.shape[-2] % 2 == 0):
         # a dilation-2 kernel sees each parity sub-image separately, undilated
-        return _weight_grad(_polyphase(x), _polyphase(grad), k, 1, padding // 2, 1)
+        return _weight_grad(x.polyphase(), _polyphase(grad), k, 1, padding // 2, 1)
     if _OPTIONS["split5x5"] and same and dilation == 1 and k == 5:
         # four 3x3 weight gradients on shifted windows of the padded input
-        h, w = x.shape[-2:]
-        xp = F.pad(x, (2, 2, 2, 2))
-        probe = x.new_empty(c, 1, 3, 3)
-        blocks = {}
-        for oh in (0, 2):
-            for ow in (0, 2):
-                window = xp[:, :, oh: oh + h + 2, ow: ow + w + 2]
-                blocks[oh, ow] = _native_grads(grad, window, probe, 1, 0, 1, [False, True, False])[1]
+        probe = grad.new_empty(c, 1, 3, 3)
+        blocks = {offset: _native_grads(grad, window, probe, 1, 0, 1, [False, True, False])[1]
+                  for offset, window in x.windows().items()}
         top = torch.cat([blocks[0, 0], blocks[0, 2][..., 1:]], dim=-1)
         bottom = torch.cat([blocks[2, 0], blocks[2, 2][..., 1:]], dim=-1)
         return torch.cat([top, bottom[..., 1:, :]], dim=-2)
-    probe = x.new_empty(c, 1, k, k)
-    return _native_grads(grad, x, probe, stride, padding, dilation, [False, True, False])[1]
+    probe = grad.new_empty(c, 1, k, k)
+    return _native_grads(grad, x.x, probe, stride, padding, dilation, [False, True, False])[1]
 
 
 def depthwise_input_grad(grad: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, dilation: int) -> torch.Tensor:
@@ -177,7 +202,7 @@ class _DepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = depthwise_input_grad(grad, w, x.shape, stride, padding, dilation)
         if ctx.needs_input_grad[1] and _engine_will_need(w):
-            gw = _weight_grad(x, grad, w.shape[-1], stride, padding, dilation, polyphase)
+            gw = _weight_grad(_Prepared(x), grad, w.shape[-1], stride, padding, dilation, polyphase)
         return gx, gw, None, None, None, None
 
 
@@ -218,6 +243,7 @@ class _DepthwiseFanout(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         channels_last = x.is_contiguous(memory_format=_CL)
+        prepared = _Prepared(x)
         gx = None
         gws = [None] * len(weights)
         for i, (grad, w, (padding, dilation)) in enumerate(zip(grads, weights, ctx.confs)):
@@ -228,7 +254,7 @@ class _DepthwiseFanout(torch.autograd.Function):
                 g = depthwise_input_grad(grad, w, x.shape, 1, padding, dilation)
                 gx = g if gx is None else gx.add_(g)
             if ctx.needs_input_grad[2 + i] and _engine_will_need(w):
-                gws[i] = _weight_grad(x, grad, w.shape[-1], 1, padding, dilation)
+                gws[i] = _weight_grad(prepared, grad, w.shape[-1], 1, padding, dilation)
         return gx, None, *gws
 
 
