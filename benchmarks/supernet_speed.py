@@ -15,7 +15,9 @@ Two steps, as ``nbutils.darts.darts_search`` runs them:
 * architecture step: forward, cross-entropy, backward w.r.t. the two alphas, Adam.
 
 Throughput is images per second, from the median time of the timed iterations (warm-up
-iterations, which create oneDNN primitives and grow the heap, are excluded). Both networks
+iterations, which create oneDNN primitives and grow the heap, are excluded). A second table
+gives the speed-ups from each network's fastest iteration, the figure least disturbed by
+other load on a shared machine (as ``timeit`` advises), next to the medians' speed-ups. Both networks
 start from the same parameters and see the same random batches. ``torch.set_num_threads(2)``.
 
 Each network runs in fresh child processes (this script with ``--child``), so that neither
@@ -148,6 +150,7 @@ def main() -> None:
 
     configs = args.configs or (["quick"] if args.quick else ["darts", "quick"])
     rows = []
+    fastest = {}
     for config in configs:
         warmup = args.warmup if args.warmup is not None else (2 if config == "quick" else 1)
         iters = args.iters if args.iters is not None else (5 if config == "quick" else 3)
@@ -165,6 +168,7 @@ def main() -> None:
                       f"arch step s: {' '.join(f'{v:.2f}' for v in out['times']['arch'])}; "
                       f"peak RSS +{out['rss_delta_mb']:.0f} MB", flush=True)
         for impl in IMPLS:
+            fastest[config, impl] = {k: min(v) for k, v in times[impl].items()}
             ips = {k: CONFIGS[config]["batch"] / statistics.median(v) for k, v in times[impl].items()}
             delta, peak = max(memory[impl])
             rows.append((config, impl, ips["weight"], ips["arch"], delta, peak))
@@ -186,6 +190,17 @@ def main() -> None:
         print(f"{config:<7} {impl:<7} {w:>12.1f} {a:>11.1f} {speed:>13} {delta:>9.0f} {peak:>8.0f}")
     for config in configs:
         print(f"  {config}: {cfg_text[config]}")
+    print()
+    print("fastest iteration, seconds per step, and the speed-ups from it and from the medians")
+    header = f"{'config':<7} {'plain w/a':>11} {'fast w/a':>11} {'speed-up w/a':>13} {'(medians)':>10}"
+    print(header)
+    print("-" * len(header))
+    medians = {(config, impl): (w, a) for config, impl, w, a, *_ in rows}
+    for config in configs:
+        p, f = fastest[config, "plain"], fastest[config, "fast"]
+        (pw, pa), (fw, fa) = medians[config, "plain"], medians[config, "fast"]
+        print(f"{config:<7} {p['weight']:>5.2f}/{p['arch']:<5.2f} {f['weight']:>5.2f}/{f['arch']:<5.2f} "
+              f"{p['weight'] / f['weight']:>7.1f}x/{p['arch'] / f['arch']:.1f}x {fw / pw:>5.1f}x/{fa / pa:.1f}x")
 
 
 if __name__ == "__main__":

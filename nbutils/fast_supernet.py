@@ -16,10 +16,8 @@ What makes it faster (measured on a 2-core CPU, torch 2.14):
   transposed convolution (stride 2); the weight gradient of a dilation-2 kernel is computed
   on the four polyphase sub-images (where the kernel is undilated, a case oneDNN does fast),
   and the weight gradient of a 5x5 kernel as four 3x3 weight gradients on shifted windows.
-  A stride-2 dilation-2 convolution only ever reads even pixels, so it is computed as an
-  undilated stride-1 convolution of the even sub-image. The weight gradient is skipped when
-  the running backward pass does not need it (``loss.backward(inputs=alphas)``), as native
-  convolutions do.
+  The weight gradient is skipped when the running backward pass does not need it
+  (``loss.backward(inputs=alphas)``), as native convolutions do.
 * **work shared between the edges that read the same state**: the ``none`` operation is
   skipped (it contributes exactly zero and its column of d loss / d weights is zero, so the
   alpha gradients are unchanged: the softmax still runs over every column); ``ReLU(x)`` is
@@ -27,36 +25,58 @@ What makes it faster (measured on a 2-core CPU, torch 2.14):
   and its (affine-free) training-mode BN depend only on the state, so they are computed
   once per state and kind, and every edge's BN module gets the running-stat update it would
   get from its own forward.
+* **one autograd node for the depthwise convolutions that read one ReLU'd state**
+  (:class:`_DepthwiseFanout`), which sums their input gradients in place (the engine adds a
+  channels_last tensor's gradients out of place, a fresh tensor per reader); their weight
+  gradients share the copies of the input they read (:class:`_Prepared`: polyphase
+  sub-images, padded windows), made once instead of once per convolution.
+* **even and odd pixels through one node** (:class:`_EvenOdd`): FactorizedReduce's two
+  stride-2 1x1 convolutions read ``x[::2, ::2]`` and ``x[1::2, 1::2]``, and a stride-2
+  dilation-2 convolution reads only the even pixels, so these are taken once per state and
+  the convolutions run at stride 1 on them; the backward writes both gradients into one
+  channels_last tensor (autograd's slice backward zero-fills an NCHW tensor per slice, and
+  summing that with the other channels_last gradients ran a slow mixed-layout kernel).
 * **architecture weights folded into the batch norms**: an operation that ends in batch
   norm (all but the identity skip) is multiplied by its weight through the kernel's affine
   weight, so ``w * BN(y)`` costs no pass of its own, and the backward kernel returns the
-  alpha gradient as its weight gradient (before, a product in the forward and two products
-  and a sum in the backward per operation). The node sums add these in place; the identity
-  skips and the shared pools use ``addcmul_``.
+  alpha gradient as its weight gradient. Each cell expands its weights per channel with one
+  ``unbind`` (one stack in the backward, instead of a select and a zero-filled scatter per
+  operation). The node sums add these in place; the identity skips and the shared pools
+  go through :class:`_AddScaled`, whose backward makes one product per input (autograd's
+  ``addcmul_`` makes three).
 * **dense node gradients** (:class:`_DenseGrad`): a node's gradient arrives partly as a
   channel slice of the cell output's gradient, on which PyTorch's batch-norm backward runs
   a generic kernel several times slower; it is made dense once per node.
-* **pointwise convolutions centred through their bias** (:func:`_pointwise_batch_norm`):
-  the accurate channels_last batch norm needs a centred input (see Accuracy); for
-  ``BN(W x)`` the mean is ``W mean(x)``, subtracted by the convolution's bias, with no
-  subtraction pass.
-* **one autograd node for the depthwise convolutions that read one ReLU'd state**
-  (:class:`_DepthwiseFanout`), which sums their input gradients in place: the engine adds a
-  channels_last tensor's gradients out of place, a fresh tensor per reader.
-* the ReLU inside SepConv runs in place on its batch norm's output.
+* **pointwise convolutions centred through their bias** (:func:`_centred_pointwise`): the
+  accurate channels_last batch norm needs a centred input (see Accuracy); for ``BN(W x)``
+  the mean is ``W mean(x)``, subtracted by the convolution's bias, with no subtraction pass.
+* **running statistics updated once per forward** (:class:`_RunningStats`): seven small
+  operations per BN module, ~5000 per forward, became a handful of ``torch._foreach_*``
+  calls on the statistics the kernel returns.
+* **3x3 average pools as depthwise convolutions** with a kernel of ones, times 1 / count
+  (:func:`_pool`): ``avg_pool2d`` and its backward are 4-7x slower on channels_last.
+* the ReLU inside SepConv runs in place on its batch norm's output; the autograd Functions
+  use the ``forward(ctx, ...)`` form, because with ``setup_context`` every ``apply`` binds
+  its arguments through ``inspect.signature`` (~70 us, ~600 calls per forward). So they do
+  not support ``torch.func`` transforms (``vmap``, ``grad``); ``functional_call`` and double
+  backward work.
 
 Accuracy: PyTorch's channels_last batch-norm kernel accumulates its statistics in float32
 with a large error (~5e-6 relative at 64 x 32 x 32 values per channel, ~1e-4 when the mean
 is large against the spread, e.g. after a max pool, against ~1e-7 for the NCHW kernel);
 uncorrected, some float32 gradients came out 1e-3 off. :func:`_batch_norm` centres the input
-on its accurately reduced mean first (BN is shift-invariant) and updates the running
-statistics itself; what remains is ~1e-5 relative in float32, and float64 agrees with the
-plain network to ~1e-12.
+first (BN is shift-invariant) on its mean over the first images (:func:`_centre`, within ~2%
+of the spread of the batch mean: any shift is exact, this one is close enough for the sums)
+and adds the shift back into the running statistics; what remains is ~1e-5 relative in
+float32, and float64 agrees with the plain network to ~1e-12.
 
-Measured on the architecture step at DARTS' search configuration (one thread, time inside
-the operators): the folding and dense gradients took it from 4.9 s to 3.5 s of operator
-time; in-operator time is now 30% convolutions (compute-bound for the 1x1 ones: 17 MFLOP
-each at ~80 GFLOP/s), 25% batch norm, 8% the engine's gradient sums.
+Measured at DARTS' search configuration: the folding and dense gradients took the
+architecture step from 4.9 s to 3.5 s of operator time (one thread); the running statistics,
+the per-channel weights, the even/odd node, :class:`_AddScaled` and the pools then took 13%
+off its time, and :class:`_Prepared` 9% off the weight step's (2 threads, one process,
+median over alternating pairs of steps). Operator time is now ~60% convolutions and batch
+norms; on the 32x32 maps, whose 4 MB tensors no longer fit in cache, the convolutions run at
+about half the speed they reach in isolation.
 
 Tried and dropped: folding ``BN(W x)`` into one convolution whose weights are scaled by
 statistics from ``x``'s covariance (a faster forward at 32x32 only, a backward 2x slower);
@@ -64,9 +84,12 @@ centring the gradient that reaches batch norms (exact, but PyTorch's channels_la
 kernel came out less accurate, not more); batching the edges of one state into wider
 grouped convolutions (on this CPU large fresh tensors pay page faults, and oneDNN's grouped
 1x1 convolution is slower than separate ones); depthwise weight gradients as a grouped
-convolution with the output gradient as kernel, or via unfold (5-50x slower); pointwise
-convolutions as matrix products (no gain); NCHW layout for small networks (no measurable
-difference at the quick preset's size).
+convolution with the output gradient as kernel, or via unfold (5-50x slower), or for 5x5 on
+the batch stacked into one tall image (no gain); pointwise convolutions as matrix products
+(no gain on the architecture step, the weight step 9% slower); the scaled adds' backward as
+an eval-mode batch-norm backward (one kernel, but ~20x less accurate sums and no faster at
+16x16); a 3x3 max pool as two separable pools (2x slower); NCHW layout for small networks
+(no measurable difference at the quick preset's size).
 
 ``_OPTIONS`` switches the pieces off one by one, for measurements.
 """
@@ -470,7 +493,8 @@ class _RunningStats:
             buffers = [getattr(bn, running) for bn in modules]
             torch._foreach_mul_(buffers, [1.0 - m for m in momenta])
             torch._foreach_add_(buffers, torch._foreach_mul(batch, momenta))
-        self.__init__()
+        for collected in (self.bns, self.means, self.invstds, self.counts):
+            collected.clear()
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:

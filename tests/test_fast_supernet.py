@@ -323,3 +323,29 @@ def test_even_odd_pixels_gradgradcheck(size):
     (grad,) = torch.autograd.grad(odd.sum(), x)
     assert grad.is_contiguous(memory_format=torch.channels_last)
     assert grad[:, :, 1::2, 1::2].eq(1).all() and grad.sum() == odd.numel()
+
+
+@pytest.mark.parametrize("stride,size", [(1, (6, 6)), (1, (5, 7)), (2, (6, 6)), (2, (7, 5))])
+def test_average_pool_as_depthwise_convolution(stride, size):
+    from nbutils.fast_supernet import _pool
+    pool = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+    g = torch.Generator().manual_seed(stride * 100 + size[0])
+    x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    ours, ref = _pool(x, pool), pool(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    v = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (g_ours,), (g_ref,) = torch.autograd.grad((ours * v).sum(), x), torch.autograd.grad((ref * v).sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_running_stats_with_cumulative_momentum():
+    """``momentum=None`` (a cumulative average, 1 / num_batches_tracked) as F.batch_norm does."""
+    plain, fast = pair(channels=4, layers=3, in_channels=3)
+    for model in (plain, fast):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+    for seed in (0, 1):
+        x, y = data(4, 3, 8, seed=seed)
+        assert_same(run(fast, x, y), run(plain, x, y))
