@@ -17,8 +17,9 @@ Two steps, as ``nbutils.darts.darts_search`` runs them:
 Throughput is images per second, from the median time of the timed iterations (warm-up
 iterations, which create oneDNN primitives and grow the heap, are excluded). A second table
 gives the speed-ups from each network's fastest iteration, the figure least disturbed by
-other load on a shared machine (as ``timeit`` advises), next to the medians' speed-ups. Both networks
-start from the same parameters and see the same random batches. ``torch.set_num_threads(2)``.
+other load on a shared machine (as ``timeit`` advises), next to the medians' speed-ups.
+Both networks start from the same parameters and see the same random batches.
+``torch.set_num_threads(2)``.
 
 Each network runs in fresh child processes (this script with ``--child``), so that neither
 inherits the other's heap: in one process, the plain network's 9 GB of freed activations

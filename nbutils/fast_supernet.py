@@ -115,6 +115,11 @@ _POOLS = ("max_pool_3x3", "avg_pool_3x3")
 _OPTIONS = {"channels_last": True, "split5x5": True, "polyphase": True, "flip_input_grad": True, "custom_dw": True}
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format ``x`` is dense in: channels_last, or the default."""
+    return _CL if x.is_contiguous(memory_format=_CL) and not x.is_contiguous() else torch.contiguous_format
+
+
 # --------------------------------------------------------------------------- depthwise convolution
 
 
@@ -220,7 +225,7 @@ class _DepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         stride, padding, dilation, polyphase = ctx.conf
-        grad = grad.contiguous(memory_format=_CL) if x.is_contiguous(memory_format=_CL) else grad.contiguous()
+        grad = grad.contiguous(memory_format=_layout(x))
         gx = gw = None
         if ctx.needs_input_grad[0]:
             gx = depthwise_input_grad(grad, w, x.shape, stride, padding, dilation)
@@ -265,14 +270,14 @@ class _DepthwiseFanout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
-        channels_last = x.is_contiguous(memory_format=_CL)
+        layout = _layout(x)
         prepared = _Prepared(x)
         gx = None
         gws = [None] * len(weights)
         for i, (grad, w, (padding, dilation)) in enumerate(zip(grads, weights, ctx.confs)):
             if grad is None:
                 continue
-            grad = grad.contiguous(memory_format=_CL) if channels_last else grad.contiguous()
+            grad = grad.contiguous(memory_format=layout)
             if ctx.needs_input_grad[0]:
                 g = depthwise_input_grad(grad, w, x.shape, 1, padding, dilation)
                 gx = g if gx is None else gx.add_(g)
@@ -298,10 +303,6 @@ def _depthwise_fanout(x: torch.Tensor, convs: list[nn.Conv2d], on_even: bool = F
         confs = tuple((padding, dilation) for _, _, padding, dilation in specs)
         return list(_DepthwiseFanout.apply(x, confs, *(w for w, *_ in specs)))
     return [depthwise_conv2d(x, w, stride, padding, dilation) for w, stride, padding, dilation in specs]
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    return _CL if x.is_contiguous(memory_format=_CL) and not x.is_contiguous() else torch.contiguous_format
 
 
 class _EvenOdd(torch.autograd.Function):
@@ -529,7 +530,7 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, share
         bias = None if bias is None else bias * scale
     if not bn.training and bn.track_running_stats:
         return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
-    if centre is None and not x.is_contiguous():
+    if centre is None and _layout(x) == _CL:
         with torch.no_grad():
             centre = _centre(x)
         x = x - centre.view(1, -1, 1, 1)
