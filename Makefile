@@ -8,7 +8,7 @@ PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-SYSTEM_PACKAGES := graphviz dataset-fashion-mnist
+SYSTEM_PACKAGES := graphviz dataset-fashion-mnist gcc
 
 .PHONY: report test lab setup system-deps clean-outputs
 
@@ -34,9 +34,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m nbutils install-kernel
 	touch $(STAMP)
 
-# graphviz's `dot` draws the cells; Debian's dataset-fashion-mnist is the embedded dataset.
+# graphviz's `dot` draws the cells; Debian's dataset-fashion-mnist is the embedded dataset; a C compiler
+# builds the fast supernet's batch-norm kernels (nbutils/channels_last_batch_norm.py) on first use.
 system-deps:
-	@if command -v dot >/dev/null 2>&1 && [ -d /usr/share/datasets/fashion-mnist ]; then exit 0; fi; \
+	@if command -v dot >/dev/null 2>&1 && [ -d /usr/share/datasets/fashion-mnist ] && command -v cc >/dev/null 2>&1; then exit 0; fi; \
 	if command -v apt-get >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else SUDO=none; fi; \
 	  if [ "$$SUDO" != none ]; then \
@@ -47,7 +48,7 @@ system-deps:
 	    exit 0; \
 	  fi; \
 	fi; \
-	echo "warning: please install graphviz (the 'dot' program: apt, brew or conda install graphviz) and"; \
+	echo "warning: please install a C compiler (cc), graphviz (the 'dot' program: apt, brew or conda install graphviz) and"; \
 	echo "         Fashion-MNIST (Debian: apt install dataset-fashion-mnist; elsewhere set download: true in"; \
 	echo "         params/<preset>/grid.yaml, or point NBUTILS_DATA_ROOT at a torchvision data folder)."
 

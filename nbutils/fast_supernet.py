@@ -101,6 +101,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import channels_last_batch_norm
 from .genotype import STEPS
 from .ops import FactorizedReduce, ReLUConvBN
 from .supernet import SearchCell, SuperNet
@@ -112,7 +113,8 @@ _SEP = ("sep_conv_3x3", "sep_conv_5x5")
 _DIL = ("dil_conv_3x3", "dil_conv_5x5")
 _POOLS = ("max_pool_3x3", "avg_pool_3x3")
 #: implementation switches, for measurements (all on by default)
-_OPTIONS = {"channels_last": True, "split5x5": True, "polyphase": True, "flip_input_grad": True, "custom_dw": True}
+_OPTIONS = {"channels_last": True, "split5x5": True, "polyphase": True, "flip_input_grad": True, "custom_dw": True,
+            "c_batch_norm": True}
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -405,7 +407,7 @@ def _centred_pointwise(x: torch.Tensor, weight: torch.Tensor, bn: nn.BatchNorm2d
     ``weight @ mean(x)``. Batch norm ignores the shift, and its channels_last kernel gets the
     centred input it needs for accurate sums (see :func:`_batch_norm`) without a
     subtraction pass of its own."""
-    if (bn.training or bn.running_mean is None) and _layout(x) == _CL:
+    if (bn.training or bn.running_mean is None) and _layout(x) == _CL and not _c_kernel(x):
         with torch.no_grad():
             centre = weight.flatten(1) @ _centre(x)
         return F.conv2d(x, weight, -centre), centre
@@ -413,18 +415,19 @@ def _centred_pointwise(x: torch.Tensor, weight: torch.Tensor, bn: nn.BatchNorm2d
 
 
 def _pointwise_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, stats: _RunningStats,
-                          scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``bn(conv(x))`` for a 1x1 convolution (see :func:`_centred_pointwise`), times ``scale``."""
+                          scale: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """``bn(conv(x))`` for a 1x1 convolution (see :func:`_centred_pointwise`), times ``scale``,
+    then ReLU if ``relu``."""
     if conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.kernel_size == (1, 1):
         y, centre = _centred_pointwise(x, conv.weight, bn)
-        return _batch_norm(y, bn, stats, scale=scale, centre=centre)
-    return _batch_norm(conv(x), bn, stats, scale=scale)
+        return _batch_norm(y, bn, stats, scale=scale, centre=centre, relu=relu)
+    return _batch_norm(conv(x), bn, stats, scale=scale, relu=relu)
 
 
 def _sep_conv(d: torch.Tensor, op: nn.Sequential, stats: _RunningStats, scale: torch.Tensor | None = None) -> torch.Tensor:
     """SepConv (op: ReLU, dw, pw, BN, ReLU, dw, pw, BN) from the output ``d`` of its first
     depthwise convolution on the ReLU'd input, times ``scale``."""
-    t = _pointwise_batch_norm(d, op[2], op[3], stats).relu_()   # BN's backward needs its input only
+    t = _pointwise_batch_norm(d, op[2], op[3], stats, relu=True)
     return _pointwise_batch_norm(_dw(t, op[5]), op[6], op[7], stats, scale=scale)
 
 
@@ -506,8 +509,14 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     return x[: min(n, -(-2048 // (h * w)))].mean(dim=(0, 2, 3))
 
 
+def _c_kernel(x: torch.Tensor) -> bool:
+    """Whether a training-mode batch norm of ``x`` (or of a 1x1 convolution of it) runs on the
+    C kernels of :mod:`nbutils.channels_last_batch_norm`."""
+    return _OPTIONS["c_batch_norm"] and channels_last_batch_norm.applies(x)
+
+
 def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, shared: list[nn.BatchNorm2d] | None = None,
-                scale: torch.Tensor | None = None, centre: torch.Tensor | None = None) -> torch.Tensor:
+                scale: torch.Tensor | None = None, centre: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """``bn(x)``, accurate in channels_last too; times ``scale`` (per channel) if given.
 
     PyTorch's channels_last batch-norm kernel accumulates its statistics with a large float32
@@ -529,12 +538,18 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, share
         weight = scale if weight is None else weight * scale
         bias = None if bias is None else bias * scale
     if not bn.training and bn.track_running_stats:
-        return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
-    if centre is None and _layout(x) == _CL:
-        with torch.no_grad():
-            centre = _centre(x)
-        x = x - centre.view(1, -1, 1, 1)
-    out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, bn.eps)
+        out = F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
+        return out.relu_() if relu else out
+    if _c_kernel(x):
+        out, mean, invstd = channels_last_batch_norm.BatchNormFunction.apply(x, weight, bias, bn.eps, relu)
+    else:
+        if centre is None and _layout(x) == _CL:
+            with torch.no_grad():
+                centre = _centre(x)
+            x = x - centre.view(1, -1, 1, 1)
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, bn.eps)
+        if relu:
+            out = out.relu_()   # batch norm's backward needs its input only
     if centre is not None:
         mean = mean + centre
     stats.add([bn] + list(shared or ()), mean, invstd, x.numel() // x.shape[1])
@@ -672,6 +687,6 @@ class FastSuperNet(SuperNet):
             # tests), while the generic kernel, which runs on the strided gradient and sums in
             # double, does not; the last cell is the smallest, so this costs little.
             s0, s1 = s1, _cell_forward(cell, s0, s1, w_reduce if cell.reduction else w_normal, stats,
-                                       dense_grads=i < last)
+                                       dense_grads=i < last or _c_kernel(s1))
         stats.apply()
         return self.classifier(self.global_pooling(s1).flatten(1))

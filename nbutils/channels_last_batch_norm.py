@@ -1,0 +1,196 @@
+"""Training-mode batch norm (optionally followed by a ReLU) on channels_last CPU tensors, in C.
+
+PyTorch's CPU batch norm on channels_last tensors is slow for the narrow tensors of a DARTS
+supernet (16-64 channels) and inaccurate in float32: it accumulates its sums in float32, with
+~1e-5 relative error at 64 x 32 x 32 values per channel (~1e-4 when the mean is large against
+the spread). The kernels in ``batch_norm_kernels.c`` view the tensor as an (M, C) matrix, sum
+over blocks of 16 rows in the tensor's type and over blocks in double, shifted by the first
+row, so the statistics are accurate to ~1e-7 relative without centring the input first; the
+backward computes the weight and bias gradients and the input gradient in two passes over
+``grad`` and ``x``; and a ReLU after the norm is fused into both (its backward recomputes the
+mask from ``x``, so nothing more is saved). Measured at 64 x 16 x 32 x 32, two threads:
+forward 0.36 ms against 0.52 ms, backward 0.26 ms against 0.60 ms (0.40 ms with the ReLU,
+whose own backward pass costs 0.19 ms more in PyTorch).
+
+The C source is compiled on first use with the system's C compiler (``cc``, ``-O3
+-march=native -fopenmp``) into a per-user cache keyed by the source, the flags and the CPU;
+it calls no PyTorch API (``ctypes`` passes raw pointers), so it builds in about a second and
+shares PyTorch's OpenMP runtime (the same ``libgomp.so.1`` soname), whose thread count
+``torch.set_num_threads`` sets. Without a compiler, or with ``NBUTILS_NO_C_KERNELS=1``,
+:func:`available` is false and callers use PyTorch's kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["available", "applies", "batch_norm", "BatchNormFunction"]
+
+_SOURCES = [Path(__file__).with_name(name) for name in ("batch_norm_kernels.c", "batch_norm_kernels.h")]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+_DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NBUTILS_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nbutils", "kernels")
+    return Path(root)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, from the cache or compiled now (atomically: concurrent processes
+    each write a temporary file and rename it)."""
+    key = hashlib.sha256()
+    for source in _SOURCES:
+        key.update(source.read_bytes())
+    key.update(" ".join([compiler, *_FLAGS, platform.machine(), _cpu_flags()]).encode())
+    target = _cache_dir() / f"batch_norm_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCES[0]), "-o", tmp, "-lm"], check=True, capture_output=True,
+                       text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("NBUTILS_NO_C_KERNELS"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: batch norm runs on PyTorch's kernels")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        log.warning("could not build the C batch-norm kernels (%s): PyTorch's kernels are used", detail.strip()[:500])
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for suffix in _DTYPES.values():
+        forward = getattr(lib, "bn_forward" + suffix)
+        forward.argtypes = [p, i64, i64, p, p, ctypes.c_double, ctypes.c_int, p, p, p]
+        forward.restype = None
+        backward = getattr(lib, "bn_backward" + suffix)
+        backward.argtypes = [p, p, i64, i64, p, p, p, p, ctypes.c_int, p, p, p]
+        backward.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the C kernels are built and loaded (building them on first call)."""
+    return _library() is not None
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether :func:`batch_norm` runs ``x`` through the C kernels: a CPU float32/float64
+    tensor, 4-D, dense in channels_last, with more than one value per channel."""
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 4 and x.shape[1] > 0
+            and x.numel() > x.shape[1] and x.is_contiguous(memory_format=torch.channels_last)
+            and available())
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _operand(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """A per-channel vector as the kernels read it: dense, of ``like``'s dtype, no autograd."""
+    return None if t is None else t.detach().to(like.dtype).contiguous()
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """``native_batch_norm(x, weight, bias, training=True)``, then ``relu`` if asked, through
+    the C kernels; returns ``(out, mean, invstd)`` (the last two not differentiable). The
+    backward runs the C kernel, or, when a graph of the backward is asked for (double
+    backward), PyTorch's differentiable batch-norm backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, relu: bool):
+        c = x.shape[1]
+        w, b = _operand(weight, x), _operand(bias, x)
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        mean, invstd = x.new_empty(c), x.new_empty(c)
+        getattr(_library(), "bn_forward" + _DTYPES[x.dtype])(
+            _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), eps, int(relu), _pointer(out), _pointer(mean),
+            _pointer(invstd))
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps, ctx.relu = eps, relu
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _invstd):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():   # create_graph: differentiable operations
+            return (*_differentiable_backward(grad, x, weight, bias, mean, invstd, ctx.eps, ctx.relu,
+                                              (need_x, need_w, need_b)), None, None)
+        c = x.shape[1]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        w, b = _operand(weight, x), _operand(bias, x)
+        gx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
+        gw = x.new_empty(c) if need_w else None
+        gb = x.new_empty(c) if need_b else None
+        if need_x or need_w or need_b:
+            getattr(_library(), "bn_backward" + _DTYPES[x.dtype])(
+                _pointer(grad), _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), _pointer(mean),
+                _pointer(invstd), int(ctx.relu), _pointer(gx), _pointer(gw), _pointer(gb))
+        return gx, _like(gw, weight), _like(gb, bias), None, None
+
+
+def _like(g: torch.Tensor | None, param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if g is None or param is None else g.to(param.dtype)
+
+
+def _differentiable_backward(grad, x, weight, bias, mean, invstd, eps, relu, mask):
+    if relu:
+        out = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)[0]
+        grad = grad * (out > 0)
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        grad, x, weight, None, None, mean, invstd, True, eps, list(mask))
+    return gx, gw, gb
+
+
+def batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               relu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode batch norm of ``x`` with batch statistics, then ReLU if ``relu``:
+    ``(out, mean, invstd)`` as ``torch.native_batch_norm`` returns them. Through the C kernels
+    when :func:`applies`, else PyTorch's."""
+    if applies(x):
+        return BatchNormFunction.apply(x, weight, bias, eps, relu)
+    out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    return (out.relu_() if relu else out), mean, invstd
