@@ -101,7 +101,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import channels_last_batch_norm
+from . import channels_last_kernels
 from .genotype import STEPS
 from .ops import FactorizedReduce, ReLUConvBN
 from .supernet import SearchCell, SuperNet
@@ -114,7 +114,7 @@ _DIL = ("dil_conv_3x3", "dil_conv_5x5")
 _POOLS = ("max_pool_3x3", "avg_pool_3x3")
 #: implementation switches, for measurements (all on by default)
 _OPTIONS = {"channels_last": True, "split5x5": True, "polyphase": True, "flip_input_grad": True, "custom_dw": True,
-            "c_batch_norm": True}
+            "c_kernels": True}
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -352,10 +352,7 @@ class _NodeSum:
 
     def add(self, scale: torch.Tensor, value: torch.Tensor) -> None:
         """Add ``scale * value``, ``scale`` per channel."""
-        if self.total is None:
-            self.total = value * scale.view(1, -1, 1, 1)
-        else:
-            self.total = _AddScaled.apply(self.total, value, scale)
+        self.total = _AddScaled.apply(self.total, value, scale)
 
     def state(self, dense_grad: bool) -> torch.Tensor:
         """The node's tensor; ``dense_grad``: hand its gradient on densely laid out."""
@@ -363,21 +360,31 @@ class _NodeSum:
 
 
 class _AddScaled(torch.autograd.Function):
-    """``total.addcmul_(value, scale)`` with ``scale`` per channel; its backward makes one
-    full-size product per input (autograd's own ``addcmul_`` backward makes three)."""
+    """``total.addcmul_(value, scale)`` with ``scale`` per channel, or ``value * scale`` when
+    ``total`` is None. Its backward makes ``grad * scale`` and the per-channel sums of
+    ``grad * value`` in one pass of a C kernel (:func:`channels_last_kernels.scaled_add_backward`),
+    or one full-size product per input (autograd's own ``addcmul_`` backward makes three)."""
 
     @staticmethod
     def forward(ctx, total, value, scale):
-        ctx.mark_dirty(total)
         ctx.save_for_backward(value, scale)
+        ctx.has_total = total is not None
+        if total is None:
+            return value * scale.view(1, -1, 1, 1)
+        ctx.mark_dirty(total)
         return total.addcmul_(value, scale.view(1, -1, 1, 1))
 
     @staticmethod
     def backward(ctx, grad):
         value, scale = ctx.saved_tensors
-        grad_value = grad * scale.view(1, -1, 1, 1) if ctx.needs_input_grad[1] else None
-        grad_scale = (grad * value).sum(dim=(0, 2, 3)) if ctx.needs_input_grad[2] else None
-        return grad, grad_value, grad_scale
+        need_value, need_scale = ctx.needs_input_grad[1:]
+        if _c_kernel(value) and not torch.is_grad_enabled():
+            grad_value, grad_scale = channels_last_kernels.scaled_add_backward(grad, value, scale, need_value,
+                                                                                need_scale)
+        else:
+            grad_value = grad * scale.view(1, -1, 1, 1) if need_value else None
+            grad_scale = (grad * value).sum(dim=(0, 2, 3)) if need_scale else None
+        return (grad if ctx.has_total else None), grad_value, grad_scale
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -511,8 +518,8 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
 
 def _c_kernel(x: torch.Tensor) -> bool:
     """Whether a training-mode batch norm of ``x`` (or of a 1x1 convolution of it) runs on the
-    C kernels of :mod:`nbutils.channels_last_batch_norm`."""
-    return _OPTIONS["c_batch_norm"] and channels_last_batch_norm.applies(x)
+    C kernels of :mod:`nbutils.channels_last_kernels`."""
+    return _OPTIONS["c_kernels"] and channels_last_kernels.applies(x)
 
 
 def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, shared: list[nn.BatchNorm2d] | None = None,
@@ -541,7 +548,7 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, share
         out = F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
         return out.relu_() if relu else out
     if _c_kernel(x):
-        out, mean, invstd = channels_last_batch_norm.BatchNormFunction.apply(x, weight, bias, bn.eps, relu)
+        out, mean, invstd = channels_last_kernels.BatchNormFunction.apply(x, weight, bias, bn.eps, relu)
     else:
         if centre is None and _layout(x) == _CL:
             with torch.no_grad():

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbutils import fast_supernet
 from nbutils.fast_supernet import FastSuperNet, depthwise_conv2d
 from nbutils.genotype import NUM_EDGES
 from nbutils.ops import PRIMITIVES
@@ -141,8 +142,16 @@ CASES = {
 }
 
 
+@pytest.fixture(params=[True, False], ids=["C kernels", "PyTorch kernels"])
+def c_kernels(request, monkeypatch):
+    """Both implementations of the batch norms and scaled adds: the C kernels of
+    :mod:`nbutils.channels_last_kernels` and the PyTorch fallback used without a compiler."""
+    monkeypatch.setitem(fast_supernet._OPTIONS, "c_kernels", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_same_logits_gradients_and_running_stats_float64(name):
+def test_same_logits_gradients_and_running_stats_float64(name, c_kernels):
     case = CASES[name]
     plain, fast = pair(**case["kw"])
     x, y = data(*case["x"])
@@ -211,7 +220,7 @@ def test_arch_only_backward_gives_alpha_gradients_and_no_weight_gradients():
     ((4, 1, 14), dict(channels=4, layers=5, in_channels=1,
                       switches_normal=random_switches(5, 7, True), switches_reduce=random_switches(5, 8, True))),
 ])
-def test_float32_as_accurate_as_plain(shape, kw):
+def test_float32_as_accurate_as_plain(shape, kw, c_kernels):
     ref64 = run(*pair(torch.float64, **kw)[:1], *data(*shape))
     plain, fast = pair(torch.float32, **kw)
     x, y = data(*shape, dtype=torch.float32)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nbutils import channels_last_batch_norm as cbn
+from nbutils import channels_last_kernels as cbn
 
 CL = torch.channels_last
 
@@ -135,7 +135,7 @@ def test_other_tensors_take_pytorchs_kernel():
 
 
 def test_builds_into_the_cache_and_can_be_switched_off(tmp_path):
-    script = ("from nbutils import channels_last_batch_norm as c; import sys, pathlib; "
+    script = ("from nbutils import channels_last_kernels as c; import sys, pathlib; "
               "print(c.available(), len(list(pathlib.Path(sys.argv[1]).glob('*.so'))))")
     env = dict(os.environ, NBUTILS_KERNEL_CACHE=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
@@ -145,3 +145,20 @@ def test_builds_into_the_cache_and_can_be_switched_off(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["False", "1"]
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("need_value,need_scale", [(True, True), (True, False), (False, True)])
+def test_scaled_add_backward_matches_autograd(dtype, bound, need_value, need_scale):
+    value, grad, scale, _ = _data((6, 12, 9, 7), dtype)
+    strided_grad = torch.randn(6, 24, 9, 7, dtype=dtype).contiguous(memory_format=CL)[:, 12:]   # a channel slice
+    for g in (grad, strided_grad):
+        v64, s64 = value.double().requires_grad_(), scale.double().requires_grad_()
+        ref_value, ref_scale = torch.autograd.grad(v64 * s64.view(1, -1, 1, 1), (v64, s64), g.double())
+        grad_value, grad_scale = cbn.scaled_add_backward(g, value, scale, need_value, need_scale)
+        assert (grad_value is not None) == need_value and (grad_scale is not None) == need_scale
+        if need_value:
+            assert grad_value.dtype == dtype and grad_value.is_contiguous(memory_format=CL)
+            assert _relative(grad_value, ref_value) < bound
+        if need_scale:
+            assert grad_scale.shape == scale.shape and _relative(grad_scale, ref_scale) < bound

@@ -1,4 +1,4 @@
-/* Included by batch_norm_kernels.c once per SCALAR type (float, double). */
+/* Included by channels_last_kernels.c once per SCALAR type (float, double). */
 
 /* Rows [begin, end) of thread `t` among `nt` threads, in contiguous blocks. */
 static inline void CONCAT(rows_of, SUFFIX)(int64_t m, int t, int nt, int64_t *begin, int64_t *end) {
@@ -186,4 +186,40 @@ void CONCAT(bn_backward, SUFFIX)(const SCALAR *grad, const SCALAR *x, int64_t m,
     }
     free(partial);
     free(a);
+}
+
+/* The backward of out = total + value * scale, scale per channel, in one pass:
+ * grad_value = grad * scale and grad_scale = sum over rows of grad * value (either may be NULL). */
+void CONCAT(scaled_add_backward, SUFFIX)(const SCALAR *restrict grad, const SCALAR *restrict value, int64_t m,
+                                         int64_t c, const SCALAR *restrict scale, SCALAR *restrict grad_value,
+                                         SCALAR *restrict grad_scale) {
+    int nt = CONCAT(threads_for, SUFFIX)(m);
+    double *partial = calloc((size_t)nt * c, sizeof(double));
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num();
+        int64_t begin, end;
+        CONCAT(rows_of, SUFFIX)(m, t, nt, &begin, &end);
+        double *restrict s = partial + (size_t)t * c;
+        SCALAR f[c];
+        for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
+            int64_t i1 = i0 + BLOCK < end ? i0 + BLOCK : end;
+            if (grad_value)
+                for (int64_t i = i0; i < i1; ++i)
+                    for (int64_t j = 0; j < c; ++j) grad_value[i * c + j] = grad[i * c + j] * scale[j];
+            if (grad_scale) {
+                for (int64_t j = 0; j < c; ++j) f[j] = 0;
+                for (int64_t i = i0; i < i1; ++i)
+                    for (int64_t j = 0; j < c; ++j) f[j] += grad[i * c + j] * value[i * c + j];
+                for (int64_t j = 0; j < c; ++j) s[j] += f[j];
+            }
+        }
+    }
+    if (grad_scale)
+        for (int64_t j = 0; j < c; ++j) {
+            double total = 0.0;
+            for (int k = 0; k < nt; ++k) total += partial[(size_t)k * c + j];
+            grad_scale[j] = (SCALAR)total;
+        }
+    free(partial);
 }

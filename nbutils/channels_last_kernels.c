@@ -1,0 +1,32 @@
+/* Kernels of the fast supernet for channels_last tensors, viewed as (M, C) row-major matrices
+ * (M = N * H * W values per channel): training-mode batch norm with an optional ReLU after
+ * it, forward and backward, and the backward of a per-channel scaled add.
+ *
+ * Compiled and loaded by nbutils/channels_last_kernels.py; see there for why.
+ * Per-channel sums are accumulated in SCALAR over blocks of rows and in double over blocks
+ * (batch-norm statistics shifted by the first row, so a large mean does not cancel), one
+ * partial sum per OpenMP thread, added in thread order (deterministic for a thread count).
+ * The same source compiles once for float (suffix _f32) and once for double (_f64).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define CONCAT_(a, b) a##b
+#define CONCAT(a, b) CONCAT_(a, b)
+#define BLOCK 16              /* rows summed in SCALAR before the sums go to double */
+#define MIN_ROWS_PER_THREAD 256
+
+#define SCALAR float
+#define SUFFIX _f32
+#include "channels_last_kernels.h"
+#undef SCALAR
+#undef SUFFIX
+
+#define SCALAR double
+#define SUFFIX _f64
+#include "channels_last_kernels.h"
+#undef SCALAR
+#undef SUFFIX
