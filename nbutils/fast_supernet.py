@@ -645,18 +645,21 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
                 nodes[node].add_owned(_batch_norm(pooled, op[1], stats, scale=wk))
 
 
-def _preprocess(module: nn.Module, x: torch.Tensor, stats: _RunningStats) -> torch.Tensor:
+def _preprocess(module: nn.Module, relu_x: torch.Tensor, stats: _RunningStats) -> torch.Tensor:
+    """``module(x)`` for a preprocessing module, both of whose kinds start with ``ReLU``, from
+    ``relu_x = ReLU(x)``: each cell output is read by two preprocessings (of the next two
+    cells), which share its ReLU."""
     if isinstance(module, ReLUConvBN):
-        return _pointwise_batch_norm(F.relu(x), module[1], module[2], stats)
+        return _pointwise_batch_norm(relu_x, module[1], module[2], stats)
     if isinstance(module, FactorizedReduce):
-        return _factorized_reduce(_EvenOdd.apply(F.relu(x)), module, stats)
-    return module(x)  # pragma: no cover
+        return _factorized_reduce(_EvenOdd.apply(relu_x), module, stats)
+    raise TypeError(f"unexpected preprocessing module {type(module).__name__}")  # pragma: no cover
 
 
-def _cell_forward(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+def _cell_forward(cell: SearchCell, relu_s0: torch.Tensor, relu_s1: torch.Tensor, weights: torch.Tensor,
                   stats: _RunningStats, dense_grads: bool = True) -> torch.Tensor:
-    """One search cell; ``dense_grads``: see :class:`_DenseGrad`."""
-    states = [_preprocess(cell.preprocess0, s0, stats), _preprocess(cell.preprocess1, s1, stats)]
+    """One search cell, from the ReLU of its two inputs; ``dense_grads``: see :class:`_DenseGrad`."""
+    states = [_preprocess(cell.preprocess0, relu_s0, stats), _preprocess(cell.preprocess1, relu_s1, stats)]
     # the architecture weights expanded per channel, one vector per (edge, operation): one
     # unbind (a single stack in the backward) instead of a select per operation, and each
     # vector is the batch-norm weight its operation's output gets (see _batch_norm)
@@ -685,7 +688,8 @@ class FastSuperNet(SuperNet):
         if _OPTIONS["channels_last"]:
             x = x.contiguous(memory_format=_CL)
         stats = _RunningStats()
-        s0 = s1 = _batch_norm(conv(x), bn, stats)
+        out = _batch_norm(conv(x), bn, stats)
+        relu_s0 = relu_s1 = F.relu(out)
         last = len(self.cells) - 1
         for i, cell in enumerate(self.cells):
             # The last cell's gradient comes from the global average pool: constant over each
@@ -693,7 +697,8 @@ class FastSuperNet(SuperNet):
             # float32 pixel after pixel, loses accuracy on it (~20x plain's error in float32
             # tests), while the generic kernel, which runs on the strided gradient and sums in
             # double, does not; the last cell is the smallest, so this costs little.
-            s0, s1 = s1, _cell_forward(cell, s0, s1, w_reduce if cell.reduction else w_normal, stats,
-                                       dense_grads=i < last or _c_kernel(s1))
+            out = _cell_forward(cell, relu_s0, relu_s1, w_reduce if cell.reduction else w_normal, stats,
+                                dense_grads=i < last or _c_kernel(out))
+            relu_s0, relu_s1 = relu_s1, (F.relu(out) if i < last else None)
         stats.apply()
-        return self.classifier(self.global_pooling(s1).flatten(1))
+        return self.classifier(self.global_pooling(out).flatten(1))
