@@ -27,6 +27,10 @@ slowed the fast network's next steps by 20-50%. The load of a shared machine dri
 more over minutes, so the children alternate, plain, fast, fast, plain, ... (``--rounds``
 pairs), and each network's median is taken over all its timed iterations.
 
+Both networks' processes keep freed memory for their next tensors (:mod:`nbutils.malloc`, as
+the runner's notebook kernels do); ``--malloc default`` measures glibc's defaults instead, where
+each step faults its large tensors in again (the fast network loses more to that).
+
 Peak memory: PyTorch's CPU allocations are invisible to ``tracemalloc``, so each child reads
 its peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) once the model,
 optimisers and data exist, and again after all steps: the difference is the peak memory the
@@ -103,10 +107,15 @@ class _Bench:
         return time.perf_counter() - t
 
 
-def child(config: str, impl: str, warmup: int, iters: int, threads: int) -> dict:
+def child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc: str) -> dict:
     """Seconds per step and the peak memory the steps add, in a fresh process."""
     import torch
 
+    if malloc == "keep":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from nbutils.malloc import keep_freed_memory
+        if not keep_freed_memory():
+            raise SystemExit("--malloc keep needs glibc; use --malloc default")
     torch.set_num_threads(threads)
     b = _Bench(config, impl, warmup + iters)
     rss_before = _maxrss_mb()
@@ -121,9 +130,9 @@ def child(config: str, impl: str, warmup: int, iters: int, threads: int) -> dict
     return {"times": times, "rss_peak_mb": rss_after, "rss_delta_mb": rss_after - rss_before}
 
 
-def run_child(config: str, impl: str, warmup: int, iters: int, threads: int) -> dict:
+def run_child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", config, impl,
-           "--warmup", str(warmup), "--iters", str(iters), "--threads", str(threads)]
+           "--warmup", str(warmup), "--iters", str(iters), "--threads", str(threads), "--malloc", malloc]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -136,6 +145,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per child (default 3, quick 5)")
     parser.add_argument("--rounds", type=int, default=2, help="plain/fast child pairs, alternating (default 2)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep freed memory in the process (nbutils.malloc, default) or glibc's defaults")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     for name, least in (("warmup", 0), ("iters", 1), ("rounds", 1), ("threads", 1)):
@@ -146,7 +157,7 @@ def main() -> None:
     if args.child:
         config, impl = args.child
         warmup = 1 if args.warmup is None else args.warmup
-        print(json.dumps(child(config, impl, warmup, args.iters or 3, args.threads)))
+        print(json.dumps(child(config, impl, warmup, args.iters or 3, args.threads, args.malloc)))
         return
 
     configs = args.configs or (["quick"] if args.quick else ["darts", "quick"])
@@ -160,7 +171,7 @@ def main() -> None:
         for r in range(args.rounds):
             for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):
                 t0 = time.perf_counter()
-                out = run_child(config, impl, warmup, iters, args.threads)
+                out = run_child(config, impl, warmup, iters, args.threads, args.malloc)
                 for kind in times[impl]:
                     times[impl][kind] += out["times"][kind]
                 memory[impl].append((out["rss_delta_mb"], out["rss_peak_mb"]))
@@ -176,7 +187,7 @@ def main() -> None:
     print()
     cfg_text = {k: f"C={v['channels']}, {v['layers']} cells, batch {v['batch']}, {v['in_channels']}x{v['size']}x{v['size']}"
                 for k, v in CONFIGS.items()}
-    print(f"threads: {args.threads}; images/s from the median timed iteration over {args.rounds} alternating child pairs; "
+    print(f"threads: {args.threads}; malloc: {args.malloc}; images/s from the median timed iteration over {args.rounds} alternating child pairs; "
           "memory: peak RSS added by the steps")
     header = f"{'config':<7} {'network':<7} {'weight img/s':>12} {'arch img/s':>11} {'speed-up w/a':>13} {'peak +MB':>9} {'peak MB':>8}"
     print(header)

@@ -18,20 +18,22 @@ import logging
 import sys
 
 from .data import DatasetNotFound
+from .malloc import MALLOC_ENV
 from .params import ParamsError
 
 
 def install_kernel() -> None:
     """Register this interpreter as the ``nbutils`` kernel in ``sys.prefix`` (the venv), where
     papermill and JupyterLab started from the venv find it. The kernel logs at ERROR level so
-    headless runs are not cluttered by its start-up warnings."""
+    headless runs are not cluttered by its start-up warnings, and starts with the malloc
+    settings of :mod:`nbutils.malloc`."""
     import tempfile
 
     from ipykernel.kernelspec import write_kernel_spec
     from jupyter_client.kernelspec import KernelSpecManager
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_kernel_spec(tmp + "/nbutils", overrides={"display_name": "Python (nbutils)"},
+        path = write_kernel_spec(tmp + "/nbutils", overrides={"display_name": "Python (nbutils)", "env": MALLOC_ENV},
                                  extra_arguments=["--IPKernelApp.log_level=ERROR"])
         where = KernelSpecManager().install_kernel_spec(path, "nbutils", prefix=sys.prefix)
     print(f"kernel 'nbutils' installed in {where}")

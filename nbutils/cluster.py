@@ -23,17 +23,20 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+from .malloc import MALLOC_ENV
+
 if TYPE_CHECKING:
     from .runner import Outcome, Stage
     from .store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-#: the environment of local workers: Dask's defaults without ``MALLOC_TRIM_THRESHOLD_=65536``,
-#: which makes glibc return freed memory at once and fixes its mmap threshold, so that every
-#: activation tensor of a supernet step is a fresh mapping: measured, half of the CPU time
-#: went to page faults (a DARTS search 1.5-2x slower than outside Dask)
-WORKER_ENVIRON = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
+#: the environment of local workers: Dask's defaults with :data:`nbutils.malloc.MALLOC_ENV`
+#: instead of ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc return freed memory at once
+#: and fixes its mmap threshold, so that every activation tensor of a supernet step is a fresh
+#: mapping: measured, half of the CPU time went to page faults (a DARTS search 1.5-2x slower
+#: than outside Dask)
+WORKER_ENVIRON = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, **MALLOC_ENV}
 
 
 def _run_execution(group, store, kernel, needs, threads):

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import params
+from .malloc import MALLOC_ENV
 from .store import ArtifactStore, atomic_write_bytes, stage_key
 
 log = logging.getLogger(__name__)
@@ -374,9 +375,9 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> li
             step = getattr(steps, STEP_OF[kind])
             steps.run_trials(step, trials) if kind in BATCHED else step(**trials[0])
         else:
-            # Dask workers (on remote clusters too) set MALLOC_TRIM_THRESHOLD_=65536; a kernel
-            # inheriting it faults on every fresh tensor (see nbutils.cluster.WORKER_ENVIRON)
-            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+            # the kernel keeps freed memory for its next tensors (see nbutils.malloc),
+            # whatever this process was given (Dask workers: MALLOC_TRIM_THRESHOLD_=65536)
+            os.environ.update(MALLOC_ENV)
             papermill.execute_notebook(
                 str(NOTEBOOKS / NOTEBOOK_OF[kind]), str(notebook),
                 parameters={"trials": trials} if kind in BATCHED else trials[0],
