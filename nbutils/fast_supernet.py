@@ -9,6 +9,11 @@ What makes it faster (measured on a 2-core CPU, torch 2.14):
 
 * **channels_last** activations throughout: oneDNN's depthwise convolutions, pools and
   batch norm run several times faster in NHWC than in NCHW (max pool ~10x).
+* **batch norm in C** (:mod:`nbutils.channels_last_kernels`, built on first use): forward
+  and backward 1.4x and 2.3x PyTorch's channels_last kernels, the ReLU inside SepConv fused
+  into both, statistics summed accurately enough that the input need not be centred (see
+  Accuracy); the backward of the scaled adds (below) is one C pass too. Without a C
+  compiler, PyTorch's kernels run instead, with the centring.
 * **depthwise convolution with a hand-written backward** (:class:`_DepthwiseConv`): oneDNN's
   own backward is slow for most depthwise shapes (input gradient of a dilated 3x3: ~13x the
   forward; weight gradient of a 5x5: ~15x). The input gradient is computed as a forward
@@ -44,12 +49,14 @@ What makes it faster (measured on a 2-core CPU, torch 2.14):
   operation). The node sums add these in place; the identity skips and the shared pools
   go through :class:`_AddScaled`, whose backward makes one product per input (autograd's
   ``addcmul_`` makes three).
+* **one ReLU per cell output**: the next two cells' preprocessings both start with it.
 * **dense node gradients** (:class:`_DenseGrad`): a node's gradient arrives partly as a
   channel slice of the cell output's gradient, on which PyTorch's batch-norm backward runs
   a generic kernel several times slower; it is made dense once per node.
-* **pointwise convolutions centred through their bias** (:func:`_centred_pointwise`): the
-  accurate channels_last batch norm needs a centred input (see Accuracy); for ``BN(W x)``
-  the mean is ``W mean(x)``, subtracted by the convolution's bias, with no subtraction pass.
+* **pointwise convolutions centred through their bias** (:func:`_centred_pointwise`, for
+  PyTorch's batch-norm kernel only): its accurate use on channels_last needs a centred input
+  (see Accuracy); for ``BN(W x)`` the mean is ``W mean(x)``, subtracted by the convolution's
+  bias, with no subtraction pass.
 * **running statistics updated once per forward** (:class:`_RunningStats`): seven small
   operations per BN module, ~5000 per forward, became a handful of ``torch._foreach_*``
   calls on the statistics the kernel returns.
@@ -64,19 +71,24 @@ What makes it faster (measured on a 2-core CPU, torch 2.14):
 Accuracy: PyTorch's channels_last batch-norm kernel accumulates its statistics in float32
 with a large error (~5e-6 relative at 64 x 32 x 32 values per channel, ~1e-4 when the mean
 is large against the spread, e.g. after a max pool, against ~1e-7 for the NCHW kernel);
-uncorrected, some float32 gradients came out 1e-3 off. :func:`_batch_norm` centres the input
-first (BN is shift-invariant) on its mean over the first images (:func:`_centre`, within ~2%
-of the spread of the batch mean: any shift is exact, this one is close enough for the sums)
-and adds the shift back into the running statistics; what remains is ~1e-5 relative in
-float32, and float64 agrees with the plain network to ~1e-12.
+uncorrected, some float32 gradients came out 1e-3 off. The C kernels sum blocks of 16 rows
+in float32 and the blocks in double, shifted by the first row: ~1e-7 relative, better than
+PyTorch's NCHW kernel. With PyTorch's kernel, :func:`_batch_norm` centres the input first
+(BN is shift-invariant) on its mean over the first images (:func:`_centre`, within ~2% of the
+spread of the batch mean: any shift is exact, this one is close enough for the sums) and adds
+the shift back into the running statistics; what remains is ~1e-5 relative in float32. Either
+way float64 agrees with the plain network to ~1e-12.
 
 Measured at DARTS' search configuration: the folding and dense gradients took the
 architecture step from 4.9 s to 3.5 s of operator time (one thread); the running statistics,
 the per-channel weights, the even/odd node, :class:`_AddScaled` and the pools then took 13%
 off its time, and :class:`_Prepared` 9% off the weight step's (2 threads, one process,
-median over alternating pairs of steps). Operator time is now ~60% convolutions and batch
-norms; on the 32x32 maps, whose 4 MB tensors no longer fit in cache, the convolutions run at
-about half the speed they reach in isolation.
+median over alternating pairs of steps). Operator time was then ~60% convolutions and batch
+norms; the C batch norms took 18% off the architecture step and 13% off the weight step, the
+shared ReLU of the cell outputs 5% and 4% more, the scaled adds' C backward 1-3%. On the
+32x32 maps, whose 4 MB tensors no longer fit in cache, the convolutions run at about half the
+speed they reach in isolation. Keeping freed memory in the process (:mod:`nbutils.malloc`)
+took another ~20% off the architecture step (the plain network's: 7%).
 
 Tried and dropped: folding ``BN(W x)`` into one convolution whose weights are scaled by
 statistics from ``x``'s covariance (a faster forward at 32x32 only, a backward 2x slower);
@@ -535,6 +547,9 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, share
     fed the same tensor (pools): their running stats get the same update. ``centre``: the
     per-channel shift already subtracted from ``x`` (train mode only).
 
+    ``relu``: ReLU after it (fused into the C kernels). Runs on the C kernels of
+    :mod:`nbutils.channels_last_kernels` where they apply (no centring needed then).
+
     ``scale`` is folded into the kernel's affine weight: ``scale * bn(x)`` costs one
     normalisation pass, and in the backward the kernel returns both ``scale * d bn`` and,
     as its weight gradient, the per-channel ``<grad, bn(x)>`` whose sum is d loss / d scale.
@@ -693,10 +708,11 @@ class FastSuperNet(SuperNet):
         last = len(self.cells) - 1
         for i, cell in enumerate(self.cells):
             # The last cell's gradient comes from the global average pool: constant over each
-            # image's channel. The channels_last batch-norm backward kernel, which sums in
+            # image's channel. PyTorch's channels_last batch-norm backward kernel, which sums in
             # float32 pixel after pixel, loses accuracy on it (~20x plain's error in float32
-            # tests), while the generic kernel, which runs on the strided gradient and sums in
-            # double, does not; the last cell is the smallest, so this costs little.
+            # tests), while its generic kernel, which runs on the strided gradient and sums in
+            # double, does not; the last cell is the smallest, so this costs little. The C
+            # kernels sum accurately: with them the last cell's gradients are made dense too.
             out = _cell_forward(cell, relu_s0, relu_s1, w_reduce if cell.reduction else w_normal, stats,
                                 dense_grads=i < last or _c_kernel(out))
             relu_s0, relu_s1 = relu_s1, (F.relu(out) if i < last else None)
