@@ -18,6 +18,20 @@
 #define CONCAT(a, b) CONCAT_(a, b)
 #define BLOCK 16              /* rows summed in SCALAR before the sums go to double */
 #define MIN_ROWS_PER_THREAD 256
+#define INLINE static inline __attribute__((always_inline))
+
+/* Runs `call` with the channel count c a compile-time constant for 32 and 64 channels, so
+ * that the compiler unrolls the loops over a row and keeps its per-channel sums in registers
+ * (measured at 64 x 32 x 16 x 16: forward and backward ~20% faster). Not for 16 channels:
+ * there gcc 12's fully unrolled code was 3x slower than the generic loops. */
+#define WITH_CONSTANT_C(call)                                  \
+    do {                                                       \
+        switch (c) {                                           \
+        case 32: { const int64_t c = 32; call; } break;        \
+        case 64: { const int64_t c = 64; call; } break;        \
+        default: call;                                         \
+        }                                                      \
+    } while (0)
 
 #define SCALAR float
 #define SUFFIX _f32

@@ -9,7 +9,7 @@ static inline void CONCAT(rows_of, SUFFIX)(int64_t m, int t, int nt, int64_t *be
 
 /* Adds the per-channel sums of (x - shift) and (x - shift)^2 over rows [begin, end) to s1,
  * s2: in SCALAR over blocks of BLOCK rows, each block's sums then added in double. */
-static inline void CONCAT(moments, SUFFIX)(const SCALAR *restrict x, int64_t begin, int64_t end, int64_t c,
+INLINE void CONCAT(moments, SUFFIX)(const SCALAR *restrict x, int64_t begin, int64_t end, int64_t c,
                                            const SCALAR *restrict shift, double *restrict s1, double *restrict s2) {
     SCALAR f1[c], f2[c];
     for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
@@ -28,7 +28,7 @@ static inline void CONCAT(moments, SUFFIX)(const SCALAR *restrict x, int64_t beg
 }
 
 /* out = (x - mean) * a + b per channel, then max(out, 0) if relu; rows [begin, end). */
-static inline void CONCAT(affine, SUFFIX)(const SCALAR *restrict x, int64_t begin, int64_t end, int64_t c,
+INLINE void CONCAT(affine, SUFFIX)(const SCALAR *restrict x, int64_t begin, int64_t end, int64_t c,
                                           const SCALAR *restrict mean, const SCALAR *restrict a,
                                           const SCALAR *restrict b, int relu, SCALAR *restrict out) {
     if (relu) {
@@ -48,7 +48,7 @@ static inline void CONCAT(affine, SUFFIX)(const SCALAR *restrict x, int64_t begi
 #define GRAD_BELOW(g, xv, mean, a, b) (((xv) - (mean)) * (a) + (b) > 0 ? (g) : (SCALAR)0)
 
 /* Adds the per-channel sums of g' and g' * (x - mean) over rows [begin, end) to s1, s2. */
-static inline void CONCAT(grad_sums, SUFFIX)(const SCALAR *restrict grad, const SCALAR *restrict x, int64_t begin,
+INLINE void CONCAT(grad_sums, SUFFIX)(const SCALAR *restrict grad, const SCALAR *restrict x, int64_t begin,
                                              int64_t end, int64_t c, const SCALAR *restrict mean,
                                              const SCALAR *restrict a, const SCALAR *restrict b, const int relu,
                                              double *restrict s1, double *restrict s2) {
@@ -76,7 +76,7 @@ static inline void CONCAT(grad_sums, SUFFIX)(const SCALAR *restrict grad, const 
 }
 
 /* grad_input = k_g * (g' - k_mean - (x - mean) * k_x) over rows [begin, end). */
-static inline void CONCAT(grad_input, SUFFIX)(const SCALAR *restrict grad, const SCALAR *restrict x, int64_t begin,
+INLINE void CONCAT(grad_input, SUFFIX)(const SCALAR *restrict grad, const SCALAR *restrict x, int64_t begin,
                                               int64_t end, int64_t c, const SCALAR *restrict mean,
                                               const SCALAR *restrict a, const SCALAR *restrict b, const int relu,
                                               const SCALAR *restrict k_g, const SCALAR *restrict k_mean,
@@ -127,7 +127,8 @@ void CONCAT(bn_forward, SUFFIX)(const SCALAR *x, int64_t m, int64_t c, const SCA
         int t = omp_get_thread_num();
         int64_t begin, end;
         CONCAT(rows_of, SUFFIX)(m, t, nt, &begin, &end);
-        CONCAT(moments, SUFFIX)(x, begin, end, c, shift, partial + (size_t)t * 2 * c, partial + (size_t)t * 2 * c + c);
+        WITH_CONSTANT_C(CONCAT(moments, SUFFIX)(x, begin, end, c, shift, partial + (size_t)t * 2 * c,
+                                                partial + (size_t)t * 2 * c + c));
 #pragma omp barrier
 #pragma omp single
         {
@@ -141,7 +142,7 @@ void CONCAT(bn_forward, SUFFIX)(const SCALAR *x, int64_t m, int64_t c, const SCA
                 b[j] = bias ? bias[j] : (SCALAR)0;
             }
         }
-        CONCAT(affine, SUFFIX)(x, begin, end, c, mean_out, a, b, relu, out);
+        WITH_CONSTANT_C(CONCAT(affine, SUFFIX)(x, begin, end, c, mean_out, a, b, relu, out));
     }
     free(partial);
     free(a);
@@ -167,8 +168,8 @@ void CONCAT(bn_backward, SUFFIX)(const SCALAR *grad, const SCALAR *x, int64_t m,
         int t = omp_get_thread_num();
         int64_t begin, end;
         CONCAT(rows_of, SUFFIX)(m, t, nt, &begin, &end);
-        CONCAT(grad_sums, SUFFIX)(grad, x, begin, end, c, mean, a, b, relu, partial + (size_t)t * 2 * c,
-                                  partial + (size_t)t * 2 * c + c);
+        WITH_CONSTANT_C(CONCAT(grad_sums, SUFFIX)(grad, x, begin, end, c, mean, a, b, relu, partial + (size_t)t * 2 * c,
+                                                  partial + (size_t)t * 2 * c + c));
 #pragma omp barrier
 #pragma omp single
         {
@@ -182,10 +183,31 @@ void CONCAT(bn_backward, SUFFIX)(const SCALAR *grad, const SCALAR *x, int64_t m,
             }
         }
         if (grad_input)
-            CONCAT(grad_input, SUFFIX)(grad, x, begin, end, c, mean, a, b, relu, k_g, k_mean, k_x, grad_input);
+            WITH_CONSTANT_C(CONCAT(grad_input, SUFFIX)(grad, x, begin, end, c, mean, a, b, relu, k_g, k_mean, k_x,
+                                                       grad_input));
     }
     free(partial);
     free(a);
+}
+
+/* grad_value = grad * scale (if not NULL) and the per-channel sums of grad * value added to s
+ * (if not NULL), over rows [begin, end). */
+INLINE void CONCAT(scaled_sums, SUFFIX)(const SCALAR *restrict grad, const SCALAR *restrict value, int64_t begin,
+                                        int64_t end, int64_t c, const SCALAR *restrict scale,
+                                        SCALAR *restrict grad_value, double *restrict s) {
+    SCALAR f[c];
+    for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
+        int64_t i1 = i0 + BLOCK < end ? i0 + BLOCK : end;
+        if (grad_value)
+            for (int64_t i = i0; i < i1; ++i)
+                for (int64_t j = 0; j < c; ++j) grad_value[i * c + j] = grad[i * c + j] * scale[j];
+        if (s) {
+            for (int64_t j = 0; j < c; ++j) f[j] = 0;
+            for (int64_t i = i0; i < i1; ++i)
+                for (int64_t j = 0; j < c; ++j) f[j] += grad[i * c + j] * value[i * c + j];
+            for (int64_t j = 0; j < c; ++j) s[j] += f[j];
+        }
+    }
 }
 
 /* The backward of out = total + value * scale, scale per channel, in one pass:
@@ -200,20 +222,8 @@ void CONCAT(scaled_add_backward, SUFFIX)(const SCALAR *restrict grad, const SCAL
         int t = omp_get_thread_num();
         int64_t begin, end;
         CONCAT(rows_of, SUFFIX)(m, t, nt, &begin, &end);
-        double *restrict s = partial + (size_t)t * c;
-        SCALAR f[c];
-        for (int64_t i0 = begin; i0 < end; i0 += BLOCK) {
-            int64_t i1 = i0 + BLOCK < end ? i0 + BLOCK : end;
-            if (grad_value)
-                for (int64_t i = i0; i < i1; ++i)
-                    for (int64_t j = 0; j < c; ++j) grad_value[i * c + j] = grad[i * c + j] * scale[j];
-            if (grad_scale) {
-                for (int64_t j = 0; j < c; ++j) f[j] = 0;
-                for (int64_t i = i0; i < i1; ++i)
-                    for (int64_t j = 0; j < c; ++j) f[j] += grad[i * c + j] * value[i * c + j];
-                for (int64_t j = 0; j < c; ++j) s[j] += f[j];
-            }
-        }
+        WITH_CONSTANT_C(CONCAT(scaled_sums, SUFFIX)(grad, value, begin, end, c, scale, grad_value,
+                                                    grad_scale ? partial + (size_t)t * c : NULL));
     }
     if (grad_scale)
         for (int64_t j = 0; j < c; ++j) {
