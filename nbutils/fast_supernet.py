@@ -10,7 +10,7 @@ What makes it faster (measured on a 2-core CPU, torch 2.14):
 * **channels_last** activations throughout: oneDNN's depthwise convolutions, pools and
   batch norm run several times faster in NHWC than in NCHW (max pool ~10x).
 * **batch norm in C** (:mod:`nbutils.channels_last_kernels`, built on first use): forward
-  and backward 1.4x and 2.3x PyTorch's channels_last kernels, the ReLU inside SepConv fused
+  and backward 1.6-3x faster than PyTorch's channels_last kernels, the ReLU inside SepConv fused
   into both, statistics summed accurately enough that the input need not be centred (see
   Accuracy); the backward of the scaled adds (below) is one C pass too. Without a C
   compiler, PyTorch's kernels run instead, with the centring.
