@@ -1,9 +1,11 @@
 # Two commands do everything, set-up included:
 #   make report   set up, then run the quick preset and write outputs/report.html
+#                 (PRESET=params/cpu for another preset, RUN_ARGS="--rerun retrain" for options)
 #   make test     set up, then run the test suite
 # Also: make lab (JupyterLab on the notebooks), make clean-outputs.
 
 PRESET  ?= params/quick
+RUN_ARGS ?=
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    := .venv
 PY      := $(VENV)/bin/python
@@ -13,7 +15,7 @@ SYSTEM_PACKAGES := graphviz dataset-fashion-mnist gcc
 .PHONY: report test lab setup system-deps clean-outputs
 
 report: setup
-	$(PY) -m nbutils run $(PRESET)
+	$(PY) -m nbutils run $(PRESET) $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

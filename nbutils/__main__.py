@@ -10,6 +10,10 @@
       --scheduler ADDR  run the stages on an existing Dask cluster (tcp://host:8786)
       --inline        run the steps instead of their notebooks (no executed notebooks are
                       kept; faster, for debugging)
+      --rerun KIND    run the stages of a kind again although they exist, and the stages that
+                      read them (repeatable)
+
+    code-digests [--write]   each stage kind's code version and digest (nbutils.code_versions)
 """
 from __future__ import annotations
 
@@ -39,6 +43,27 @@ def install_kernel() -> None:
     print(f"kernel 'nbutils' installed in {where}")
 
 
+DIGESTS_FILE = "tests/code_digests.json"
+
+
+def code_digests(write: bool) -> int:
+    """Print each stage kind's code version and digest; with ``write``, record them for the test
+    that catches a code change without a version bump (:mod:`nbutils.code_versions`)."""
+    import json
+    from pathlib import Path
+
+    from .code_versions import PACKAGE_DIR, current_digests
+
+    text = json.dumps(current_digests(), indent=2, sort_keys=True) + "\n"
+    if write:
+        path = PACKAGE_DIR.parent / DIGESTS_FILE
+        path.write_text(text)
+        print(f"recorded in {path}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nbutils", description="Audit NAS against data poisoning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,18 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workers", type=int, default=None, help="stages at once on a local Dask cluster (default: cores)")
     run.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler to run on")
     run.add_argument("--inline", action="store_true", help="run the steps without their notebooks")
+    run.add_argument("--rerun", action="append", default=[], metavar="KIND",
+                     help="run the stages of this kind again, and every stage that reads them (repeatable)")
     sub.add_parser("install-kernel", help="register the 'nbutils' Jupyter kernel inside this environment")
+    digests = sub.add_parser("code-digests", help="print (or --write) each stage kind's code version and digest")
+    digests.add_argument("--write", action="store_true", help=f"record them in {DIGESTS_FILE}")
     args = parser.parse_args(argv)
     if args.command == "install-kernel":
         install_kernel()
         return 0
+    if args.command == "code-digests":
+        return code_digests(args.write)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from .runner import run as run_preset
 
     try:
         outcomes = run_preset(args.preset, args.outputs, only=args.only, dry_run=args.dry_run, inline=args.inline,
-                              workers=args.workers, scheduler=args.scheduler)
+                              workers=args.workers, scheduler=args.scheduler, rerun=args.rerun)
     except (ParamsError, DatasetNotFound, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,16 @@ logger = logging.getLogger(__name__)
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits", "noise")
 NOISE_SIZES = {"train": 2000, "test": 500}   # the noise dataset: 28x28 grey images, 10 random classes
 SPLITS: tuple[str, ...] = ("train", "test")
+#: images per split, as the loaders below return them (digits: the stratified 80/20 split)
+SPLIT_SIZES: dict[str, dict[str, int]] = {
+    "cifar10": {"train": 50000, "test": 10000},
+    "cifar100": {"train": 50000, "test": 10000},
+    "mnist": {"train": 60000, "test": 10000},
+    "fashion_mnist": {"train": 60000, "test": 10000},
+    "svhn": {"train": 73257, "test": 26032},
+    "digits": {"train": 1437, "test": 360},
+    "noise": dict(NOISE_SIZES),
+}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATA_ROOT_ENV = "NBUTILS_DATA_ROOT"
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .data import DATASETS
+from .data import DATASETS, SPLIT_SIZES
 
 DatasetName = Literal[DATASETS]  # type: ignore[valid-type]
 Device = Literal["auto", "cpu", "cuda"]
@@ -58,6 +58,30 @@ class DataSpec(Spec):
     test_size: Optional[PositiveInt] = None     # test images for the final accuracy (None: all)
     image_size: Optional[Annotated[int, Field(ge=8)]] = None
 
+    @field_validator("data_root")
+    @classmethod
+    def _absolute_data_root(cls, root: Optional[str]) -> Optional[str]:
+        """A relative ``data_root`` is taken from the working directory of the run and made
+        absolute here, before it reaches a notebook (whose kernel runs in ``notebooks/``)."""
+        return None if root in (None, "") else str(Path(root).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _sizes_fit_the_splits(self) -> "DataSpec":
+        check_sizes_fit(self.dataset, {"search_size": ("train", self.search_size),
+                                       "train_size": ("train", self.train_size),
+                                       "test_size": ("test", self.test_size)})
+        return self
+
+
+def check_sizes_fit(dataset: str, sizes: dict[str, tuple[str, Optional[int]]]) -> None:
+    """Refuse a subset larger than the split it is drawn from (``sizes``: key -> (split, size)),
+    naming the key, the value and the split's size: before any compute, not at stage time."""
+    for key, (split, size) in sizes.items():
+        available = SPLIT_SIZES[dataset][split]
+        if size is not None and size > available:
+            raise ValueError(f"{key}: {size} is more than the {available} images of {dataset}'s {split} split "
+                             f"(allowed: 1..{available}, or null for all of them)")
+
 
 class AttackEntry(Spec):
     name: Literal[ATTACK_NAMES]  # type: ignore[valid-type]
@@ -88,6 +112,11 @@ class OodEntry(Spec):
     search_size: Optional[PositiveInt] = None
     search_image_size: Optional[Annotated[int, Field(ge=8)]] = None
     algorithms: Optional[list[Literal[NAS_ALGORITHMS]]] = None   # type: ignore[valid-type]  # default: every one
+
+    @model_validator(mode="after")
+    def _size_fits_the_split(self) -> "OodEntry":
+        check_sizes_fit(self.dataset, {"search_size": ("train", self.search_size)})
+        return self
 
 
 class DefenseEntry(Spec):

@@ -43,11 +43,12 @@ def load_results(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
             "genotype": Genotype.from_dict(result["genotype"]), "parameters": result["parameters"],
             "search_seconds": search_record.get("seconds", math.nan),
             "retrain_seconds": record.get("seconds", math.nan), "artifact": str(artifact), "search": str(search),
+            "seed": record.get("spec", {}).get("seed"),
             "anchor": trials_anchor(cell["algorithm"], cell["attack"], cell["budget"], cell.get("study", "main"),
                                     cell.get("search_dataset")),
         })
     columns = ["algorithm", "attack", "budget", "trial", "acc", "study", "search_dataset", "genotype", "parameters", "search_seconds",
-               "retrain_seconds", "artifact", "search", "anchor"]
+               "retrain_seconds", "artifact", "search", "anchor", "seed"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -105,7 +106,6 @@ TABLE_COLUMNS = ["algorithm", "attack", "budget", "condition", "n", "acc_mean", 
 def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Per algorithm and condition: n, Acc mean/std, dImp, p-value, BH-adjusted p, significant."""
     random_acc = results.loc[results.algorithm == "random", "acc"]
-    random_mean = CellSummary.of(random_acc).mean
     rows = []
     for algorithm, group in results[results.algorithm != "random"].groupby("algorithm", sort=False):
         clean = group.loc[group.attack == "none", "acc"].to_numpy()
@@ -113,25 +113,104 @@ def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         algorithm_rows = []
         for attack, budget in conditions:
             budget = None if no_budget(budget) else budget
-            rows_here = group.loc[_rows_of(group, attack, budget)]
-            accs = rows_here["acc"].to_numpy()
-            summary = CellSummary.of(accs)
-            p = math.nan if attack == "none" else welch_less(accs, clean)
-            low, high = dimp_interval(accs, random_acc)
-            spread = CellSummary.of(np.concatenate([accs - accs.mean(), clean - clean.mean()])).std if len(clean) else math.nan
-            algorithm_rows.append({
-                "algorithm": algorithm, "attack": attack, "budget": budget,
-                "condition": condition_label(attack, budget),
-                "n": summary.n, "acc_mean": summary.mean, "acc_std": summary.std,
-                "dimp": delta_improvement(summary.mean, random_mean), "dimp_low": low, "dimp_high": high, "p": p,
-                "detectable_drop": math.nan if attack == "none" else detectable_drop(spread, len(accs), len(clean), alpha),
-                "cpu_hours": float((rows_here["search_seconds"].fillna(0) + rows_here["retrain_seconds"].fillna(0)).sum()) / 3600,
-            })
-        reject, adjusted = benjamini_hochberg([r["p"] for r in algorithm_rows], alpha)
-        for r, rej, adj in zip(algorithm_rows, reject, adjusted):
-            r["p_bh"], r["significant"] = adj, bool(rej)
-        rows += algorithm_rows
+            algorithm_rows.append(_cell_row(algorithm, attack, budget, group.loc[_rows_of(group, attack, budget)],
+                                            clean, random_acc, alpha, tested=attack != "none"))
+        rows += _with_bh(algorithm_rows, alpha)
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+# --- results as data: outputs/trials.csv and outputs/cells.csv (documented in outputs/README.md) ---
+TRIALS_CSV = "trials.csv"
+CELLS_CSV = "cells.csv"
+TRIALS_CSV_COLUMNS = ["study", "dataset", "search_dataset", "algorithm", "attack", "budget", "trial", "seed", "acc",
+                      "parameters", "search_seconds", "retrain_seconds", "genotype", "retrain_artifact",
+                      "search_artifact"]
+CELLS_CSV_COLUMNS = ["study", "dataset", "algorithm", "attack", "budget", "n", "acc_mean", "acc_std", "dimp",
+                     "dimp_low", "dimp_high", "p", "p_bh", "significant", "detectable_drop", "cpu_hours"]
+
+
+def study_of(row) -> str:
+    """The study a trial belongs to as the CSV files name it: main, no_augment, defense:<name>,
+    or ood:<search dataset> (each out-of-distribution dataset is a study of its own)."""
+    return f"ood:{row.search_dataset}" if row.study == "ood" else row.study
+
+
+def trials_csv(results: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """One row per retrained architecture (:data:`TRIALS_CSV_COLUMNS`); artifact folders relative
+    to the outputs folder, the genotype as :meth:`Genotype.to_json`."""
+    frame = pd.DataFrame({
+        "study": [study_of(r) for r in results.itertuples()],
+        "dataset": dataset,
+        "search_dataset": [None if r.algorithm == "random" else r.search_dataset if r.study == "ood" else dataset
+                           for r in results.itertuples()],
+        "algorithm": results.algorithm, "attack": results.attack, "budget": results.budget,
+        "trial": results.trial, "seed": results.seed, "acc": results.acc, "parameters": results.parameters,
+        "search_seconds": results.search_seconds, "retrain_seconds": results.retrain_seconds,
+        "genotype": [g.to_json() for g in results.genotype],
+        "retrain_artifact": [artifact_href(a, "") for a in results.artifact],
+        "search_artifact": [artifact_href(a, "") for a in results.search],
+    })
+    return frame[TRIALS_CSV_COLUMNS]
+
+
+def cells_csv(results: pd.DataFrame, dataset: str, alpha: float = 0.05) -> pd.DataFrame:
+    """One row per table cell of every study (:data:`CELLS_CSV_COLUMNS`), as the report's
+    tables show them. ``p`` is one-sided Welch, BH-adjusted in ``p_bh`` within its family:
+    main and no_augment, the cell below its study's clean condition (family: the algorithm's
+    cells of that study); ood:<dataset>, below the algorithm's clean main-study trials
+    (family: the algorithm's out-of-distribution cells); defense:<name>, the undefended
+    poisoned cell below the defended one, so a small p means the defence helps (family: every
+    defended cell)."""
+    random_acc = results.loc[results.algorithm == "random", "acc"]
+    random_rows = results[results.algorithm == "random"]
+    frames = []
+    for study in ("main", "no_augment"):
+        rows = results[results.study == study]
+        if len(rows):
+            frames.append(results_table(pd.concat([random_rows, rows[rows.algorithm != "random"]]), alpha)
+                          .assign(study=study))
+    ood = results[results.study == "ood"]
+    ood_rows = []
+    for algorithm, group in ood.groupby("algorithm", sort=False):
+        clean = results[(results.study == "main") & (results.algorithm == algorithm) & (results.attack == "none")]
+        family = [_cell_row(algorithm, "none", None, g, clean.acc.to_numpy(), random_acc, alpha)
+                  | {"study": f"ood:{source}"} for source, g in group.groupby("search_dataset", sort=False)]
+        ood_rows += _with_bh(family, alpha)
+    defended = results[results.study.str.startswith("defense:")]
+    defense_rows = []
+    for (study, attack, budget, algorithm), group in defended.groupby(["study", "attack", "budget", "algorithm"],
+                                                                       sort=False):
+        poisoned = results[(results.study == "main") & (results.algorithm == algorithm) & _rows_of(results, attack, budget)]
+        row = _cell_row(algorithm, attack, budget, group, poisoned.acc.to_numpy(), random_acc, alpha)
+        row["p"] = welch_less(poisoned.acc.to_numpy(), group.acc.to_numpy())
+        defense_rows.append(row | {"study": study})
+    extra = [pd.DataFrame(rows) for rows in (ood_rows, _with_bh(defense_rows, alpha)) if rows]
+    table = pd.concat(frames + extra, ignore_index=True) if frames or extra else pd.DataFrame(columns=CELLS_CSV_COLUMNS)
+    return table.assign(dataset=dataset)[CELLS_CSV_COLUMNS]
+
+
+def _with_bh(rows: list[dict], alpha: float) -> list[dict]:
+    reject, adjusted = benjamini_hochberg([r["p"] for r in rows], alpha)
+    return [r | {"p_bh": adj, "significant": bool(rej)} for r, rej, adj in zip(rows, reject, adjusted)]
+
+
+def _cell_row(algorithm: str, attack: str, budget, rows_here: pd.DataFrame, reference: np.ndarray,
+              random_acc: pd.Series, alpha: float, tested: bool = True) -> dict:
+    """One cell: its trials ``rows_here``, tested one-sided below ``reference`` when ``tested``
+    (not the reference itself), dImp against ``random_acc``, the drop its trials could detect."""
+    accs = rows_here["acc"].to_numpy()
+    summary = CellSummary.of(accs)
+    low, high = dimp_interval(accs, random_acc)
+    spread = CellSummary.of(np.concatenate([accs - accs.mean(), reference - reference.mean()])).std \
+        if len(reference) and len(accs) else math.nan
+    return {
+        "algorithm": algorithm, "attack": attack, "budget": budget, "condition": condition_label(attack, budget),
+        "n": summary.n, "acc_mean": summary.mean, "acc_std": summary.std,
+        "dimp": delta_improvement(summary.mean, CellSummary.of(random_acc).mean), "dimp_low": low, "dimp_high": high,
+        "p": welch_less(accs, reference) if tested else math.nan,
+        "detectable_drop": detectable_drop(spread, len(accs), len(reference), alpha) if tested else math.nan,
+        "cpu_hours": float((rows_here["search_seconds"].fillna(0) + rows_here["retrain_seconds"].fillna(0)).sum()) / 3600,
+    }
 
 
 def details_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -163,13 +242,7 @@ def trials_html(results: pd.DataFrame) -> str:
     for anchor, group in results.groupby("anchor", sort=False):
         for i, r in enumerate(group.itertuples()):
             row_id = f' id="{anchor}"' if i == 0 else ""
-            condition = "random sampling" if r.algorithm == "random" else condition_label(r.attack, r.budget)
-            if r.study == "ood":
-                condition += f", searched on {r.search_dataset}"
-            elif r.study == "no_augment":
-                condition += ", search without augmentation"
-            elif r.study.startswith("defense:"):
-                condition += f", defended by {r.study.removeprefix('defense:')}"
+            condition = trial_condition(r)
             body.append(
                 f"<tr{row_id}><td>{html.escape(algorithm_name(r.algorithm))}</td><td>{html.escape(condition)}</td>"
                 f"<td>{r.trial + 1}</td><td>{_linked(f'{r.acc:.2f}', artifact_href(r.artifact), 'executed retraining notebook')}</td>"
@@ -362,10 +435,11 @@ def defense_html(results: pd.DataFrame, random_acc: CellSummary, alpha: float = 
 
 def reference_points_html(results: pd.DataFrame, random_acc: CellSummary) -> str:
     """The workshop paper's Table 1: clean DARTS against its two reference points, random
-    sampling and anti-search (the worst cells DARTS can find), with the normal cell's make-up."""
+    sampling and anti-search (the worst cells DARTS can find), with the normal cell's make-up;
+    the main study's trials only (not the searches on other data or without augmentation)."""
     rows = []
     for algorithm, label in (("darts", "DARTS (clean)"), ("random", "Random sampling"), ("darts_anti", "DARTS anti-search")):
-        group = results[(results.algorithm == algorithm) & (results.attack == "none")]
+        group = results[(results.algorithm == algorithm) & (results.attack == "none") & (results.study == "main")]
         if group.empty:
             continue
         summary = CellSummary.of(group.acc)
@@ -406,6 +480,53 @@ def budget_figure(table: pd.DataFrame, algorithm: str = "darts"):
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{algorithm_name(algorithm)}: accuracy of the retrained architecture vs budget")
     ax.legend(fontsize=8)
+    return fig
+
+
+def figure_image(figure):
+    """A matplotlib figure as a PNG for ``display``: shown the same whether or not the kernel's
+    inline backend is active yet (a bare ``Figure`` displays as its text repr until pyplot has
+    drawn once)."""
+    import io
+
+    from IPython.display import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return Image(data=buffer.getvalue(), format="png")
+
+
+def trial_condition(row) -> str:
+    """A trial's condition as the figures and the listing name it, with its study."""
+    condition = "random sampling" if row.algorithm == "random" else condition_label(row.attack, row.budget)
+    if row.study == "ood":
+        condition += f", searched on {row.search_dataset}"
+    elif row.study == "no_augment":
+        condition += ", search without augmentation"
+    elif row.study.startswith("defense:"):
+        condition += f", defended by {row.study.removeprefix('defense:')}"
+    return condition
+
+
+def trials_figure(results: pd.DataFrame):
+    """Every trial's accuracy, one row per condition (the labels read horizontally, however many
+    conditions there are), a colour per NAS algorithm; None without trials."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    if results.empty:
+        return None
+    frame = results.assign(condition=[trial_condition(r) for r in results.itertuples()],
+                           NAS=[algorithm_name(a) for a in results.algorithm])
+    rows = frame.condition.nunique()
+    fig = Figure(figsize=(8, 1.0 + 0.32 * rows * max(1, frame.NAS.nunique() ** 0.5)), layout="constrained")
+    ax = fig.subplots()
+    sns.stripplot(data=frame, y="condition", x="acc", hue="NAS", dodge=True, size=6, jitter=False, ax=ax)
+    ax.set_xlabel("test accuracy of the retrained architecture (%)")
+    ax.set_ylabel("")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Every trial")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     return fig
 
 

@@ -37,9 +37,11 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 from . import params
+from .code_versions import CODE_VERSIONS, NOTEBOOK_OF
+from .data import DATA_ROOT_ENV
 from .malloc import MALLOC_ENV
 from .store import ArtifactStore, atomic_write_bytes, stage_key
 
@@ -47,16 +49,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
-NOTEBOOK_OF = {
-    "surrogate": "00_surrogate.ipynb",
-    "poison": "01_craft_poisons.ipynb",
-    "search": "03_search.ipynb",
-    "retrain": "04_retrain.ipynb",
-    "sensitivity": "05_metric_sensitivity.ipynb",
-    "defend": "02_defend.ipynb",
-    "gallery": "06_genotype_gallery.ipynb",
-    "report": "99_report.ipynb",
-}
+OUTPUTS_README = PROJECT_ROOT / "outputs" / "README.md"   # what a run writes, the CSV columns among it
 STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "search", "retrain": "retrain",
            "sensitivity": "metric_sensitivity", "defend": "defend"}
 SUMMARIES = ("gallery", "report")   # read many trials and show what exists when some failed
@@ -65,6 +58,7 @@ BATCHED = ("search", "retrain")
 #: the searches that ``search.mixed_precision`` applies to (the others train in float32)
 MIXED_PRECISION_ALGORITHMS = ("darts", "darts_anti", "pdarts")
 EXECUTED_NOTEBOOK = "notebook.ipynb"
+KERNEL_LOG = "kernel.log"   # what the notebook's kernel process printed itself (not its cells' output)
 REPORT_HTML = "report.html"
 #: the report links to artifacts relative to the outputs folder; its copy in the report stage's
 #: own folder (two levels down) resolves them through this base, removed from outputs/report.html
@@ -79,6 +73,7 @@ class Stage:
     inputs: dict[str, "Stage"] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)   # what the report groups by; not part of the key
     batch: str | None = None   # stages of one kind with the same batch share an execution; not in the key
+    rerun: bool = False        # run even if the artifact exists, and replace it (``--rerun``); not in the key
 
     def __post_init__(self) -> None:
         # plain JSON types only: what papermill passes to a notebook and what the key hashes
@@ -86,7 +81,8 @@ class Stage:
 
     @cached_property
     def key(self) -> str:
-        return stage_key(self.kind, self.spec, {role: s.key for role, s in self.inputs.items()})
+        return stage_key(self.kind, self.spec, {role: s.key for role, s in self.inputs.items()},
+                         code=CODE_VERSIONS[self.kind])
 
 
 def _percent(budget: float) -> str:
@@ -378,11 +374,13 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> li
             # the kernel keeps freed memory for its next tensors (see nbutils.malloc),
             # whatever this process was given (Dask workers: MALLOC_TRIM_THRESHOLD_=65536)
             os.environ.update(MALLOC_ENV)
-            papermill.execute_notebook(
-                str(NOTEBOOKS / NOTEBOOK_OF[kind]), str(notebook),
-                parameters={"trials": trials} if kind in BATCHED else trials[0],
-                kernel_name=kernel or kernel_name(), progress_bar=False, log_output=False, cwd=str(NOTEBOOKS),
-            )
+            with open(works[0] / KERNEL_LOG, "w") as kernel_log:
+                papermill.execute_notebook(
+                    str(NOTEBOOKS / NOTEBOOK_OF[kind]), str(notebook),
+                    parameters={"trials": trials} if kind in BATCHED else trials[0],
+                    kernel_name=kernel or kernel_name(), progress_bar=False, log_output=False, cwd=str(NOTEBOOKS),
+                    kernel_manager_class=kernel_manager_logging_to(kernel_log),
+                )
         if kind == "report":
             render_html(notebook, works[0] / REPORT_HTML)
     except KeyboardInterrupt:
@@ -390,9 +388,13 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> li
     except Exception as e:  # a failing notebook must not stop the other stages
         error = e
     seconds = time.perf_counter() - start
-    for work in works[1:]:   # every artifact holds the executed notebook
-        if notebook.is_file():
-            shutil.copyfile(notebook, work / EXECUTED_NOTEBOOK)
+    log_file = works[0] / KERNEL_LOG
+    if log_file.is_file() and log_file.stat().st_size == 0:
+        log_file.unlink()
+    for work in works[1:]:   # every artifact holds the executed notebook (and the kernel's log)
+        for file in (notebook, log_file):
+            if file.is_file():
+                shutil.copyfile(file, work / file.name)
     # the notebook failed although no trial did (its display cells, say): nothing counts as done
     trial_failed = any((work / steps.FAILED_FILE).is_file() for work in works)
     outcomes = []
@@ -407,9 +409,27 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> li
         record = {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
                   "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
                   "seconds": seconds / len(stages), "execution": {"stages": len(stages), "seconds": seconds}}
-        final = store.commit(work, stage.kind, stage.key, record)
+        final = store.commit(work, stage.kind, stage.key, record, replace=stage.rerun)
         outcomes.append(Outcome(stage, "ran", seconds / len(stages), notebook=final / EXECUTED_NOTEBOOK))
     return outcomes
+
+
+def kernel_manager_logging_to(log: IO[str]) -> type:
+    """A kernel manager class whose kernels write their own output to ``log``.
+
+    A kernel's process-level output is not the notebook's (cells' output reaches the notebook
+    through Jupyter's messages): it is ipykernel's logging, such as the "KeyboardInterrupt
+    caught in kernel" it logs at every shutdown, which users read as a failure on the console
+    of a run that went well. It is kept beside the executed notebook instead."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class KernelManagerWithLog(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return KernelManagerWithLog
 
 
 def _failure_reason(folder: Path, error: Exception | None) -> str:
@@ -448,22 +468,41 @@ def render_html(notebook: Path, html: Path) -> None:
     atomic_write_bytes(html, body.encode())
 
 
-def publish_report(stage_html: Path, outputs: Path) -> Path:
-    """The report stage's page as ``outputs/report.html``, its links relative to ``outputs``."""
-    target = Path(outputs) / REPORT_HTML
-    atomic_write_bytes(target, stage_html.read_text().replace(STAGE_BASE, "", 1).encode())
+def publish_report(stage: Path, outputs: Path) -> Path:
+    """The report stage's page as ``outputs/report.html``, its links relative to ``outputs``,
+    with the results as data beside it (``trials.csv``, ``cells.csv``, and ``README.md``, which
+    describes them, when the folder has none)."""
+    from .report import CELLS_CSV, TRIALS_CSV
+
+    outputs = Path(outputs)
+    target = outputs / REPORT_HTML
+    atomic_write_bytes(target, (stage / REPORT_HTML).read_text().replace(STAGE_BASE, "", 1).encode())
+    for name in (TRIALS_CSV, CELLS_CSV):
+        if (stage / name).is_file():
+            atomic_write_bytes(outputs / name, (stage / name).read_bytes())
+    if OUTPUTS_README.is_file() and not (outputs / OUTPUTS_README.name).exists():
+        atomic_write_bytes(outputs / OUTPUTS_README.name, OUTPUTS_README.read_bytes())
     return target
 
 
 def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | None = None,
         dry_run: bool = False, inline: bool = False, workers: int | None = None, scheduler: str | None = None,
-        out=sys.stdout) -> list[Outcome]:
+        rerun: Sequence[str] = (), out=sys.stdout) -> list[Outcome]:
     """Validate, check, then execute every stage not already in the store.
 
     ``workers``: stages run at once on a local Dask cluster (default: one per CPU core; 1 runs
     them one after another in this process without Dask); ``scheduler``: the address of an
     existing Dask cluster to run them on instead. ``inline``: the steps in the executing
-    process instead of their notebooks, see :func:`execute`."""
+    process instead of their notebooks, see :func:`execute`. ``rerun``: kinds of stage to run
+    again although their artifacts exist, with every stage that reads them (each new artifact
+    replaces the old one once complete).
+
+    ``outputs`` is taken relative to the caller's working directory and made absolute before
+    anything reads it: every path handed to a notebook is absolute, since its kernel runs in
+    ``notebooks/``."""
+    outputs = Path(outputs).resolve()
+    if os.environ.get(DATA_ROOT_ENV):   # the kernels inherit it, in another working directory
+        os.environ[DATA_ROOT_ENV] = str(Path(os.environ[DATA_ROOT_ENV]).expanduser().resolve())
     preset = params.load_preset(preset_dir)
     stages = expand(preset)
     if only is not None:
@@ -473,10 +512,14 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
         stages = [s for s in stages if id(s) in wanted or _needed_by(s, stages, wanted)]
     if workers is not None and workers < 1:
         raise params.ParamsError(f"--workers must be >= 1, got {workers}")
+    unknown = sorted(set(rerun) - set(NOTEBOOK_OF))
+    if unknown:
+        raise params.ParamsError(f"--rerun {', '.join(unknown)}: not a kind of stage; allowed: {', '.join(NOTEBOOK_OF)}")
+    mark_reruns(stages, set(rerun))
     store = ArtifactStore(outputs)
     if dry_run:
         for s in stages:
-            state = "exists" if store.exists(s.kind, s.key) else "to run"
+            state = "rerun" if s.rerun else "exists" if store.exists(s.kind, s.key) else "to run"
             print(f"{s.kind:9s} {s.key}  {state:7s} {s.label}", file=out)
         return []
     preflight(preset)
@@ -493,9 +536,16 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
         outcomes = run_on_dask(stages, store, kernel, workers=workers, scheduler=scheduler, out=out)
     for outcome in outcomes:
         if outcome.stage.kind == "report" and outcome.status in ("ran", "reused"):
-            publish_report(store.path("report", outcome.stage.key) / REPORT_HTML, Path(outputs))
-    print_summary(outcomes, time.perf_counter() - started, Path(outputs), out)
+            publish_report(store.path("report", outcome.stage.key), outputs)
+    print_summary(outcomes, time.perf_counter() - started, outputs, out)
     return outcomes
+
+
+def mark_reruns(stages: list[Stage], kinds: set[str]) -> None:
+    """Mark the stages of ``kinds`` and every stage that reads one of them (stages come after
+    their inputs) to run again."""
+    for stage in stages:
+        stage.rerun = stage.kind in kinds or any(s.rerun for s in stage.inputs.values())
 
 
 def default_workers() -> int:
@@ -519,7 +569,7 @@ def run_execution(stages: list[Stage], store: ArtifactStore, kernel: str | None,
             stage, broken = report_without(stage, broken), {}
         if broken:
             outcomes.append(Outcome(stage, "skipped", detail="needs " + ", ".join(o.stage.label for o in broken.values())))
-        elif store.exists(stage.kind, stage.key):
+        elif store.exists(stage.kind, stage.key) and not stage.rerun:
             outcomes.append(Outcome(stage, "reused", notebook=store.path(stage.kind, stage.key) / EXECUTED_NOTEBOOK))
         else:
             outcomes.append(None)
@@ -548,7 +598,7 @@ def _run_here(stages: list[Stage], store: ArtifactStore, kernel: str | None, out
     outcomes: dict[int, Outcome] = {}
     done = 0
     for group in executions(stages):
-        todo = [s.label for s in group if not store.exists(s.kind, s.key)]
+        todo = [s.label for s in group if s.rerun or not store.exists(s.kind, s.key)]
         if todo:
             print(f"[{done + 1}/{len(stages)}] {'; '.join(todo)} ...", file=out, flush=True)
         inputs = [outcomes[id(s)] for stage in group for s in stage.inputs.values()]

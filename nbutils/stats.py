@@ -8,6 +8,7 @@ reporting the spread of a handful of trials.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,11 @@ def welch_less(poisoned, clean) -> float:
         return math.nan
     if poisoned.var(ddof=1) == 0 and clean.var(ddof=1) == 0:
         return math.nan
-    return float(sps.ttest_ind(poisoned, clean, equal_var=False, alternative="less").pvalue)
+    # scipy warns of "catastrophic cancellation" when one side's trials are all equal (a
+    # retraining that lands on the same accuracy twice): the test is still the right one
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        return float(sps.ttest_ind(poisoned, clean, equal_var=False, alternative="less").pvalue)
 
 
 def benjamini_hochberg(pvalues, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:

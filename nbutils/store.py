@@ -21,32 +21,61 @@ from typing import Any
 import numpy as np
 
 SPEC_FILE = "spec.json"
-#: Spec entries that choose where or how fast to compute, not what: left out of keys.
-NOT_IN_KEY = frozenset({"device"})
+#: Spec entries, at any depth, that choose where or how fast to compute or where the data is
+#: read from, not what is computed: left out of keys.
+NOT_IN_KEY = frozenset({"device", "data_root", "download"})
 
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def stage_key(stage: str, spec: dict, inputs: dict[str, str]) -> str:
+def _what(spec: Any) -> Any:
+    """``spec`` without the entries of :data:`NOT_IN_KEY`, at every depth."""
+    if isinstance(spec, dict):
+        return {k: _what(v) for k, v in spec.items() if k not in NOT_IN_KEY}
+    if isinstance(spec, list):
+        return [_what(v) for v in spec]
+    return spec
+
+
+def stage_key(stage: str, spec: dict, inputs: dict[str, str], code: int | None = None) -> str:
     """16 hex digits naming the artifact of ``stage`` run with ``spec`` on the artifacts ``inputs``
-    (role -> key)."""
+    (role -> key) by version ``code`` of the stage's code (:mod:`nbutils.code_versions`)."""
     payload = {
         "stage": stage,
-        "spec": {k: v for k, v in spec.items() if k not in NOT_IN_KEY},
+        "spec": _what(spec),
         "inputs": dict(sorted(inputs.items())),
     }
+    if code is not None:
+        payload["code"] = code
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
 
+def _umask() -> int:
+    """The process's umask: read from /proc where it can be (setting it, the only portable way
+    to read it, would change it for a moment for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed into place), with the
+    permissions of any file created under the process's umask (``mkstemp`` alone gives 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -91,8 +120,11 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 class ArtifactStore:
+    """Artifacts under ``root``, always an absolute path: the folders it hands out cross into
+    notebook kernels, which run in another working directory (``notebooks/``)."""
+
     def __init__(self, root: Path | str):
-        self.root = Path(root)
+        self.root = Path(root).resolve()
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -106,12 +138,21 @@ class ArtifactStore:
         parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{key}-{os.getpid()}-"))
 
-    def commit(self, work: Path, stage: str, key: str, record: dict) -> Path:
-        """Write ``spec.json`` last and move the folder into place in one rename."""
+    def commit(self, work: Path, stage: str, key: str, record: dict, replace: bool = False) -> Path:
+        """Write ``spec.json`` last and move the folder into place in one rename.
+
+        An artifact that exists already (completed meanwhile by another worker) is kept, unless
+        ``replace``: then the new one takes its place (the old one is removed only after)."""
         atomic_write_json(work / SPEC_FILE, record)
         final = self.path(stage, key)
         shutil.rmtree(self.failed_path(stage, key), ignore_errors=True)
-        if self.exists(stage, key):  # completed meanwhile by another worker: keep theirs
+        if self.exists(stage, key) and replace:
+            old = final.with_name(f".tmp-{key}-{os.getpid()}-replaced")
+            os.rename(final, old)
+            os.rename(work, final)
+            shutil.rmtree(old, ignore_errors=True)
+            return final
+        if self.exists(stage, key):
             shutil.rmtree(work, ignore_errors=True)
             return final
         if final.exists():  # a folder without spec.json never counted as done

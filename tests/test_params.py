@@ -104,3 +104,34 @@ def test_shipped_presets_validate_and_expand(preset):
     kinds = {s.kind for s in stages}
     assert {"surrogate", "poison", "search", "retrain", "sensitivity", "report"} <= kinds
     assert len({(s.kind, s.key) for s in stages}) == len(stages)   # no stage twice
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"dataset": "fashion_mnist", "search_size": 100000000},
+     "search_size: 100000000 is more than the 60000 images of fashion_mnist's train split"),
+    ({"dataset": "digits", "train_size": 1438}, "train_size: 1438 is more than the 1437 images of digits's train split"),
+    ({"dataset": "cifar10", "test_size": 10001}, "test_size: 10001 is more than the 10000 images of cifar10's test split"),
+])
+def test_subsets_larger_than_their_split_are_refused(data, message):
+    with pytest.raises(ParamsError) as e:
+        validate("grid", {"data": data}, "grid.yaml")
+    assert message in str(e.value) and "grid.yaml" in str(e.value)
+
+
+def test_ood_search_size_larger_than_its_split_is_refused():
+    with pytest.raises(ParamsError, match="search_size: 5000 is more than the 2000 images of noise's train split"):
+        validate("grid", {"ood": [{"dataset": "noise", "search_size": 5000}]}, "grid.yaml")
+
+
+def test_split_sizes_are_the_loaders():
+    from nbutils.data import SPLIT_SIZES, load_dataset
+
+    for name in ("digits", "noise", "fashion_mnist"):
+        for split in ("train", "test"):
+            assert len(load_dataset(name, split)) == SPLIT_SIZES[name][split]
+
+
+def test_relative_data_root_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = validate("grid", {"data": {"data_root": "data"}})
+    assert spec.data.data_root == str(tmp_path.resolve() / "data")

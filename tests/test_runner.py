@@ -13,6 +13,8 @@ from nbutils.__main__ import main
 from nbutils.params import load_preset
 from nbutils.store import read_json
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "presets" / "tiny"
 INJECTED = '''

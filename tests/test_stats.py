@@ -88,3 +88,12 @@ def test_detectable_drop_has_the_stated_power():
     assert 0.75 < found < 0.85
     assert detectable_drop(1.0, 2, 2) > detectable_drop(1.0, 10, 10) > detectable_drop(1.0, 50, 50)
     assert math.isnan(detectable_drop(0.0, 5, 5)) and math.isnan(detectable_drop(1.0, 1, 5))
+
+
+def test_welch_with_one_side_all_equal_is_quiet_and_defined():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = welch_less([9.375, 9.375], [10.9375, 9.375])
+    assert 0 < p < 1

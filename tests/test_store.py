@@ -57,3 +57,50 @@ def test_arrays_round_trip_without_pickle(tmp_path):
     np.testing.assert_array_equal(arrays["x"], np.arange(6).reshape(2, 3))
     with pytest.raises(TypeError, match="object"):
         save_arrays(tmp_path / "b.npz", z=np.array([{"a": 1}], dtype=object))
+
+
+def test_key_leaves_out_where_the_data_is_read_from_at_any_depth():
+    spec = {"data": {"dataset": "mnist", "data_root": "/a", "download": False}, "seed": 0}
+    key = stage_key("search", spec, {})
+    assert key == stage_key("search", {**spec, "data": {**spec["data"], "data_root": "/b", "download": True}}, {})
+    assert key != stage_key("search", {**spec, "data": {**spec["data"], "dataset": "svhn"}}, {})
+
+
+def test_key_holds_the_code_version():
+    assert stage_key("retrain", {"a": 1}, {}, code=1) != stage_key("retrain", {"a": 1}, {}, code=2)
+
+
+def test_written_files_are_readable_like_any_other(tmp_path):
+    from nbutils.store import atomic_write_bytes
+
+    before = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "report.html", b"<html>")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.txt", b"x")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_replacing_commit_swaps_in_the_new_artifact(tmp_path):
+    store = ArtifactStore(tmp_path)
+    work = store.begin("retrain", "k3")
+    (work / "result.json").write_text("old")
+    store.commit(work, "retrain", "k3", {})
+    again = store.begin("retrain", "k3")
+    (again / "result.json").write_text("new")
+    store.commit(again, "retrain", "k3", {}, replace=False)   # kept: completed meanwhile elsewhere
+    assert (store.path("retrain", "k3") / "result.json").read_text() == "old"
+    again = store.begin("retrain", "k3")
+    (again / "result.json").write_text("new")
+    store.commit(again, "retrain", "k3", {}, replace=True)
+    assert (store.path("retrain", "k3") / "result.json").read_text() == "new"
+    assert [p.name for p in (tmp_path / "retrain").iterdir()] == ["k3"]
+
+
+def test_store_root_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = ArtifactStore("outputs")
+    assert store.root == tmp_path.resolve() / "outputs" and store.path("search", "k").is_absolute()

@@ -1,0 +1,98 @@
+"""The report's tables, figures and CSV files, on synthetic trials with known answers."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nbutils import report
+from nbutils.genotype import random_genotype
+from nbutils.stats import benjamini_hochberg, welch_less
+
+CLEAN = [50.0, 52.0, 51.0]
+RLF = [40.0, 41.0, 43.0]
+OOD_DIGITS = [30.0, 33.0, 31.0]
+OOD_NOISE = [49.0, 53.0, 51.5]
+RANDOM = [45.0, 47.0, 46.0]
+
+
+def trials(algorithm, attack, budget, accs, study="main", search_dataset=None):
+    rng = np.random.default_rng(len(accs))
+    return [{"algorithm": algorithm, "attack": attack, "budget": budget, "trial": i, "acc": acc, "study": study,
+             "search_dataset": search_dataset, "genotype": random_genotype(rng), "parameters": 1000 + i,
+             "search_seconds": 60.0, "retrain_seconds": 120.0, "artifact": f"/out/retrain/r{algorithm}{attack}{i}",
+             "search": f"/out/search/s{algorithm}{attack}{i}", "seed": i,
+             "anchor": report.trials_anchor(algorithm, attack, budget, study, search_dataset)}
+            for i, acc in enumerate(accs)]
+
+
+@pytest.fixture
+def results():
+    rows = (trials("darts", "none", None, CLEAN) + trials("darts", "rlf", 0.5, RLF)
+            + trials("darts", "none", None, OOD_DIGITS, "ood", "digits")
+            + trials("darts", "none", None, OOD_NOISE, "ood", "noise")
+            + trials("random", "none", None, RANDOM))
+    return pd.DataFrame(rows)
+
+
+def test_workshop_table_1_draws_only_the_main_study(results):
+    page = report.reference_points_html(results, report.CellSummary.of(results[results.algorithm == "random"].acc))
+    darts = page[page.index("DARTS (clean)"):page.index("Random sampling")]
+    assert "<td>3</td>" in darts and f"{np.mean(CLEAN):.2f} ± {np.std(CLEAN, ddof=1):.2f}" in darts
+
+
+def test_cells_csv_holds_every_study_with_its_own_reference(results):
+    cells = report.cells_csv(results, "fashion_mnist")
+    assert list(cells.columns) == report.CELLS_CSV_COLUMNS
+    assert set(cells.study) == {"main", "ood:digits", "ood:noise"}
+    main = cells[cells.study == "main"].set_index("attack")
+    assert main.loc["none", "n"] == 3 and math.isnan(main.loc["none", "p"])
+    assert main.loc["rlf", "p"] == pytest.approx(welch_less(RLF, CLEAN))
+    assert main.loc["rlf", "dimp"] == pytest.approx(np.mean(RLF) - np.mean(RANDOM))
+    assert main.loc["rlf", "cpu_hours"] == pytest.approx(3 * 180 / 3600)
+    # each OOD search tested against the in-distribution clean trials, BH over the algorithm's OOD cells
+    ood = cells[cells.study.str.startswith("ood:")].set_index("study")
+    expected = [welch_less(OOD_DIGITS, CLEAN), welch_less(OOD_NOISE, CLEAN)]
+    assert list(ood.p) == pytest.approx(expected)
+    reject, adjusted = benjamini_hochberg(expected, 0.05)
+    assert list(ood.p_bh) == pytest.approx(list(adjusted)) and list(ood.significant) == list(reject)
+    assert ood.loc["ood:digits", "significant"] and not ood.loc["ood:noise", "significant"]
+    # the main table of the report is the main study of the CSV
+    table = report.results_table(results[results.study == "main"])
+    assert table.acc_mean.tolist() == pytest.approx(main.acc_mean.tolist())
+
+
+def test_trials_csv_one_row_per_trial(results):
+    rows = report.trials_csv(results, "fashion_mnist")
+    assert list(rows.columns) == report.TRIALS_CSV_COLUMNS and len(rows) == len(results)
+    assert set(rows.study) == {"main", "ood:digits", "ood:noise"}
+    assert rows[rows.algorithm == "random"].search_dataset.isna().all()
+    assert set(rows[rows.study == "main"].dropna(subset=["search_dataset"]).search_dataset) == {"fashion_mnist"}
+    assert rows.retrain_artifact.iloc[0] == "retrain/rdartsnone0"
+    assert report.Genotype.from_json(rows.genotype.iloc[0]) == results.genotype.iloc[0]
+
+
+def test_defended_cells_test_the_improvement(results):
+    defended = pd.DataFrame(trials("darts", "rlf", 0.5, [48.0, 49.0, 50.5], "defense:sanitise"))
+    cells = report.cells_csv(pd.concat([results, defended], ignore_index=True), "fashion_mnist")
+    row = cells[cells.study == "defense:sanitise"].iloc[0]
+    assert row.p == pytest.approx(welch_less(RLF, [48.0, 49.0, 50.5])) and row.significant
+
+
+def test_every_trial_figure_labels_do_not_overlap(results):
+    more = [trials("darts", attack, 0.5, RLF) for attack in ("gc", "alpha-e1", "gaussian", "clf")]
+    frame = pd.concat([results, *map(pd.DataFrame, more)], ignore_index=True)
+    figure = report.trials_figure(frame)
+    figure.canvas.draw()
+    boxes = [label.get_window_extent() for label in figure.axes[0].get_yticklabels()]
+    assert len(boxes) == 9   # 4 conditions of the fixture, 4 more attacks, random sampling
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert {label.get_text() for label in figure.axes[0].get_yticklabels()} >= {
+        "None", "RLF 50%", "None, searched on digits", "random sampling", "α-gradient (e=1) 50%"}
+
+
+def test_figures_are_displayed_as_images(results):
+    table = report.results_table(results[results.study == "main"])
+    image = report.figure_image(report.budget_figure(table, "darts"))
+    assert image.format == "png" and image.data.startswith(b"\x89PNG")
+    assert image._repr_png_() is not None
