@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # graphviz's `dot` draws the cells; Debian's dataset-fashion-mnist is the embedded dataset; a C compiler
-# builds the fast supernet's batch-norm kernels (nbutils/channels_last_kernels.py) on first use.
+# builds the fast supernet's batch-norm kernels (nbutils/accel/channels_last_kernels.py) on first use.
 system-deps:
 	@if command -v dot >/dev/null 2>&1 && [ -d /usr/share/datasets/fashion-mnist ] && command -v cc >/dev/null 2>&1; then exit 0; fi; \
 	if command -v apt-get >/dev/null 2>&1; then \

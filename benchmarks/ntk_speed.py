@@ -3,7 +3,7 @@ version (one vectorised backward through the same batched forward), on the CPU.
 
     python benchmarks/ntk_speed.py [--repeats 5] [--threads 1] [--quick]
 
-Networks: :class:`nbutils.tenas.TenasNetwork`, the supernet TE-NAS measures (``C = 1``, a
+Networks: :class:`nbutils.nas.tenas_network.TenasNetwork`, the supernet TE-NAS measures (``C = 1``, a
 normal and a reduction cell, stem multiplier 1, affine BN, pools without BN, BN + ReLU before
 global pooling, all 7 non-``none`` operations on every edge, 10 classes). Settings:
 
@@ -16,7 +16,7 @@ global pooling, all 7 non-``none`` operations on every edge, 10 classes). Settin
 For each: the time (best of ``--repeats``) of the reference loop (PyTorch's default CPU
 backend), of the two batched ways (``method="vmap"``: one vectorised backward, oneDNN off for
 networks whose median convolution has at most 2 output channels; ``method="replicas"``: the
-rows as replicas in one ordinary backward, :mod:`nbutils.ntk_replicas`), which one
+rows as replicas in one ordinary backward, :mod:`nbutils.nas.ntk_replicas`), which one
 ``method="auto"`` takes, the speed-ups over the loop, and the largest relative difference of
 kappa from the loop's. Times are wall-clock and, in brackets, the process's CPU time, which a
 busy shared machine disturbs less. The runs of the three alternate, so that a change in the
@@ -29,8 +29,8 @@ import time
 
 import torch
 
-from nbutils.ntk import choose_method, ntk_condition_number, ntk_condition_number_loop
-from nbutils.tenas import TenasNetwork, initial_switches
+from nbutils.nas.ntk import choose_method, ntk_condition_number, ntk_condition_number_loop
+from nbutils.nas.tenas_network import TenasNetwork, initial_switches
 
 
 def run(name: str, channels: int, batch: int, size: int, in_channels: int, repeats: int) -> dict:

@@ -8,7 +8,7 @@ Two configurations:
 * ``darts``: DARTS' search setting, C=16, 8 cells, batch 64, 3x32x32 inputs, 10 classes;
 * ``quick``: the quick preset's search, C=8, 5 cells, batch 64, 1x16x16 inputs, 10 classes.
 
-Two steps, as ``nbutils.darts.darts_search`` runs them:
+Two steps, as ``nbutils.nas.darts.darts_search`` runs them:
 
 * weight step: forward, cross-entropy, backward w.r.t. the weights, gradient clipping, SGD
   (momentum 0.9, weight decay 3e-4);
@@ -27,7 +27,7 @@ slowed the fast network's next steps by 20-50%. The load of a shared machine dri
 more over minutes, so the children alternate, plain, fast, fast, plain, ... (``--rounds``
 pairs), and each network's median is taken over all its timed iterations.
 
-Both networks' processes keep freed memory for their next tensors (:mod:`nbutils.malloc`, as
+Both networks' processes keep freed memory for their next tensors (:mod:`nbutils.core.malloc`, as
 the runner's notebook kernels do); ``--malloc default`` measures glibc's defaults instead, where
 each step faults its large tensors in again (the fast network loses more to that).
 
@@ -70,8 +70,8 @@ class _Bench:
         import torch.nn.functional as F
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from nbutils.fast_supernet import FastSuperNet
-        from nbutils.supernet import SuperNet
+        from nbutils.accel.fast_supernet import FastSuperNet
+        from nbutils.space.supernet import SuperNet
 
         self.torch, self.F = torch, F
         cfg = CONFIGS[config]
@@ -113,7 +113,7 @@ def child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc:
 
     if malloc == "keep":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from nbutils.malloc import keep_freed_memory
+        from nbutils.core.malloc import keep_freed_memory
         if not keep_freed_memory():
             raise SystemExit("--malloc keep needs glibc; use --malloc default")
     torch.set_num_threads(threads)
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="plain/fast child pairs, alternating (default 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                        help="keep freed memory in the process (nbutils.malloc, default) or glibc's defaults")
+                        help="keep freed memory in the process (nbutils.core.malloc, default) or glibc's defaults")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     for name, least in (("warmup", 0), ("iters", 1), ("rounds", 1), ("threads", 1)):

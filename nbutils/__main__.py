@@ -13,7 +13,7 @@
       --rerun KIND    run the stages of a kind again although they exist, and the stages that
                       read them (repeatable)
 
-    code-digests [--write]   each stage kind's code version and digest (nbutils.code_versions)
+    code-digests [--write]   each stage kind's code version and digest (nbutils.pipeline.code_versions)
 """
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ import argparse
 import logging
 import sys
 
-from .data import DatasetNotFound
-from .malloc import MALLOC_ENV
-from .params import ParamsError
+from .core.data import DatasetNotFound
+from .core.malloc import MALLOC_ENV
+from .pipeline.params import ParamsError
 
 
 def install_kernel() -> None:
     """Register this interpreter as the ``nbutils`` kernel in ``sys.prefix`` (the venv), where
     papermill and JupyterLab started from the venv find it. The kernel logs at ERROR level so
     headless runs are not cluttered by its start-up warnings, and starts with the malloc
-    settings of :mod:`nbutils.malloc`."""
+    settings of :mod:`nbutils.core.malloc`."""
     import tempfile
 
     from ipykernel.kernelspec import write_kernel_spec
@@ -48,11 +48,9 @@ DIGESTS_FILE = "tests/code_digests.json"
 
 def code_digests(write: bool) -> int:
     """Print each stage kind's code version and digest; with ``write``, record them for the test
-    that catches a code change without a version bump (:mod:`nbutils.code_versions`)."""
+    that catches a code change without a version bump (:mod:`nbutils.pipeline.code_versions`)."""
     import json
-    from pathlib import Path
-
-    from .code_versions import PACKAGE_DIR, current_digests
+    from .pipeline.code_versions import PACKAGE_DIR, current_digests
 
     text = json.dumps(current_digests(), indent=2, sort_keys=True) + "\n"
     if write:
@@ -88,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return code_digests(args.write)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from .runner import run as run_preset
+    from .pipeline.runner import run as run_preset
 
     try:
         outcomes = run_preset(args.preset, args.outputs, only=args.only, dry_run=args.dry_run, inline=args.inline,

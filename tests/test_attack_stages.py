@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbutils import params, runner, steps
-from nbutils.attacks import AttackSpec, poison
-from nbutils.poison_set import PoisonSet
-from nbutils.store import ArtifactStore, read_json
-from nbutils.supernet import SuperNet
+from nbutils.pipeline import params, runner, steps
+from nbutils.pipeline.stages import defend_stage, expand
+from nbutils.attacks.poisoning import AttackSpec, poison
+from nbutils.core.poison_set import PoisonSet
+from nbutils.core.store import ArtifactStore, read_json
+from nbutils.space.supernet import SuperNet
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "tests" / "presets" / "tiny_attacks"
@@ -23,7 +24,7 @@ def preset():
 
 @pytest.fixture(scope="module")
 def stages(preset):
-    return runner.expand(preset)
+    return expand(preset)
 
 
 def find(stages, kind, label_start):
@@ -142,7 +143,7 @@ def test_gradient_canceling_on_retrained_weights(crafted, tmp_path):
 
 
 def test_crafted_attack_without_its_model_is_refused():
-    from nbutils.data import ImageDataset
+    from nbutils.core.data import ImageDataset
 
     data = ImageDataset(name="toy", images=torch.zeros(8, 1, 8, 8, dtype=torch.uint8), labels=torch.arange(8) % 2, classes=("a", "b"))
     for name, need in (("clf", "surrogate"), ("gc", "target"), ("alpha", "supernets")):
@@ -154,10 +155,10 @@ def test_crafted_attack_without_its_model_is_refused():
 def test_defended_search_data_feeds_a_search(crafted, tmp_path, preset, name):
     outputs, outcomes = crafted
     (clf,) = [o.stage for o in outcomes if o.stage.label == "poison clf 25%"]
-    defend_stage = runner.defend_stage(preset, name, clf)
+    stage = defend_stage(preset, name, clf)
     inputs = {"poison": str(outputs / "poison" / clf.key)}
     (tmp_path / "defend").mkdir()
-    record = steps.defend(defend_stage.spec, inputs, tmp_path / "defend")
+    record = steps.defend(stage.spec, inputs, tmp_path / "defend")
     pool = steps.search_pool(preset.grid.data)
     defended = steps.load_defended(tmp_path / "defend", pool)
     assert len(defended) == record["samples_out"] and record["samples_in"] == 48
@@ -165,7 +166,7 @@ def test_defended_search_data_feeds_a_search(crafted, tmp_path, preset, name):
         assert 30 <= len(defended) <= 38   # 30% of every class dropped, rounded per class
     else:
         assert len(defended) == 48 and torch.equal(defended.images, pool.images)
-    (search,) = [s for s in runner.expand(preset) if s.label == "search darts clf 25% trial 1"]
+    (search,) = [s for s in expand(preset) if s.label == "search darts clf 25% trial 1"]
     (tmp_path / "search").mkdir()
     found = steps.search(search.spec, {"defended": str(tmp_path / "defend")}, tmp_path / "search")
     assert found["genotype"].summary()

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.attacks import AttackSpec, poison, poison_count
-from nbutils.data import ImageDataset
-from nbutils.poison_set import PoisonSet, PoisonSetMismatch
+from nbutils.attacks.poisoning import AttackSpec, poison, poison_count
+from nbutils.core.data import ImageDataset
+from nbutils.core.poison_set import PoisonSet, PoisonSetMismatch
 
 
 def toy(n=1000, classes=10, seed=0, name="toy"):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nbutils import channels_last_kernels as cbn
+from nbutils.accel import channels_last_kernels as cbn
 
 CL = torch.channels_last
 
@@ -135,7 +135,7 @@ def test_other_tensors_take_pytorchs_kernel():
 
 
 def test_builds_into_the_cache_and_can_be_switched_off(tmp_path):
-    script = ("from nbutils import channels_last_kernels as c; import sys, pathlib; "
+    script = ("from nbutils.accel import channels_last_kernels as c; import sys, pathlib; "
               "print(c.available(), len(list(pathlib.Path(sys.argv[1]).glob('*.so'))))")
     env = dict(os.environ, NBUTILS_KERNEL_CACHE=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,

@@ -9,17 +9,17 @@ import torch
 
 matplotlib.use("Agg")
 
-from nbutils import alpha_attack as aa
-from nbutils import gradient_canceling as gc
-from nbutils.attacks import publish
-from nbutils.data import BatchLoader, ImageDataset, channel_stats
-from nbutils.diff_augment import differentiable_augment, translate_flip
-from nbutils.genotype import published
-from nbutils.network import EvalNetwork
-from nbutils.ops import PRIMITIVES
-from nbutils.poison_figures import flip_table, magnify, poison_grid
-from nbutils.supernet import SuperNet
-from nbutils.surrogate import (
+from nbutils.attacks import alpha_attack as aa
+from nbutils.attacks import gradient_canceling as gc
+from nbutils.core.poison_set import publish
+from nbutils.core.data import BatchLoader, ImageDataset, channel_stats
+from nbutils.core.diff_augment import differentiable_augment, translate_flip
+from nbutils.space.genotype import published
+from nbutils.space.network import EvalNetwork
+from nbutils.space.ops import PRIMITIVES
+from nbutils.report.poison_figures import flip_table, magnify, poison_grid
+from nbutils.space.supernet import SuperNet
+from nbutils.training.surrogate import (
     clf_poison_set,
     confidence_label_flip,
     resnet18_small,
@@ -297,7 +297,7 @@ def test_nas_specific_gc_on_supernet_alphas(tiny_supernet, data):
 def test_nas_specific_gc_is_the_same_on_the_fast_supernet(tiny_supernet, data):
     """The crafted attacks run on FastSuperNet: the GC objective and its gradient in the poison
     images (a second-order quantity) equal the plain supernet's to float32 rounding."""
-    from nbutils.fast_supernet import FastSuperNet
+    from nbutils.accel.fast_supernet import FastSuperNet
 
     ds, mean, std = data
     plain = copy.deepcopy(tiny_supernet)

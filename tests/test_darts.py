@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbutils import darts as darts_mod
-from nbutils import network as network_mod
-from nbutils import train as train_mod
-from nbutils.darts import DartsConfig, SearchDiverged, darts_search
-from nbutils.data import BatchLoader, ImageDataset, channel_stats
-from nbutils.genotype import Genotype, genotype_from_alpha, published
-from nbutils.network import EvalNetwork, count_parameters
-from nbutils.supernet import SuperNet
-from nbutils.train import RetrainConfig, cutout, evaluate, retrain
+from nbutils.nas import darts as darts_mod
+from nbutils.space import network as network_mod
+from nbutils.training import train as train_mod
+from nbutils.nas.darts import DartsConfig, SearchDiverged, darts_search
+from nbutils.core.data import BatchLoader, ImageDataset, channel_stats
+from nbutils.space.genotype import Genotype, genotype_from_alpha, published
+from nbutils.space.network import EvalNetwork, count_parameters
+from nbutils.space.supernet import SuperNet
+from nbutils.training.train import RetrainConfig, cutout, evaluate, retrain
 
 from toys import toy
 

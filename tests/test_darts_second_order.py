@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from nbutils import darts as darts_mod
-from nbutils.darts import (
+from nbutils.nas import darts as darts_mod
+from nbutils.nas.darts import (
     DartsConfig,
     StepRule,
     architecture_step,
@@ -22,9 +22,9 @@ from nbutils.darts import (
     unrolled_alpha_grad,
     weight_step,
 )
-from nbutils.data import ImageDataset
-from nbutils.genotype import Genotype
-from nbutils.supernet import SuperNet
+from nbutils.core.data import ImageDataset
+from nbutils.space.genotype import Genotype
+from nbutils.space.supernet import SuperNet
 
 from toys import toy
 

@@ -1,4 +1,4 @@
-"""Tests for nbutils.data: loaders on real-format fixtures, splits, the poisoned view, batches."""
+"""Tests for nbutils.core.data: loaders on real-format fixtures, splits, the poisoned view, batches."""
 from __future__ import annotations
 
 import gzip
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils import data
-from nbutils.data import (
+from nbutils.core import data
+from nbutils.core.data import (
     DATA_ROOT_ENV,
     DATASETS,
     BatchLoader,

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils import denoising, relabelling, sanitisation
-from nbutils.data import ImageDataset
-from nbutils.defenses import DefenseSpec, defend
-from nbutils.relabelling import ExtractorUnavailable
+from nbutils.defenses import denoising
+from nbutils.defenses import relabelling
+from nbutils.defenses import sanitisation
+from nbutils.core.data import ImageDataset
+from nbutils.defenses.defending import DefenseSpec, defend
+from nbutils.defenses.relabelling import ExtractorUnavailable
 
 
 def blobs(per_class=40, classes=3, size=8, seed=0, name="blobs"):

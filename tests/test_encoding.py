@@ -1,4 +1,4 @@
-"""Tests for the integer encoding of DARTS genotypes (nbutils.encoding)."""
+"""Tests for the integer encoding of DARTS genotypes (nbutils.space.encoding)."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from nbutils import encoding
-from nbutils.genotype import PUBLISHED, STEPS, Genotype, random_genotype
-from nbutils.ops import PRIMITIVES
+from nbutils.space import encoding
+from nbutils.space.genotype import PUBLISHED, STEPS, Genotype, random_genotype
+from nbutils.space.ops import PRIMITIVES
 
 
 def node_genes(genotype: Genotype, cell: str) -> list[set[tuple[str, int]]]:

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbutils import fast_supernet
-from nbutils.fast_supernet import FastSuperNet, depthwise_conv2d
-from nbutils.genotype import NUM_EDGES
-from nbutils.ops import PRIMITIVES
-from nbutils.supernet import SuperNet
+from nbutils.accel import fast_supernet
+from nbutils.accel.fast_supernet import FastSuperNet, depthwise_conv2d
+from nbutils.space.genotype import NUM_EDGES
+from nbutils.space.ops import PRIMITIVES
+from nbutils.space.supernet import SuperNet
 
 
 def pair(dtype=torch.float64, **kw):
@@ -145,7 +145,7 @@ CASES = {
 @pytest.fixture(params=[True, False], ids=["C kernels", "PyTorch kernels"])
 def c_kernels(request, monkeypatch):
     """Both implementations of the batch norms and scaled adds: the C kernels of
-    :mod:`nbutils.channels_last_kernels` and the PyTorch fallback used without a compiler."""
+    :mod:`nbutils.accel.channels_last_kernels` and the PyTorch fallback used without a compiler."""
     monkeypatch.setitem(fast_supernet._OPTIONS, "c_kernels", request.param)
     return request.param
 
@@ -319,7 +319,7 @@ def test_gradients_wrt_non_leaf_unrolled_weights_match():
 
 @pytest.mark.parametrize("size", [(6, 6), (7, 5)])
 def test_even_odd_pixels_gradgradcheck(size):
-    from nbutils.fast_supernet import _EvenOdd
+    from nbutils.accel.fast_supernet import _EvenOdd
     g = torch.Generator().manual_seed(sum(size))
     x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
@@ -336,7 +336,7 @@ def test_even_odd_pixels_gradgradcheck(size):
 
 @pytest.mark.parametrize("stride,size", [(1, (6, 6)), (1, (5, 7)), (2, (6, 6)), (2, (7, 5))])
 def test_average_pool_as_depthwise_convolution(stride, size):
-    from nbutils.fast_supernet import _pool
+    from nbutils.accel.fast_supernet import _pool
     pool = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
     g = torch.Generator().manual_seed(stride * 100 + size[0])
     x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)

@@ -3,8 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from nbutils import params, runner
-from nbutils.data import load_dataset
+from nbutils.pipeline import execution, params
+from nbutils.pipeline.stages import expand
+
+ROOT = Path(__file__).resolve().parent.parent
+from nbutils.core.data import load_dataset
 
 TINY_ATTACKS = Path(__file__).resolve().parent / "presets" / "tiny_attacks"
 
@@ -18,7 +21,7 @@ def preset(**grid):
 
 
 def test_every_stage_follows_its_inputs_and_appears_once():
-    stages = runner.expand(preset(ood=[{"dataset": "noise", "search_size": 32, "search_image_size": 8}],
+    stages = expand(preset(ood=[{"dataset": "noise", "search_size": 32, "search_image_size": 8}],
                                   augmentation_ablation=["pdarts"]))
     position = {id(s): i for i, s in enumerate(stages)}
     assert all(position[id(i)] < position[id(s)] for s in stages for i in s.inputs.values())
@@ -27,20 +30,20 @@ def test_every_stage_follows_its_inputs_and_appears_once():
 
 
 def test_attack_restricted_to_some_algorithms():
-    stages = runner.expand(preset(attacks=[{"name": "none"}, {"name": "rlf", "budgets": [0.25], "algorithms": ["pdarts"]}]))
+    stages = expand(preset(attacks=[{"name": "none"}, {"name": "rlf", "budgets": [0.25], "algorithms": ["pdarts"]}]))
     searched = {(s.meta["algorithm"], s.meta["attack"]) for s in stages if s.kind == "search"}
     assert ("pdarts", "rlf") in searched and ("darts", "rlf") not in searched
 
 
 def test_anti_search_runs_on_clean_data_only():
-    stages = runner.expand(preset(nas_algorithms=["darts", "darts_anti"], attacks=[
+    stages = expand(preset(nas_algorithms=["darts", "darts_anti"], attacks=[
         {"name": "none"}, {"name": "rlf", "budgets": [0.25]}]))
     anti = [s for s in stages if s.kind == "search" and s.meta["algorithm"] == "darts_anti"]
     assert len(anti) == 2 and {s.meta["attack"] for s in anti} == {"none"}
 
 
 def test_ood_search_on_other_data_retrains_on_the_grids():
-    stages = runner.expand(preset(ood=[{"dataset": "noise", "search_size": 32, "search_image_size": 8}]))
+    stages = expand(preset(ood=[{"dataset": "noise", "search_size": 32, "search_image_size": 8}]))
     ood = [s for s in stages if s.kind == "search" and s.meta.get("study") == "ood"]
     assert len(ood) == 2 * 2   # two algorithms x two trials
     assert all(s.spec["data"]["dataset"] == "noise" and s.spec["data"]["search_size"] == 32 for s in ood)
@@ -51,7 +54,7 @@ def test_ood_search_on_other_data_retrains_on_the_grids():
 
 
 def test_augmentation_ablation_reuses_the_gc_poisons():
-    stages = runner.expand(preset(augmentation_ablation=["pdarts"]))
+    stages = expand(preset(augmentation_ablation=["pdarts"]))
     ablation = [s for s in stages if s.kind == "search" and s.meta.get("study") == "no_augment"]
     assert {s.meta["attack"] for s in ablation} == {"none", "gc"} and len(ablation) == 4
     assert all(s.spec["augment"] is False and s.spec["algorithm"] == "pdarts" for s in ablation)
@@ -80,7 +83,7 @@ def test_noise_dataset_is_fixed_random_images():
 
 
 def test_defenses_read_the_poison_and_feed_the_search():
-    stages = runner.expand(preset(defenses=[{"name": "sanitise", "attacks": ["clf"], "algorithms": ["darts"]},
+    stages = expand(preset(defenses=[{"name": "sanitise", "attacks": ["clf"], "algorithms": ["darts"]},
                                             {"name": "denoise", "attacks": ["gc"]}]))
     defends = [s for s in stages if s.kind == "defend"]
     assert sorted(s.label for s in defends) == [
@@ -97,7 +100,7 @@ def test_defense_of_an_attack_not_run_is_refused():
 
 
 def test_label_flipping_skips_the_label_free_tenas():
-    stages = runner.expand(preset(nas_algorithms=["darts", "tenas"], attacks=[
+    stages = expand(preset(nas_algorithms=["darts", "tenas"], attacks=[
         {"name": "none"}, {"name": "rlf", "budgets": [0.25]}, {"name": "gc", "budgets": [0.25]}]))
     tenas = {s.meta["attack"] for s in stages if s.kind == "search" and s.meta["algorithm"] == "tenas"}
     assert tenas == {"none", "gc"}
@@ -107,7 +110,7 @@ def test_label_flipping_skips_the_label_free_tenas():
 
 
 def test_defense_restricted_to_some_budgets():
-    stages = runner.expand(preset(attacks=[{"name": "none"}, {"name": "clf", "budgets": [0.25, 0.5]}],
+    stages = expand(preset(attacks=[{"name": "none"}, {"name": "clf", "budgets": [0.25, 0.5]}],
                                   defenses=[{"name": "sanitise", "attacks": ["clf"], "budgets": [0.5]}]))
     assert {s.meta["budget"] for s in stages if s.kind == "defend"} == {0.5}
     with pytest.raises(params.ParamsError, match="names budgets \\[0.1\\]"):
@@ -115,15 +118,15 @@ def test_defense_restricted_to_some_budgets():
 
 
 def test_trials_of_one_condition_share_an_execution():
-    stages = runner.expand(preset(attacks=[{"name": "none"}, {"name": "rlf", "budgets": [0.25]}]))
-    groups = runner.executions(stages)
+    stages = expand(preset(attacks=[{"name": "none"}, {"name": "rlf", "budgets": [0.25]}]))
+    groups = execution.executions(stages)
     assert sorted(s.key for g in groups for s in g) == sorted(s.key for s in stages)   # each stage once
     done = set()
     for group in groups:   # every execution after the executions it reads
         assert all(id(i) in done for s in group for i in s.inputs.values())
         done.update(id(s) for s in group)
         assert len({s.kind for s in group}) == 1
-        if group[0].kind in runner.BATCHED:
+        if group[0].kind in execution.BATCHED:
             assert len({(s.meta["algorithm"], s.meta["attack"], s.meta.get("study")) for s in group}) == 1
             assert sorted(s.meta["trial"] for s in group) == list(range(len(group)))
         else:
@@ -134,11 +137,20 @@ def test_trials_of_one_condition_share_an_execution():
 
 
 def test_longest_chains_first():
-    from nbutils.cluster import chain_lengths
+    from nbutils.pipeline.cluster import chain_lengths
 
-    groups = runner.executions(runner.expand(preset(attacks=[{"name": "none"}, {"name": "gc", "budgets": [0.25]}])))
+    groups = execution.executions(expand(preset(attacks=[{"name": "none"}, {"name": "gc", "budgets": [0.25]}])))
     length = dict(zip((g[0].label for g in groups), chain_lengths(groups)))
     # clean search -> clean retrain -> GC poison -> poisoned search -> retrain -> report
     assert length["search darts clean trial 1"] == 6 and length["report"] == 1
     assert length["poison gc 25% against darts"] == 4
     assert length["genotype gallery"] == 1
+
+
+@pytest.mark.parametrize("preset", ["params/quick", "params/cpu", "params/paper", "tests/presets/tiny_attacks"])
+def test_every_stage_reads_data_its_step_accepts(preset):
+    """The steps validate a stage's ``data`` again (in the notebook): every stage of a shipped
+    preset, the out-of-distribution searches among them, must pass."""
+    for stage in expand(params.load_preset(ROOT / preset)):
+        if "data" in stage.spec:
+            params.DataSpec.model_validate(stage.spec["data"])

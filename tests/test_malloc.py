@@ -1,4 +1,4 @@
-"""nbutils.malloc: freed memory stays in the process, so fresh tensors do not fault pages in."""
+"""nbutils.core.malloc: freed memory stays in the process, so fresh tensors do not fault pages in."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from nbutils.cluster import WORKER_ENVIRON
-from nbutils.malloc import MALLOC_ENV
+from nbutils.pipeline.cluster import WORKER_ENVIRON
+from nbutils.core.malloc import MALLOC_ENV
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 SCRIPT = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from nbutils.malloc import keep_freed_memory
+    from nbutils.core.malloc import keep_freed_memory
     assert keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -1,4 +1,4 @@
-"""Tests for the metric-sensitivity study (nbutils.metric_sensitivity, TMLR Table 2): the
+"""Tests for the metric-sensitivity study (nbutils.studies.metric_sensitivity, TMLR Table 2): the
 percentage change, known answers on a linear model, exact zeros where a metric cannot see
 the change, undefined values counted, and the summary."""
 from __future__ import annotations
@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from nbutils.data import ImageDataset
-from nbutils.metric_sensitivity import (
+from nbutils.core.data import ImageDataset
+from nbutils.studies.metric_sensitivity import (
     COLUMNS,
     architecture_sensitivity,
     metric_sensitivity,
     percentage_change,
     summarise,
 )
-from nbutils.zero_cost import METRICS
+from nbutils.nas.zero_cost import METRICS
 
 from toys import toy
 

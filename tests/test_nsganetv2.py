@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils import encoding
-from nbutils.accuracy_predictors import (
+from nbutils.space import encoding
+from nbutils.nas.accuracy_predictors import (
     FittedPredictor,
     RbfPredictor,
     cross_validated_tau,
     fit_predictor,
     kendall_tau,
 )
-from nbutils.darts import SearchResult
-from nbutils.data import ImageDataset
-from nbutils.genotype import Genotype, random_genotype
-from nbutils.network import EvalNetwork, count_parameters
-from nbutils.nsganetv2 import (
+from nbutils.nas.darts import SearchResult
+from nbutils.core.data import ImageDataset
+from nbutils.space.genotype import Genotype, random_genotype
+from nbutils.space.network import EvalNetwork, count_parameters
+from nbutils.nas.nsganetv2 import (
     ArchitectureCost,
     Nsganetv2Config,
     _count_macs,
@@ -32,8 +32,8 @@ from nbutils.nsganetv2 import (
     propose_candidates,
     select_candidates,
 )
-from nbutils.data import BatchLoader
-from nbutils.one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, recalibrate_batch_norm, train_one_shot
+from nbutils.core.data import BatchLoader
+from nbutils.nas.one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, recalibrate_batch_norm, train_one_shot
 
 from toys import toy
 
@@ -216,7 +216,7 @@ def test_cost_equals_counting_on_the_built_network(kind, size):
 
 
 def test_cost_of_darts_v2_at_the_paper_scale():
-    from nbutils.genotype import published
+    from nbutils.space.genotype import published
 
     assert ArchitectureCost("params")(published("DARTS_V2")) == 3_349_342   # README: equals the reference
 

@@ -1,4 +1,4 @@
-"""nbutils.ntk pieces that TE-NAS adds to (the known-answer NTK and region tests live in
+"""nbutils.nas.ntk pieces that TE-NAS adds to (the known-answer NTK and region tests live in
 test_zero_cost.py): crops normalised from pixel values, and measurements that leave an
 eval-mode network with running statistics exactly as it was."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nbutils.ntk import linear_regions, ntk_condition_number, region_inputs
+from nbutils.nas.ntk import linear_regions, ntk_condition_number, region_inputs
 
 
 def test_region_inputs_normalise_each_crop_with_its_channel():

@@ -1,19 +1,19 @@
-"""The NTK rows of a TE-NAS network as replicas (nbutils.ntk_replicas) against the reference
+"""The NTK rows of a TE-NAS network as replicas (nbutils.nas.ntk_replicas) against the reference
 loop, in float64 so that the comparison is tight enough to catch a wrong replica, layout or
 weight (float32 rounding alone is ~1e-6)."""
 import pytest
 import torch
 
-from nbutils.ntk import (
+from nbutils.nas.ntk import (
     choose_method,
     ntk_condition_number,
     ntk_condition_number_loop,
     per_sample_gradients,
     per_sample_gradients_loop,
 )
-from nbutils.ntk_replicas import replica_gradients, supports_replicas
-from nbutils.supernet import SuperNet
-from nbutils.tenas import SEARCH_OPERATIONS, TenasNetwork, initial_switches
+from nbutils.nas.ntk_replicas import replica_gradients, supports_replicas
+from nbutils.space.supernet import SuperNet
+from nbutils.nas.tenas_network import SEARCH_OPERATIONS, TenasNetwork, initial_switches
 
 
 def _network(channels=1, in_channels=3, stem=True, cells=2, seed=0, switches=None) -> TenasNetwork:

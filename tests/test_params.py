@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from nbutils import params
-from nbutils.params import ParamsError, load_preset, validate
+from nbutils.pipeline import params
+from nbutils.pipeline.params import ParamsError, load_preset, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("preset", ["quick", "cpu", "paper"])
 def test_shipped_presets_validate_and_expand(preset):
-    from nbutils.runner import expand
+    from nbutils.pipeline.stages import expand
 
     stages = expand(load_preset(Path(__file__).resolve().parent.parent / "params" / preset))
     kinds = {s.kind for s in stages}
@@ -124,7 +124,7 @@ def test_ood_search_size_larger_than_its_split_is_refused():
 
 
 def test_split_sizes_are_the_loaders():
-    from nbutils.data import SPLIT_SIZES, load_dataset
+    from nbutils.core.data import SPLIT_SIZES, load_dataset
 
     for name in ("digits", "noise", "fashion_mnist"):
         for split in ("train", "test"):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from nbutils import pdarts as pdarts_mod
-from nbutils.data import ImageDataset
-from nbutils.genotype import Genotype
-from nbutils.ops import PRIMITIVES
-from nbutils.pdarts import PdartsConfig, final_cell, pdarts_genotype, pdarts_search, skip_dropout_rate, switch_off
-from nbutils.supernet import SuperNet
+from nbutils.nas import pdarts as pdarts_mod
+from nbutils.core.data import ImageDataset
+from nbutils.space.genotype import Genotype
+from nbutils.space.ops import PRIMITIVES
+from nbutils.nas.pdarts import PdartsConfig, final_cell, pdarts_genotype, pdarts_search, skip_dropout_rate, switch_off
+from nbutils.space.supernet import SuperNet
 
 from toys import toy
 

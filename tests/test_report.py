@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nbutils import report
-from nbutils.genotype import random_genotype
-from nbutils.stats import benjamini_hochberg, welch_less
+from nbutils.report import tables as report
+from nbutils.space.genotype import random_genotype
+from nbutils.report.stats import benjamini_hochberg, welch_less
 
 CLEAN = [50.0, 52.0, 51.0]
 RLF = [40.0, 41.0, 43.0]

@@ -1,4 +1,4 @@
-"""Tests for RoBoT (nbutils.robot): the pool, min-max normalisation, the ranking, the BO +
+"""Tests for RoBoT (nbutils.nas.robot): the pool, min-max normalisation, the ranking, the BO +
 exploitation loop (budget, cache, selection of a trained architecture) and a tiny end-to-end
 search."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.data import ImageDataset
-from nbutils.genotype import Genotype
-from nbutils.ops import PRIMITIVES
-from nbutils.robot import (
+from nbutils.core.data import ImageDataset
+from nbutils.space.genotype import Genotype
+from nbutils.space.ops import PRIMITIVES
+from nbutils.nas.robot import (
     RobotConfig,
     normalise_pool,
     optimise_weights,

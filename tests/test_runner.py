@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from nbutils import runner
+from nbutils.pipeline import code_versions, execution, runner
+from nbutils.pipeline.stages import expand
 from nbutils.__main__ import main
-from nbutils.params import load_preset
-from nbutils.store import read_json
+from nbutils.pipeline.params import load_preset
+from nbutils.core.store import read_json
 
 pytestmark = pytest.mark.e2e
 
@@ -37,11 +38,11 @@ def notebooks_failing_retrain_for_seed_1(tmp_path: Path) -> Path:
     import nbformat
 
     folder = tmp_path / "notebooks"
-    shutil.copytree(runner.NOTEBOOKS, folder)
-    nb = nbformat.read(folder / runner.NOTEBOOK_OF["retrain"], as_version=4)
+    shutil.copytree(execution.NOTEBOOKS, folder)
+    nb = nbformat.read(folder / code_versions.NOTEBOOK_OF["retrain"], as_version=4)
     position = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(position + 2, nbformat.v4.new_code_cell(INJECTED))   # after the imports
-    nbformat.write(nb, folder / runner.NOTEBOOK_OF["retrain"])
+    nbformat.write(nb, folder / code_versions.NOTEBOOK_OF["retrain"])
     return folder
 
 
@@ -50,14 +51,14 @@ def runs(tmp_path_factory):
     """Run A with a failing retrain notebook, run B with the real ones, run C again."""
     tmp = tmp_path_factory.mktemp("run")
     outputs = tmp / "outputs"
-    stages = runner.expand(load_preset(TINY))
+    stages = expand(load_preset(TINY))
     # an interrupted earlier run: a half-written stage folder that must not count
     leftover = outputs / "search" / f".tmp-{stages[1].key}-999999999-x"
     leftover.mkdir(parents=True)
     (leftover / "genotype.json").write_text("{half")
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(runner, "NOTEBOOKS", notebooks_failing_retrain_for_seed_1(tmp))
+    mp.setattr(execution, "NOTEBOOKS", notebooks_failing_retrain_for_seed_1(tmp))
     a = runner.run(TINY, outputs, workers=1)   # in this process, where the patch applies
     mp.undo()
     kept = {o.stage.label: (o.notebook.exists() and o.notebook.parent.name.endswith(".failed"))
@@ -122,7 +123,7 @@ def test_artifacts_hold_real_results(runs):
 
 
 def test_notebooks_are_committed_clean():
-    for path in sorted(runner.NOTEBOOKS.glob("*.ipynb")):
+    for path in sorted(execution.NOTEBOOKS.glob("*.ipynb")):
         nb = json.loads(path.read_text())
         assert all(not c.get("outputs") and not c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code"), path
         assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"]), path
@@ -209,7 +210,7 @@ def test_killing_a_worker_loses_only_its_task(tmp_path):
     assert {o.status for o in first} <= {"ran", "reused"}
     redone = next(o for o in first if o.stage.key == killed["key"])
     assert redone.status == "ran" and (outputs / "search" / killed["key"] / "genotype.json").is_file()
-    stages = runner.expand(load_preset(TINY))
+    stages = expand(load_preset(TINY))
     assert all((outputs / s.kind / s.key / "spec.json").is_file() for s in stages)
     second = runner.run(TINY, outputs, workers=2, inline=True)
     assert {o.status for o in second} == {"reused"}

@@ -1,4 +1,4 @@
-"""Mixed precision in the DARTS search steps (nbutils.darts.Precision).
+"""Mixed precision in the DARTS search steps (nbutils.nas.darts.Precision).
 
 There is no GPU here: float16 autocast runs on CUDA only, so the tests check that asking for it
 on the CPU searches in float32 (same result, a warning), and exercise the autocast and
@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from nbutils.darts import (
+from nbutils.nas.darts import (
     DartsConfig,
     Precision,
     StepRule,
@@ -18,10 +18,10 @@ from nbutils.darts import (
     make_optimisers,
     weight_step,
 )
-from nbutils.device import MixedPrecision
-from nbutils.params import SearchSpec
-from nbutils.pdarts import PdartsConfig
-from nbutils.supernet import SuperNet
+from nbutils.core.device import MixedPrecision
+from nbutils.pipeline.params import SearchSpec
+from nbutils.nas.pdarts import PdartsConfig
+from nbutils.space.supernet import SuperNet
 from toys import toy
 
 
@@ -33,7 +33,7 @@ def test_mixed_precision_on_the_cpu_searches_in_float32_and_says_so(caplog):
     weight_part, arch_part = toy(32, seed=1), toy(32, seed=2)
     cpu = torch.device("cpu")
     plain = darts_search(weight_part, arch_part, _tiny_config(), seed=0, device=cpu)
-    with caplog.at_level(logging.WARNING, logger="nbutils.device"):
+    with caplog.at_level(logging.WARNING, logger="nbutils.core.device"):
         asked = darts_search(weight_part, arch_part, _tiny_config(mixed_precision=True), seed=0, device=cpu)
     assert "mixed_precision applies on CUDA only" in caplog.text
     assert asked.history[-1]["train_loss"] == plain.history[-1]["train_loss"]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbutils import network as network_mod
-from nbutils.genotype import (
+from nbutils.space import network as network_mod
+from nbutils.space.genotype import (
     DEFAULT_CONCAT,
     NUM_EDGES,
     PUBLISHED,
@@ -29,9 +29,9 @@ from nbutils.genotype import (
     published,
     random_genotype,
 )
-from nbutils.network import AuxiliaryHead, EvalNetwork, count_parameters, drop_path
-from nbutils.ops import PRIMITIVES, FactorizedReduce, Identity, build_op
-from nbutils.supernet import SuperNet
+from nbutils.space.network import AuxiliaryHead, EvalNetwork, count_parameters, drop_path
+from nbutils.space.ops import PRIMITIVES, FactorizedReduce, Identity, build_op
+from nbutils.space.supernet import SuperNet
 
 NON_NONE = [p for p in PRIMITIVES if p != "none"]
 

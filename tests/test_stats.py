@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from nbutils.stats import CellSummary, benjamini_hochberg, delta_improvement, detectable_drop, dimp_interval, welch_less
+from nbutils.report.stats import CellSummary, benjamini_hochberg, delta_improvement, detectable_drop, dimp_interval, welch_less
 
 
 def welch_by_hand(a, b):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.data import ImageDataset
-from nbutils.genotype import NUM_EDGES, STEPS, Genotype
-from nbutils.ops import PRIMITIVES
-from nbutils.ntk import (
+from nbutils.core.data import ImageDataset
+from nbutils.space.genotype import NUM_EDGES, STEPS, Genotype
+from nbutils.space.ops import PRIMITIVES
+from nbutils.nas.ntk import (
     condition_number,
     linear_regions,
     ntk_condition_number,
@@ -19,20 +19,18 @@ from nbutils.ntk import (
     per_sample_gradients,
     per_sample_gradients_loop,
 )
-from nbutils.tenas import (
-    SEARCH_OPERATIONS,
+from nbutils.nas.tenas import (
     TenasConfig,
-    TenasNetwork,
     edges_to_prune,
     genotype_of,
-    initial_switches,
     operations_to_prune,
     rank_candidates,
     relative_change,
     round_significant,
     tenas_search,
 )
-from nbutils.zero_cost import MetricUndefined
+from nbutils.nas.tenas_network import SEARCH_OPERATIONS, TenasNetwork, initial_switches
+from nbutils.nas.zero_cost import MetricUndefined
 
 
 def _dataset(n: int = 48, size: int = 8, channels: int = 1, seed: int = 0, constant: bool = False) -> ImageDataset:
@@ -270,7 +268,7 @@ def test_bad_input_is_refused_before_compute():
 def test_image_size_measures_on_resized_images():
     from dataclasses import replace
 
-    from nbutils.data import channel_stats, resized
+    from nbutils.core.data import channel_stats, resized
 
     config = TenasConfig(operations=("dil_conv_3x3",), **_SMALL)
     big = _dataset(size=16, seed=4)
@@ -284,12 +282,12 @@ def test_image_size_measures_on_resized_images():
 
 
 def test_search_on_16px_images_measures_through_replicas_as_through_vmap(monkeypatch):
-    """From 16x16 on, the NTK of a TE-NAS search goes through replicas (nbutils.ntk_replicas):
+    """From 16x16 on, the NTK of a TE-NAS search goes through replicas (nbutils.nas.ntk_replicas):
     the same measurements and the same genotype as through vmap."""
     import functools
 
-    import nbutils.ntk as ntk_mod
-    import nbutils.tenas as tenas_mod
+    import nbutils.nas.ntk as ntk_mod
+    import nbutils.nas.tenas as tenas_mod
 
     config = TenasConfig(operations=("dil_conv_3x3",), **_SMALL)
     data = _dataset(size=16, seed=4)

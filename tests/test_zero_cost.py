@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from nbutils.genotype import PUBLISHED
-from nbutils.network import EvalNetwork
-from nbutils.ntk import (
+from nbutils.space.genotype import PUBLISHED
+from nbutils.space.network import EvalNetwork
+from nbutils.nas.ntk import (
     activation_patterns,
     condition_number,
     count_distinct,
@@ -32,8 +32,8 @@ from nbutils.ntk import (
     per_sample_gradients_loop,
     region_inputs,
 )
-from nbutils.supernet import SuperNet
-from nbutils.zero_cost import (
+from nbutils.space.supernet import SuperNet
+from nbutils.nas.zero_cost import (
     METRICS,
     MetricUndefined,
     MetricValues,

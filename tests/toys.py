@@ -1,7 +1,7 @@
 """Toy datasets for the tests: seeded random uint8 images, small and fast."""
 import torch
 
-from nbutils.data import ImageDataset
+from nbutils.core.data import ImageDataset
 
 
 def toy(n: int, *, seed: int, num_classes: int = 3, channels: int = 1, size: int = 8, labels=None,

@@ -1,0 +1,484 @@
+"""Gradient Canceling (GC, Lu et al. 2023) with GradPC target parameters (TMLR paper, Algorithm 2).
+
+Two steps:
+
+1. :func:`gradpc_target` (GradPC, Sun et al. 2020, as in ``watml/plim``'s ``GradAttacker``):
+   bounded gradient *ascent* on the training loss. Each step adds ``step_size * g / ||g||``
+   (``g`` the loss gradient at the target parameters, ``||.||`` the L2 norm over *all* target
+   parameters together) to a running offset, which is then projected onto the L2 ball of
+   radius ``epsilon`` around the original parameters (rescaled when it leaves the ball).
+   ``epsilon`` is *absolute* (a parameter-space L2 radius), as in the reference (its scripts
+   use ``eps = 1.0``, ``attack_lr = 1``, one pass over the training data, one step per batch);
+   ``relative=True`` instead makes it ``epsilon * ||theta_0||``.
+2. :func:`gradient_canceling`: poisons (clean labels, ``l_inf`` bound) whose mean gradient at the
+   target parameters cancels the clean gradient there:
+   ``minimise 0.5 * ||(1 - p) g_clean + p g_adv||^2``, Adam on the perturbation, projected
+   onto the ``l_inf`` ball and [0, 1] after every step.
+
+The target parameters are any subset of a model's parameters, named as in
+``model.named_parameters()``: the weights of a trained :class:`EvalNetwork` (GC against
+training-free / hybrid NAS) or the architecture parameters ``alpha_normal`` /
+``alpha_reduce`` of a converged :class:`SuperNet` (NAS-specific GC against P-DARTS, where
+the gradient is taken with respect to alpha only). Every function works on a private deep
+copy of the model with the target values swapped in, so the caller's model is never
+changed (BN running statistics included).
+
+Model mode. By default gradients are taken in training mode (BN on batch statistics), as
+the victim computes them while training and as the reference does (its victim model is
+never put in eval mode while crafting); dropout and drop path are switched off so the
+objective is deterministic. ``train_mode=False`` uses eval mode instead.
+
+Batching the GC objective. ``g_adv`` is the mean gradient over *all* ``P`` poisons, but poisons
+are processed in batches ``b`` (``S_b`` = gradient of batch ``b``'s summed loss, so
+``g_adv = (1/P) sum_b S_b``). With ``r = (1 - p) g_clean + p g_adv`` the objective is
+``L = 0.5 ||r||^2`` and, since the perturbation ``Delta_b`` of batch ``b`` enters only ``S_b``,
+
+    dL/dDelta_b = r^T (p / P) dS_b/dDelta_b,
+
+a vector-Jacobian product with the *full* residual ``r``. Each step therefore makes two passes:
+pass 1 computes every ``S_b`` without a graph to get ``g_adv``, ``r`` and ``L`` exactly; pass 2
+recomputes each ``S_b`` with ``create_graph=True`` and backpropagates the scalar
+``<r (detached), (p / P) S_b>`` into ``Delta_b``. The result is the exact gradient of the full
+objective (tested against a single-batch computation), at the price of one extra first-order
+pass per step; with a single batch the two passes are merged. (The reference fork instead
+optimises each batch's own residual with its own batch mean, a different objective.)
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.poison_set import PoisonSet, publish
+from ..core.progress import progress
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def classification_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the model's (main) logits; an :class:`EvalNetwork`'s auxiliary logits are ignored."""
+    out = model(x)
+    logits = out[0] if isinstance(out, tuple) else out
+    return F.cross_entropy(logits, y)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parameter_names(model: nn.Module, params: Iterable[torch.Tensor]) -> list[str]:
+    """The names (as in ``named_parameters``) of parameters given as tensors of ``model``."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    names = []
+    for p in params:
+        if id(p) not in by_id:
+            raise ValueError(f"a target parameter of shape {tuple(p.shape)} is not a parameter of the model")
+        names.append(by_id[id(p)])
+    if len(set(names)) != len(names):
+        raise ValueError("a target parameter is listed twice")
+    return names
+
+
+def named_targets(model: nn.Module, params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: value}`` from the parameters given to :func:`gradpc_target` and the values it returned."""
+    names = parameter_names(model, params)
+    if len(values) != len(names):
+        raise ValueError(f"{len(names)} parameters but {len(values)} values")
+    return {name: value for name, value in zip(names, values)}
+
+
+def target_parameter_names(model: nn.Module, target: str) -> list[str]:
+    """Which parameters GC targets: ``"alphas"`` -> a SuperNet's architecture parameters;
+    ``"weights"`` -> every other parameter except an auxiliary head's (unused by the main loss)."""
+    arch = list(model.arch_parameters()) if hasattr(model, "arch_parameters") else []
+    if target == "alphas":
+        if not arch:
+            raise ValueError("target 'alphas' needs a model with arch_parameters() (a SuperNet)")
+        return parameter_names(model, arch)
+    if target == "weights":
+        arch_ids = {id(p) for p in arch}
+        return [
+            name for name, p in model.named_parameters()
+            if id(p) not in arch_ids and not name.startswith("auxiliary_head")
+        ]
+    raise ValueError(f"target must be 'weights' or 'alphas', got {target!r}")
+
+
+def crafting_copy(model: nn.Module, device: torch.device, train_mode: bool) -> nn.Module:
+    """A private copy for crafting: on ``device``, in train (or eval) mode with dropout and
+    drop path off, every parameter frozen (callers unfreeze the ones they differentiate)."""
+    work = copy.deepcopy(model).to(device)
+    work.train(train_mode)
+    for module in work.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+    if hasattr(work, "drop_path_prob"):
+        work.drop_path_prob = 0.0
+    for p in work.parameters():
+        p.requires_grad_(False)
+    return work
+
+
+def _grads(loss: torch.Tensor, theta: Sequence[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, theta, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, theta)]
+
+
+def _global_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
+
+
+def _cycle(loader: Iterable, steps: int):
+    done = 0
+    while done < steps:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            done += 1
+            if done == steps:
+                return
+        if empty:
+            raise ValueError("the loader yielded no batches")
+
+
+# --------------------------------------------------------------------------- GradPC
+
+
+def gradpc_target(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    loss_fn: LossFn | None,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    epsilon: float = 1.0,
+    steps: int | None = None,
+    step_size: float = 1.0,
+    relative: bool = False,
+    device: str | torch.device | None = None,
+    train_mode: bool = True,
+) -> list[torch.Tensor]:
+    """GradPC: target values for ``params`` (a subset of ``model``'s parameters) that increase
+    the training loss while staying within L2 distance ``epsilon`` of the current values.
+
+    ``loader`` yields *normalised* ``(x, y)`` batches (a :class:`BatchLoader`); one ascent step
+    per batch, ``steps`` batches in all (default: one pass, ``len(loader)``, as the reference),
+    cycling through the loader if needed. Returns detached tensors aligned with ``params``
+    (on their devices); ``model`` is not modified.
+    """
+    if epsilon < 0 or step_size <= 0:
+        raise ValueError(f"epsilon must be >= 0 and step_size > 0, got {epsilon}, {step_size}")
+    loss_fn = loss_fn or classification_loss
+    names = parameter_names(model, params)
+    device = torch.device(device) if device is not None else next(iter(params)).device
+    steps = len(loader) if steps is None else int(steps)  # type: ignore[arg-type]
+    work = crafting_copy(model, device, train_mode)
+    own = dict(work.named_parameters())
+    theta = [own[name].requires_grad_(True) for name in names]
+    origin = [t.detach().clone() for t in theta]
+    radius = float(epsilon) * (float(_global_norm(origin)) if relative else 1.0)
+    offset = [torch.zeros_like(t) for t in theta]
+    first = last = None
+    for x, y in progress(_cycle(loader, steps), desc="GradPC steps", total=steps):
+        x, y = x.to(device), y.to(device)
+        loss = loss_fn(work, x, y)
+        first = loss.item() if first is None else first
+        last = loss.item()
+        grads = _grads(loss, theta)
+        norm = float(_global_norm(grads))
+        if norm == 0.0 or not math.isfinite(norm):
+            continue
+        with torch.no_grad():
+            for o, g in zip(offset, grads):
+                o.add_(g, alpha=step_size / norm)
+            size = float(_global_norm(offset))
+            if size > radius:
+                for o in offset:
+                    o.mul_(radius / size)
+            for t, t0, o in zip(theta, origin, offset):
+                t.copy_(t0 + o)
+    log.info("GradPC: %d steps, batch loss %.4f -> %.4f, ||offset|| %.4g (radius %.4g)",
+             steps, first or float("nan"), last or float("nan"), float(_global_norm(offset)), radius)
+    return [t.detach().clone().to(p.device) for t, p in zip(theta, params)]
+
+
+# --------------------------------------------------------------------------- GC
+
+
+def clean_gradient(
+    work: nn.Module, theta: Sequence[torch.Tensor], loss_fn: LossFn, batches: Iterable, device: torch.device
+) -> list[torch.Tensor]:
+    """Mean gradient of the per-sample loss over every sample the batches hold (batch gradients weighted by size)."""
+    total = [torch.zeros_like(t) for t in theta]
+    count = 0
+    for x, y in progress(batches, desc="clean gradient"):
+        x, y = x.to(device), y.to(device)
+        grads = _grads(loss_fn(work, x, y) * len(y), theta)
+        for acc, g in zip(total, grads):
+            acc.add_(g.detach())
+        count += len(y)
+    if count == 0:
+        raise ValueError("the clean batches hold no samples")
+    return [t / count for t in total]
+
+
+class _GCObjective:
+    """``0.5 * ||c + p * g_adv(Delta)||^2`` with ``c = (1 - p) g_clean``, and its exact gradient in ``Delta``."""
+
+    def __init__(self, work, theta, loss_fn, c, images, labels, budget, batch_size, mean, std):
+        self.work, self.theta, self.loss_fn, self.c = work, list(theta), loss_fn, c
+        self.images, self.labels, self.budget = images, labels, float(budget)
+        self.mean, self.std = mean, std
+        n = len(images)
+        self.slices = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+    def _batch_sum(self, sl: slice, delta_b: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
+        x = ((self.images[sl] + delta_b) - self.mean) / self.std
+        y = self.labels[sl]
+        return _grads(self.loss_fn(self.work, x, y) * len(y), self.theta, create_graph=create_graph)
+
+    def value(self, delta: torch.Tensor) -> float:
+        n = len(self.images)
+        g_adv = [torch.zeros_like(t) for t in self.theta]
+        for sl in self.slices:
+            for acc, s in zip(g_adv, self._batch_sum(sl, delta[sl].detach(), False)):
+                acc.add_(s.detach())
+        residual = [c + self.budget * g / n for c, g in zip(self.c, g_adv)]
+        self._residual = residual
+        return 0.5 * float(sum((r.double() ** 2).sum() for r in residual))
+
+    def value_and_grad(self, delta: torch.Tensor) -> tuple[float, torch.Tensor]:
+        n = len(self.images)
+        grad = torch.zeros_like(delta)
+        if len(self.slices) == 1:  # merged passes: differentiate the objective directly
+            d = delta.detach().clone().requires_grad_(True)
+            sums = self._batch_sum(self.slices[0], d, True)
+            residual = [c + self.budget * s / n for c, s in zip(self.c, sums)]
+            loss = 0.5 * sum((r ** 2).sum() for r in residual)
+            grad.copy_(torch.autograd.grad(loss, d)[0])
+            return float(loss.detach()), grad
+        value = self.value(delta)  # pass 1: exact residual r over all poisons
+        residual = [r.detach() for r in self._residual]
+        scale = self.budget / n
+        for sl in self.slices:  # pass 2: r^T (p/P) dS_b/dDelta_b, batch by batch
+            d = delta[sl].detach().clone().requires_grad_(True)
+            sums = self._batch_sum(sl, d, True)
+            inner = sum((r * s).sum() for r, s in zip(residual, sums)) * scale
+            grad[sl] = torch.autograd.grad(inner, d)[0]
+        return value, grad
+
+
+def _prepare_targets(model, target_params, device, train_mode):
+    work = crafting_copy(model, device, train_mode)
+    own = dict(work.named_parameters())
+    theta = []
+    for name, value in target_params.items():
+        if name not in own:
+            raise ValueError(f"target parameter {name!r} is not a parameter of the model")
+        p = own[name]
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"target {name!r} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(value.to(device))
+        theta.append(p.requires_grad_(True))
+    if not theta:
+        raise ValueError("target_params is empty")
+    return work, theta
+
+
+def _stats(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
+def gradient_canceling(
+    model: nn.Module,
+    target_params: Mapping[str, torch.Tensor],
+    clean_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    poison_images: torch.Tensor,
+    poison_labels: torch.Tensor,
+    *,
+    budget: float,
+    eps_pixels: float,
+    steps: int,
+    lr: float | None = None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    device: str | torch.device,
+    seed: int,
+    loss_fn: LossFn | None = None,
+    train_mode: bool = True,
+    keep_best: bool = True,
+) -> tuple[torch.Tensor, list[float]]:
+    """Craft GC poisons at the target parameters (TMLR Algorithm 2).
+
+    ``target_params``: ``{name: target value}`` for a subset of ``model.named_parameters()``
+    (from :func:`named_targets`); the gradients are taken with respect to those only, the
+    model's other parameters stay as they are. ``clean_batches`` yields normalised
+    ``(x, y)`` batches over the clean training set (Algorithm 2 averages over all ``n``);
+    ``g_clean`` is computed once, at the target. ``poison_images`` are float in [0, 1],
+    ``P x C x H x W``; their labels are never changed. ``budget`` is ``p``. The perturbation
+    lives in pixel space, bounded by ``eps_pixels / 255`` in ``l_inf`` and kept in [0, 1];
+    Adam with learning rate ``lr`` (pixel units; default ``0.1 * mean(std)``, the
+    reference's 0.1 in normalised units). ``steps`` Adam steps, poisons in batches of
+    ``batch_size`` (exact full-set gradient, see the module notes).
+
+    Returns ``(poisoned images float [0, 1] on the CPU, history)``; ``history[t]`` is the
+    objective after ``t`` steps (``steps + 1`` values). With ``keep_best`` the returned
+    poisons are those with the lowest objective seen (the reference keeps its best poisons).
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    if not 0 <= eps_pixels <= 255:
+        raise ValueError(f"eps_pixels must be in 0..255, got {eps_pixels}")
+    if poison_images.dim() != 4 or len(poison_images) != len(poison_labels) or len(poison_images) == 0:
+        raise ValueError("poison_images must be a non-empty P x C x H x W tensor with one label per image")
+    device = torch.device(device)
+    loss_fn = loss_fn or classification_loss
+    torch.manual_seed(seed)  # nothing is random by default (dropout off); for custom loss functions
+    work, theta = _prepare_targets(model, target_params, device, train_mode)
+    mean_t, std_t = _stats(mean, device), _stats(std, device)
+    g_clean = clean_gradient(work, theta, loss_fn, clean_batches, device)
+    c = [(1.0 - budget) * g for g in g_clean]
+
+    images = poison_images.detach().to(device, torch.float32)
+    labels = torch.as_tensor(poison_labels).to(device, torch.int64)
+    objective = _GCObjective(work, theta, loss_fn, c, images, labels, budget, batch_size, mean_t, std_t)
+    bound = eps_pixels / 255.0
+    lr = 0.1 * float(sum(std) / len(std)) if lr is None else float(lr)
+    delta = torch.zeros_like(images, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    history: list[float] = []
+    best_value, best_delta = math.inf, delta.detach().clone()
+    for step in progress(range(steps + 1), desc="gradient canceling"):
+        if step == steps:
+            value = objective.value(delta.detach())
+        else:
+            value, grad = objective.value_and_grad(delta.detach())
+        history.append(value)
+        if value < best_value:
+            best_value, best_delta = value, delta.detach().clone()
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=False)
+        delta.grad = grad
+        opt.step()
+        with torch.no_grad():
+            delta.clamp_(-bound, bound)
+            delta.copy_((images + delta).clamp_(0.0, 1.0) - images)
+    log.info("gradient canceling: objective %.4g -> %.4g (best %.4g) over %d steps", history[0], history[-1], best_value, steps)
+    chosen = best_delta if keep_best else delta.detach()
+    return (images + chosen).clamp(0.0, 1.0).cpu(), history
+
+
+def gc_objective(
+    model: nn.Module,
+    target_params: Mapping[str, torch.Tensor],
+    clean_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    poison_images: torch.Tensor,
+    poison_labels: torch.Tensor,
+    *,
+    budget: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    device: str | torch.device,
+    loss_fn: LossFn | None = None,
+    train_mode: bool = True,
+    with_grad: bool = False,
+) -> tuple[float, torch.Tensor | None]:
+    """The GC objective (and, with ``with_grad``, its gradient in the images) at given poisons:
+    for diagnostics, and for checking the batched gradient against an unbatched one."""
+    device = torch.device(device)
+    loss_fn = loss_fn or classification_loss
+    work, theta = _prepare_targets(model, target_params, device, train_mode)
+    g_clean = clean_gradient(work, theta, loss_fn, clean_batches, device)
+    c = [(1.0 - budget) * g for g in g_clean]
+    images = poison_images.detach().to(device, torch.float32)
+    labels = torch.as_tensor(poison_labels).to(device, torch.int64)
+    objective = _GCObjective(work, theta, loss_fn, c, images, labels, budget, batch_size, _stats(mean, device), _stats(std, device))
+    zero = torch.zeros_like(images)
+    if with_grad:
+        value, grad = objective.value_and_grad(zero)
+        return value, grad.cpu()
+    return objective.value(zero), None
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def craft_gradient_canceling(
+    dataset,
+    victims: torch.Tensor,
+    model: nn.Module,
+    *,
+    target: str = "weights",
+    eps: float = 16.0,
+    steps: int = 250,
+    lr: float | None = None,
+    batch_size: int = 64,
+    gradpc_epsilon: float = 1.0,
+    gradpc_steps: int | None = None,
+    gradpc_step_size: float = 1.0,
+    gradpc_relative: bool = False,
+    clean_augment: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    train_mode: bool = True,
+) -> PoisonSet:
+    """The whole GC attack on an :class:`ImageDataset`: GradPC target, then poisons for ``victims``.
+
+    ``model``: a trained :class:`EvalNetwork` with ``target="weights"`` (GC against TE-NAS,
+    RoBoT, NSGANetV2), or a converged :class:`SuperNet` with ``target="alphas"``
+    (NAS-specific GC against P-DARTS/DARTS). ``mean``/``std`` default to the dataset's
+    channel statistics (it should be the clean set). ``p = len(victims) / len(dataset)``.
+    ``clean_augment`` augments the batches of GradPC and of the clean gradient (the
+    reference's GradPC script runs with ``--no_augment``).
+
+    Returns a :class:`PoisonSet` (indices ``victims`` sorted, unchanged labels, uint8 images
+    published within ``eps``) whose ``header["crafting"]`` holds the GC objective history,
+    the GradPC offset norm and the number of targeted parameter tensors and values.
+    """
+    from ..core.data import BatchLoader, channel_stats
+
+    device = torch.device(device)
+    victims = torch.as_tensor(victims, dtype=torch.int64).sort().values
+    if mean is None or std is None:
+        mean, std = channel_stats(dataset)
+    names = target_parameter_names(model, target)
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    loader = BatchLoader(dataset, batch_size, shuffle=True, seed=seed, augment=clean_augment, mean=mean, std=std, device=device)
+    values = gradpc_target(
+        model, params, classification_loss, loader, epsilon=gradpc_epsilon, steps=gradpc_steps,
+        step_size=gradpc_step_size, relative=gradpc_relative, device=device, train_mode=train_mode,
+    )
+    offset = float(_global_norm([v.cpu() - p.detach().cpu() for v, p in zip(values, params)]))
+    clean = BatchLoader(dataset, batch_size, shuffle=False, seed=seed + 1, augment=clean_augment, mean=mean, std=std, device=device)
+    clean_pixels = dataset.images[victims]
+    poisoned, history = gradient_canceling(
+        model, named_targets(model, params, values), clean, clean_pixels.float() / 255.0, dataset.labels[victims],
+        budget=len(victims) / len(dataset), eps_pixels=eps, steps=steps, lr=lr, mean=mean, std=std,
+        batch_size=batch_size, device=device, seed=seed, train_mode=train_mode,
+    )
+    info = {
+        "gc_history": history,
+        "gradpc_offset_norm": offset,
+        "target": target,
+        "target_parameter_count": len(names),
+        "target_numel": sum(p.numel() for p in params),
+    }
+    return PoisonSet(
+        indices=victims,
+        labels=dataset.labels[victims].clone(),
+        images=publish(poisoned * 255.0, clean_pixels.float(), eps),
+        header={"crafting": info},
+    )

@@ -1,0 +1,199 @@
+"""Poisoning attacks behind one call: ``poison(dataset, spec, models=...) -> PoisonSet``.
+
+Budgets are fractions of the training set: exactly ``round(budget * n)`` samples, drawn
+at random with the spec's seed, are poisoned (CLF instead picks the surrogate's most
+confident samples). Perturbation bounds are in 0..255 pixel units; images stay in [0, 1]
+and are published as uint8, so quantisation is part of every clean-label attack.
+
+    rlf       random label flipping: each poisoned label to a uniformly random *other* class
+    clf       confidence-based label flipping (TMLR Algorithm 1), needs ``models["surrogate"]``
+    gaussian  clean-label Gaussian noise, sigma and l_inf bound in pixel units
+    gc        gradient canceling (TMLR Algorithm 2), needs ``models["target"]``: a trained final
+              network (its weights are the target) or a converged supernet (its alphas are)
+    alpha     the workshop paper's alpha-gradient attack (Algorithm 1), needs
+              ``models["supernets"]``: the ensemble of supernets
+
+The crafting itself lives in :mod:`.surrogate`, :mod:`.gradient_canceling` and
+:mod:`.alpha_attack`; this module chooses the victims, calls the recipe and writes the header.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.data import ImageDataset, channel_stats
+from ..core.poison_set import PoisonSet, publish
+
+log = logging.getLogger(__name__)
+
+ATTACKS = ("rlf", "clf", "gaussian", "gc", "alpha")
+LABEL_ATTACKS = ("rlf", "clf")          # change labels, never pixels
+MODEL_NEEDED = {"clf": "surrogate", "gc": "target", "alpha": "supernets"}
+ALPHA_CELLS = ("normal", "both")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    budget: float
+    seed: int = 0
+    eps: float = 16.0      # l_inf bound, pixel units (clean-label attacks)
+    sigma: float = 16.0    # Gaussian noise standard deviation, pixel units
+    # crafted attacks (gc, alpha): the optimisation of the perturbations
+    steps: int = 250
+    lr: Optional[float] = None        # None: each recipe's default
+    batch_size: int = 128
+    # gc: GradPC's corruption of the target (an L2 ball of this radius in parameter space)
+    gradpc_epsilon: float = 1.0
+    gradpc_steps: Optional[int] = None   # None: one pass over the data
+    gradpc_step_size: float = 1.0
+    # alpha: which cells Eq. 2 sums over, and the differentiable augmentation
+    cells: str = "normal"
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in ATTACKS:
+            raise ValueError(f"attack name {self.name!r} is unknown; allowed: {', '.join(ATTACKS)}")
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"attack budget must be in (0, 1], got {self.budget}")
+        if not 0 <= self.eps <= 255:
+            raise ValueError(f"attack eps must be in 0..255 pixel units, got {self.eps}")
+        if self.sigma < 0:
+            raise ValueError(f"attack sigma must be >= 0 pixel units, got {self.sigma}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"attack steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"attack lr must be > 0 (or None for the recipe's default), got {self.lr}")
+        if self.gradpc_epsilon < 0 or self.gradpc_step_size <= 0:
+            raise ValueError(f"gradpc_epsilon must be >= 0 and gradpc_step_size > 0, got "
+                             f"{self.gradpc_epsilon} and {self.gradpc_step_size}")
+        if self.cells not in ALPHA_CELLS:
+            raise ValueError(f"attack cells {self.cells!r} is unknown; allowed: {', '.join(ALPHA_CELLS)}")
+
+
+def poison_count(n: int, budget: float) -> int:
+    return int(round(budget * n))
+
+
+def choose_victims(n: int, budget: float, seed: int) -> torch.Tensor:
+    """The sorted indices of a fixed-size random subset."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.sort(rng.choice(n, size=poison_count(n, budget), replace=False))).long()
+
+
+def random_label_flip(dataset: ImageDataset, spec: AttackSpec) -> PoisonSet:
+    victims = choose_victims(len(dataset), spec.budget, spec.seed)
+    rng = np.random.default_rng([spec.seed, 1])
+    old = dataset.labels[victims].numpy()
+    # uniform over the other k-1 classes: shift by 1..k-1 modulo k
+    shift = rng.integers(1, dataset.num_classes, size=len(victims))
+    new = (old + shift) % dataset.num_classes
+    return PoisonSet(indices=victims, labels=torch.from_numpy(new).long())
+
+
+def gaussian_noise(dataset: ImageDataset, spec: AttackSpec) -> PoisonSet:
+    victims = choose_victims(len(dataset), spec.budget, spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)
+    clean = dataset.images[victims].float()
+    noise = torch.randn(clean.shape, generator=generator) * spec.sigma
+    noise = noise.clamp(-spec.eps, spec.eps)
+    poisoned = publish(clean + noise, clean, spec.eps)
+    return PoisonSet(indices=victims, labels=dataset.labels[victims].clone(), images=poisoned)
+
+
+def confidence_label_flip(dataset: ImageDataset, spec: AttackSpec, models: dict, device, normalisation) -> PoisonSet:
+    from ..training.surrogate import clf_poison_set, surrogate_logits
+
+    mean, std = normalisation
+    logits = surrogate_logits(models["surrogate"], dataset, mean, std, device)
+    return clf_poison_set(dataset, logits, spec.budget)
+
+
+def gradient_canceling(dataset: ImageDataset, spec: AttackSpec, models: dict, device, normalisation) -> PoisonSet:
+    from .gradient_canceling import craft_gradient_canceling
+    from ..space.supernet import SuperNet
+
+    target = models["target"]
+    kind = "alphas" if isinstance(target, SuperNet) else "weights"
+    mean, std = normalisation
+    return craft_gradient_canceling(
+        dataset, choose_victims(len(dataset), spec.budget, spec.seed), target, target=kind, eps=spec.eps,
+        steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, gradpc_epsilon=spec.gradpc_epsilon,
+        gradpc_steps=spec.gradpc_steps, gradpc_step_size=spec.gradpc_step_size, mean=mean, std=std,
+        device=device, seed=spec.seed,
+    )
+
+
+def alpha_gradient_attack(dataset: ImageDataset, spec: AttackSpec, models: dict, device, normalisation) -> PoisonSet:
+    from .alpha_attack import craft_alpha_attack
+
+    mean, std = normalisation
+    return craft_alpha_attack(
+        dataset, choose_victims(len(dataset), spec.budget, spec.seed), models["supernets"], eps=spec.eps,
+        steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, mean=mean, std=std, device=device,
+        seed=spec.seed, augment=spec.augment, cells=spec.cells,
+    )
+
+
+_DATA_ONLY = {"rlf": random_label_flip, "gaussian": gaussian_noise}
+_WITH_MODELS = {"clf": confidence_label_flip, "gc": gradient_canceling, "alpha": alpha_gradient_attack}
+
+
+def check_models(spec: AttackSpec, models: dict | None) -> None:
+    """Refuse, before any compute, an attack whose attacker model was not given."""
+    need = MODEL_NEEDED.get(spec.name)
+    if need is None:
+        return
+    given = (models or {}).get(need)
+    if given is None or (need == "supernets" and len(given) == 0):
+        what = {"surrogate": "a trained surrogate classifier (the CLF ranking model)",
+                "target": "a trained final network or a converged supernet (the GC target)",
+                "supernets": "one or more trained supernets (the attack's ensemble)"}[need]
+        raise ValueError(f"attack {spec.name!r} needs models[{need!r}]: {what}; none was given")
+    if need == "target" and not isinstance(given, nn.Module):
+        raise ValueError(f"models['target'] must be a torch module, got {type(given).__name__}")
+
+
+def poison(
+    dataset: ImageDataset,
+    spec: AttackSpec,
+    *,
+    models: dict | None = None,
+    device: str | torch.device = "cpu",
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> PoisonSet:
+    """Craft the poison set of ``spec`` against ``dataset`` (never modified).
+
+    ``models``: what the crafted attacks need (see the module docstring); ``normalisation``:
+    the (mean, std) the attacker's models were trained with, by default ``dataset``'s own.
+    The header records the spec, the source dataset's checksum and the crafting seconds; the
+    crafted attacks add their objective's history (``header["crafting"]``), so an attack that
+    could not reach its objective still leaves a valid poison set with its final loss.
+    """
+    check_models(spec, models)
+    start = time.perf_counter()
+    if spec.name in _DATA_ONLY:
+        poison_set = _DATA_ONLY[spec.name](dataset, spec)
+    else:
+        normalisation = normalisation or channel_stats(dataset)
+        poison_set = _WITH_MODELS[spec.name](dataset, spec, models, torch.device(device), normalisation)
+    header = {
+        "attack": spec.name,
+        "budget": spec.budget,
+        "eps": None if spec.name in LABEL_ATTACKS else spec.eps,
+        "seed": spec.seed,
+        "spec": asdict(spec),
+        "dataset": dataset.name,
+        "dataset_size": len(dataset),
+        "source_checksum": dataset.checksum(),
+        "crafting_seconds": time.perf_counter() - start,
+    }
+    poison_set.header = {**poison_set.header, **header}
+    log.info("%s: poisoned %d of %d samples in %.1f s", spec.name, len(poison_set), len(dataset), header["crafting_seconds"])
+    return poison_set

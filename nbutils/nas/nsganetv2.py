@@ -1,0 +1,598 @@
+"""NSGANetV2 on the DARTS space: surrogate-assisted NSGA-II over error and model cost.
+
+After Lu et al. (2020), "NSGANetV2: Evolutionary Multi-Objective Surrogate-Assisted Neural
+Architecture Search" (reference code ``mikelzc1990/nsganetv2``: ``msunas.py``,
+``post_search.py``), as the TMLR audit runs it (Appendix A). Two objectives are minimised:
+the validation error of an architecture and its cost, the parameters (or multiply-accumulates)
+of the network that would be retrained (:class:`ArchitectureCost`).
+
+1. **Lower level, a weight-sharing supernet** (:mod:`nbutils.nas.one_shot`) trained on the
+   weight half of the (possibly poisoned) search data by uniform single-path sampling. An
+   architecture's "measured" error is that of its path with inherited weights, batch norm
+   recalibrated on a few training batches, on the architecture half. (The reference inherits
+   from a once-for-all supernet pretrained on ImageNet; that cannot be had offline.)
+2. **Design of experiments**: ``initial_design`` architectures, the cheapest one (pools
+   only) and the most expensive one (``sep_conv_5x5`` everywhere), as the reference starts
+   from the smallest and largest networks, and the rest drawn uniformly
+   (:mod:`nbutils.space.encoding`), all measured.
+3. **Each iteration**: fit the accuracy predictor on the archive of measured architectures
+   (:mod:`nbutils.nas.accuracy_predictors`: RBF, GP, CART or the adaptive choice by
+   cross-validated Kendall tau); run NSGA-II (pymoo) on (predicted error, cost), its first
+   population the archive's current non-dominated set, with the reference's operators
+   (two-point crossover with probability 0.9, polynomial mutation with eta 1 rounded to
+   integers, duplicates eliminated, population 40, 20 generations); of its final population
+   keep the architectures not measured yet and take the ``candidates_per_iteration`` best:
+   by predicted non-domination rank, and within the rank that does not fit whole, those that
+   spread the cost along the archive's front most evenly (the reference's subset selection
+   minimises the standard deviation of the gaps between sorted costs of the front plus the
+   chosen; it solves that with a GA, we choose greedily). Measure them, add them to the
+   archive.
+4. **Output**: the archive's Pareto front (measured error vs cost) and the architecture the
+   papers retrain. The audit "samples the four best architectures from each search run's
+   Pareto front ... [and evaluates] only the architecture with the third-highest FLOP count".
+   Its scripts call the reference's ``post_search.py -n 3``: the three points of the front
+   with the highest trade-off (:func:`high_tradeoff_points`) plus the most accurate one.
+   Those are the "four best" here too (fewer when the most accurate is also a trade-off
+   point, or the front is short), and the chosen one is the third by decreasing cost (the
+   cheapest of them when there are fewer than three).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..space import encoding
+from .accuracy_predictors import CHOICES, MIN_POINTS, FittedPredictor, fit_predictor, kendall_tau
+from .darts import SearchResult
+from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
+from ..space.genotype import Genotype
+from ..space.network import EvalNetwork, count_parameters
+from .one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, calibration_batches, train_one_shot
+from ..space.ops import build_op
+from ..core.progress import progress
+
+log = logging.getLogger(__name__)
+
+COSTS: tuple[str, ...] = ("params", "macs")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class Nsganetv2Config:
+    """Search settings; the defaults are the reference's where it has one."""
+
+    # the evolutionary search (reference: 100 initial, 30 iterations of 8, NSGA-II 40 x 20)
+    initial_design: int = 100
+    iterations: int = 30
+    candidates_per_iteration: int = 8
+    predictor: str = "adaptive"          # rbf, gp, cart, or adaptive (best cross-validated Kendall tau)
+    cv_folds: int = 10
+    cart_trees: int = 100
+    population: int = 40
+    generations: int = 20
+    crossover_prob: float = 0.9
+    mutation_eta: float = 1.0
+    # the second objective: the retrained network's parameters or multiply-accumulates
+    cost: str = "params"
+    cost_channels: int = 36
+    cost_layers: int = 20
+    cost_input_size: int | None = None   # for "macs"; None: the search images' size
+    # the weight-sharing supernet (DARTS search network sizes and weight recipe)
+    channels: int = 16
+    layers: int = 8
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    augment: bool = True
+    calibration_batches: int = 10        # batch-norm recalibration per candidate
+    eval_batch_size: int = 256
+    # which front member is retrained: the third by cost of the `tradeoff_points` + most accurate
+    tradeoff_points: int = 3
+
+    def __post_init__(self) -> None:
+        def integer(name: str, minimum: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ValueError(f"Nsganetv2Config.{name} must be an int >= {minimum}, got {value!r}")
+
+        for name, minimum in (("iterations", 0), ("candidates_per_iteration", 1), ("cv_folds", 2),
+                              ("cart_trees", 1), ("population", 2), ("generations", 1), ("cost_channels", 2),
+                              ("cost_layers", 3), ("channels", 2), ("layers", 3), ("epochs", 0),
+                              ("batch_size", 2), ("calibration_batches", 1), ("eval_batch_size", 1),
+                              ("tradeoff_points", 1)):
+            integer(name, minimum)
+        integer("initial_design", MIN_POINTS if self.iterations > 0 else 1)
+        for name in ("channels", "cost_channels"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"Nsganetv2Config.{name} must be even (factorized reductions halve it), "
+                                 f"got {getattr(self, name)}")
+        if self.cost_input_size is not None:
+            integer("cost_input_size", 2)
+        if self.predictor not in CHOICES:
+            raise ValueError(f"Nsganetv2Config.predictor must be one of {', '.join(CHOICES)}, got {self.predictor!r}")
+        if self.cost not in COSTS:
+            raise ValueError(f"Nsganetv2Config.cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
+        if not 0.0 <= self.crossover_prob <= 1.0:
+            raise ValueError(f"Nsganetv2Config.crossover_prob must lie in [0, 1], got {self.crossover_prob!r}")
+        if not self.mutation_eta > 0:
+            raise ValueError(f"Nsganetv2Config.mutation_eta must be > 0, got {self.mutation_eta!r}")
+        self.training()   # validates the supernet's recipe
+
+    def training(self) -> OneShotTraining:
+        return OneShotTraining(epochs=self.epochs, lr=self.lr, lr_min=self.lr_min, momentum=self.momentum,
+                               weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+
+
+# --------------------------------------------------------------------------- the cost objective
+
+
+def _count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of the convolutions and linear layers of one forward of ``x`` (batch 1)."""
+    total = 0
+
+    def conv_hook(module: torch.nn.Conv2d, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += output[0].numel() * (module.in_channels // module.groups) * kh * kw
+
+    def linear_hook(module: torch.nn.Linear, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        total += module.in_features * module.out_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+class ArchitectureCost:
+    """Parameters (``"params"``, auxiliary head excluded, as the papers count) or
+    multiply-accumulates of convolutions and linear layers (``"macs"``) of the
+    :class:`~nbutils.space.network.EvalNetwork` a genotype builds.
+
+    Computed without building the network: the cost of the network with pools on every edge
+    (pools have neither weights nor multiply-accumulates) plus, cell by cell, the cost of
+    each chosen operation at that cell's channels, stride and input size, each measured once
+    and cached. Equal to counting on the built network (tested).
+    """
+
+    def __init__(self, kind: str = "params", *, channels: int = 36, layers: int = 20, num_classes: int = 10,
+                 in_channels: int = 3, input_size: int = 32):
+        if kind not in COSTS:
+            raise ValueError(f"kind must be one of {', '.join(COSTS)}, got {kind!r}")
+        self.kind = kind
+        cheapest = encoding.decode(np.zeros(encoding.ENCODING_LENGTH, dtype=np.int64))   # max_pool_3x3 everywhere
+        network = EvalNetwork(cheapest, channels=channels, num_classes=num_classes, layers=layers,
+                              auxiliary=False, in_channels=in_channels, input_size=input_size)
+        if kind == "params":
+            self.base = count_parameters(network)
+        else:
+            self.base = _count_macs(network, torch.zeros(1, in_channels, input_size, input_size))
+        # (reduction, channels, input size) of every cell, as EvalNetwork lays them out
+        self._cells: list[tuple[bool, int, int]] = []
+        c, size = channels, input_size
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                c *= 2
+            self._cells.append((reduction, c, size))
+            if reduction:
+                size = (size + 1) // 2
+        self._op_costs: dict[tuple[str, int, int, int], int] = {}
+
+    def _op_cost(self, op: str, channels: int, stride: int, size: int) -> int:
+        key = (op, channels, stride, size if self.kind == "macs" else 0)
+        if key not in self._op_costs:
+            module = build_op(op, channels, stride, affine=True)
+            if self.kind == "params":
+                self._op_costs[key] = count_parameters(module)
+            else:
+                self._op_costs[key] = _count_macs(module, torch.zeros(1, channels, size, size))
+        return self._op_costs[key]
+
+    def __call__(self, genotype: Genotype) -> float:
+        total = self.base
+        for reduction, channels, size in self._cells:
+            gene = genotype.reduce if reduction else genotype.normal
+            for op, src in gene:
+                strided = reduction and src < 2
+                # edges from the cell's inputs see the input size; in a reduction cell the
+                # intermediate nodes are already halved
+                in_size = (size + 1) // 2 if reduction and not strided else size
+                total += self._op_cost(op, channels, 2 if strided else 1, in_size)
+        return float(total)
+
+
+# --------------------------------------------------------------------------- Pareto fronts
+
+
+def non_dominated(objectives: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the rows of ``objectives`` (n x m, minimised) that no other row
+    dominates (at most as large everywhere and smaller somewhere)."""
+    F = np.asarray(objectives, dtype=np.float64)
+    if F.ndim != 2 or len(F) == 0:
+        raise ValueError(f"objectives must be a non-empty n x m array, got shape {F.shape}")
+    dominated = np.zeros(len(F), dtype=bool)
+    for i in range(len(F)):
+        no_worse = np.all(F <= F[i], axis=1)
+        better = np.any(F < F[i], axis=1)
+        dominated[i] = bool(np.any(no_worse & better))
+    return np.flatnonzero(~dominated)
+
+
+def high_tradeoff_points(front: np.ndarray, count: int, epsilon: float = 0.125) -> np.ndarray:
+    """Indices of the ``count`` points of a non-dominated set with the highest trade-off.
+
+    The reference's ``HighTradeoffPoints`` (``post_search.py``, after pymoo's decision making):
+    objectives normalised to [0, 1] over the set; for each point, its neighbours within
+    ``epsilon`` (at least ``min(2m, n-1)`` nearest ones); the trade-off of a point is the least,
+    over its neighbours, of (what moving there loses) / (what it gains), both summed over
+    objectives. A high trade-off is a knee: leaving it costs much for little. Returned in
+    decreasing trade-off; all points when there are at most ``count``.
+    """
+    from scipy.spatial import cKDTree
+
+    F = np.asarray(front, dtype=np.float64)
+    n, m = F.shape
+    if count >= n:
+        return np.arange(n)
+    span = F.max(axis=0) - F.min(axis=0)
+    F = (F - F.min(axis=0)) / np.where(span > 0, span, 1.0)
+    tree = cKDTree(F)
+    least = min(2 * m, n - 1)
+    trade_off = np.full(n, -np.inf)
+    for i in range(n):
+        neighbours = tree.query_ball_point(F[i], epsilon)
+        if len(neighbours) < least:
+            neighbours = list(tree.query(F[i], k=least + 1)[1])
+        diff = F[neighbours] - F[i]
+        sacrifice, gain = np.maximum(0, diff).sum(axis=1), np.maximum(0, -diff).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = sacrifice / gain
+        ratios = ratios[~np.isnan(ratios)]   # the point itself and exact duplicates
+        if ratios.size:
+            trade_off[i] = ratios.min()
+    return np.argsort(-trade_off, kind="stable")[:count]
+
+
+def choose_retrained(errors: np.ndarray, costs: np.ndarray, front: np.ndarray, tradeoff_points: int = 3
+                     ) -> tuple[list[int], int]:
+    """The "four best" of a front and the one retrained (see the module docstring).
+
+    ``front`` indexes ``errors``/``costs``. Returns the chosen indices sorted by decreasing
+    cost (ties: lower error first) and the retrained one: the third of them, or the last when
+    there are fewer than three.
+    """
+    front = np.asarray(front)
+    F = np.column_stack([np.asarray(errors, dtype=float)[front], np.asarray(costs, dtype=float)[front]])
+    picked = set(int(front[i]) for i in high_tradeoff_points(F, tradeoff_points))
+    most_accurate = min(front.tolist(), key=lambda i: (errors[i], costs[i]))
+    picked.add(int(most_accurate))
+    best = sorted(picked, key=lambda i: (-costs[i], errors[i], i))
+    return best, best[min(2, len(best) - 1)]
+
+
+# --------------------------------------------------------------------------- candidate proposal
+
+
+def _spread_after(front_costs: np.ndarray, chosen: list[float]) -> float:
+    """The reference's subset-selection objective: std of the gaps between sorted costs."""
+    values = np.sort(np.concatenate([front_costs, np.asarray(chosen, dtype=float)]))
+    return float(np.std(np.diff(values))) if len(values) > 1 else 0.0
+
+
+def select_candidates(predicted: np.ndarray, front_costs: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` rows of ``predicted`` (n x 2: predicted error, cost) to measure next.
+
+    Whole non-domination ranks first; the rank that does not fit whole is thinned greedily,
+    each step adding the row that keeps the gaps between the sorted costs of ``front_costs``
+    plus the chosen rows most even (ties: lower predicted error, then lower index).
+    """
+    predicted = np.asarray(predicted, dtype=np.float64)
+    remaining = list(range(len(predicted)))
+    chosen: list[int] = []
+    while remaining and len(chosen) < count:
+        rank = [remaining[i] for i in non_dominated(predicted[remaining])]
+        if len(chosen) + len(rank) <= count:
+            chosen += rank
+            remaining = [i for i in remaining if i not in rank]
+            continue
+        while len(chosen) < count:
+            chosen_costs = [predicted[i, 1] for i in chosen]
+            best = min(rank, key=lambda i: (_spread_after(front_costs, chosen_costs + [predicted[i, 1]]),
+                                            predicted[i, 0], i))
+            chosen.append(best)
+            rank.remove(best)
+    return chosen
+
+
+def propose_candidates(
+    archive: np.ndarray,
+    objectives: np.ndarray,
+    predictor: FittedPredictor,
+    cost: Callable[[Genotype], float],
+    count: int,
+    config: Nsganetv2Config,
+    *,
+    seed: int,
+) -> np.ndarray:
+    """NSGA-II on (predicted error, cost) from the archive's non-dominated set; returns up to
+    ``count`` encodings (rows) not in ``archive``, chosen by :func:`select_candidates`."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.core.problem import Problem
+    from pymoo.operators.crossover.pntx import TwoPointCrossover
+    from pymoo.operators.mutation.pm import PM
+    from pymoo.operators.repair.rounding import RoundingRepair
+    from pymoo.optimize import minimize
+
+    upper = encoding.upper_bounds()
+    cost_cache: dict[tuple[int, ...], float] = {}
+
+    def vector_cost(vector: np.ndarray) -> float:
+        k = encoding.key(vector)
+        if k not in cost_cache:
+            cost_cache[k] = cost(encoding.decode(vector))
+        return cost_cache[k]
+
+    class SurrogateProblem(Problem):
+        def __init__(self) -> None:
+            super().__init__(n_var=encoding.ENCODING_LENGTH, n_obj=2, xl=np.zeros_like(upper), xu=upper, vtype=int)
+
+        def _evaluate(self, X, out, *args, **kwargs):
+            X = np.round(X).astype(np.int64)
+            out["F"] = np.column_stack([predictor.predict(X / upper), [vector_cost(x) for x in X]])
+
+    front = non_dominated(objectives)
+    algorithm = NSGA2(
+        pop_size=config.population,
+        sampling=archive[front].astype(np.int64),
+        crossover=TwoPointCrossover(prob=config.crossover_prob),
+        mutation=PM(prob=1.0, eta=config.mutation_eta, vtype=float, repair=RoundingRepair()),
+        eliminate_duplicates=True,
+    )
+    result = minimize(SurrogateProblem(), algorithm, ("n_gen", config.generations), seed=seed, verbose=False)
+    X = np.round(result.pop.get("X")).astype(np.int64)
+    F = result.pop.get("F")
+    seen = {encoding.key(x) for x in archive}
+    fresh = []
+    for i, x in enumerate(X):
+        k = encoding.key(x)
+        if k not in seen:
+            seen.add(k)
+            fresh.append(i)
+    picked = select_candidates(F[fresh], objectives[front, 1], count)
+    return X[[fresh[i] for i in picked]].reshape(-1, encoding.ENCODING_LENGTH)
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def _initial_design(rng: np.random.Generator, size: int) -> np.ndarray:
+    """The cheapest and the most expensive architecture, then distinct uniform draws."""
+    most_expensive = np.zeros(encoding.ENCODING_LENGTH, dtype=np.int64)
+    ops = np.array(["op_" in name for name in encoding.VARIABLES])
+    most_expensive[ops] = encoding.OPERATIONS.index("sep_conv_5x5")
+    design = [np.zeros(encoding.ENCODING_LENGTH, dtype=np.int64), most_expensive][:size]
+    seen = {encoding.key(v) for v in design}
+    while len(design) < size:
+        vector = encoding.random_vector(rng)
+        if encoding.key(vector) not in seen:
+            seen.add(encoding.key(vector))
+            design.append(vector)
+    return np.stack(design)
+
+
+def _random_fill(rng: np.random.Generator, archive: np.ndarray, proposed: np.ndarray, count: int) -> np.ndarray:
+    """``proposed`` topped up with uniform draws that are in neither, up to ``count`` rows."""
+    seen = {encoding.key(v) for v in archive} | {encoding.key(v) for v in proposed}
+    extra = []
+    while len(proposed) + len(extra) < count:
+        vector = encoding.random_vector(rng)
+        if encoding.key(vector) not in seen:
+            seen.add(encoding.key(vector))
+            extra.append(vector)
+    return np.concatenate([proposed, np.asarray(extra, dtype=np.int64).reshape(-1, encoding.ENCODING_LENGTH)])
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def nsganetv2_search(
+    weight_part: ImageDataset,
+    arch_part: ImageDataset,
+    config: Nsganetv2Config,
+    *,
+    seed: int,
+    device: torch.device | str,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> SearchResult:
+    """Run NSGANetV2 on (possibly poisoned) search data.
+
+    The supernet trains on ``weight_part``; architectures are measured on ``arch_part``.
+    ``normalisation`` is the per-channel (mean, std) of the inputs (by default from the two
+    halves together; pass the clean data's, as :func:`nbutils.nas.darts.darts_search` explains).
+
+    Returns a :class:`~nbutils.nas.darts.SearchResult`: ``genotype`` the architecture to retrain;
+    ``history`` one row per measured architecture (``iteration`` 0 for the initial design,
+    ``genotype``, ``val_acc``, ``cost``, ``predicted_acc`` or None); ``stages`` one record with
+    the ``pareto_front`` (sorted by cost), the ``four_best`` and ``chosen`` (archive indices,
+    i.e. rows of ``history``), the predictor chosen last (``surrogate``) and its cross-validated
+    ``kendall_tau`` per model, per-iteration predictor records and the supernet's training
+    history; ``alphas`` the archive as arrays (``archive_encodings``, ``archive_error``,
+    ``archive_cost``, ``archive_iteration``, ``pareto_indices``, ``four_best``).
+    """
+    if not isinstance(config, Nsganetv2Config):
+        raise ValueError(f"config must be an Nsganetv2Config, got {type(config).__name__}")
+    if weight_part.classes != arch_part.classes or weight_part.shape_chw != arch_part.shape_chw:
+        raise ValueError(f"weight_part {weight_part!r} and arch_part {arch_part!r} must share classes and image shape")
+    if len(weight_part) == 0 or len(arch_part) == 0:
+        raise ValueError("weight_part and arch_part must both hold images")
+    device = torch.device(device)
+    rng = np.random.default_rng(seed + 2)   # the design and random top-ups; seed, seed + 1 go to the loaders
+    torch.manual_seed(seed)
+
+    # lower level: the weight-sharing supernet
+    supernet = OneShotSupernet(channels=config.channels, num_classes=weight_part.num_classes, layers=config.layers,
+                               in_channels=weight_part.in_channels).to(device)
+    mean, std = normalisation or channel_stats(concatenate(weight_part, arch_part))
+    common = dict(mean=mean, std=std, device=device)
+    train_loader = BatchLoader(weight_part, config.batch_size, shuffle=True, seed=seed, augment=config.augment,
+                               drop_last=len(weight_part) > config.batch_size, **common)
+    supernet_history = train_one_shot(supernet, train_loader, config.training(), seed=seed)
+    calibration = calibration_batches(
+        BatchLoader(weight_part, config.batch_size, shuffle=True, seed=seed + 1, drop_last=len(weight_part) > config.batch_size,
+                    **common),
+        config.calibration_batches)
+    measure = PathEvaluator(supernet, calibration,
+                            BatchLoader(arch_part, config.eval_batch_size, shuffle=False, seed=seed, **common))
+    cost = ArchitectureCost(config.cost, channels=config.cost_channels, layers=config.cost_layers,
+                            num_classes=weight_part.num_classes, in_channels=weight_part.in_channels,
+                            input_size=config.cost_input_size or weight_part.image_size)
+
+    encodings: list[np.ndarray] = []
+    errors: list[float] = []
+    costs: list[float] = []
+    history: list[dict] = []
+
+    def evaluate(vectors: np.ndarray, iteration: int, predicted_error: np.ndarray | None) -> None:
+        for j, vector in enumerate(progress(vectors, desc=f"measure (iteration {iteration})")):
+            genotype = encoding.decode(vector)
+            accuracy = measure(genotype)
+            encodings.append(vector)
+            errors.append(1.0 - accuracy)
+            costs.append(cost(genotype))
+            history.append({
+                "iteration": iteration, "genotype": genotype.to_dict(), "val_acc": accuracy, "cost": costs[-1],
+                "predicted_acc": None if predicted_error is None else float(1.0 - predicted_error[j]),
+            })
+
+    evaluate(_initial_design(rng, config.initial_design), 0, None)
+    upper = encoding.upper_bounds()
+    iterations: list[dict] = []
+    predictor: FittedPredictor | None = None
+    for iteration in progress(range(1, config.iterations + 1), desc="NSGANetV2 iterations"):
+        archive, objectives = np.stack(encodings), np.column_stack([errors, costs])
+        predictor = fit_predictor(config.predictor, archive / upper, np.asarray(errors), seed=seed + iteration,
+                                  folds=config.cv_folds, cart_trees=config.cart_trees)
+        proposed = propose_candidates(archive, objectives, predictor, cost, config.candidates_per_iteration, config,
+                                      seed=seed + iteration)
+        if len(proposed) < config.candidates_per_iteration:
+            log.info("iteration %d: NSGA-II gave %d new candidates; %d drawn at random", iteration, len(proposed),
+                     config.candidates_per_iteration - len(proposed))
+            proposed = _random_fill(rng, archive, proposed, config.candidates_per_iteration)
+        predicted = predictor.predict(proposed / upper)
+        evaluate(proposed, iteration, predicted)
+        measured = np.asarray(errors[-len(proposed):])
+        iterations.append({
+            "iteration": iteration, "surrogate": predictor.name,
+            "kendall_tau": {k: _finite_or_none(v) for k, v in predictor.kendall_tau.items()},
+            "tau_on_candidates": _finite_or_none(kendall_tau(predicted, measured)),
+        })
+        log.info("iteration %d: %s predictor, best measured error %.3f", iteration, predictor.name, min(errors))
+
+    errors_array, costs_array = np.asarray(errors), np.asarray(costs)
+    front = non_dominated(np.column_stack([errors_array, costs_array]))
+    front = front[np.lexsort((errors_array[front], costs_array[front]))]
+    four_best, chosen = choose_retrained(errors_array, costs_array, front, config.tradeoff_points)
+    stage = {
+        "pareto_front": [{"index": int(i), "genotype": history[i]["genotype"], "val_acc": history[i]["val_acc"],
+                          "cost": history[i]["cost"]} for i in front],
+        "four_best": four_best,
+        "chosen": chosen,
+        "cost": config.cost,
+        "surrogate": None if predictor is None else predictor.name,
+        "kendall_tau": {} if predictor is None else {k: _finite_or_none(v) for k, v in predictor.kendall_tau.items()},
+        "kendall_tau_std": {} if predictor is None else
+        {k: _finite_or_none(v) for k, v in predictor.kendall_tau_std.items()},
+        "iterations": iterations,
+        "supernet": supernet_history,
+    }
+    return SearchResult(
+        genotype=encoding.decode(encodings[chosen]),
+        history=history,
+        alphas={
+            "archive_encodings": np.stack(encodings),
+            "archive_error": errors_array,
+            "archive_cost": costs_array,
+            "archive_iteration": np.asarray([row["iteration"] for row in history], dtype=np.int64),
+            "pareto_indices": front.astype(np.int64),
+            "four_best": np.asarray(four_best, dtype=np.int64),
+        },
+        stages=[stage],
+    )
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def pareto_figure(found: SearchResult | Sequence[dict] | np.ndarray, *, title: str | None = None):
+    """Validation error against cost: every measured architecture, the Pareto front, the four
+    best and the one retrained. ``found`` is a :class:`SearchResult` of :func:`nsganetv2_search`,
+    or a front alone: records with ``val_acc`` (or ``error``) and ``cost``, or an n x 2 array of
+    (error, cost). Returns a matplotlib ``Figure``."""
+    from matplotlib.figure import Figure
+
+    archive = four = chosen = None
+    if isinstance(found, SearchResult):
+        if "archive_error" not in found.alphas or not found.stages:
+            raise ValueError("found must be the SearchResult of nsganetv2_search (with its archive and stage)")
+        error, cost = found.alphas["archive_error"], found.alphas["archive_cost"]
+        archive = np.column_stack([error, cost])
+        front = archive[found.alphas["pareto_indices"]]
+        four = archive[found.alphas["four_best"]]
+        chosen = archive[found.stages[0]["chosen"]]
+    elif isinstance(found, np.ndarray):
+        if found.ndim != 2 or found.shape[1] != 2:
+            raise ValueError(f"a front array must be n x 2 (error, cost), got shape {found.shape}")
+        front = found.astype(float)
+    else:
+        rows = list(found)
+        try:
+            front = np.array([[r["error"] if "error" in r else 1.0 - r["val_acc"], r["cost"]] for r in rows], dtype=float)
+        except (KeyError, TypeError) as err:
+            raise ValueError("front records need 'val_acc' (or 'error') and 'cost'") from err
+    if len(front) == 0:
+        raise ValueError("the front is empty")
+    front = front[np.argsort(front[:, 1], kind="stable")]
+
+    figure = Figure(figsize=(5.5, 4.0), layout="constrained")
+    ax = figure.add_subplot()
+    if archive is not None:
+        ax.scatter(archive[:, 1], 100 * archive[:, 0], s=12, color="0.75", label="measured")
+    ax.step(front[:, 1], 100 * front[:, 0], where="post", color="tab:blue", linewidth=1)
+    ax.scatter(front[:, 1], 100 * front[:, 0], s=24, color="tab:blue", label="Pareto front", zorder=3)
+    if four is not None:
+        ax.scatter(four[:, 1], 100 * four[:, 0], s=90, facecolors="none", edgecolors="tab:orange", linewidths=1.5,
+                   label="four best", zorder=4)
+    if chosen is not None:
+        ax.scatter([chosen[1]], [100 * chosen[0]], s=160, marker="*", color="tab:red", label="retrained", zorder=5)
+    ax.set_xlabel("cost")
+    if isinstance(found, SearchResult):
+        ax.set_xlabel({"params": "parameters of the retrained network", "macs": "multiply-accumulates"}.get(
+            found.stages[0].get("cost"), "cost"))
+    ax.set_ylabel("validation error on the search data (%)")
+    ax.legend(frameon=False, fontsize="small")
+    if title:
+        ax.set_title(title)
+    return figure

@@ -1,0 +1,285 @@
+"""P-DARTS: progressive differentiable architecture search (Chen et al., 2019).
+
+As in ``chenxin061/pdarts`` ``train_search.py``. The search runs in stages of growing depth
+(5, 11, 17 cells). Each stage builds a *new* supernet, fresh weights and alpha, over the
+operations still switched on, and trains it like DARTS (:func:`nbutils.nas.darts.train_epoch`,
+first order, alpha's gradient clipped too) after a warm-up of weight-only epochs. At the end
+of a stage the weakest operations of every edge are switched off (8 -> 5 -> 3 -> 1 per
+edge); only these switches pass to the next stage.
+
+Two regularisers work against skip connections: dropout after every identity skip, decayed
+within a stage (:func:`skip_dropout_rate`), and a final normal cell with at most
+``max_skip`` skip connections (:func:`final_cell`).
+
+The final genotype comes from the last stage's probabilities: ``none`` zeroed, each node
+keeps the two incoming edges with the largest probability, and each kept edge the one
+operation that survives the last switch-off. Ties follow the reference: when dropping, the
+lower index goes first (``np.argmin``); when keeping edges, the later edge wins (a stable
+ascending sort, the last two kept). Gene pairs are listed by source, as the reference's
+``parse_network`` does.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .darts import (
+    Precision,
+    SearchResult,
+    StepRule,
+    check_mixed_precision,
+    check_order,
+    make_optimisers,
+    search_loaders,
+    supernet_class,
+    train_epoch,
+)
+from ..core.data import ImageDataset
+from ..core.device import MixedPrecision
+from ..space.genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
+from ..space.ops import PRIMITIVES
+from ..core.progress import progress
+
+log = logging.getLogger(__name__)
+
+Switches = list[tuple[str, ...]]   # per edge, the operations still on, in PRIMITIVES order
+CELLS = ("normal", "reduce")
+SKIP = "skip_connect"
+
+
+@dataclass
+class PdartsConfig:
+    """Defaults are the reference's, except the skip dropout rates: its code defaults to 0.0, its
+    README runs ``--dropout_rate 0.1 0.4 0.7``, used here."""
+
+    layers: tuple[int, ...] = (5, 11, 17)          # cells per stage (base 5, add_layers 0, 6, 12)
+    num_to_keep: tuple[int, ...] = (5, 3, 1)       # operations per edge after each stage (drop 3, 2, 2)
+    dropout_rates: tuple[float, ...] = (0.1, 0.4, 0.7)   # skip dropout per stage
+    epochs: int = 25                               # per stage
+    warmup_epochs: int = 10                        # per stage, weights only
+    channels: int = 16
+    batch_size: int = 96
+    lr: float = 0.025
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0                         # weights and alpha
+    arch_lr: float = 6e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    max_skip: int | None = 2                       # skip connections in the final normal cell; None: no limit
+    augment: bool = True
+    anti: bool = False
+    order: int = 1
+    fast: bool = True                              # the fast supernet (same function as the plain one)
+    mixed_precision: bool = False                  # CUDA only: float16 autocast with gradient scaling (order 1)
+
+    def __post_init__(self) -> None:
+        check_mixed_precision(self.mixed_precision, self.order)
+        self.layers = tuple(int(n) for n in self.layers)
+        self.num_to_keep = tuple(int(k) for k in self.num_to_keep)
+        self.dropout_rates = tuple(float(p) for p in self.dropout_rates)
+        stages = len(self.layers)
+        if stages == 0 or len(self.num_to_keep) != stages or len(self.dropout_rates) != stages:
+            raise ValueError(
+                f"layers, num_to_keep and dropout_rates need one entry per stage, got {self.layers}, "
+                f"{self.num_to_keep} and {self.dropout_rates}"
+            )
+        if any(n < 3 for n in self.layers):
+            raise ValueError(f"every stage needs >= 3 cells, got layers={self.layers}")
+        previous = len(PRIMITIVES)
+        for k in self.num_to_keep:
+            if not 1 <= k < previous:
+                raise ValueError(f"num_to_keep must decrease from {len(PRIMITIVES)} and stay >= 1, got {self.num_to_keep}")
+            previous = k
+        if self.num_to_keep[-1] != 1:
+            raise ValueError(f"the last stage must keep 1 operation per edge, got num_to_keep={self.num_to_keep}")
+        if any(not 0.0 <= p < 1.0 for p in self.dropout_rates):
+            raise ValueError(f"dropout_rates must lie in [0, 1), got {self.dropout_rates}")
+        if self.epochs < 1 or not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {self.epochs} and {self.warmup_epochs}")
+        if self.max_skip is not None and self.max_skip < 0:
+            raise ValueError(f"max_skip must be None or >= 0, got {self.max_skip}")
+        check_order(self.order)
+
+
+def pdarts_search(
+    weight_part: ImageDataset,
+    arch_part: ImageDataset,
+    config: PdartsConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> SearchResult:
+    """Search on (possibly poisoned) data. Returns the genotype, one history row per epoch
+    (numbered across stages), alpha per stage (``alpha_normal_stage1``: epochs x 14 x ops, ...)
+    and one record per stage in ``stages`` (switches searched and kept, probabilities,
+    parameter count; the last also the genotype before the skip limit).
+
+    ``normalisation`` as in :func:`nbutils.nas.darts.darts_search`.
+    """
+    torch.manual_seed(seed)
+    train_loader, arch_loader = search_loaders(
+        weight_part, arch_part, config.batch_size, augment=config.augment, seed=seed, device=device,
+        normalisation=normalisation,
+    )
+    switches: dict[str, Switches] = {cell: [PRIMITIVES] * NUM_EDGES for cell in CELLS}
+    history: list[dict] = []
+    alphas: dict[str, np.ndarray] = {}
+    records: list[dict] = []
+    stages = len(config.layers)
+    for stage, (cells, keep, rate) in enumerate(zip(config.layers, config.num_to_keep, config.dropout_rates), 1):
+        # a new network each stage: only the switches carry over
+        model = supernet_class(config.fast)(
+            channels=config.channels,
+            num_classes=weight_part.num_classes,
+            layers=cells,
+            in_channels=weight_part.in_channels,
+            switches_normal=switches["normal"],
+            switches_reduce=switches["reduce"],
+            skip_dropout=rate,
+        ).to(device)
+        w_opt, schedule, a_opt = make_optimisers(model, config)
+        precision = Precision(MixedPrecision.for_device(config.mixed_precision, device, "searching"))
+        trace = {"alpha_normal": [], "alpha_reduce": []}
+        for epoch in progress(range(config.epochs), desc=f"P-DARTS stage {stage}/{stages}"):
+            p = skip_dropout_rate(rate, epoch, config.epochs, config.warmup_epochs)
+            model.set_skip_dropout(p)
+            rule = StepRule(arch_step=epoch >= config.warmup_epochs, order=config.order, anti=config.anti,
+                            grad_clip=config.grad_clip, arch_grad_clip=config.grad_clip)
+            lr = w_opt.param_groups[0]["lr"]
+            stats = train_epoch(model, w_opt, a_opt, train_loader, arch_loader, rule,
+                                where=f"stage {stage}, epoch {epoch + 1}", precision=precision)
+            schedule.step()
+            for name, value in model.alphas_numpy().items():
+                trace[name].append(value)
+            genotype = model.genotype()
+            history.append({
+                "epoch": len(history) + 1, "stage": stage, "stage_epoch": epoch + 1, "cells": cells,
+                "ops_per_edge": len(switches["normal"][0]), "skip_dropout": p, "arch_step": rule.arch_step,
+                "lr": lr, **stats, "genotype": genotype.to_dict(), "summary": genotype.summary(),
+            })
+            log.info("stage %d epoch %d: train acc %.3f, %s", stage, epoch + 1, stats["train_acc"], genotype.summary())
+        for name, values in trace.items():
+            alphas[f"{name}_stage{stage}"] = np.stack(values)
+
+        probs = {cell: F.softmax(alpha.detach().cpu().double(), dim=-1).numpy()
+                 for cell, alpha in zip(CELLS, model.arch_parameters())}
+        last = stage == stages
+        kept = {cell: switch_off(probs[cell], switches[cell], keep, none_first=last) for cell in CELLS}
+        records.append({
+            "stage": stage, "cells": cells, "epochs": config.epochs, "skip_dropout": rate,
+            "parameters": sum(w.numel() for w in model.weights()),
+            **{f"switches_{cell}": [list(ops) for ops in switches[cell]] for cell in CELLS},
+            **{f"probs_{cell}": probs[cell].tolist() for cell in CELLS},
+            **{f"kept_{cell}": [list(ops) for ops in kept[cell]] for cell in CELLS},
+        })
+        if last:
+            final = pdarts_genotype(probs, switches, max_skip=config.max_skip)
+            records[-1]["genotype_before_skip_limit"] = pdarts_genotype(probs, switches, max_skip=None).to_dict()
+            records[-1]["genotype"] = final.to_dict()
+        switches = kept
+        log.info("stage %d done: %d operations per edge left", stage, keep)
+    # the last stage's converged supernet: the target of NAS-specific gradient canceling
+    return SearchResult(genotype=final, history=history, alphas=alphas, stages=records,
+                        supernets={len(history): model.checkpoint()})
+
+
+# --------------------------------------------------------------------------- within a stage
+
+
+def skip_dropout_rate(rate: float, epoch: int, epochs: int, warmup_epochs: int, decay: float = 0.2) -> float:
+    """Dropout after identity skips in ``epoch`` (0-based) of a stage whose rate is ``rate``:
+    ``rate * (epochs - epoch - 1) / epochs`` during the warm-up, then
+    ``rate * exp(-(epoch - warmup_epochs) * decay)``."""
+    if epoch < warmup_epochs:
+        return rate * (epochs - epoch - 1) / epochs
+    return rate * math.exp(-(epoch - warmup_epochs) * decay)
+
+
+# --------------------------------------------------------------------------- between stages
+
+
+def switch_off(probs: np.ndarray, switches: Switches, keep: int, *, none_first: bool) -> Switches:
+    """The operations each edge keeps: the ``keep`` most probable of those on. ``probs`` holds,
+    per edge, the softmax over the operations on (in ``switches`` order). With ``none_first``
+    (the last stage) ``none`` goes first, counting as one of those dropped."""
+    return [_keep_strongest(row, ops, keep, none_first) for row, ops in zip(np.asarray(probs), switches, strict=True)]
+
+
+def _keep_strongest(row: np.ndarray, ops: Sequence[str], keep: int, none_first: bool) -> tuple[str, ...]:
+    if len(row) != len(ops) or not 1 <= keep <= len(ops):
+        raise ValueError(f"cannot keep {keep} of {len(ops)} operations {tuple(ops)} with {len(row)} probabilities")
+    dropped: list[int] = []
+    if none_first and "none" in ops and keep < len(ops):
+        dropped.append(list(ops).index("none"))
+    while len(ops) - len(dropped) > keep:
+        candidates = [k for k in range(len(ops)) if k not in dropped]
+        dropped.append(min(candidates, key=lambda k: (row[k], k)))   # lowest; ties: the lower index
+    return tuple(op for k, op in enumerate(ops) if k not in dropped)
+
+
+# --------------------------------------------------------------------------- the final genotype
+
+
+def pdarts_genotype(probs: dict[str, np.ndarray], switches: dict[str, Switches], max_skip: int | None = 2) -> Genotype:
+    """The genotype from the last stage: ``probs[cell]`` its softmax over the operations on,
+    ``switches[cell]`` those operations; the skip limit applies to the normal cell only."""
+    return Genotype(
+        normal=final_cell(probs["normal"], switches["normal"], max_skip),
+        reduce=final_cell(probs["reduce"], switches["reduce"], None),
+    )
+
+
+def final_cell(probs: np.ndarray, switches: Switches, max_skip: int | None = None) -> Gene:
+    """One cell of the final genotype, with at most ``max_skip`` skip connections.
+
+    ``none`` is zeroed; each edge keeps its one strongest other operation, each node its two
+    edges with the largest probability. While more than ``max_skip`` kept edges are skips, the
+    weakest of those skips gets probability 0 (zeros accumulate), and the operations and edges
+    are chosen again: that edge switches to its next best operation, or loses its place.
+    """
+    probs = np.array(probs, dtype=np.float64)
+    if probs.shape != (NUM_EDGES, len(switches[0])):
+        raise ValueError(f"probs must have shape {(NUM_EDGES, len(switches[0]))}, got {probs.shape}")
+    for e, ops in enumerate(switches):
+        if "none" in ops:
+            probs[e, ops.index("none")] = 0.0
+
+    def choose() -> tuple[list[str], list[int]]:
+        ops = [_keep_strongest(row, edge_ops, 1, none_first=True)[0] for row, edge_ops in zip(probs, switches)]
+        return ops, _keep_two_edges(probs.max(axis=1))
+
+    ops, edges = choose()
+    while max_skip is not None:
+        skips = [e for e in edges if ops[e] == SKIP]
+        if len(skips) <= max_skip:
+            break
+        removable = [e for e in skips if probs[e, switches[e].index(SKIP)] > 0]
+        if not removable:   # only possible with probabilities of exactly 0; the reference would loop forever
+            log.warning("skip limit %d not reached: %d skips left that cannot be removed", max_skip, len(skips))
+            break
+        weakest = min(removable, key=lambda e: (probs[e, switches[e].index(SKIP)], e))
+        probs[weakest, switches[weakest].index(SKIP)] = 0.0
+        ops, edges = choose()
+    sources = [src for _, src in iter_edges()]
+    return tuple((ops[e], sources[e]) for e in sorted(edges))
+
+
+def _keep_two_edges(strength: np.ndarray) -> list[int]:
+    """Per node, the two incoming edges of largest strength (ties: the later edge)."""
+    kept, start = [], 0
+    for node in range(STEPS):
+        n = 2 + node
+        ranked = sorted(range(n), key=lambda j: strength[start + j])   # stable, ascending
+        kept += [start + j for j in ranked[-2:]]
+        start += n
+    return kept
+

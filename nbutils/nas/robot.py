@@ -1,0 +1,523 @@
+"""RoBoT: hybrid NAS by Bayesian optimisation of a weighted sum of training-free metrics.
+
+After He et al. (2024), "Robustifying and Boosting Training-Free Neural Architecture Search"
+(reference code ``hzf1174/RoBoT``, ``darts_space/search.py``), the hybrid algorithm the TMLR
+audit attacks (Sections 3.2 and 5.2). Written from the reference's behaviour (see
+``../shared/REFERENCE.md``, "RoBoT"); not a copy of its code.
+
+1. **Pool.** ``pool_size`` distinct random genotypes of the DARTS space
+   (:func:`nbutils.space.genotype.random_genotype`, all seven non-``none`` operations).
+   Each is built as an :class:`~nbutils.space.network.EvalNetwork` (``channels`` = 16,
+   ``layers`` = 5 cells, no auxiliary head, drop path off, freshly initialised from a seed of
+   its own) and scored with the six training-free metrics of :mod:`nbutils.nas.zero_cost` on ONE
+   batch of ``metric_batch_size`` = 64 images drawn from the weight half (the reference takes
+   the first 64 images of a shuffled training batch). An architecture with any metric
+   undefined (:class:`~nbutils.nas.zero_cost.MetricUndefined`, i.e. NaN) is skipped and counted.
+2. **Normalisation.** Each metric is min-max normalised over the scored architectures,
+   ``(v - min) / (max - min)``.
+3. **Bayesian optimisation** (library ``bayesian-optimization``, Gaussian process with a
+   Matern 5/2 kernel, upper-confidence-bound acquisition with ``kappa`` = 2.576) over metric
+   weights ``w`` in ``[-1, 1]^6``: ``init_points`` random points (1), then ``iterations``
+   proposals (24). A query's objective is the validation accuracy of the top-scoring
+   architecture, ``argmax_a sum_m w_m * normalised_m(a)``: it is trained briefly on the
+   weight half and evaluated on the architecture half (:func:`train_candidate`). An
+   architecture is never trained twice: a query whose top architecture was trained already
+   gets its cached accuracy. The best weights are those of the query with the highest
+   objective (the latest among equals, as the reference's ``>=``).
+4. **Exploitation.** Under the best weights, the next-ranked untrained architectures are
+   trained, in rank order, until ``budget`` (25) distinct architectures were trained.
+5. **Selection.** The trained architecture with the highest validation accuracy (the first
+   trained among equals).
+
+Brief training (the reference's ``train`` of ``search.py``): the same network as scored
+(C=16, 5 cells, no auxiliary head), SGD with momentum 0.9 and weight decay 3e-4, lr 0.1
+cosine-annealed to 5e-3 over 10 epochs, batch 576, gradient norm clipped to 5, drop path
+ramped linearly from 0 towards 0.2 over the epochs, no augmentation; the validation accuracy
+is that of the whole architecture half in eval mode.
+
+Departures from the reference, deliberate:
+
+* The reference samples genotypes from 7 operation columns, so ``dil_conv_5x5`` (the eighth
+  primitive) never occurs; here every operation can be sampled.
+* The reference's final selection starts from ``min(val_accs) - 1`` with ``val_accs`` a
+  dict keyed by *pool index*, and from architecture 0: unless some accuracy exceeds the
+  smallest trained index minus one, it returns pool architecture 0, which in general was
+  never trained. Here the result is always the best *trained* architecture.
+* Undefined metrics are skipped architectures, counted, never numbers (the reference drops
+  NaN terms from the weighted sum of that architecture, after NaN-unaware normalisation).
+* A metric that is constant over the pool normalises to 0 (the reference leaves it raw;
+  either way it adds the same amount to every score and cannot change a ranking).
+* Ranking ties go to the lower pool index (the reference: an unstable ``argsort``).
+* Duplicate genotypes are drawn again, so the pool holds ``pool_size`` distinct ones (the
+  reference keys its pool by genotype, so duplicates silently shrink it).
+* ``synflow`` is the BN-free synflow of the metric's definition; RoBoT's DARTS script calls
+  the measure directly and so keeps the BN layers: ``metrics`` with ``"synflow_bn"`` in
+  place of ``"synflow"`` reproduces that.
+* Inputs are normalised with the given (clean) per-channel statistics, so that poisons
+  cannot shift them (the reference: fixed CIFAR constants).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .darts import SearchResult
+from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
+from ..space.genotype import Genotype, random_genotype
+from ..space.network import EvalNetwork
+from ..core.progress import progress
+from ..training.train import evaluate
+from .zero_cost import EXTRA_METRICS, METRICS, compute_metrics
+
+log = logging.getLogger(__name__)
+
+#: What the seeds of the different random choices are derived for (see :func:`child_seed`).
+_POOL, _INIT, _TRAIN, _METRIC_BATCH = 0, 1, 2, 3
+
+
+@dataclass
+class RobotConfig:
+    """RoBoT's settings; the defaults are the reference's (``darts_space/search.py``)."""
+
+    pool_size: int = 60000          # random architectures scored by the metrics
+    init_points: int = 1            # random BO queries before the GP proposes
+    iterations: int = 24            # BO proposals
+    budget: int = 25                # distinct architectures trained in all (BO + exploitation)
+    train_epochs: int = 10          # brief training of each queried architecture
+    train_batch_size: int = 576
+    lr: float = 0.1
+    lr_min: float = 5e-3
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    drop_path: float = 0.2          # final drop-path probability of the linear ramp
+    channels: int = 16              # the network scored and trained (the reference uses the same for both)
+    layers: int = 5
+    metric_batch_size: int = 64
+    metrics: tuple[str, ...] = METRICS
+    kappa: float = 2.576            # UCB exploration
+
+    def __post_init__(self) -> None:
+        def integer(name: str, minimum: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ValueError(f"RobotConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+        def number(name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
+            ok = ok and (value < high if high_open else value <= high)
+            if not ok:
+                interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+                raise ValueError(f"RobotConfig.{name} must be a number in {interval}, got {value!r}")
+
+        for name in ("pool_size", "init_points", "budget", "train_epochs", "train_batch_size", "channels"):
+            integer(name, 1)
+        integer("iterations", 0)
+        integer("layers", 3)
+        integer("metric_batch_size", 2)   # jacob_cov's correlation matrix needs two samples
+        number("lr", 0.0, math.inf, low_open=True, high_open=True)
+        number("lr_min", 0.0, self.lr)
+        number("momentum", 0.0, 1.0, high_open=True)
+        number("weight_decay", 0.0, math.inf, high_open=True)
+        number("grad_clip", 0.0, math.inf, low_open=True, high_open=True)
+        number("drop_path", 0.0, 1.0, high_open=True)
+        number("kappa", 0.0, math.inf, high_open=True)
+        if self.init_points + self.iterations > self.budget:
+            raise ValueError(
+                f"RobotConfig.budget ({self.budget}) must be at least init_points + iterations "
+                f"({self.init_points} + {self.iterations}): every query may train a new architecture"
+            )
+        if self.budget > self.pool_size:
+            raise ValueError(
+                f"RobotConfig.budget ({self.budget}) must not exceed pool_size ({self.pool_size}): "
+                "only pool architectures are trained"
+            )
+        metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
+        allowed = METRICS + EXTRA_METRICS
+        if not metrics or any(m not in allowed for m in metrics) or len(set(metrics)) != len(metrics):
+            raise ValueError(
+                f"RobotConfig.metrics must be distinct names from {', '.join(allowed)}, got {self.metrics!r}"
+            )
+        self.metrics = metrics
+
+
+def child_seed(seed: int, purpose: int, index: int = 0) -> int:
+    """An independent 32-bit seed for one random choice (``purpose``, ``index``) of a run."""
+    return int(np.random.SeedSequence([int(seed), purpose, index]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+def sample_pool(size: int, seed: int) -> list[Genotype]:
+    """``size`` distinct random genotypes (each operation, ``dil_conv_5x5`` included, can occur)."""
+    rng = np.random.default_rng(child_seed(seed, _POOL))
+    pool: list[Genotype] = []
+    seen: set[Genotype] = set()
+    draws = 0
+    while len(pool) < size:
+        genotype = random_genotype(rng)
+        draws += 1
+        if genotype not in seen:
+            seen.add(genotype)
+            pool.append(genotype)
+    if draws > size:
+        log.info("pool: %d duplicate genotypes drawn again", draws - size)
+    return pool
+
+
+def score_pool(
+    genotypes: Sequence[Genotype],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    channels: int,
+    layers: int,
+    metrics: Sequence[str] = METRICS,
+    seed: int,
+    device: torch.device | str,
+) -> np.ndarray:
+    """The metrics of every genotype's freshly initialised network on one batch, as a
+    ``len(genotypes) x len(metrics)`` float64 array; an undefined metric is NaN.
+
+    Network ``i`` is initialised from ``child_seed(seed, init, i)``, so a genotype's values do
+    not depend on the rest of the pool."""
+    in_channels, input_size = int(images.shape[1]), int(images.shape[-1])
+    values = np.full((len(genotypes), len(metrics)), np.nan)
+    undefined: dict[str, int] = {}
+    for i, genotype in enumerate(progress(genotypes, desc="RoBoT: scoring the pool")):
+        torch.manual_seed(child_seed(seed, _INIT, i))
+        model = EvalNetwork(genotype, channels=channels, num_classes=num_classes, layers=layers,
+                            auxiliary=False, in_channels=in_channels, input_size=input_size)
+        result = compute_metrics(model, images, labels, metrics=tuple(metrics), device=device)
+        values[i] = [result[name] for name in metrics]
+        for name, reason in result.undefined.items():
+            undefined[name] = undefined.get(name, 0) + 1
+            log.debug("pool architecture %d: %s undefined (%s)", i, name, reason)
+    if undefined:
+        log.info("pool: undefined metrics %s", undefined)
+    return values
+
+
+def normalise_pool(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Min-max normalise each metric (column) over the architectures whose metrics are all
+    defined. Returns ``(normalised, defined)``: ``normalised`` has the shape of ``values``,
+    NaN on the skipped rows; a column constant over the defined rows becomes 0."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"values must be architectures x metrics, got shape {values.shape}")
+    defined = np.isfinite(values).all(axis=1)
+    normalised = np.full_like(values, np.nan)
+    if defined.any():
+        kept = values[defined]
+        low, high = kept.min(axis=0), kept.max(axis=0)
+        span = high - low
+        safe = np.where(span > 0, span, 1.0)
+        normalised[defined] = np.where(span > 0, (kept - low) / safe, 0.0)
+    return normalised, defined
+
+
+def rank_pool(normalised: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Pool indices of the defined rows by decreasing weighted score ``normalised @ weights``
+    (ties: lower index first); rows with NaN are left out."""
+    normalised = np.asarray(normalised, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if normalised.ndim != 2 or weights.shape != (normalised.shape[1],):
+        raise ValueError(f"weights must have one value per metric ({normalised.shape[1]}), got shape {weights.shape}")
+    defined = np.flatnonzero(np.isfinite(normalised).all(axis=1))
+    scores = normalised[defined] @ weights
+    return defined[np.lexsort((defined, -scores))]
+
+
+# --------------------------------------------------------------------------- BO and exploitation
+
+
+@dataclass
+class RobotTrace:
+    """What :func:`optimise_weights` did.
+
+    ``queries``: one record per BO query (``query`` from 1, ``weights`` {metric: w},
+    ``pool_index`` of its top architecture, ``objective``, ``cached`` if that architecture had
+    been trained before). ``trained``: one record per trained architecture, in training order
+    (``pool_index``, ``kind`` "bo" or "exploit", ``query`` or None, ``weights`` that ranked it
+    top/next, ``score`` under them, ``val_acc``). ``best_weights``: the weights exploited.
+    ``best_index``: pool index of the selected (trained) architecture."""
+
+    queries: list[dict] = field(default_factory=list)
+    trained: list[dict] = field(default_factory=list)
+    best_weights: np.ndarray | None = None
+    best_index: int = -1
+
+
+def optimise_weights(
+    normalised: np.ndarray,
+    evaluate: Callable[[int], float],
+    *,
+    init_points: int,
+    iterations: int,
+    budget: int,
+    seed: int,
+    kappa: float = 2.576,
+    metric_names: Sequence[str] = METRICS,
+) -> RobotTrace:
+    """RoBoT's search over metric weights (steps 3-5 of the module docstring).
+
+    ``normalised`` is the pool's ``architectures x metrics`` matrix (NaN rows are never
+    chosen); ``evaluate(pool_index)`` trains that architecture and returns its validation
+    accuracy; it is called at most once per architecture, and exactly ``budget`` times when
+    the pool holds that many defined architectures.
+    """
+    from bayes_opt import BayesianOptimization
+    from bayes_opt.acquisition import UpperConfidenceBound
+    from bayes_opt.exception import NotUniqueError
+    from threadpoolctl import threadpool_limits   # a dependency of scikit-learn
+
+    for name, value, minimum in (("init_points", init_points, 0), ("iterations", iterations, 0), ("budget", budget, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if init_points + iterations < 1:
+        raise ValueError(f"init_points + iterations must be at least 1 (one BO query), got {init_points} + {iterations}")
+    if init_points + iterations > budget:
+        raise ValueError(f"budget ({budget}) must be at least init_points + iterations ({init_points} + {iterations})")
+    names = list(metric_names)
+    normalised = np.asarray(normalised, dtype=np.float64)
+    if normalised.ndim != 2 or normalised.shape[1] != len(names):
+        raise ValueError(f"normalised must be architectures x {len(names)} metrics, got shape {normalised.shape}")
+    if not np.isfinite(normalised).all(axis=1).any():
+        raise ValueError("normalised has no architecture whose metrics are all defined")
+
+    trace = RobotTrace()
+    accuracy: dict[int, float] = {}
+
+    def train(index: int, kind: str, query: int | None, weights: np.ndarray) -> float:
+        value = float(evaluate(int(index)))
+        if not math.isfinite(value):
+            raise RuntimeError(f"evaluate({index}) returned a validation accuracy that is not a number: {value}")
+        accuracy[int(index)] = value
+        trace.trained.append({
+            "pool_index": int(index), "kind": kind, "query": query,
+            "weights": dict(zip(names, map(float, weights))),
+            "score": float(normalised[index] @ weights), "val_acc": value,
+        })
+        return value
+
+    optimizer = BayesianOptimization(
+        f=None, pbounds={name: (-1.0, 1.0) for name in names},
+        acquisition_function=UpperConfidenceBound(kappa=kappa),
+        random_state=int(seed) % 2**32, verbose=0,
+    )
+    best_objective, best_weights = -math.inf, None
+    queries = init_points + iterations
+    for q in progress(range(queries), desc="RoBoT: Bayesian optimisation"):
+        # The GP holds at most init_points + iterations points: extra BLAS threads only add
+        # overhead (2-3x the wall time on a busy 2-core machine). Its fit may warn on few points.
+        with warnings.catch_warnings(), threadpool_limits(limits=1):
+            warnings.simplefilter("ignore")
+            params = optimizer.random_sample(1)[0] if q < init_points else optimizer.suggest()
+        weights = np.array([float(params[name]) for name in names])
+        top = int(rank_pool(normalised, weights)[0])
+        cached = top in accuracy
+        objective = accuracy[top] if cached else train(top, "bo", q + 1, weights)
+        try:
+            optimizer.register(params=params, target=objective)
+        except NotUniqueError:   # the same weights again: nothing new for the GP (as the reference)
+            log.info("query %d repeats earlier weights", q + 1)
+        if objective >= best_objective:
+            best_objective, best_weights = objective, weights
+        trace.queries.append({"query": q + 1, "weights": dict(zip(names, map(float, weights))),
+                              "pool_index": top, "objective": objective, "cached": cached})
+        log.info("query %d: architecture %d, val acc %.4f%s", q + 1, top, objective, " (cached)" if cached else "")
+
+    ranking = iter(rank_pool(normalised, best_weights))
+    for _ in progress(range(budget - len(accuracy)), desc="RoBoT: exploitation"):
+        index = next((int(i) for i in ranking if int(i) not in accuracy), None)
+        if index is None:
+            log.warning("exploitation: the pool has no untrained architecture left (%d trained, budget %d)",
+                        len(accuracy), budget)
+            break
+        train(index, "exploit", None, best_weights)
+
+    best = max(trace.trained, key=lambda row: row["val_acc"])   # first among equals
+    trace.best_weights = best_weights
+    trace.best_index = best["pool_index"]
+    return trace
+
+
+# --------------------------------------------------------------------------- brief training
+
+
+def train_candidate(
+    genotype: Genotype,
+    train_set: ImageDataset,
+    val_set: ImageDataset,
+    config: RobotConfig,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    device: torch.device | str,
+) -> dict:
+    """Train the genotype's network briefly (RoBoT's recipe, module docstring) on
+    ``train_set`` and return its validation accuracy and loss on ``val_set``, its last epoch's
+    training loss and accuracy, and the seconds taken."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = EvalNetwork(genotype, channels=config.channels, num_classes=train_set.num_classes, layers=config.layers,
+                        auxiliary=False, in_channels=train_set.in_channels, input_size=train_set.image_size).to(device)
+    common = dict(mean=mean, std=std, device=device)
+    train_loader = BatchLoader(train_set, config.train_batch_size, shuffle=True, seed=seed, **common)
+    val_loader = BatchLoader(val_set, config.train_batch_size, shuffle=False, seed=seed, **common)
+    optimiser = torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.train_epochs, eta_min=config.lr_min)
+    train_loss = train_acc = math.nan
+    for epoch in range(config.train_epochs):
+        model.train()
+        model.drop_path_prob = config.drop_path * epoch / config.train_epochs
+        total, correct, n = 0.0, 0, 0
+        for x, y in train_loader:
+            optimiser.zero_grad(set_to_none=True)
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimiser.step()
+            total += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            n += len(y)
+        schedule.step()
+        train_loss, train_acc = total / n, correct / n
+    if not math.isfinite(train_loss):
+        log.warning("brief training diverged (training loss %s); its validation accuracy is kept", train_loss)
+    val_acc, val_loss = evaluate(model, val_loader)
+    return {"val_acc": float(val_acc), "val_loss": float(val_loss), "train_loss": float(train_loss),
+            "train_acc": float(train_acc), "seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def robot_search(
+    weight_part: ImageDataset,
+    arch_part: ImageDataset,
+    config: RobotConfig,
+    *,
+    seed: int,
+    device: torch.device | str,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> SearchResult:
+    """Run RoBoT on (possibly poisoned) search data.
+
+    The metric batch and the brief training come from ``weight_part``, validation accuracies
+    from ``arch_part``. ``normalisation`` is the per-channel (mean, std) of the inputs (by
+    default from the two halves together; pass the clean data's, as
+    :func:`nbutils.nas.darts.darts_search` explains).
+
+    Returns a :class:`~nbutils.nas.darts.SearchResult`: ``genotype`` the best trained architecture;
+    ``history`` one row per trained architecture in training order (``trained`` from 1,
+    ``kind`` "bo" or "exploit", ``query`` or None, ``pool_index``, ``weights``, ``score``,
+    ``genotype``, ``val_acc``, ``val_loss``, ``train_loss``, ``train_acc``, ``seconds``);
+    ``stages`` the records of the pool (size, skipped, undefined per metric), of the BO
+    queries and of the selection; ``alphas`` arrays for an ``.npz``: ``pool_metrics``
+    (pool x metrics, raw, NaN where undefined), ``pool_normalised``, ``pool_defined``,
+    ``query_weights``, ``query_pool_index``, ``query_objective``, ``trained_pool_index``,
+    ``trained_val_acc``, ``best_weights``.
+    """
+    if not isinstance(config, RobotConfig):
+        raise ValueError(f"config must be a RobotConfig, got {type(config).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if weight_part.classes != arch_part.classes or weight_part.shape_chw != arch_part.shape_chw:
+        raise ValueError(f"weight_part {weight_part!r} and arch_part {arch_part!r} must share classes and image shape")
+    if len(arch_part) == 0:
+        raise ValueError("arch_part must hold images (the validation accuracies come from it), got none")
+    if len(weight_part) < config.metric_batch_size:
+        raise ValueError(
+            f"RobotConfig.metric_batch_size ({config.metric_batch_size}) exceeds weight_part, which holds "
+            f"{len(weight_part)} images: the metrics need one full batch"
+        )
+    mean, std = normalisation or channel_stats(concatenate(weight_part, arch_part))
+    if len(mean) != weight_part.in_channels or len(std) != weight_part.in_channels:
+        raise ValueError(f"normalisation must give one mean and one std per channel ({weight_part.in_channels}), "
+                         f"got {normalisation!r}")
+    device = torch.device(device)
+    names = list(config.metrics)
+
+    # 1-2: the pool, its metrics on one batch of the weight half, normalised
+    start = time.perf_counter()
+    metric_loader = BatchLoader(weight_part, config.metric_batch_size, shuffle=True,
+                                seed=child_seed(seed, _METRIC_BATCH), mean=mean, std=std, device=device)
+    images, labels = next(iter(metric_loader))
+    pool = sample_pool(config.pool_size, seed)
+    values = score_pool(pool, images, labels, num_classes=weight_part.num_classes, channels=config.channels,
+                        layers=config.layers, metrics=names, seed=seed, device=device)
+    normalised, defined = normalise_pool(values)
+    undefined = {name: int(np.isnan(values[:, j]).sum()) for j, name in enumerate(names)}
+    skipped = int((~defined).sum())
+    pool_seconds = time.perf_counter() - start
+    log.info("pool: %d architectures scored, %d skipped (undefined metrics: %s), %.1f s",
+             len(pool), skipped, undefined, pool_seconds)
+    if not defined.any():
+        raise RuntimeError(f"RoBoT: every one of the {len(pool)} pool architectures has an undefined metric "
+                           f"({undefined}); nothing to search")
+
+    # 3-5: BO over the weights, exploitation, selection
+    records: dict[int, dict] = {}
+
+    def evaluate_index(index: int) -> float:
+        record = train_candidate(pool[index], weight_part, arch_part, config, mean=mean, std=std,
+                                 seed=child_seed(seed, _TRAIN, index), device=device)
+        records[index] = record
+        log.info("architecture %d: val acc %.4f after %d epochs (%.1f s)", index, record["val_acc"],
+                 config.train_epochs, record["seconds"])
+        return record["val_acc"]
+
+    trace = optimise_weights(normalised, evaluate_index, init_points=config.init_points,
+                             iterations=config.iterations, budget=config.budget, seed=seed, kappa=config.kappa,
+                             metric_names=names)
+
+    history = [
+        {"trained": k + 1, "kind": row["kind"], "query": row["query"], "pool_index": row["pool_index"],
+         "weights": row["weights"], "score": row["score"], "genotype": pool[row["pool_index"]].to_dict(),
+         **records[row["pool_index"]]}
+        for k, row in enumerate(trace.trained)
+    ]
+    best = records[trace.best_index]
+    best_weights = np.asarray(trace.best_weights, dtype=np.float64)
+    stages = [
+        {"stage": "pool", "pool_size": len(pool), "scored": int(defined.sum()), "skipped": skipped,
+         "undefined": undefined, "metrics": names, "metric_batch_size": config.metric_batch_size,
+         "seconds": pool_seconds},
+        {"stage": "bayesian_optimisation", "queries": trace.queries},
+        {"stage": "selection", "pool_index": trace.best_index, "val_acc": best["val_acc"],
+         "best_weights": dict(zip(names, map(float, best_weights))), "trained": len(trace.trained)},
+    ]
+    log.info("RoBoT: best of %d trained architectures is %d (val acc %.4f): %s", len(trace.trained),
+             trace.best_index, best["val_acc"], pool[trace.best_index].summary())
+    return SearchResult(
+        genotype=pool[trace.best_index],
+        history=history,
+        alphas={
+            "pool_metrics": values,
+            "pool_normalised": normalised,
+            "pool_defined": defined,
+            "query_weights": np.array([[q["weights"][n] for n in names] for q in trace.queries], dtype=np.float64),
+            "query_pool_index": np.array([q["pool_index"] for q in trace.queries], dtype=np.int64),
+            "query_objective": np.array([q["objective"] for q in trace.queries], dtype=np.float64),
+            "trained_pool_index": np.array([row["pool_index"] for row in trace.trained], dtype=np.int64),
+            "trained_val_acc": np.array([row["val_acc"] for row in trace.trained], dtype=np.float64),
+            "best_weights": best_weights,
+        },
+        stages=stages,
+    )

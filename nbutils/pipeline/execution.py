@@ -1,0 +1,302 @@
+"""Executing stages: each stage's notebook run headless by papermill into a private folder,
+committed to the store when complete, kept as failed otherwise.
+
+Stages are the unit of storage; *executions* are the unit of work. The trials of one
+condition (the searches of one algorithm on one poison set, then their retrainings) run in
+one execution of their notebook, which loops over them (parameter ``trials``): starting a
+kernel and importing torch costs several seconds, paid once per condition rather than once
+per trial. Every trial still gets its own artifact (with a copy of the executed notebook),
+and a trial that fails does not take the others of its execution down with it. A failed
+stage does not stop the others; the stages that need its artifact are skipped, and the
+report shows their cells as missing with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Sequence
+
+from ..core.malloc import MALLOC_ENV
+from ..core.store import ArtifactStore, atomic_write_bytes
+from .batches import COMPLETED_FILE, FAILED_FILE, run_trials
+from .code_versions import NOTEBOOK_OF, NOTEBOOKS
+from .stages import Stage
+
+log = logging.getLogger(__name__)
+
+
+
+
+STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "search", "retrain": "retrain",
+           "sensitivity": "metric_sensitivity", "defend": "defend"}
+
+
+
+SUMMARIES = ("gallery", "report")   # read many trials and show what exists when some failed
+
+
+
+#: kinds whose trials of one condition share one notebook execution (notebook parameter ``trials``)
+BATCHED = ("search", "retrain")
+
+
+
+EXECUTED_NOTEBOOK = "notebook.ipynb"
+
+
+
+KERNEL_LOG = "kernel.log"   # what the notebook's kernel process printed itself (not its cells' output)
+
+
+
+REPORT_HTML = "report.html"
+#: the results as data, written by the report notebook beside its page (outputs/README.md)
+TRIALS_CSV = "trials.csv"
+CELLS_CSV = "cells.csv"
+
+
+
+#: the report links to artifacts relative to the outputs folder; its copy in the report stage's
+#: own folder (two levels down) resolves them through this base, removed from outputs/report.html
+STAGE_BASE = '<base href="../../">'
+
+
+
+# --- execution ---------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    stage: Stage
+    status: str            # ran | reused | failed | skipped
+    seconds: float = 0.0
+    detail: str = ""
+    notebook: Path | None = None
+
+
+
+def kernel_name() -> str:
+    """The project's registered kernel when present (``make`` registers it in the venv), else python3."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return "nbutils" if "nbutils" in KernelSpecManager().find_kernel_specs() else "python3"
+
+
+
+def executions(stages: list[Stage]) -> list[list[Stage]]:
+    """The stages grouped into executions (see the module docstring), each after the
+    executions it reads from; a stage outside :data:`BATCHED` or without a batch is alone."""
+    groups: dict[tuple, list[Stage]] = {}
+    for stage in stages:
+        group = (stage.kind, stage.batch) if stage.kind in BATCHED and stage.batch else (stage.kind, id(stage))
+        groups.setdefault(group, []).append(stage)
+    where = {id(s): i for i, members in enumerate(groups.values()) for s in members}
+    needs = [{where[id(inp)] for s in members for inp in s.inputs.values() if id(inp) in where}
+             for members in groups.values()]
+    ordered, done = [], set()
+    pending = list(range(len(groups)))
+    members = list(groups.values())
+    while pending:   # stable topological order: the first execution whose inputs are all placed
+        ready = next((i for i in pending if needs[i] <= done), None)
+        if ready is None:
+            raise RuntimeError("executions read each other in a cycle: "
+                               + ", ".join(members[i][0].label for i in pending[:3]))
+        ordered.append(members[ready])
+        done.add(ready)
+        pending.remove(ready)
+    return ordered
+
+
+
+def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> list[Outcome]:
+    """Run stages of one kind in one execution, each into a private folder; commit each one
+    that completed, keep each other one as failed.
+
+    With a kernel the stages' notebook runs under papermill (the executed notebook is part of
+    every artifact); with ``kernel=None`` the step functions run in this process (no notebook:
+    faster, for tests and debugging). The gallery and the report always run as notebooks.
+    Kinds in :data:`BATCHED` take the list ``trials`` and mark each trial that completed
+    (:func:`nbutils.pipeline.batches.run_trials`); the others take one stage's ``spec``, ``inputs`` and
+    ``out_dir``."""
+    import papermill
+
+    from . import steps   # the engines: torch and every algorithm, only for --inline
+
+    kind = stages[0].kind
+    if any(s.kind != kind for s in stages) or (len(stages) > 1 and kind not in BATCHED):
+        raise ValueError(f"one execution runs stages of one kind in {BATCHED}, got {[s.kind for s in stages]}")
+    start = time.perf_counter()
+    works = [store.begin(s.kind, s.key) for s in stages]
+    trials = [{"spec": s.spec, "inputs": {role: str(store.path(i.kind, i.key)) for role, i in s.inputs.items()},
+               "out_dir": str(work)} for s, work in zip(stages, works)]
+    notebook = works[0] / EXECUTED_NOTEBOOK
+    error = None
+    try:
+        if kernel is None and kind in STEP_OF:
+            step = getattr(steps, STEP_OF[kind])
+            run_trials(step, trials) if kind in BATCHED else step(**trials[0])
+        else:
+            # the kernel keeps freed memory for its next tensors (see nbutils.core.malloc),
+            # whatever this process was given (Dask workers: MALLOC_TRIM_THRESHOLD_=65536)
+            os.environ.update(MALLOC_ENV)
+            with open(works[0] / KERNEL_LOG, "w") as kernel_log:
+                papermill.execute_notebook(
+                    str(NOTEBOOKS / NOTEBOOK_OF[kind]), str(notebook),
+                    parameters={"trials": trials} if kind in BATCHED else trials[0],
+                    kernel_name=kernel or kernel_name(), progress_bar=False, log_output=False, cwd=str(NOTEBOOKS),
+                    kernel_manager_class=kernel_manager_logging_to(kernel_log),
+                )
+        if kind == "report":
+            render_html(notebook, works[0] / REPORT_HTML)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # a failing notebook must not stop the other stages
+        error = e
+    seconds = time.perf_counter() - start
+    log_file = works[0] / KERNEL_LOG
+    if log_file.is_file() and log_file.stat().st_size == 0:
+        log_file.unlink()
+    for work in works[1:]:   # every artifact holds the executed notebook (and the kernel's log)
+        for file in (notebook, log_file):
+            if file.is_file():
+                shutil.copyfile(file, work / file.name)
+    # the notebook failed although no trial did (its display cells, say): nothing counts as done
+    trial_failed = any((work / FAILED_FILE).is_file() for work in works)
+    outcomes = []
+    for stage, work in zip(stages, works):
+        marked = (work / COMPLETED_FILE).is_file()
+        completed = (marked and (error is None or trial_failed)) if kind in BATCHED else error is None
+        (work / COMPLETED_FILE).unlink(missing_ok=True)
+        if not completed:
+            failed = store.fail(work, stage.kind, stage.key)
+            outcomes.append(Outcome(stage, "failed", seconds, _failure_reason(failed, error), failed / EXECUTED_NOTEBOOK))
+            continue
+        record = {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
+                  "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
+                  "seconds": seconds / len(stages), "execution": {"stages": len(stages), "seconds": seconds}}
+        final = store.commit(work, stage.kind, stage.key, record, replace=stage.rerun)
+        outcomes.append(Outcome(stage, "ran", seconds / len(stages), notebook=final / EXECUTED_NOTEBOOK))
+    return outcomes
+
+
+
+def kernel_manager_logging_to(log: IO[str]) -> type:
+    """A kernel manager class whose kernels write their own output to ``log``.
+
+    A kernel's process-level output is not the notebook's (cells' output reaches the notebook
+    through Jupyter's messages): it is ipykernel's logging, such as the "KeyboardInterrupt
+    caught in kernel" it logs at every shutdown, which users read as a failure on the console
+    of a run that went well. It is kept beside the executed notebook instead."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class KernelManagerWithLog(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return KernelManagerWithLog
+
+
+
+def _failure_reason(folder: Path, error: Exception | None) -> str:
+    """The last line of the trial's own traceback, else of the execution's error."""
+    if (folder / FAILED_FILE).is_file():
+        lines = (folder / FAILED_FILE).read_text().strip().splitlines()
+    elif error is not None:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        lines = ["not completed: the execution stopped (" + lines[-1] + ")"]
+    else:
+        lines = ["not completed: the execution ended before this trial"]
+    return lines[-1] if lines else "failed"
+
+
+
+def render_html(notebook: Path, html: Path) -> None:
+    """The executed report notebook as one self-contained HTML page, without code cells."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from traitlets.config import Config
+
+    config = Config()
+    config.TagRemovePreprocessor.remove_cell_tags = {"remove_cell"}  # notes for notebook readers only
+    config.TagRemovePreprocessor.enabled = True
+    exporter = HTMLExporter(config=config, template_name="lab", exclude_input=True, exclude_input_prompt=True,
+                            exclude_output_prompt=True, embed_images=True)
+    exporter.log.setLevel(logging.ERROR)
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    # self-contained: the report needs no JavaScript, so drop the template's CDN scripts
+    # (require.js for widgets, MathJax) rather than have the page reach the network
+    body = re.sub(r'<script[^>]*src="https?://[^"]*"[^>]*>\s*</script>', "", body)
+    body = re.sub(r'<script type="text/x-mathjax-config">.*?</script>', "", body, flags=re.S)
+    body = body.replace("<head>", "<head>" + STAGE_BASE, 1)
+    atomic_write_bytes(html, body.encode())
+
+
+
+def default_workers() -> int:
+    """One stage per CPU core this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+
+def run_execution(stages: list[Stage], store: ArtifactStore, kernel: str | None, inputs: Sequence[Outcome] = (),
+                  threads: int | None = None) -> list[Outcome]:
+    """One execution's stages, given the outcomes of the stages they read: a stage is skipped
+    when one of its inputs failed (a summary instead shows what exists), reused when its
+    artifact exists, else executed (all of those together, see :func:`execute`)."""
+    if threads:
+        limit_threads(threads)
+    broken_inputs = {(o.stage.kind, o.stage.key): o for o in inputs if o.status in ("failed", "skipped")}
+    outcomes: list[Outcome | None] = []
+    todo = []
+    for stage in stages:
+        broken = {k: o for k, o in broken_inputs.items() if k in {(s.kind, s.key) for s in stage.inputs.values()}}
+        if broken and stage.kind in SUMMARIES:
+            stage, broken = report_without(stage, broken), {}
+        if broken:
+            outcomes.append(Outcome(stage, "skipped", detail="needs " + ", ".join(o.stage.label for o in broken.values())))
+        elif store.exists(stage.kind, stage.key) and not stage.rerun:
+            outcomes.append(Outcome(stage, "reused", notebook=store.path(stage.kind, stage.key) / EXECUTED_NOTEBOOK))
+        else:
+            outcomes.append(None)
+            todo.append(stage)
+    ran = iter(execute(todo, store, kernel) if todo else [])
+    return [outcome if outcome is not None else next(ran) for outcome in outcomes]
+
+
+
+def limit_threads(threads: int) -> None:
+    """Give the kernels this process starts (and its own torch) ``threads`` threads, so that
+    stages running side by side do not oversubscribe the cores."""
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+
+def report_line(i: int, total: int, outcome: Outcome) -> str:
+    if outcome.status == "ran":
+        return f"[{i}/{total}] {outcome.stage.label}: ran in {outcome.seconds:.1f} s"
+    return f"[{i}/{total}] {outcome.stage.label}: {outcome.status}" + (f" ({outcome.detail})" if outcome.detail else "")
+
+
+
+def report_without(report: Stage, missing: dict[tuple[str, str], Outcome]) -> Stage:
+    """The report stage restricted to the inputs that exist, listing the others with the reason
+    (``missing``: (kind, key) of a stage that did not finish -> its outcome)."""
+    lost = {role: missing[(s.kind, s.key)] for role, s in report.inputs.items() if (s.kind, s.key) in missing}
+    reasons = {role: f"{o.status}: {o.detail or o.stage.label}" for role, o in lost.items()}
+    spec = dict(report.spec)
+    spec["cells"] = [c for c in report.spec["cells"] if c["role"] not in lost]
+    spec["sensitivity"] = [c for c in report.spec.get("sensitivity", []) if c["role"] not in lost]
+    spec["poisons"] = [c for c in report.spec.get("poisons", []) if c["role"] not in lost]
+    spec["missing"] = [{**c, "reason": reasons[c["role"]]} for c in report.spec["cells"] if c["role"] in lost]
+    inputs = {role: s for role, s in report.inputs.items() if role not in lost}
+    return Stage(report.kind, spec, report.label, inputs, report.meta)

@@ -1,0 +1,143 @@
+"""From a preset to a report: validate the parameter files, check the data, expand the grid
+into stages (:mod:`~nbutils.pipeline.stages`), execute every stage whose artifact does not
+exist yet (:mod:`~nbutils.pipeline.execution`: in order in this process, or on Dask through
+:mod:`~nbutils.pipeline.cluster`), publish the report and summarise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from ..core.data import DATA_ROOT_ENV, load_dataset
+from ..core.store import ArtifactStore, atomic_write_bytes
+from . import params
+from .code_versions import NOTEBOOK_OF, PROJECT_ROOT
+from .execution import (CELLS_CSV, REPORT_HTML, STAGE_BASE, TRIALS_CSV, Outcome, default_workers, executions,
+                        kernel_name, report_line, run_execution)
+from .stages import Stage, expand, mark_reruns, needed_by
+
+log = logging.getLogger(__name__)
+
+OUTPUTS_README = PROJECT_ROOT / "outputs" / "README.md"   # what a run writes, the CSV columns among it
+
+
+def preflight(preset: params.Preset) -> None:
+    """Everything that can be checked before compute: data present, graphviz installed."""
+    data = preset.grid.data
+    for dataset in [data.dataset, *(ood.dataset for ood in preset.grid.ood)]:
+        for split in ("train", "test"):
+            load_dataset(dataset, split, data.data_root, data.download)
+    if shutil.which("dot") is None:
+        raise RuntimeError(
+            "graphviz's `dot` program was not found; the report draws cells with it. "
+            "Install it with `sudo apt-get install graphviz` (or `conda install graphviz`)."
+        )
+
+
+def publish_report(stage: Path, outputs: Path) -> Path:
+    """The report stage's page as ``outputs/report.html``, its links relative to ``outputs``,
+    with the results as data beside it (``trials.csv``, ``cells.csv``, and ``README.md``, which
+    describes them, when the folder has none)."""
+    outputs = Path(outputs)
+    target = outputs / REPORT_HTML
+    atomic_write_bytes(target, (stage / REPORT_HTML).read_text().replace(STAGE_BASE, "", 1).encode())
+    for name in (TRIALS_CSV, CELLS_CSV):
+        if (stage / name).is_file():
+            atomic_write_bytes(outputs / name, (stage / name).read_bytes())
+    if OUTPUTS_README.is_file() and not (outputs / OUTPUTS_README.name).exists():
+        atomic_write_bytes(outputs / OUTPUTS_README.name, OUTPUTS_README.read_bytes())
+    return target
+
+
+def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | None = None,
+        dry_run: bool = False, inline: bool = False, workers: int | None = None, scheduler: str | None = None,
+        rerun: Sequence[str] = (), out=sys.stdout) -> list[Outcome]:
+    """Validate, check, then execute every stage not already in the store.
+
+    ``workers``: stages run at once on a local Dask cluster (default: one per CPU core; 1 runs
+    them one after another in this process without Dask); ``scheduler``: the address of an
+    existing Dask cluster to run them on instead. ``inline``: the steps in the executing
+    process instead of their notebooks, see :func:`execute`. ``rerun``: kinds of stage to run
+    again although their artifacts exist, with every stage that reads them (each new artifact
+    replaces the old one once complete).
+
+    ``outputs`` is taken relative to the caller's working directory and made absolute before
+    anything reads it: every path handed to a notebook is absolute, since its kernel runs in
+    ``notebooks/``."""
+    outputs = Path(outputs).resolve()
+    if os.environ.get(DATA_ROOT_ENV):   # the kernels inherit it, in another working directory
+        os.environ[DATA_ROOT_ENV] = str(Path(os.environ[DATA_ROOT_ENV]).expanduser().resolve())
+    preset = params.load_preset(preset_dir)
+    stages = expand(preset)
+    if only is not None:
+        if only not in NOTEBOOK_OF:
+            raise params.ParamsError(f"--only {only!r} is not a stage; allowed: {', '.join(NOTEBOOK_OF)}")
+        wanted = {id(s) for s in stages if s.kind == only}
+        stages = [s for s in stages if id(s) in wanted or needed_by(s, stages, wanted)]
+    if workers is not None and workers < 1:
+        raise params.ParamsError(f"--workers must be >= 1, got {workers}")
+    unknown = sorted(set(rerun) - set(NOTEBOOK_OF))
+    if unknown:
+        raise params.ParamsError(f"--rerun {', '.join(unknown)}: not a kind of stage; allowed: {', '.join(NOTEBOOK_OF)}")
+    mark_reruns(stages, set(rerun))
+    store = ArtifactStore(outputs)
+    if dry_run:
+        for s in stages:
+            state = "rerun" if s.rerun else "exists" if store.exists(s.kind, s.key) else "to run"
+            print(f"{s.kind:9s} {s.key}  {state:7s} {s.label}", file=out)
+        return []
+    preflight(preset)
+    store.clean_partial()
+    os.environ["NBUTILS_HEADLESS"] = "1"
+    kernel = None if inline else kernel_name()
+    workers = workers or default_workers()
+    started = time.perf_counter()
+    if scheduler is None and workers == 1:
+        outcomes = _run_here(stages, store, kernel, out)
+    else:
+        from .cluster import run_on_dask   # dask, only when it is used
+
+        outcomes = run_on_dask(stages, store, kernel, workers=workers, scheduler=scheduler, out=out)
+    for outcome in outcomes:
+        if outcome.stage.kind == "report" and outcome.status in ("ran", "reused"):
+            publish_report(store.path("report", outcome.stage.key), outputs)
+    print_summary(outcomes, time.perf_counter() - started, outputs, out)
+    return outcomes
+
+
+def _run_here(stages: list[Stage], store: ArtifactStore, kernel: str | None, out) -> list[Outcome]:
+    """Every execution in order, in this process; outcomes in stage order."""
+    outcomes: dict[int, Outcome] = {}
+    done = 0
+    for group in executions(stages):
+        todo = [s.label for s in group if s.rerun or not store.exists(s.kind, s.key)]
+        if todo:
+            print(f"[{done + 1}/{len(stages)}] {'; '.join(todo)} ...", file=out, flush=True)
+        inputs = [outcomes[id(s)] for stage in group for s in stage.inputs.values()]
+        for stage, outcome in zip(group, run_execution(group, store, kernel, inputs)):
+            outcomes[id(stage)] = outcome
+            done += 1
+            print(report_line(done, len(stages), outcome), file=out, flush=True)
+    return [outcomes[id(s)] for s in stages]
+
+
+def print_summary(results: list[Outcome], seconds: float, outputs: Path, out=sys.stdout) -> None:
+    by = {status: [r for r in results if r.status == status] for status in ("ran", "reused", "failed", "skipped")}
+    print(f"\nSummary ({seconds:.0f} s): {len(by['ran'])} ran, {len(by['reused'])} reused, "
+          f"{len(by['failed'])} failed, {len(by['skipped'])} skipped", file=out)
+    for r in by["ran"]:
+        print(f"  ran     {r.stage.label} ({r.seconds:.1f} s)", file=out)
+    for r in by["failed"]:
+        print(f"  FAILED  {r.stage.label}: {r.detail}\n          executed notebook: {r.notebook}", file=out)
+    for r in by["skipped"]:
+        print(f"  skipped {r.stage.label}: {r.detail}", file=out)
+    report = outputs / REPORT_HTML
+    if report.exists():
+        print(f"Report: {report}", file=out)
+
+

@@ -1,0 +1,282 @@
+"""A preset as stages: :func:`expand` turns the validated parameter files into every stage of
+the run, each after the stages it reads, with the key that names its artifact.
+
+A *trial* is one path poison -> search -> retrain and ends in one accuracy. Stages:
+
+    surrogate  00_surrogate.ipynb       CLF's surrogate ResNet-18, one per dataset and seed
+    poison     01_craft_poisons.ipynb   one per (attack, budget); gradient canceling one per
+                                        (algorithm, budget): it targets that algorithm's best
+                                        clean run, the alpha attack the best clean DARTS run
+    defend     02_defend.ipynb          one per (defence, poison set): the defended search data
+    search     03_search.ipynb          one per (algorithm, condition, trial), plus random samples
+    retrain    04_retrain.ipynb         one per search
+    sensitivity 05_metric_sensitivity   the training-free metrics on clean vs poisoned data,
+                                        one per poison set (TMLR Table 2)
+    gallery    06_genotype_gallery      one: every found cell, clean beside worst poisoned
+    report     99_report.ipynb          one, reading every retrain artifact
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from . import params
+from ..core.store import stage_key
+from .code_versions import CODE_VERSIONS
+
+
+#: the searches that ``search.mixed_precision`` applies to (the others train in float32)
+MIXED_PRECISION_ALGORITHMS = ("darts", "darts_anti", "pdarts")
+
+
+
+@dataclass(eq=False)
+class Stage:
+    kind: str
+    spec: dict
+    label: str
+    inputs: dict[str, "Stage"] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)   # what the report groups by; not part of the key
+    batch: str | None = None   # stages of one kind with the same batch share an execution; not in the key
+    rerun: bool = False        # run even if the artifact exists, and replace it (``--rerun``); not in the key
+
+    def __post_init__(self) -> None:
+        # plain JSON types only: what papermill passes to a notebook and what the key hashes
+        self.spec = json.loads(json.dumps(self.spec))
+
+    @cached_property
+    def key(self) -> str:
+        return stage_key(self.kind, self.spec, {role: s.key for role, s in self.inputs.items()},
+                         code=CODE_VERSIONS[self.kind])
+
+
+
+def _percent(budget: float) -> str:
+    return f"{100 * budget:g}%"
+
+
+
+#: the algorithms whose gradient-canceling target is the converged supernet's alpha (NAS-specific
+#: GC, TMLR §3.2); every other algorithm's target is the weights of its best clean architecture
+SUPERNET_ALGORITHMS = ("darts", "darts_anti", "pdarts")
+
+
+
+#: searched on clean data only: anti-search is the workshop paper's worst-case reference (Table 1)
+CLEAN_ONLY = ("darts_anti",)
+
+
+
+def expand(preset: params.Preset) -> list[Stage]:
+    """Every stage of the preset, each after the stages it reads.
+
+    First every algorithm's clean trials (the crafted attacks read them: gradient canceling
+    targets the best clean run of the algorithm it attacks, the alpha attack the best clean
+    DARTS run's supernets), then the poisons and the poisoned trials, then random sampling.
+    """
+    grid = preset.grid
+    data = grid.data.model_dump()
+    stages: list[Stage] = []
+    by_key: dict[tuple[str, str], Stage] = {}
+    cells: list[Stage] = []   # retrain stages, for the report
+
+    def add(stage: Stage) -> Stage:
+        """Append a stage once: equal stages (same kind and key) are one stage."""
+        key = (stage.kind, stage.key)
+        if key not in by_key:
+            by_key[key] = stage
+            stages.append(stage)
+        return by_key[key]
+
+    def trial(algorithm: str, entry: params.AttackEntry | None, budget: float | None, trial: int,
+              poison: Stage | None, study: str = "main", search_data: dict | None = None,
+              augment: bool | None = None) -> tuple[Stage, Stage]:
+        """One search and its retraining. ``study``: main (the robustness table), ood (searched
+        on ``search_data``, TMLR Table 3) or no_augment (search without augmentation, Table 6)."""
+        seed = grid.seed + trial
+        spec = {"algorithm": algorithm, "data": search_data or data, "config": preset.search.config_of(algorithm),
+                "augment": preset.search.augment if augment is None else augment, "fast": preset.search.fast,
+                "seed": seed, "device": preset.search.device}
+        if preset.search.mixed_precision and algorithm in MIXED_PRECISION_ALGORITHMS:
+            spec["mixed_precision"] = True   # only when on: the keys of float32 searches stay as they were
+        if entry is None and study == "main":
+            keep = supernets_to_keep(preset, algorithm)
+            if keep is not None:
+                spec["keep_supernets"] = keep
+        condition = "clean" if entry is None else f"{entry.condition} {_percent(budget)}"
+        if study == "ood":
+            condition += f" searched on {search_data['dataset']}"
+        elif study == "no_augment":
+            condition += " without search augmentation"
+        elif study.startswith("defense:"):
+            condition += f" defended by {study.removeprefix('defense:')}"
+        meta = {"algorithm": algorithm, "attack": "none" if entry is None else entry.condition,
+                "budget": budget, "trial": trial, "study": study}
+        if study == "ood":
+            meta["search_dataset"] = search_data["dataset"]
+        if study.startswith("defense:"):
+            meta["defense"] = study.removeprefix("defense:")
+        reads = {} if poison is None else {"defended" if poison.kind == "defend" else "poison": poison}
+        search = add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}", reads, meta,
+                           batch=f"{algorithm} {condition}"))
+        return search, retrain_of(search, seed)
+
+    def retrain_of(search: Stage, seed: int) -> Stage:
+        spec = {"data": data, "config": preset.retrain.model_dump(exclude={"device"}), "seed": seed,
+                "device": preset.retrain.device}
+        stage = add(Stage("retrain", spec, f"retrain <- {search.label}", {"search": search}, dict(search.meta),
+                          batch=search.batch))
+        cells.append(stage)
+        return stage
+
+    clean: dict[str, list[tuple[Stage, Stage]]] = {
+        algorithm: [trial(algorithm, None, None, t, None) for t in range(grid.trials)]
+        for algorithm in grid.nas_algorithms
+    }
+    craft = preset.craft_poisons
+    sensitivity: dict[tuple[str, float], Stage] = {}
+    for entry in grid.attacks:
+        if entry.name == "none":
+            continue
+        for budget in entry.budgets:
+            for algorithm in grid.attacked(entry):
+                if algorithm in CLEAN_ONLY:
+                    continue
+                spec = {"data": data, "attack": craft.attack_spec(entry.name, budget), "device": craft.device}
+                inputs: dict[str, Stage] = {}
+                label = f"poison {entry.condition} {_percent(budget)}"
+                if entry.name == "clf":
+                    inputs["surrogate"] = add(surrogate_stage(preset))
+                elif entry.name == "gc":
+                    spec["target"] = {"algorithm": algorithm,
+                                      "kind": "alphas" if algorithm in SUPERNET_ALGORITHMS else "weights"}
+                    inputs = clean_inputs(clean[algorithm])
+                    label += f" against {algorithm}"
+                elif entry.name == "alpha":
+                    spec["ensemble"] = entry.ensemble or 1
+                    inputs = clean_inputs(clean["darts"])
+                meta = {"attack": entry.condition, "budget": budget}
+                if entry.name == "gc":
+                    meta["target"] = algorithm
+                poison = add(Stage("poison", spec, label, inputs, meta))
+                # one study per attack and budget (for gradient canceling: against the first algorithm)
+                if preset.metric_sensitivity.run and (entry.condition, budget) not in sensitivity:
+                    sensitivity[(entry.condition, budget)] = add(sensitivity_stage(preset, poison))
+                for t in range(grid.trials):
+                    trial(algorithm, entry, budget, t, poison)
+                for defense in grid.defenses:
+                    if (entry.condition in defense.attacks
+                            and (defense.algorithms is None or algorithm in defense.algorithms)
+                            and (defense.budgets is None or budget in defense.budgets)):
+                        defended = add(defend_stage(preset, defense.name, poison))
+                        for t in range(grid.trials):
+                            trial(algorithm, entry, budget, t, defended, study=f"defense:{defense.name}")
+                if entry.name == "gc" and algorithm in grid.augmentation_ablation:
+                    for t in range(grid.trials):
+                        trial(algorithm, entry, budget, t, poison, study="no_augment", augment=False)
+
+    for algorithm in grid.augmentation_ablation:   # the clean reference of the ablation
+        for t in range(grid.trials):
+            trial(algorithm, None, None, t, None, study="no_augment", augment=False)
+    for ood in grid.ood:
+        # the search reads only the search fields; the retraining's sizes belong to the grid's dataset
+        search_data = {**data, **ood.model_dump(exclude={"algorithms"}), "train_size": None, "test_size": None,
+                       "image_size": None}
+        for algorithm in ood.algorithms or grid.nas_algorithms:
+            for t in range(grid.trials):
+                trial(algorithm, None, None, t, None, study="ood", search_data=search_data)
+
+    for sample in range(grid.random_samples):
+        seed = grid.seed + sample
+        meta = {"algorithm": "random", "attack": "none", "budget": None, "trial": sample}
+        search = add(Stage("search", {"algorithm": "random", "seed": seed}, f"random sample {sample + 1}", meta=meta,
+                           batch="random"))
+        retrain_of(search, seed)
+
+    report_cells = [{**stage.meta, "role": f"retrain{i}"} for i, stage in enumerate(cells)]
+    studies = [{**stage.meta, "role": f"sensitivity{i}"} for i, stage in enumerate(sensitivity.values())]
+    poisons = [s for s in stages if s.kind == "poison"]
+    shown = [{**stage.meta, "role": f"poison{i}"} for i, stage in enumerate(poisons)]
+    report = Stage(
+        "report",
+        {"report": preset.report.model_dump(), "preset": preset.name, "cells": report_cells,
+         "sensitivity": studies, "poisons": shown,
+         "settings": {k: getattr(preset, k).model_dump() for k in params.PRESET_FILES}},
+        "report",
+        {**{f"retrain{i}": stage for i, stage in enumerate(cells)},
+         **{f"sensitivity{i}": stage for i, stage in enumerate(sensitivity.values())},
+         **{f"poison{i}": stage for i, stage in enumerate(poisons)}},
+    )
+    gallery = Stage("gallery", {"cells": report_cells, "preset": preset.name}, "genotype gallery",
+                    {f"retrain{i}": stage for i, stage in enumerate(cells)})
+    stages += [gallery, report]
+    return stages
+
+
+
+def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None:
+    """The epochs whose supernet a clean search must save for the crafted attacks, or None.
+
+    NAS-specific gradient canceling needs the converged supernet (always saved once any epoch
+    list is given); the alpha attack with an ensemble of e needs e snapshots evenly spaced
+    over the search (workshop paper: e=6 is epochs 0, 10, ..., 50)."""
+    from ..nas.darts import snapshot_epochs
+
+    names = {a.name for a in preset.grid.attacks}
+    keep: set[int] = set()
+    wanted = "gc" in names and algorithm in SUPERNET_ALGORITHMS
+    if algorithm == "darts" and "alpha" in names:
+        wanted = True
+        for entry in preset.grid.attacks:
+            if entry.name == "alpha":
+                keep.update(snapshot_epochs(preset.search.darts.epochs, entry.ensemble or 1))
+    return sorted(keep) if wanted else None
+
+
+
+def defend_stage(preset: params.Preset, name: str, poison: Stage) -> Stage:
+    spec = {"data": preset.grid.data.model_dump(), "defense": preset.defend.defense_spec(name),
+            "device": preset.defend.device}
+    return Stage("defend", spec, f"defend with {name} against {poison.label.removeprefix('poison ')}",
+                 {"poison": poison}, {**poison.meta, "defense": name})
+
+
+
+def sensitivity_stage(preset: params.Preset, poison: Stage) -> Stage:
+    spec = {"data": preset.grid.data.model_dump(), "config": preset.metric_sensitivity.model_dump(exclude={"run", "device"}),
+            "device": preset.metric_sensitivity.device}
+    return Stage("sensitivity", spec, f"metric sensitivity to {poison.label.removeprefix('poison ')}",
+                 {"poison": poison}, dict(poison.meta))
+
+
+
+def surrogate_stage(preset: params.Preset) -> Stage:
+    spec = {"data": preset.grid.data.model_dump(), "config": preset.craft_poisons.surrogate.model_dump(),
+            "seed": preset.craft_poisons.seed, "device": preset.craft_poisons.device}
+    return Stage("surrogate", spec, "surrogate ResNet-18 for CLF")
+
+
+
+def clean_inputs(runs: list[tuple[Stage, Stage]]) -> dict[str, Stage]:
+    """The clean trials of one algorithm as inputs: search0, retrain0, search1, ..."""
+    inputs = {}
+    for i, (search, retrain) in enumerate(runs):
+        inputs[f"search{i}"], inputs[f"retrain{i}"] = search, retrain
+    return inputs
+
+
+
+def mark_reruns(stages: list[Stage], kinds: set[str]) -> None:
+    """Mark the stages of ``kinds`` and every stage that reads one of them (stages come after
+    their inputs) to run again."""
+    for stage in stages:
+        stage.rerun = stage.kind in kinds or any(s.rerun for s in stage.inputs.values())
+
+
+
+def needed_by(stage: Stage, stages: list[Stage], wanted: set[int]) -> bool:
+    """Whether ``stage`` is an (indirect) input of a wanted stage."""
+    def reads(s: Stage) -> bool:
+        return any(inp is stage or reads(inp) for inp in s.inputs.values())
+    return any(reads(s) for s in stages if id(s) in wanted)
