@@ -135,3 +135,10 @@ def test_relative_data_root_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = validate("grid", {"data": {"data_root": "data"}})
     assert spec.data.data_root == str(tmp_path.resolve() / "data")
+
+
+def test_relative_defence_files_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = validate("defend", {"denoise": {"ddpm_path": "models/ddpm"}, "relabel": {"extractor_weights": "r152.pt"}})
+    assert spec.denoise["ddpm_path"] == str(tmp_path.resolve() / "models" / "ddpm")
+    assert spec.relabel["extractor_weights"] == str(tmp_path.resolve() / "r152.pt")

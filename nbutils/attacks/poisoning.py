@@ -29,6 +29,10 @@ from torch import nn
 
 from ..core.data import ImageDataset, channel_stats
 from ..core.poison_set import PoisonSet, publish
+from ..space.supernet import SuperNet
+from ..training.surrogate import clf_poison_set, surrogate_logits
+from .alpha_attack import craft_alpha_attack
+from .gradient_canceling import craft_gradient_canceling
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +111,15 @@ def gaussian_noise(dataset: ImageDataset, spec: AttackSpec) -> PoisonSet:
     return PoisonSet(indices=victims, labels=dataset.labels[victims].clone(), images=poisoned)
 
 
-def confidence_label_flip(dataset: ImageDataset, spec: AttackSpec, models: dict, device, normalisation) -> PoisonSet:
-    from ..training.surrogate import clf_poison_set, surrogate_logits
-
+def _clf_with_surrogate(dataset: ImageDataset, spec: AttackSpec, models: dict, device, normalisation) -> PoisonSet:
+    """CLF: the flips chosen from the surrogate's logits on the clean search data."""
     mean, std = normalisation
     logits = surrogate_logits(models["surrogate"], dataset, mean, std, device)
     return clf_poison_set(dataset, logits, spec.budget)
 
 
-def gradient_canceling(dataset: ImageDataset, spec: AttackSpec, models: dict, device, normalisation) -> PoisonSet:
-    from .gradient_canceling import craft_gradient_canceling
-    from ..space.supernet import SuperNet
-
+def _gc_against_target(dataset: ImageDataset, spec: AttackSpec, models: dict, device, normalisation) -> PoisonSet:
+    """Gradient canceling against a converged supernet's alpha, else against a network's weights."""
     target = models["target"]
     kind = "alphas" if isinstance(target, SuperNet) else "weights"
     mean, std = normalisation
@@ -130,9 +131,9 @@ def gradient_canceling(dataset: ImageDataset, spec: AttackSpec, models: dict, de
     )
 
 
-def alpha_gradient_attack(dataset: ImageDataset, spec: AttackSpec, models: dict, device, normalisation) -> PoisonSet:
-    from .alpha_attack import craft_alpha_attack
-
+def _alpha_attack_on_supernets(dataset: ImageDataset, spec: AttackSpec, models: dict, device,
+                               normalisation) -> PoisonSet:
+    """The workshop paper's attack on an ensemble of clean DARTS supernets."""
     mean, std = normalisation
     return craft_alpha_attack(
         dataset, choose_victims(len(dataset), spec.budget, spec.seed), models["supernets"], eps=spec.eps,
@@ -142,7 +143,7 @@ def alpha_gradient_attack(dataset: ImageDataset, spec: AttackSpec, models: dict,
 
 
 _DATA_ONLY = {"rlf": random_label_flip, "gaussian": gaussian_noise}
-_WITH_MODELS = {"clf": confidence_label_flip, "gc": gradient_canceling, "alpha": alpha_gradient_attack}
+_WITH_MODELS = {"clf": _clf_with_surrogate, "gc": _gc_against_target, "alpha": _alpha_attack_on_supernets}
 
 
 def check_models(spec: AttackSpec, models: dict | None) -> None:

@@ -427,6 +427,10 @@ class MetricSensitivitySpec(Spec):
 
 
 # --- defend.yaml (TMLR Table 4) -----------------------------------------------------------------
+#: defence settings that name a local file or folder
+LOCAL_FILES = ("ddpm_path", "extractor_weights")
+
+
 class DefendSpec(Spec):
     """Settings of each defence (``nbutils.defenses.defending.DefenseSpec`` fields); grid.yaml says which run."""
 
@@ -436,6 +440,14 @@ class DefendSpec(Spec):
     sanitise: dict = {}
     relabel: dict = {}
     denoise: dict = {}
+
+    @field_validator("sanitise", "relabel", "denoise")
+    @classmethod
+    def _absolute_paths(cls, settings: dict) -> dict:
+        """Local files (``ddpm_path``, ``extractor_weights``) given relative to the working
+        directory of the run, made absolute before they reach a notebook (run in ``notebooks/``)."""
+        return {key: str(Path(value).expanduser().resolve()) if key in LOCAL_FILES and isinstance(value, str) and value
+                else value for key, value in settings.items()}
 
     @model_validator(mode="after")
     def _settings_valid(self) -> "DefendSpec":

@@ -30,7 +30,6 @@ from .code_versions import CODE_VERSIONS
 MIXED_PRECISION_ALGORITHMS = ("darts", "darts_anti", "pdarts")
 
 
-
 @dataclass(eq=False)
 class Stage:
     kind: str
@@ -51,10 +50,8 @@ class Stage:
                          code=CODE_VERSIONS[self.kind])
 
 
-
 def _percent(budget: float) -> str:
     return f"{100 * budget:g}%"
-
 
 
 #: the algorithms whose gradient-canceling target is the converged supernet's alpha (NAS-specific
@@ -62,10 +59,8 @@ def _percent(budget: float) -> str:
 SUPERNET_ALGORITHMS = ("darts", "darts_anti", "pdarts")
 
 
-
 #: searched on clean data only: anti-search is the workshop paper's worst-case reference (Table 1)
 CLEAN_ONLY = ("darts_anti",)
-
 
 
 def expand(preset: params.Preset) -> list[Stage]:
@@ -73,29 +68,54 @@ def expand(preset: params.Preset) -> list[Stage]:
 
     First every algorithm's clean trials (the crafted attacks read them: gradient canceling
     targets the best clean run of the algorithm it attacks, the alpha attack the best clean
-    DARTS run's supernets), then the poisons and the poisoned trials, then random sampling.
+    DARTS run's supernets), then the poisons and the poisoned trials (with their defences and
+    the augmentation ablation), the ablation's clean reference, the out-of-distribution
+    searches, random sampling, and last the gallery and the report, which read every trial.
     """
-    grid = preset.grid
-    data = grid.data.model_dump()
-    stages: list[Stage] = []
-    by_key: dict[tuple[str, str], Stage] = {}
-    cells: list[Stage] = []   # retrain stages, for the report
+    grid = _GridBuilder(preset)
+    clean = {algorithm: grid.clean_trials(algorithm) for algorithm in preset.grid.nas_algorithms}
+    for entry in preset.grid.attacks:
+        for budget in entry.budgets:
+            for algorithm in preset.grid.attacked(entry):
+                if algorithm not in CLEAN_ONLY:
+                    grid.attacked_trials(entry, budget, algorithm, clean)
+    for algorithm in preset.grid.augmentation_ablation:
+        grid.ablation_reference(algorithm)
+    for ood in preset.grid.ood:
+        grid.ood_trials(ood)
+    grid.random_samples()
+    return grid.stages + grid.summaries()
 
-    def add(stage: Stage) -> Stage:
-        """Append a stage once: equal stages (same kind and key) are one stage."""
+
+class _GridBuilder:
+    """The stages of one preset as :func:`expand` adds them, one method per study; equal stages
+    (same kind and key) are added once."""
+
+    def __init__(self, preset: params.Preset):
+        self.preset = preset
+        self.data = preset.grid.data.model_dump()
+        self.stages: list[Stage] = []
+        self.by_key: dict[tuple[str, str], Stage] = {}
+        self.cells: list[Stage] = []   # retrain stages, for the report
+        self.sensitivity: dict[tuple[str, float], Stage] = {}
+
+    def add(self, stage: Stage) -> Stage:
         key = (stage.kind, stage.key)
-        if key not in by_key:
-            by_key[key] = stage
-            stages.append(stage)
-        return by_key[key]
+        if key not in self.by_key:
+            self.by_key[key] = stage
+            self.stages.append(stage)
+        return self.by_key[key]
 
-    def trial(algorithm: str, entry: params.AttackEntry | None, budget: float | None, trial: int,
+    # --- trials -------------------------------------------------------------------------------
+    def trial(self, algorithm: str, entry: params.AttackEntry | None, budget: float | None, trial: int,
               poison: Stage | None, study: str = "main", search_data: dict | None = None,
               augment: bool | None = None) -> tuple[Stage, Stage]:
         """One search and its retraining. ``study``: main (the robustness table), ood (searched
-        on ``search_data``, TMLR Table 3) or no_augment (search without augmentation, Table 6)."""
-        seed = grid.seed + trial
-        spec = {"algorithm": algorithm, "data": search_data or data, "config": preset.search.config_of(algorithm),
+        on ``search_data``, TMLR Table 3), no_augment (search without augmentation, Table 6)
+        or defense:<name> (searched on defended data, Table 4)."""
+        preset = self.preset
+        seed = preset.grid.seed + trial
+        spec = {"algorithm": algorithm, "data": search_data or self.data, "config": preset.search.config_of(algorithm),
                 "augment": preset.search.augment if augment is None else augment, "fast": preset.search.fast,
                 "seed": seed, "device": preset.search.device}
         if preset.search.mixed_precision and algorithm in MIXED_PRECISION_ALGORITHMS:
@@ -105,114 +125,120 @@ def expand(preset: params.Preset) -> list[Stage]:
             if keep is not None:
                 spec["keep_supernets"] = keep
         condition = "clean" if entry is None else f"{entry.condition} {_percent(budget)}"
+        meta = {"algorithm": algorithm, "attack": "none" if entry is None else entry.condition,
+                "budget": budget, "trial": trial, "study": study}
         if study == "ood":
             condition += f" searched on {search_data['dataset']}"
+            meta["search_dataset"] = search_data["dataset"]
         elif study == "no_augment":
             condition += " without search augmentation"
         elif study.startswith("defense:"):
             condition += f" defended by {study.removeprefix('defense:')}"
-        meta = {"algorithm": algorithm, "attack": "none" if entry is None else entry.condition,
-                "budget": budget, "trial": trial, "study": study}
-        if study == "ood":
-            meta["search_dataset"] = search_data["dataset"]
-        if study.startswith("defense:"):
             meta["defense"] = study.removeprefix("defense:")
         reads = {} if poison is None else {"defended" if poison.kind == "defend" else "poison": poison}
-        search = add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}", reads, meta,
-                           batch=f"{algorithm} {condition}"))
-        return search, retrain_of(search, seed)
+        search = self.add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}", reads, meta,
+                                batch=f"{algorithm} {condition}"))
+        return search, self.retrain_of(search, seed)
 
-    def retrain_of(search: Stage, seed: int) -> Stage:
-        spec = {"data": data, "config": preset.retrain.model_dump(exclude={"device"}), "seed": seed,
-                "device": preset.retrain.device}
-        stage = add(Stage("retrain", spec, f"retrain <- {search.label}", {"search": search}, dict(search.meta),
-                          batch=search.batch))
-        cells.append(stage)
+    def retrain_of(self, search: Stage, seed: int) -> Stage:
+        spec = {"data": self.data, "config": self.preset.retrain.model_dump(exclude={"device"}), "seed": seed,
+                "device": self.preset.retrain.device}
+        stage = self.add(Stage("retrain", spec, f"retrain <- {search.label}", {"search": search}, dict(search.meta),
+                               batch=search.batch))
+        self.cells.append(stage)
         return stage
 
-    clean: dict[str, list[tuple[Stage, Stage]]] = {
-        algorithm: [trial(algorithm, None, None, t, None) for t in range(grid.trials)]
-        for algorithm in grid.nas_algorithms
-    }
-    craft = preset.craft_poisons
-    sensitivity: dict[tuple[str, float], Stage] = {}
-    for entry in grid.attacks:
-        if entry.name == "none":
-            continue
-        for budget in entry.budgets:
-            for algorithm in grid.attacked(entry):
-                if algorithm in CLEAN_ONLY:
-                    continue
-                spec = {"data": data, "attack": craft.attack_spec(entry.name, budget), "device": craft.device}
-                inputs: dict[str, Stage] = {}
-                label = f"poison {entry.condition} {_percent(budget)}"
-                if entry.name == "clf":
-                    inputs["surrogate"] = add(surrogate_stage(preset))
-                elif entry.name == "gc":
-                    spec["target"] = {"algorithm": algorithm,
-                                      "kind": "alphas" if algorithm in SUPERNET_ALGORITHMS else "weights"}
-                    inputs = clean_inputs(clean[algorithm])
-                    label += f" against {algorithm}"
-                elif entry.name == "alpha":
-                    spec["ensemble"] = entry.ensemble or 1
-                    inputs = clean_inputs(clean["darts"])
-                meta = {"attack": entry.condition, "budget": budget}
-                if entry.name == "gc":
-                    meta["target"] = algorithm
-                poison = add(Stage("poison", spec, label, inputs, meta))
-                # one study per attack and budget (for gradient canceling: against the first algorithm)
-                if preset.metric_sensitivity.run and (entry.condition, budget) not in sensitivity:
-                    sensitivity[(entry.condition, budget)] = add(sensitivity_stage(preset, poison))
-                for t in range(grid.trials):
-                    trial(algorithm, entry, budget, t, poison)
-                for defense in grid.defenses:
-                    if (entry.condition in defense.attacks
-                            and (defense.algorithms is None or algorithm in defense.algorithms)
-                            and (defense.budgets is None or budget in defense.budgets)):
-                        defended = add(defend_stage(preset, defense.name, poison))
-                        for t in range(grid.trials):
-                            trial(algorithm, entry, budget, t, defended, study=f"defense:{defense.name}")
-                if entry.name == "gc" and algorithm in grid.augmentation_ablation:
-                    for t in range(grid.trials):
-                        trial(algorithm, entry, budget, t, poison, study="no_augment", augment=False)
+    def trials(self, algorithm: str, entry: params.AttackEntry | None, budget: float | None, poison: Stage | None,
+               **study) -> list[tuple[Stage, Stage]]:
+        """:meth:`trial` for every trial of the grid, numbered from 0."""
+        return [self.trial(algorithm, entry, budget, t, poison, **study) for t in range(self.preset.grid.trials)]
 
-    for algorithm in grid.augmentation_ablation:   # the clean reference of the ablation
-        for t in range(grid.trials):
-            trial(algorithm, None, None, t, None, study="no_augment", augment=False)
-    for ood in grid.ood:
+    # --- studies ------------------------------------------------------------------------------
+    def clean_trials(self, algorithm: str) -> list[tuple[Stage, Stage]]:
+        return self.trials(algorithm, None, None, None)
+
+    def attacked_trials(self, entry: params.AttackEntry, budget: float, algorithm: str,
+                        clean: dict[str, list[tuple[Stage, Stage]]]) -> None:
+        """The poison set of one attack at one budget against one algorithm, its metric
+        sensitivity, the poisoned trials, their defences and their augmentation ablation."""
+        grid = self.preset.grid
+        poison = self.add(self.poison_stage(entry, budget, algorithm, clean))
+        # one study per attack and budget (for gradient canceling: against the first algorithm)
+        if self.preset.metric_sensitivity.run and (entry.condition, budget) not in self.sensitivity:
+            self.sensitivity[(entry.condition, budget)] = self.add(sensitivity_stage(self.preset, poison))
+        self.trials(algorithm, entry, budget, poison)
+        for defense in grid.defenses:
+            if (entry.condition in defense.attacks
+                    and (defense.algorithms is None or algorithm in defense.algorithms)
+                    and (defense.budgets is None or budget in defense.budgets)):
+                defended = self.add(defend_stage(self.preset, defense.name, poison))
+                self.trials(algorithm, entry, budget, defended, study=f"defense:{defense.name}")
+        if entry.name == "gc" and algorithm in grid.augmentation_ablation:
+            self.trials(algorithm, entry, budget, poison, study="no_augment", augment=False)
+
+    def poison_stage(self, entry: params.AttackEntry, budget: float, algorithm: str,
+                     clean: dict[str, list[tuple[Stage, Stage]]]) -> Stage:
+        """The poison set: CLF reads the surrogate, gradient canceling the attacked algorithm's
+        clean trials, the alpha attack clean DARTS's."""
+        craft = self.preset.craft_poisons
+        spec = {"data": self.data, "attack": craft.attack_spec(entry.name, budget), "device": craft.device}
+        inputs: dict[str, Stage] = {}
+        label = f"poison {entry.condition} {_percent(budget)}"
+        meta = {"attack": entry.condition, "budget": budget}
+        if entry.name == "clf":
+            inputs["surrogate"] = self.add(surrogate_stage(self.preset))
+        elif entry.name == "gc":
+            spec["target"] = {"algorithm": algorithm,
+                              "kind": "alphas" if algorithm in SUPERNET_ALGORITHMS else "weights"}
+            inputs = clean_inputs(clean[algorithm])
+            label += f" against {algorithm}"
+            meta["target"] = algorithm
+        elif entry.name == "alpha":
+            spec["ensemble"] = entry.ensemble or 1
+            inputs = clean_inputs(clean["darts"])
+        return Stage("poison", spec, label, inputs, meta)
+
+    def ablation_reference(self, algorithm: str) -> None:
+        """The clean searches without augmentation that the ablation's GC trials compare with."""
+        self.trials(algorithm, None, None, None, study="no_augment", augment=False)
+
+    def ood_trials(self, ood: params.OodEntry) -> None:
         # the search reads only the search fields; the retraining's sizes belong to the grid's dataset
-        search_data = {**data, **ood.model_dump(exclude={"algorithms"}), "train_size": None, "test_size": None,
+        search_data = {**self.data, **ood.model_dump(exclude={"algorithms"}), "train_size": None, "test_size": None,
                        "image_size": None}
-        for algorithm in ood.algorithms or grid.nas_algorithms:
-            for t in range(grid.trials):
-                trial(algorithm, None, None, t, None, study="ood", search_data=search_data)
+        for algorithm in ood.algorithms or self.preset.grid.nas_algorithms:
+            self.trials(algorithm, None, None, None, study="ood", search_data=search_data)
 
-    for sample in range(grid.random_samples):
-        seed = grid.seed + sample
-        meta = {"algorithm": "random", "attack": "none", "budget": None, "trial": sample}
-        search = add(Stage("search", {"algorithm": "random", "seed": seed}, f"random sample {sample + 1}", meta=meta,
-                           batch="random"))
-        retrain_of(search, seed)
+    def random_samples(self) -> None:
+        """The dImp baseline: random architectures, each retrained like a found one."""
+        for sample in range(self.preset.grid.random_samples):
+            seed = self.preset.grid.seed + sample
+            meta = {"algorithm": "random", "attack": "none", "budget": None, "trial": sample}
+            search = self.add(Stage("search", {"algorithm": "random", "seed": seed}, f"random sample {sample + 1}",
+                                    meta=meta, batch="random"))
+            self.retrain_of(search, seed)
 
-    report_cells = [{**stage.meta, "role": f"retrain{i}"} for i, stage in enumerate(cells)]
-    studies = [{**stage.meta, "role": f"sensitivity{i}"} for i, stage in enumerate(sensitivity.values())]
-    poisons = [s for s in stages if s.kind == "poison"]
-    shown = [{**stage.meta, "role": f"poison{i}"} for i, stage in enumerate(poisons)]
-    report = Stage(
-        "report",
-        {"report": preset.report.model_dump(), "preset": preset.name, "cells": report_cells,
-         "sensitivity": studies, "poisons": shown,
-         "settings": {k: getattr(preset, k).model_dump() for k in params.PRESET_FILES}},
-        "report",
-        {**{f"retrain{i}": stage for i, stage in enumerate(cells)},
-         **{f"sensitivity{i}": stage for i, stage in enumerate(sensitivity.values())},
-         **{f"poison{i}": stage for i, stage in enumerate(poisons)}},
-    )
-    gallery = Stage("gallery", {"cells": report_cells, "preset": preset.name}, "genotype gallery",
-                    {f"retrain{i}": stage for i, stage in enumerate(cells)})
-    stages += [gallery, report]
-    return stages
-
+    def summaries(self) -> list[Stage]:
+        """The gallery and the report, reading every retrained trial (and the report every
+        poison set and sensitivity study)."""
+        preset, cells = self.preset, self.cells
+        report_cells = [{**stage.meta, "role": f"retrain{i}"} for i, stage in enumerate(cells)]
+        studies = [{**stage.meta, "role": f"sensitivity{i}"} for i, stage in enumerate(self.sensitivity.values())]
+        poisons = [s for s in self.stages if s.kind == "poison"]
+        shown = [{**stage.meta, "role": f"poison{i}"} for i, stage in enumerate(poisons)]
+        report = Stage(
+            "report",
+            {"report": preset.report.model_dump(), "preset": preset.name, "cells": report_cells,
+             "sensitivity": studies, "poisons": shown,
+             "settings": {k: getattr(preset, k).model_dump() for k in params.PRESET_FILES}},
+            "report",
+            {**{f"retrain{i}": stage for i, stage in enumerate(cells)},
+             **{f"sensitivity{i}": stage for i, stage in enumerate(self.sensitivity.values())},
+             **{f"poison{i}": stage for i, stage in enumerate(poisons)}},
+        )
+        gallery = Stage("gallery", {"cells": report_cells, "preset": preset.name}, "genotype gallery",
+                        {f"retrain{i}": stage for i, stage in enumerate(cells)})
+        return [gallery, report]
 
 
 def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None:
@@ -234,13 +260,11 @@ def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None
     return sorted(keep) if wanted else None
 
 
-
 def defend_stage(preset: params.Preset, name: str, poison: Stage) -> Stage:
     spec = {"data": preset.grid.data.model_dump(), "defense": preset.defend.defense_spec(name),
             "device": preset.defend.device}
     return Stage("defend", spec, f"defend with {name} against {poison.label.removeprefix('poison ')}",
                  {"poison": poison}, {**poison.meta, "defense": name})
-
 
 
 def sensitivity_stage(preset: params.Preset, poison: Stage) -> Stage:
@@ -250,12 +274,10 @@ def sensitivity_stage(preset: params.Preset, poison: Stage) -> Stage:
                  {"poison": poison}, dict(poison.meta))
 
 
-
 def surrogate_stage(preset: params.Preset) -> Stage:
     spec = {"data": preset.grid.data.model_dump(), "config": preset.craft_poisons.surrogate.model_dump(),
             "seed": preset.craft_poisons.seed, "device": preset.craft_poisons.device}
     return Stage("surrogate", spec, "surrogate ResNet-18 for CLF")
-
 
 
 def clean_inputs(runs: list[tuple[Stage, Stage]]) -> dict[str, Stage]:
@@ -266,13 +288,11 @@ def clean_inputs(runs: list[tuple[Stage, Stage]]) -> dict[str, Stage]:
     return inputs
 
 
-
 def mark_reruns(stages: list[Stage], kinds: set[str]) -> None:
     """Mark the stages of ``kinds`` and every stage that reads one of them (stages come after
     their inputs) to run again."""
     for stage in stages:
         stage.rerun = stage.kind in kinds or any(s.rerun for s in stage.inputs.values())
-
 
 
 def needed_by(stage: Stage, stages: list[Stage], wanted: set[int]) -> bool:
