@@ -1,7 +1,7 @@
 """NTK condition number: the reference loop (one backward per sample) against the batched
 version (one vectorised backward through the same batched forward), on the CPU.
 
-    python benchmarks/ntk_speed.py [--repeats 5] [--threads 1] [--quick]
+    python benchmarks/ntk_speed.py [--repeats 5] [--threads 1] [--quick] [--mkldnn auto|on|off]
 
 Networks: :class:`nbutils.nas.tenas_network.TenasNetwork`, the supernet TE-NAS measures (``C = 1``, a
 normal and a reduction cell, stem multiplier 1, affine BN, pools without BN, BN + ReLU before
@@ -21,6 +21,10 @@ rows as replicas in one ordinary backward, :mod:`nbutils.nas.ntk_replicas`), whi
 kappa from the loop's. Times are wall-clock and, in brackets, the process's CPU time, which a
 busy shared machine disturbs less. The runs of the three alternate, so that a change in the
 machine's load hits all of them. Inputs are random normals (kappa's value is not the point).
+
+``--mkldnn on`` / ``off`` forces oneDNN on or off for the vmap way (``mkldnn=True`` / ``False``
+of :func:`nbutils.nas.ntk.ntk_condition_number`; default ``auto``, its own choice): run both
+to compare the two CPU convolution backends.
 """
 from __future__ import annotations
 
@@ -33,14 +37,18 @@ from nbutils.nas.ntk import choose_method, ntk_condition_number, ntk_condition_n
 from nbutils.nas.tenas_network import TenasNetwork, initial_switches
 
 
-def run(name: str, channels: int, batch: int, size: int, in_channels: int, repeats: int) -> dict:
+MKLDNN = {"auto": None, "on": True, "off": False}
+
+
+def run(name: str, channels: int, batch: int, size: int, in_channels: int, repeats: int,
+        mkldnn: bool | None = None) -> dict:
     torch.manual_seed(0)
     net = TenasNetwork(initial_switches(), channels=channels, num_classes=10, in_channels=in_channels).train()
     x = torch.randn(batch, in_channels, size, size)
     n_weights = sum(p.numel() for n, p in net.named_parameters() if "weight" in n)
     methods = {
         "loop": lambda: ntk_condition_number_loop(net, x),
-        "vmap": lambda: ntk_condition_number(net, x, method="vmap"),
+        "vmap": lambda: ntk_condition_number(net, x, method="vmap", mkldnn=mkldnn),
         "replicas": lambda: ntk_condition_number(net, x, method="replicas"),
     }
     for fn in methods.values():
@@ -75,17 +83,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="no 'wider' setting, 2 repeats")
+    parser.add_argument("--mkldnn", choices=sorted(MKLDNN), default="auto",
+                        help="oneDNN for the vmap way: on, off, or ntk_condition_number's own choice (auto)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), oneDNN available: "
-          f"{torch.backends.mkldnn.is_available()}; best of {repeats}; wall seconds (CPU seconds)")
+          f"{torch.backends.mkldnn.is_available()}; vmap's oneDNN: {args.mkldnn}; best of {repeats}; "
+          "wall seconds (CPU seconds)")
+    mkldnn = MKLDNN[args.mkldnn]
     start = time.perf_counter()
-    run("tenas", 1, 14, 32, 3, repeats)
-    run("quick", 1, 14, 16, 1, repeats)
-    run("small", 1, 8, 8, 1, repeats)
+    run("tenas", 1, 14, 32, 3, repeats, mkldnn)
+    run("quick", 1, 14, 16, 1, repeats, mkldnn)
+    run("small", 1, 8, 8, 1, repeats, mkldnn)
     if not args.quick:
-        run("wider", 4, 14, 32, 3, repeats)
+        run("wider", 4, 14, 32, 3, repeats, mkldnn)
     print(f"total {time.perf_counter() - start:.0f}s")
 
 

@@ -15,6 +15,7 @@ overhead share; then the total.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -66,4 +67,7 @@ def main(outputs: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("outputs"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("outputs", nargs="?", type=Path, default=Path("outputs"),
+                        help="the outputs folder of a finished run (default: outputs)")
+    main(parser.parse_args().outputs)

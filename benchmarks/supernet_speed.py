@@ -2,6 +2,7 @@
 
     python benchmarks/supernet_speed.py            # both configurations (several minutes)
     python benchmarks/supernet_speed.py --quick    # the quick preset's configuration only
+    python benchmarks/supernet_speed.py --quick --without c_kernels polyphase   # an A/B of pieces
 
 Two configurations:
 
@@ -22,14 +23,19 @@ Both networks start from the same parameters and see the same random batches.
 ``torch.set_num_threads(2)``.
 
 Each network runs in fresh child processes (this script with ``--child``), so that neither
-inherits the other's heap: in one process, the plain network's 9 GB of freed activations
-slowed the fast network's next steps by 20-50%. The load of a shared machine drifts by 20% or
-more over minutes, so the children alternate, plain, fast, fast, plain, ... (``--rounds``
-pairs), and each network's median is taken over all its timed iterations.
+inherits the other's heap (in one process, the plain network's freed activations slowed the
+fast network's next steps). The load of a shared machine drifts over minutes, so the children
+alternate, plain, fast, fast, plain, ... (``--rounds`` pairs), and each network's median is
+taken over all its timed iterations. Results: ``benchmarks/README.md``.
 
 Both networks' processes keep freed memory for their next tensors (:mod:`nbutils.core.malloc`, as
 the runner's notebook kernels do); ``--malloc default`` measures glibc's defaults instead, where
 each step faults its large tensors in again (the fast network loses more to that).
+
+``--without PIECE ...`` measures ``FastSuperNet`` with some of its pieces replaced by the
+plain computation (an A/B of one piece: run with and without it). The pieces are patched into
+:mod:`nbutils.accel.fast_supernet` in the fast network's child processes only (see
+:data:`PIECES`); the production code has no such switch. Each patch computes the same function.
 
 Peak memory: PyTorch's CPU allocations are invisible to ``tracemalloc``, so each child reads
 its peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) once the model,
@@ -55,6 +61,63 @@ CONFIGS = {
     "quick": dict(channels=8, layers=5, batch=64, in_channels=1, size=16, num_classes=10),
 }
 IMPLS = ("plain", "fast")
+#: the pieces of FastSuperNet that ``--without`` can replace by the plain computation
+PIECES = {
+    "c_kernels": "batch norm and the scaled adds' backward on PyTorch's kernels instead of the C kernels",
+    "custom_dw": "depthwise convolutions with oneDNN's own backward (no _DepthwiseConv, no _DepthwiseFanout)",
+    "polyphase": "the weight gradient of a dilation-2 kernel computed directly, not on the polyphase sub-images",
+    "split5x5": "the weight gradient of a 5x5 kernel computed directly, not as four 3x3 ones",
+    "flip_input_grad": "the input gradient of a stride-1 depthwise convolution as a transposed convolution",
+    "channels_last": "NCHW activations (the centring for PyTorch's batch norm then runs on them too)",
+}
+
+
+def _without(pieces: list[str]) -> None:
+    """Patch :mod:`nbutils.accel.fast_supernet` in this process: ``pieces`` (of :data:`PIECES`)
+    replaced by the plain computation."""
+    import torch
+    import torch.nn.functional as F
+
+    from nbutils.accel import fast_supernet as fs
+
+    if "c_kernels" in pieces:   # the production switch for machines without a C compiler
+        os.environ["NBUTILS_NO_C_KERNELS"] = "1"
+        from nbutils.accel import channels_last_kernels
+        channels_last_kernels._library.cache_clear()
+    if "channels_last" in pieces:
+        # _layout() then never reports channels_last, and forward() leaves the input NCHW
+        fs._CL = torch.contiguous_format
+    if "flip_input_grad" in pieces:
+        def input_grad(grad, w, x_shape, stride, padding, dilation):
+            c, k = w.shape[0], w.shape[-1]
+            extra = [x_shape[i] - ((grad.shape[i] - 1) * stride - 2 * padding + dilation * (k - 1) + 1) for i in (2, 3)]
+            return F.conv_transpose2d(grad, w, None, stride, padding, extra, c, dilation)
+        fs.depthwise_input_grad = input_grad
+    if "polyphase" in pieces:
+        direct = fs._weight_grad
+
+        def weight_grad(x, grad, k, stride, padding, dilation, polyphase=True):
+            return direct(x, grad, k, stride, padding, dilation, False)
+        fs._weight_grad = weight_grad
+    if "split5x5" in pieces:
+        split = fs._weight_grad
+
+        def weight_grad_5x5(x, grad, k, stride, padding, dilation, polyphase=True):
+            if k == 5 and dilation == 1:
+                probe = grad.new_empty(x.x.shape[1], 1, k, k)
+                return fs._native_grads(grad, x.x, probe, stride, padding, dilation, [False, True, False])[1]
+            return split(x, grad, k, stride, padding, dilation, polyphase)
+        fs._weight_grad = weight_grad_5x5
+    if "custom_dw" in pieces:
+        def depthwise(x, w, stride=1, padding=0, dilation=1, polyphase=True):
+            return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
+
+        def fanout(x, convs, on_even=False):
+            if on_even:   # x holds the even pixels: stride-1 undilated convolutions of them
+                return [depthwise(x, c.weight, 1, c.padding[0] // 2, 1) for c in convs]
+            return [depthwise(x, c.weight, c.stride[0], c.padding[0], c.dilation[0]) for c in convs]
+        fs.depthwise_conv2d = depthwise
+        fs._depthwise_fanout = fanout
 
 
 def _maxrss_mb() -> float:
@@ -107,12 +170,16 @@ class _Bench:
         return time.perf_counter() - t
 
 
-def child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc: str) -> dict:
+def child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc: str,
+          without: list[str] = ()) -> dict:
     """Seconds per step and the peak memory the steps add, in a fresh process."""
     import torch
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if impl == "fast" and without:
+        _without(list(without))
+
     if malloc == "keep":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from nbutils.core.malloc import keep_freed_memory
         if not keep_freed_memory():
             raise SystemExit("--malloc keep needs glibc; use --malloc default")
@@ -130,9 +197,12 @@ def child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc:
     return {"times": times, "rss_peak_mb": rss_after, "rss_delta_mb": rss_after - rss_before}
 
 
-def run_child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc: str) -> dict:
+def run_child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc: str,
+              without: list[str] = ()) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", config, impl,
            "--warmup", str(warmup), "--iters", str(iters), "--threads", str(threads), "--malloc", malloc]
+    if without:
+        cmd += ["--without", *without]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -147,6 +217,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
                         help="keep freed memory in the process (nbutils.core.malloc, default) or glibc's defaults")
+    parser.add_argument("--without", nargs="+", default=[], choices=sorted(PIECES), metavar="PIECE",
+                        help="run FastSuperNet with these pieces replaced by the plain computation: "
+                             + "; ".join(f"{k}: {v}" for k, v in PIECES.items()))
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     for name, least in (("warmup", 0), ("iters", 1), ("rounds", 1), ("threads", 1)):
@@ -157,7 +230,7 @@ def main() -> None:
     if args.child:
         config, impl = args.child
         warmup = 1 if args.warmup is None else args.warmup
-        print(json.dumps(child(config, impl, warmup, args.iters or 3, args.threads, args.malloc)))
+        print(json.dumps(child(config, impl, warmup, args.iters or 3, args.threads, args.malloc, args.without)))
         return
 
     configs = args.configs or (["quick"] if args.quick else ["darts", "quick"])
@@ -171,7 +244,7 @@ def main() -> None:
         for r in range(args.rounds):
             for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):
                 t0 = time.perf_counter()
-                out = run_child(config, impl, warmup, iters, args.threads, args.malloc)
+                out = run_child(config, impl, warmup, iters, args.threads, args.malloc, args.without)
                 for kind in times[impl]:
                     times[impl][kind] += out["times"][kind]
                 memory[impl].append((out["rss_delta_mb"], out["rss_peak_mb"]))
@@ -187,6 +260,8 @@ def main() -> None:
     print()
     cfg_text = {k: f"C={v['channels']}, {v['layers']} cells, batch {v['batch']}, {v['in_channels']}x{v['size']}x{v['size']}"
                 for k, v in CONFIGS.items()}
+    if args.without:
+        print(f"fast network without: {', '.join(args.without)}")
     print(f"threads: {args.threads}; malloc: {args.malloc}; images/s from the median timed iteration over {args.rounds} alternating child pairs; "
           "memory: peak RSS added by the steps")
     header = f"{'config':<7} {'network':<7} {'weight img/s':>12} {'arch img/s':>11} {'speed-up w/a':>13} {'peak +MB':>9} {'peak MB':>8}"

@@ -16,7 +16,7 @@ from nbutils.nas.accuracy_predictors import (
     fit_predictor,
     kendall_tau,
 )
-from nbutils.nas.darts import SearchResult
+from nbutils.nas.search_result import SearchResult
 from nbutils.core.data import ImageDataset
 from nbutils.space.genotype import Genotype, random_genotype
 from nbutils.space.network import EvalNetwork, count_parameters

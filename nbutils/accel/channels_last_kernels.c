@@ -2,7 +2,7 @@
  * (M = N * H * W values per channel): training-mode batch norm with an optional ReLU after
  * it, forward and backward, and the backward of a per-channel scaled add.
  *
- * Compiled and loaded by nbutils/channels_last_kernels.py; see there for why.
+ * Compiled and loaded by nbutils/accel/channels_last_kernels.py; see there for why.
  * Per-channel sums are accumulated in SCALAR over blocks of rows and in double over blocks
  * (batch-norm statistics shifted by the first row, so a large mean does not cancel), one
  * partial sum per OpenMP thread, added in thread order (deterministic for a thread count).
@@ -21,9 +21,9 @@
 #define INLINE static inline __attribute__((always_inline))
 
 /* Runs `call` with the channel count c a compile-time constant for 32 and 64 channels, so
- * that the compiler unrolls the loops over a row and keeps its per-channel sums in registers
- * (measured at 64 x 32 x 16 x 16: forward and backward ~20% faster). Not for 16 channels:
- * there gcc 12's fully unrolled code was 3x slower than the generic loops. */
+ * that the compiler unrolls the loops over a row and keeps its per-channel sums in registers,
+ * which makes forward and backward faster. Not for 16 channels: there gcc's fully unrolled
+ * code is slower than the generic loops. Timings: benchmarks/README.md. */
 #define WITH_CONSTANT_C(call)                                  \
     do {                                                       \
         switch (c) {                                           \

@@ -9,11 +9,8 @@ over blocks of 16 rows in the tensor's type and over blocks in double, shifted b
 row, so the statistics are accurate to ~1e-7 relative without centring the input first; the
 backward computes the weight and bias gradients and the input gradient in two passes over
 ``grad`` and ``x``; and a ReLU after the norm is fused into both (its backward recomputes the
-mask from ``x``, so nothing more is saved). Measured on two threads against
-``torch.native_batch_norm`` and its backward (input and weight gradients): at
-64 x 16 x 32 x 32, forward 0.18 ms against 0.44 ms, backward 0.29 ms against 0.46 ms (0.37 ms
-with the ReLU, whose own backward pass costs PyTorch 0.19 ms more); at 64 x 32 x 16 x 16,
-0.06 ms against 0.16 ms and 0.07 ms against 0.24 ms.
+mask from ``x``, so nothing more is saved). Both are faster than ``torch.native_batch_norm``
+and its backward at the supernet's shapes; the timings are in ``benchmarks/README.md``.
 
 The backward of ``total + value * scale`` (``scale`` per channel, the architecture weight of
 an identity or a shared pool) makes ``grad * scale`` and the per-channel sums of
@@ -21,7 +18,7 @@ an identity or a shared pool) makes ``grad * scale`` and the per-channel sums of
 
 The C source is compiled on first use with the system's C compiler (``cc``, ``-O3
 -march=native -fopenmp``) into a per-user cache keyed by the source, the flags and the CPU;
-it calls no PyTorch API (``ctypes`` passes raw pointers), so it builds in about a second and
+it calls no PyTorch API (``ctypes`` passes raw pointers), so it builds quickly and
 shares PyTorch's OpenMP runtime (the same ``libgomp.so.1`` soname), whose thread count
 ``torch.set_num_threads`` sets. Without a compiler, or with ``NBUTILS_NO_C_KERNELS=1``,
 :func:`available` is false and callers use PyTorch's kernels.

@@ -5,24 +5,25 @@ parameter and buffer of it (``state_dict`` is interchangeable both ways); only t
 computation is rewritten. It reads the weights from the same submodules at every call, so
 ``torch.func.functional_call`` and optimisers see exactly the plain parameters.
 
-What makes it faster (measured on a 2-core CPU, torch 2.14):
+What makes it faster (``benchmarks/supernet_speed.py`` measures it; the figures, and the
+alternatives tried and dropped, are in ``benchmarks/README.md``):
 
 * **channels_last** activations throughout: oneDNN's depthwise convolutions, pools and
-  batch norm run several times faster in NHWC than in NCHW (max pool ~10x).
-* **batch norm in C** (:mod:`nbutils.accel.channels_last_kernels`, built on first use): forward
-  and backward 1.6-3x faster than PyTorch's channels_last kernels, the ReLU inside SepConv fused
+  batch norm are much faster in NHWC than in NCHW.
+* **batch norm in C** (:mod:`nbutils.accel.channels_last_kernels`, built on first use): faster
+  forward and backward than PyTorch's channels_last kernels, the ReLU inside SepConv fused
   into both, statistics summed accurately enough that the input need not be centred (see
   Accuracy); the backward of the scaled adds (below) is one C pass too. Without a C
   compiler, PyTorch's kernels run instead, with the centring.
 * **depthwise convolution with a hand-written backward** (:class:`_DepthwiseConv`): oneDNN's
-  own backward is slow for most depthwise shapes (input gradient of a dilated 3x3: ~13x the
-  forward; weight gradient of a 5x5: ~15x). The input gradient is computed as a forward
-  depthwise convolution of the output gradient with the flipped kernel (stride 1) or as a
-  transposed convolution (stride 2); the weight gradient of a dilation-2 kernel is computed
-  on the four polyphase sub-images (where the kernel is undilated, a case oneDNN does fast),
-  and the weight gradient of a 5x5 kernel as four 3x3 weight gradients on shifted windows.
-  The weight gradient is skipped when the running backward pass does not need it
-  (``loss.backward(inputs=alphas)``), as native convolutions do.
+  own backward is slow for most depthwise shapes (the input gradient of a dilated 3x3 and
+  the weight gradient of a 5x5 cost many times their forward). The input gradient is
+  computed as a forward depthwise convolution of the output gradient with the flipped kernel
+  (stride 1) or as a transposed convolution (stride 2); the weight gradient of a dilation-2
+  kernel is computed on the four polyphase sub-images (where the kernel is undilated, a case
+  oneDNN does fast), and the weight gradient of a 5x5 kernel as four 3x3 weight gradients on
+  shifted windows. The weight gradient is skipped when the running backward pass does not
+  need it (``loss.backward(inputs=alphas)``), as native convolutions do.
 * **work shared between the edges that read the same state**: the ``none`` operation is
   skipped (it contributes exactly zero and its column of d loss / d weights is zero, so the
   alpha gradients are unchanged: the softmax still runs over every column); ``ReLU(x)`` is
@@ -40,7 +41,7 @@ What makes it faster (measured on a 2-core CPU, torch 2.14):
   dilation-2 convolution reads only the even pixels, so these are taken once per state and
   the convolutions run at stride 1 on them; the backward writes both gradients into one
   channels_last tensor (autograd's slice backward zero-fills an NCHW tensor per slice, and
-  summing that with the other channels_last gradients ran a slow mixed-layout kernel).
+  summing that with the other channels_last gradients runs a slow mixed-layout kernel).
 * **architecture weights folded into the batch norms**: an operation that ends in batch
   norm (all but the identity skip) is multiplied by its weight through the kernel's affine
   weight, so ``w * BN(y)`` costs no pass of its own, and the backward kernel returns the
@@ -52,58 +53,36 @@ What makes it faster (measured on a 2-core CPU, torch 2.14):
 * **one ReLU per cell output**: the next two cells' preprocessings both start with it.
 * **dense node gradients** (:class:`_DenseGrad`): a node's gradient arrives partly as a
   channel slice of the cell output's gradient, on which PyTorch's batch-norm backward runs
-  a generic kernel several times slower; it is made dense once per node.
+  a slower generic kernel; it is made dense once per node.
 * **pointwise convolutions centred through their bias** (:func:`_centred_pointwise`, for
   PyTorch's batch-norm kernel only): its accurate use on channels_last needs a centred input
   (see Accuracy); for ``BN(W x)`` the mean is ``W mean(x)``, subtracted by the convolution's
   bias, with no subtraction pass.
 * **running statistics updated once per forward** (:class:`_RunningStats`): seven small
-  operations per BN module, ~5000 per forward, became a handful of ``torch._foreach_*``
+  operations per BN module, thousands per forward, become a handful of ``torch._foreach_*``
   calls on the statistics the kernel returns.
 * **3x3 average pools as depthwise convolutions** with a kernel of ones, times 1 / count
-  (:func:`_pool`): ``avg_pool2d`` and its backward are 4-7x slower on channels_last.
+  (:func:`_pool`): ``avg_pool2d`` and its backward are slow on channels_last.
 * the ReLU inside SepConv runs in place on its batch norm's output; the autograd Functions
   use the ``forward(ctx, ...)`` form, because with ``setup_context`` every ``apply`` binds
-  its arguments through ``inspect.signature`` (~70 us, ~600 calls per forward). So they do
-  not support ``torch.func`` transforms (``vmap``, ``grad``); ``functional_call`` and double
-  backward work.
+  its arguments through ``inspect.signature``, a cost paid at each of the hundreds of calls
+  per forward. So they do not support ``torch.func`` transforms (``vmap``, ``grad``);
+  ``functional_call`` and double backward work.
 
 Accuracy: PyTorch's channels_last batch-norm kernel accumulates its statistics in float32
 with a large error (~5e-6 relative at 64 x 32 x 32 values per channel, ~1e-4 when the mean
 is large against the spread, e.g. after a max pool, against ~1e-7 for the NCHW kernel);
-uncorrected, some float32 gradients came out 1e-3 off. The C kernels sum blocks of 16 rows
-in float32 and the blocks in double, shifted by the first row: ~1e-7 relative, better than
-PyTorch's NCHW kernel. With PyTorch's kernel, :func:`_batch_norm` centres the input first
-(BN is shift-invariant) on its mean over the first images (:func:`_centre`, within ~2% of the
-spread of the batch mean: any shift is exact, this one is close enough for the sums) and adds
-the shift back into the running statistics; what remains is ~1e-5 relative in float32. Either
-way float64 agrees with the plain network to ~1e-12.
+uncorrected, float32 gradients lose accuracy against the plain network's. The C kernels sum
+blocks of 16 rows in float32 and the blocks in double, shifted by the first row: ~1e-7
+relative, better than PyTorch's NCHW kernel. With PyTorch's kernel, :func:`_batch_norm`
+centres the input first (BN is shift-invariant) on its mean over the first images
+(:func:`_centre`, within ~2% of the spread of the batch mean: any shift is exact, this one is
+close enough for the sums) and adds the shift back into the running statistics; what remains
+is ~1e-5 relative in float32. Either way float64 agrees with the plain network to ~1e-12.
 
-Measured at DARTS' search configuration: the folding and dense gradients took the
-architecture step from 4.9 s to 3.5 s of operator time (one thread); the running statistics,
-the per-channel weights, the even/odd node, :class:`_AddScaled` and the pools then took 13%
-off its time, and :class:`_Prepared` 9% off the weight step's (2 threads, one process,
-median over alternating pairs of steps). Operator time was then ~60% convolutions and batch
-norms; the C batch norms took 18% off the architecture step and 13% off the weight step, the
-shared ReLU of the cell outputs 5% and 4% more, the scaled adds' C backward 1-3%. On the
-32x32 maps, whose 4 MB tensors no longer fit in cache, the convolutions run at about half the
-speed they reach in isolation. Keeping freed memory in the process (:mod:`nbutils.core.malloc`)
-took another ~20% off the architecture step (the plain network's: 7%).
-
-Tried and dropped: folding ``BN(W x)`` into one convolution whose weights are scaled by
-statistics from ``x``'s covariance (a faster forward at 32x32 only, a backward 2x slower);
-centring the gradient that reaches batch norms (exact, but PyTorch's channels_last backward
-kernel came out less accurate, not more); batching the edges of one state into wider
-grouped convolutions (on this CPU large fresh tensors pay page faults, and oneDNN's grouped
-1x1 convolution is slower than separate ones); depthwise weight gradients as a grouped
-convolution with the output gradient as kernel, or via unfold (5-50x slower), or for 5x5 on
-the batch stacked into one tall image (no gain); pointwise convolutions as matrix products
-(no gain on the architecture step, the weight step 9% slower); the scaled adds' backward as
-an eval-mode batch-norm backward (one kernel, but ~20x less accurate sums and no faster at
-16x16); a 3x3 max pool as two separable pools (2x slower); NCHW layout for small networks
-(no measurable difference at the quick preset's size).
-
-``_OPTIONS`` switches the pieces off one by one, for measurements.
+Every piece above computes the same function as the plain network: there is no switch to turn
+one off. ``benchmarks/supernet_speed.py --without PIECE`` measures the network without a piece
+by patching this module in its own processes.
 """
 from __future__ import annotations
 
@@ -124,9 +103,6 @@ _CL = torch.channels_last
 _SEP = ("sep_conv_3x3", "sep_conv_5x5")
 _DIL = ("dil_conv_3x3", "dil_conv_5x5")
 _POOLS = ("max_pool_3x3", "avg_pool_3x3")
-#: implementation switches, for measurements (all on by default)
-_OPTIONS = {"channels_last": True, "split5x5": True, "polyphase": True, "flip_input_grad": True, "custom_dw": True,
-            "c_kernels": True}
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -185,11 +161,10 @@ def _weight_grad(x: _Prepared, grad: torch.Tensor, k: int, stride: int, padding:
     """d loss / d weight of a depthwise convolution (weight C x 1 x k x k) of ``x.x``."""
     c = x.x.shape[1]
     same = stride == 1 and 2 * padding == dilation * (k - 1)
-    if (_OPTIONS["polyphase"] and polyphase and same and dilation == 2
-            and x.x.shape[-1] % 2 == 0 and x.x.shape[-2] % 2 == 0):
+    if polyphase and same and dilation == 2 and x.x.shape[-1] % 2 == 0 and x.x.shape[-2] % 2 == 0:
         # a dilation-2 kernel sees each parity sub-image separately, undilated
         return _weight_grad(x.polyphase(), _polyphase(grad), k, 1, padding // 2, 1)
-    if _OPTIONS["split5x5"] and same and dilation == 1 and k == 5:
+    if same and dilation == 1 and k == 5:
         # four 3x3 weight gradients on shifted windows of the padded input
         probe = grad.new_empty(c, 1, 3, 3)
         blocks = {offset: _native_grads(grad, window, probe, 1, 0, 1, [False, True, False])[1]
@@ -204,7 +179,7 @@ def _weight_grad(x: _Prepared, grad: torch.Tensor, k: int, stride: int, padding:
 def depthwise_input_grad(grad: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, dilation: int) -> torch.Tensor:
     """d loss / d input of a depthwise convolution, itself a depthwise convolution."""
     c, k = w.shape[0], w.shape[-1]
-    if _OPTIONS["flip_input_grad"] and stride == 1 and 2 * padding == dilation * (k - 1):
+    if stride == 1 and 2 * padding == dilation * (k - 1):
         return F.conv2d(grad, w.flip(-1, -2), None, 1, padding, dilation, c)
     extra = [x_shape[i] - ((grad.shape[i] - 1) * stride - 2 * padding + dilation * (k - 1) + 1) for i in (2, 3)]
     return F.conv_transpose2d(grad, w, None, stride, padding, extra, c, dilation)
@@ -256,8 +231,6 @@ def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding:
     computes a dilated kernel's weight gradient directly (faster for few channels and small
     batches, e.g. :mod:`nbutils.nas.ntk_replicas`)."""
     k = w.shape[-1]
-    if not _OPTIONS["custom_dw"]:
-        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
     if stride == 2 and dilation == 2 and padding == k - 1:
         return _DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1, polyphase)
     return _DepthwiseConv.apply(x, w, stride, padding, dilation, polyphase)
@@ -313,7 +286,7 @@ def _depthwise_fanout(x: torch.Tensor, convs: list[nn.Conv2d], on_even: bool = F
         specs = [(c.weight, 1, c.padding[0] // 2, 1) for c in convs]
     else:
         specs = [(c.weight, c.stride[0], c.padding[0], c.dilation[0]) for c in convs]
-    if len(specs) > 1 and _OPTIONS["custom_dw"] and all(stride == 1 for _, stride, _, _ in specs):
+    if len(specs) > 1 and all(stride == 1 for _, stride, _, _ in specs):
         confs = tuple((padding, dilation) for _, _, padding, dilation in specs)
         return list(_DepthwiseFanout.apply(x, confs, *(w for w, *_ in specs)))
     return [depthwise_conv2d(x, w, stride, padding, dilation) for w, stride, padding, dilation in specs]
@@ -404,7 +377,7 @@ class _DenseGrad(torch.autograd.Function):
 
     A node's gradient sums what its readers send back, one of which is a channel slice of
     the cell output's gradient (the backward of ``torch.cat``). PyTorch's batch-norm backward
-    runs a generic kernel, several times slower, on such a strided gradient; made dense once
+    runs a slower generic kernel on such a strided gradient; made dense once
     per node, the gradient of every operation output summed into the node (the same tensor)
     is dense too, and each batch norm runs the fast channels_last kernel.
     """
@@ -474,8 +447,8 @@ class _RunningStats:
     """The running-statistics updates of one forward pass, applied together at its end.
 
     In train mode every BN module updates its running mean and variance with the batch's;
-    done one module at a time that is seven small operations per module, ~5000 per forward
-    of DARTS' supernet, which cost more than some of the convolutions. The batch statistics
+    done one module at a time that is seven small operations per module, thousands per
+    forward of DARTS' supernet, whose per-call overhead adds up. The batch statistics
     are collected here as the kernel returns them (the mean and ``1 / sqrt(var + eps)``) and
     :meth:`apply` updates every module with a handful of ``torch._foreach_*`` calls, the
     arithmetic ``F.batch_norm`` does: ``(1 - momentum) * running + momentum * batch``, the
@@ -531,7 +504,7 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
 def _c_kernel(x: torch.Tensor) -> bool:
     """Whether a training-mode batch norm of ``x`` (or of a 1x1 convolution of it) runs on the
     C kernels of :mod:`nbutils.accel.channels_last_kernels`."""
-    return _OPTIONS["c_kernels"] and channels_last_kernels.applies(x)
+    return channels_last_kernels.applies(x)
 
 
 def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, shared: list[nn.BatchNorm2d] | None = None,
@@ -581,7 +554,8 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, share
 def _pool(x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
     """``pool(x)``; DARTS' 3x3 average pool (padding 1, the padding left out of the count) as a
     depthwise convolution with a kernel of ones times 1 / count per pixel: on channels_last,
-    ``avg_pool2d`` and its backward are 4-7x slower than a depthwise 3x3 convolution."""
+    ``avg_pool2d`` and its backward are much slower than a depthwise 3x3 convolution (see
+    ``benchmarks/README.md``)."""
     if (isinstance(pool, nn.AvgPool2d) and not pool.count_include_pad and not pool.ceil_mode
             and pool.divisor_override is None and _pair(pool.kernel_size) == (3, 3) and _pair(pool.padding) == (1, 1)
             and _pair(pool.stride)[0] == _pair(pool.stride)[1]):
@@ -700,8 +674,7 @@ class FastSuperNet(SuperNet):
         w_normal = F.softmax(self.alpha_normal, dim=-1)
         w_reduce = F.softmax(self.alpha_reduce, dim=-1)
         conv, bn = self.stem
-        if _OPTIONS["channels_last"]:
-            x = x.contiguous(memory_format=_CL)
+        x = x.contiguous(memory_format=_CL)
         stats = _RunningStats()
         out = _batch_norm(conv(x), bn, stats)
         relu_s0 = relu_s1 = F.relu(out)
@@ -709,9 +682,9 @@ class FastSuperNet(SuperNet):
         for i, cell in enumerate(self.cells):
             # The last cell's gradient comes from the global average pool: constant over each
             # image's channel. PyTorch's channels_last batch-norm backward kernel, which sums in
-            # float32 pixel after pixel, loses accuracy on it (~20x plain's error in float32
-            # tests), while its generic kernel, which runs on the strided gradient and sums in
-            # double, does not; the last cell is the smallest, so this costs little. The C
+            # float32 pixel after pixel, loses accuracy on it (more than the float32 tests allow
+            # against plain), while its generic kernel, which runs on the strided gradient and
+            # sums in double, does not; the last cell is the smallest, so this costs little. The C
             # kernels sum accurately: with them the last cell's gradients are made dense too.
             out = _cell_forward(cell, relu_s0, relu_s1, w_reduce if cell.reduction else w_normal, stats,
                                 dense_grads=i < last or _c_kernel(out))

@@ -2,11 +2,11 @@
 
 PyTorch's CPU tensors come from ``malloc``. By default glibc serves a block of at least its
 mmap threshold (which it adjusts, up to 32 MB) with fresh pages and hands freed memory back
-to the OS, so every step of a supernet faults its large activation tensors in again: ~70,000
-page faults per architecture step of DARTS' search configuration, about a fifth of the fast
-supernet's step time on our VMs (7% of the plain supernet's). With :data:`MALLOC_ENV`, freed
-memory stays in the process for the next step (0-10 faults per step); resident memory then
-stays at its peak until the process ends.
+to the OS, so every step of a supernet faults its large activation tensors in again, a
+sizeable share of a step's time (more of the fast supernet's than of the plain one's). With
+:data:`MALLOC_ENV`, freed memory stays in the process for the next step, which then faults
+almost no pages in; resident memory stays at its peak until the process ends. The page-fault
+counts and timings are in ``benchmarks/README.md`` (``benchmarks/supernet_speed.py --malloc``).
 
 No torch import here: the runner, which only starts kernels, reads this too.
 """

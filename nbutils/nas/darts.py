@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..core.device import MixedPrecision
-from ..space.genotype import Genotype
 from ..core.progress import progress
 from ..accel.fast_supernet import FastSuperNet
 from ..space.supernet import SuperNet
+from .search_result import SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,6 @@ class DartsConfig:
         self.keep_epochs = tuple(int(e) for e in self.keep_epochs)
         if any(not 0 <= e <= self.epochs for e in self.keep_epochs):
             raise ValueError(f"keep_epochs must lie in 0..epochs ({self.epochs}), got {self.keep_epochs}")
-
-
-@dataclass
-class SearchResult:
-    genotype: Genotype
-    history: list[dict] = field(default_factory=list)   # one row per epoch
-    alphas: dict[str, np.ndarray] = field(default_factory=dict)  # "alpha_normal": epochs x 14 x 8, ...
-    stages: list[dict] = field(default_factory=list)    # P-DARTS: one record per stage; empty for DARTS
-    supernets: dict[int, dict] = field(default_factory=dict)   # epoch -> SuperNet.checkpoint(), as asked
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,11 @@ import torch
 
 from ..space import encoding
 from .accuracy_predictors import CHOICES, MIN_POINTS, FittedPredictor, fit_predictor, kendall_tau
-from .darts import SearchResult
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype
 from ..space.network import EvalNetwork, count_parameters
 from .one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, calibration_batches, train_one_shot
+from .search_result import SearchResult
 from ..space.ops import build_op
 from ..core.progress import progress
 
@@ -433,7 +433,7 @@ def nsganetv2_search(
     ``normalisation`` is the per-channel (mean, std) of the inputs (by default from the two
     halves together; pass the clean data's, as :func:`nbutils.nas.darts.darts_search` explains).
 
-    Returns a :class:`~nbutils.nas.darts.SearchResult`: ``genotype`` the architecture to retrain;
+    Returns a :class:`~nbutils.nas.search_result.SearchResult`: ``genotype`` the architecture to retrain;
     ``history`` one row per measured architecture (``iteration`` 0 for the initial design,
     ``genotype``, ``val_acc``, ``cost``, ``predicted_acc`` or None); ``stages`` one record with
     the ``pareto_front`` (sorted by cost), the ``four_best`` and ``chosen`` (archive indices,
@@ -442,17 +442,50 @@ def nsganetv2_search(
     history; ``alphas`` the archive as arrays (``archive_encodings``, ``archive_error``,
     ``archive_cost``, ``archive_iteration``, ``pareto_indices``, ``four_best``).
     """
+    _check_search_arguments(weight_part, arch_part, config)
+    device = torch.device(device)
+    rng = np.random.default_rng(seed + 2)   # the design and random top-ups; seed, seed + 1 go to the loaders
+    torch.manual_seed(seed)
+    # 1. the lower level: the weight-sharing supernet, trained once
+    measure, supernet_history = _lower_level(weight_part, arch_part, config, seed=seed, device=device,
+                                             normalisation=normalisation)
+    cost = ArchitectureCost(config.cost, channels=config.cost_channels, layers=config.cost_layers,
+                            num_classes=weight_part.num_classes, in_channels=weight_part.in_channels,
+                            input_size=config.cost_input_size or weight_part.image_size)
+    # 2. the design of experiments, measured
+    archive = _Archive(measure, cost)
+    archive.measure(_initial_design(rng, config.initial_design), 0, None)
+    # 3. iterations: predictor, NSGA-II on (predicted error, cost), the new candidates measured
+    iterations: list[dict] = []
+    predictor: FittedPredictor | None = None
+    for iteration in progress(range(1, config.iterations + 1), desc="NSGANetV2 iterations"):
+        predictor, record = _iteration(archive, iteration, config, cost, rng, seed)
+        iterations.append(record)
+    # 4. the Pareto front and the architecture retrained
+    return _search_result(archive, iterations, predictor, supernet_history, config)
+
+
+def _check_search_arguments(weight_part: ImageDataset, arch_part: ImageDataset, config: Nsganetv2Config) -> None:
+    """Set-up (before step 1): the arguments of :func:`nsganetv2_search` checked."""
     if not isinstance(config, Nsganetv2Config):
         raise ValueError(f"config must be an Nsganetv2Config, got {type(config).__name__}")
     if weight_part.classes != arch_part.classes or weight_part.shape_chw != arch_part.shape_chw:
         raise ValueError(f"weight_part {weight_part!r} and arch_part {arch_part!r} must share classes and image shape")
     if len(weight_part) == 0 or len(arch_part) == 0:
         raise ValueError("weight_part and arch_part must both hold images")
-    device = torch.device(device)
-    rng = np.random.default_rng(seed + 2)   # the design and random top-ups; seed, seed + 1 go to the loaders
-    torch.manual_seed(seed)
 
-    # lower level: the weight-sharing supernet
+
+def _lower_level(
+    weight_part: ImageDataset,
+    arch_part: ImageDataset,
+    config: Nsganetv2Config,
+    *,
+    seed: int,
+    device: torch.device,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None,
+) -> tuple[PathEvaluator, list[dict]]:
+    """Step 1: the weight-sharing supernet trained; the evaluator of paths on the architecture half
+    and the supernet's training history."""
     supernet = OneShotSupernet(channels=config.channels, num_classes=weight_part.num_classes, layers=config.layers,
                                in_channels=weight_part.in_channels).to(device)
     mean, std = normalisation or channel_stats(concatenate(weight_part, arch_part))
@@ -466,52 +499,66 @@ def nsganetv2_search(
         config.calibration_batches)
     measure = PathEvaluator(supernet, calibration,
                             BatchLoader(arch_part, config.eval_batch_size, shuffle=False, seed=seed, **common))
-    cost = ArchitectureCost(config.cost, channels=config.cost_channels, layers=config.cost_layers,
-                            num_classes=weight_part.num_classes, in_channels=weight_part.in_channels,
-                            input_size=config.cost_input_size or weight_part.image_size)
+    return measure, supernet_history
 
-    encodings: list[np.ndarray] = []
-    errors: list[float] = []
-    costs: list[float] = []
-    history: list[dict] = []
 
-    def evaluate(vectors: np.ndarray, iteration: int, predicted_error: np.ndarray | None) -> None:
+class _Archive:
+    """The measured architectures (steps 2 and 3): encodings, errors, costs and one history row each."""
+
+    def __init__(self, evaluate: Callable[[Genotype], float], cost: Callable[[Genotype], float]):
+        self.evaluate, self.cost = evaluate, cost
+        self.encodings: list[np.ndarray] = []
+        self.errors: list[float] = []
+        self.costs: list[float] = []
+        self.history: list[dict] = []
+
+    def measure(self, vectors: np.ndarray, iteration: int, predicted_error: np.ndarray | None) -> None:
+        """Measure ``vectors`` (their paths' accuracy and their cost) and add them to the archive."""
         for j, vector in enumerate(progress(vectors, desc=f"measure (iteration {iteration})")):
             genotype = encoding.decode(vector)
-            accuracy = measure(genotype)
-            encodings.append(vector)
-            errors.append(1.0 - accuracy)
-            costs.append(cost(genotype))
-            history.append({
-                "iteration": iteration, "genotype": genotype.to_dict(), "val_acc": accuracy, "cost": costs[-1],
+            accuracy = self.evaluate(genotype)
+            self.encodings.append(vector)
+            self.errors.append(1.0 - accuracy)
+            self.costs.append(self.cost(genotype))
+            self.history.append({
+                "iteration": iteration, "genotype": genotype.to_dict(), "val_acc": accuracy, "cost": self.costs[-1],
                 "predicted_acc": None if predicted_error is None else float(1.0 - predicted_error[j]),
             })
 
-    evaluate(_initial_design(rng, config.initial_design), 0, None)
-    upper = encoding.upper_bounds()
-    iterations: list[dict] = []
-    predictor: FittedPredictor | None = None
-    for iteration in progress(range(1, config.iterations + 1), desc="NSGANetV2 iterations"):
-        archive, objectives = np.stack(encodings), np.column_stack([errors, costs])
-        predictor = fit_predictor(config.predictor, archive / upper, np.asarray(errors), seed=seed + iteration,
-                                  folds=config.cv_folds, cart_trees=config.cart_trees)
-        proposed = propose_candidates(archive, objectives, predictor, cost, config.candidates_per_iteration, config,
-                                      seed=seed + iteration)
-        if len(proposed) < config.candidates_per_iteration:
-            log.info("iteration %d: NSGA-II gave %d new candidates; %d drawn at random", iteration, len(proposed),
-                     config.candidates_per_iteration - len(proposed))
-            proposed = _random_fill(rng, archive, proposed, config.candidates_per_iteration)
-        predicted = predictor.predict(proposed / upper)
-        evaluate(proposed, iteration, predicted)
-        measured = np.asarray(errors[-len(proposed):])
-        iterations.append({
-            "iteration": iteration, "surrogate": predictor.name,
-            "kendall_tau": {k: _finite_or_none(v) for k, v in predictor.kendall_tau.items()},
-            "tau_on_candidates": _finite_or_none(kendall_tau(predicted, measured)),
-        })
-        log.info("iteration %d: %s predictor, best measured error %.3f", iteration, predictor.name, min(errors))
 
-    errors_array, costs_array = np.asarray(errors), np.asarray(costs)
+def _iteration(archive: _Archive, iteration: int, config: Nsganetv2Config, cost: ArchitectureCost,
+               rng: np.random.Generator, seed: int) -> tuple[FittedPredictor, dict]:
+    """Step 3, one iteration: fit the predictor, propose candidates by NSGA-II, measure them.
+
+    Returns the predictor and the iteration's record."""
+    upper = encoding.upper_bounds()
+    encodings, errors = archive.encodings, archive.errors
+    archive_vectors, objectives = np.stack(encodings), np.column_stack([errors, archive.costs])
+    predictor = fit_predictor(config.predictor, archive_vectors / upper, np.asarray(errors), seed=seed + iteration,
+                              folds=config.cv_folds, cart_trees=config.cart_trees)
+    proposed = propose_candidates(archive_vectors, objectives, predictor, cost, config.candidates_per_iteration,
+                                  config, seed=seed + iteration)
+    if len(proposed) < config.candidates_per_iteration:
+        log.info("iteration %d: NSGA-II gave %d new candidates; %d drawn at random", iteration, len(proposed),
+                 config.candidates_per_iteration - len(proposed))
+        proposed = _random_fill(rng, archive_vectors, proposed, config.candidates_per_iteration)
+    predicted = predictor.predict(proposed / upper)
+    archive.measure(proposed, iteration, predicted)
+    measured = np.asarray(errors[-len(proposed):])
+    record = {
+        "iteration": iteration, "surrogate": predictor.name,
+        "kendall_tau": {k: _finite_or_none(v) for k, v in predictor.kendall_tau.items()},
+        "tau_on_candidates": _finite_or_none(kendall_tau(predicted, measured)),
+    }
+    log.info("iteration %d: %s predictor, best measured error %.3f", iteration, predictor.name, min(errors))
+    return predictor, record
+
+
+def _search_result(archive: _Archive, iterations: list[dict], predictor: FittedPredictor | None,
+                   supernet_history: list[dict], config: Nsganetv2Config) -> SearchResult:
+    """Step 4: the archive's Pareto front, its four best and the architecture retrained."""
+    encodings, history = archive.encodings, archive.history
+    errors_array, costs_array = np.asarray(archive.errors), np.asarray(archive.costs)
     front = non_dominated(np.column_stack([errors_array, costs_array]))
     front = front[np.lexsort((errors_array[front], costs_array[front]))]
     four_best, chosen = choose_retrained(errors_array, costs_array, front, config.tradeoff_points)

@@ -24,22 +24,15 @@ architecture parameters) is flattened into row ``i`` of ``G``; ``NTK = G G^T``;
   own copy of the weights, and takes one ordinary backward. Neither is a per-sample forward:
   batch norm sees the whole batch.
 
-Speed, measured with ``benchmarks/ntk_speed.py`` (one thread, best of 5; this shared VM's
-speed drifts by +-20% between runs): at TE-NAS's setting (C=1 supernet, batch 14, 32x32x3)
-the loop takes 2.7-3.4 s, vmap 0.9-1.2 s (x2.3-x3.0), replicas 0.6-0.8 s (x3.6-x5.6); on
-16x16x1 images replicas are x4.0-x5.2, and on 8x8 vmap is the faster (x3.5 against x2.9),
-so ``method="auto"`` takes replicas from 16x16 on. With both cores (``--threads 2``; the
-loop gains nothing from the second, 2.6-2.9 s), replicas take 0.46 s at TE-NAS's setting
-(x5.7-x6.3) and 0.23-0.26 s at 16x16 (x6.1-x6.2). The loop is not dominated by per-call
-overhead that batching removes: at C=1 the native convolution kernels are compute-bound per
-sample, and 70% of vmap's time is the convolution backward, which ``is_grads_batched`` (the
-legacy vmap) still runs once per row; replicas turn those into channels_last calls over 14x
-the channels and the depthwise weight gradient into one matrix product. Tried and dropped
-for vmap, all exact to float tolerance: ``torch.func`` (``vjp`` + ``vmap``, real batching
-rules: native CPU convolution backward loops over the 196 folded samples, oneDNN is slow on
-one channel; x1.6 to x2.5); the same with a custom convolution whose backward is a forward
-convolution plus an unfold/matmul weight gradient (each custom ``autograd.Function`` costs
-~2 ms under vmap).
+Speed (``benchmarks/ntk_speed.py`` measures the three against each other; the figures, and
+the alternatives tried and dropped, are in ``benchmarks/README.md``): both batched ways are
+faster than the loop; replicas are the fastest on TE-NAS's 32x32 images and on 16x16, vmap
+on 8x8, so ``method="auto"`` takes replicas from :data:`REPLICAS_MIN_PIXELS` on. The loop is
+not dominated by per-call overhead that batching removes: at C=1 the native convolution
+kernels are compute-bound per sample, and most of vmap's time is the convolution backward,
+which ``is_grads_batched`` (the legacy vmap) still runs once per row; replicas turn those into
+channels_last calls over R times the channels (one replica per row) and the depthwise weight
+gradient into one matrix product.
 
 Departures from the reference, deliberate:
 
@@ -59,7 +52,8 @@ Departures from the reference, deliberate:
 * The given network is not modified (the reference updates BN running statistics and leaves
   gradients behind): the reference loop runs on a deep copy; the batched NTK and the region
   count run on the network itself with batch-norm running statistics frozen and every mode
-  restored afterwards (a deep copy of a TE-NAS supernet costs more than its NTK at 8x8).
+  restored afterwards (a deep copy of a TE-NAS supernet can cost more than its NTK on small
+  images).
   Drop path is off during the computation.
 * Logits: the output, or its first element for a tuple output (our
   :class:`~nbutils.space.network.EvalNetwork` returns ``(logits, aux)``; TE-NAS's networks return
@@ -274,7 +268,8 @@ def _mkldnn_enabled(enabled: bool):
 
 #: how :func:`per_sample_gradients` computes the rows
 METHODS = ("auto", "replicas", "vmap")
-#: ``method="auto"`` uses replicas from this many pixels per image on (below, vmap is faster)
+#: ``method="auto"`` uses replicas from this many pixels per image on (below, vmap is faster:
+#: ``benchmarks/ntk_speed.py``, figures in ``benchmarks/README.md``)
 REPLICAS_MIN_PIXELS = 16 * 16
 
 
@@ -311,9 +306,9 @@ def per_sample_gradients(network: nn.Module, inputs: Batches, *, train_mode: boo
       of the identity as ``grad_outputs`` (``is_grads_batched``, i.e. vmap over the backward).
       ``mkldnn`` chooses the CPU convolution backend meanwhile (the global setting is restored
       afterwards): ``None`` turns oneDNN off when the median convolution has at most 2 output
-      channels, where PyTorch's native kernels are about twice as fast on the CPU (measured by
-      ``benchmarks/ntk_speed.py``), and leaves it alone otherwise. The choice only changes
-      rounding.
+      channels, where PyTorch's native kernels are faster on the CPU (``benchmarks/ntk_speed.py
+      --mkldnn on`` against ``off``; figures in ``benchmarks/README.md``), and leaves it alone
+      otherwise. The choice only changes rounding.
     * ``"replicas"``, TE-NAS networks: the rows as replicas of the network with their own
       copies of the weights, in one ordinary backward (:mod:`nbutils.nas.ntk_replicas`)."""
     logits_fn = logits_fn or default_logits

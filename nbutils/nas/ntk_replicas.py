@@ -12,9 +12,8 @@ batch at once, replica ``r`` with its own copy ``W_r`` of every weight (all copi
 the network's weights), each replica's batch norm normalising over that replica's ``N``
 samples only. Every replica therefore computes exactly the network's batched forward, and
 with ``L = sum_r s_{rows[r]}(replica r)``, ``dL/dW_r`` is row ``rows[r]`` of ``G``: one
-ordinary backward gives all rows. Replicas cost ``R`` times the forward (about 40% of the
-time), but every operation runs once, on tensors ``R`` times larger, in layouts the CPU
-kernels are fast on:
+ordinary backward gives all rows. Replicas cost ``R`` times the forward, but every operation
+runs once, on tensors ``R`` times larger, in layouts the CPU kernels are fast on:
 
 * replica tensors are ``(N, R*C, H, W)`` channels_last, channel ``r*C + c`` holding channel
   ``c`` of replica ``r``: depthwise convolutions, pools and batch norm are single calls over
@@ -27,21 +26,12 @@ kernels are fast on:
   reads of even or odd pixels keep a channels_last gradient (:class:`_Subsample`);
 * the ReLU that several operations of an edge apply to the same state is computed once.
 
-Measured with ``benchmarks/ntk_speed.py`` (one thread, best of 5, a shared 2-core VM whose
-speed drifts by +-20% between runs): at TE-NAS's setting (C = 1, batch 14, 32x32x3) the loop
-takes 2.7-3.4 s, vmap 0.9-1.2 s, replicas 0.6-0.8 s (x3.6 to x5.6 over the loop); at 16x16x1
-x4.0-x5.2; at 8x8 replicas are slower than vmap, and ``method="auto"`` keeps vmap there.
-With two threads (the loop gains nothing from the second) replicas take 0.46 s at TE-NAS's
-setting, x5.7-x6.3 over the loop.
+Faster than the loop and than vmap from 16x16 images on; on smaller images vmap is faster,
+and ``method="auto"`` keeps vmap there (``benchmarks/ntk_speed.py``; figures, and the layouts
+tried and dropped, in ``benchmarks/README.md``).
 Equal to the loop to float tolerance (``tests/test_ntk_replicas.py`` checks 1e-9 in float64).
 Supports the modules TE-NAS's networks are built from (:class:`~nbutils.nas.tenas_network.TenasNetwork`
 and its cells and operations); :func:`supports_replicas` says whether a network qualifies.
-
-Tried and dropped (each measured slower): activations stored as ``(H, W, R, N, C)`` so that
-depthwise convolutions run over ``R*N*C`` channels of one image (per-replica broadcasts then
-run with an innermost loop of ``C = 1`` elements); computing the forward of batch norm,
-pools and depthwise convolutions on replica 0 only and tiling the result (the tiling copies
-cost what the saved arithmetic did).
 """
 from __future__ import annotations
 
@@ -148,7 +138,7 @@ class _ReplicaDepthwise(torch.autograd.Function):
 class _Subsample(torch.autograd.Function):
     """``x[..., offset::2, offset::2]`` as a channels_last tensor, with a channels_last
     gradient (slicing's own backward scatters into a default-layout tensor of zeros, and every
-    operation downstream of a layout mismatch runs several times slower)."""
+    operation downstream of a layout mismatch runs slower)."""
 
     @staticmethod
     def forward(x, offset: int):
@@ -237,7 +227,8 @@ class _Replicas:
         if groups == c_in == c_out:                               # depthwise
             if stride == 2 and dilation == 2 and padding == k - 1:   # reads the even pixels only
                 x, stride, padding, dilation = _Subsample.apply(x, 0), 1, padding // 2, 1
-            # the fastest of three on TE-NAS's shapes (N = R = 14, C = 1 or 2), measured
+            # of three implementations, the fastest on TE-NAS's shapes (N = R = 14, C = 1 or 2)
+            # for each case (see benchmarks/README.md)
             if c_in == 1:
                 return _ReplicaDepthwise.apply(x, ww, stride, padding, dilation, r)
             if dilation == 1:

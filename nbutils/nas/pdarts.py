@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from .darts import (
     Precision,
-    SearchResult,
     StepRule,
     check_mixed_precision,
     check_order,
@@ -40,11 +39,13 @@ from .darts import (
     supernet_class,
     train_epoch,
 )
-from ..core.data import ImageDataset
+from ..core.data import BatchLoader, ImageDataset
 from ..core.device import MixedPrecision
 from ..space.genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
 from ..space.ops import PRIMITIVES
+from ..space.supernet import SuperNet
 from ..core.progress import progress
+from .search_result import SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def pdarts_search(
     ``normalisation`` as in :func:`nbutils.nas.darts.darts_search`.
     """
     torch.manual_seed(seed)
-    train_loader, arch_loader = search_loaders(
+    loaders = search_loaders(
         weight_part, arch_part, config.batch_size, augment=config.augment, seed=seed, device=device,
         normalisation=normalisation,
     )
@@ -137,59 +138,114 @@ def pdarts_search(
     stages = len(config.layers)
     for stage, (cells, keep, rate) in enumerate(zip(config.layers, config.num_to_keep, config.dropout_rates), 1):
         # a new network each stage: only the switches carry over
-        model = supernet_class(config.fast)(
-            channels=config.channels,
-            num_classes=weight_part.num_classes,
-            layers=cells,
-            in_channels=weight_part.in_channels,
-            switches_normal=switches["normal"],
-            switches_reduce=switches["reduce"],
-            skip_dropout=rate,
-        ).to(device)
-        w_opt, schedule, a_opt = make_optimisers(model, config)
-        precision = Precision(MixedPrecision.for_device(config.mixed_precision, device, "searching"))
-        trace = {"alpha_normal": [], "alpha_reduce": []}
-        for epoch in progress(range(config.epochs), desc=f"P-DARTS stage {stage}/{stages}"):
-            p = skip_dropout_rate(rate, epoch, config.epochs, config.warmup_epochs)
-            model.set_skip_dropout(p)
-            rule = StepRule(arch_step=epoch >= config.warmup_epochs, order=config.order, anti=config.anti,
-                            grad_clip=config.grad_clip, arch_grad_clip=config.grad_clip)
-            lr = w_opt.param_groups[0]["lr"]
-            stats = train_epoch(model, w_opt, a_opt, train_loader, arch_loader, rule,
-                                where=f"stage {stage}, epoch {epoch + 1}", precision=precision)
-            schedule.step()
-            for name, value in model.alphas_numpy().items():
-                trace[name].append(value)
-            genotype = model.genotype()
-            history.append({
-                "epoch": len(history) + 1, "stage": stage, "stage_epoch": epoch + 1, "cells": cells,
-                "ops_per_edge": len(switches["normal"][0]), "skip_dropout": p, "arch_step": rule.arch_step,
-                "lr": lr, **stats, "genotype": genotype.to_dict(), "summary": genotype.summary(),
-            })
-            log.info("stage %d epoch %d: train acc %.3f, %s", stage, epoch + 1, stats["train_acc"], genotype.summary())
-        for name, values in trace.items():
-            alphas[f"{name}_stage{stage}"] = np.stack(values)
-
-        probs = {cell: F.softmax(alpha.detach().cpu().double(), dim=-1).numpy()
-                 for cell, alpha in zip(CELLS, model.arch_parameters())}
+        model = _stage_supernet(config, weight_part, switches, cells, rate, device)
+        alphas.update(_train_stage(model, config, loaders, switches, history, stage=stage, stages=stages,
+                                   cells=cells, rate=rate, device=device))
         last = stage == stages
-        kept = {cell: switch_off(probs[cell], switches[cell], keep, none_first=last) for cell in CELLS}
-        records.append({
-            "stage": stage, "cells": cells, "epochs": config.epochs, "skip_dropout": rate,
-            "parameters": sum(w.numel() for w in model.weights()),
-            **{f"switches_{cell}": [list(ops) for ops in switches[cell]] for cell in CELLS},
-            **{f"probs_{cell}": probs[cell].tolist() for cell in CELLS},
-            **{f"kept_{cell}": [list(ops) for ops in kept[cell]] for cell in CELLS},
-        })
+        probs, kept, record = _switch_off_stage(model, switches, keep, config, stage=stage, cells=cells, rate=rate,
+                                                last=last)
+        records.append(record)
         if last:
-            final = pdarts_genotype(probs, switches, max_skip=config.max_skip)
-            records[-1]["genotype_before_skip_limit"] = pdarts_genotype(probs, switches, max_skip=None).to_dict()
-            records[-1]["genotype"] = final.to_dict()
+            final = _final_genotype(probs, switches, record, config.max_skip)
         switches = kept
         log.info("stage %d done: %d operations per edge left", stage, keep)
     # the last stage's converged supernet: the target of NAS-specific gradient canceling
     return SearchResult(genotype=final, history=history, alphas=alphas, stages=records,
                         supernets={len(history): model.checkpoint()})
+
+
+# --------------------------------------------------------------------------- the steps of a stage
+
+
+def _stage_supernet(config: PdartsConfig, weight_part: ImageDataset, switches: dict[str, Switches], cells: int,
+                    rate: float, device: torch.device) -> SuperNet:
+    """Stage step 1: a new supernet of ``cells`` cells over the operations still switched on."""
+    return supernet_class(config.fast)(
+        channels=config.channels,
+        num_classes=weight_part.num_classes,
+        layers=cells,
+        in_channels=weight_part.in_channels,
+        switches_normal=switches["normal"],
+        switches_reduce=switches["reduce"],
+        skip_dropout=rate,
+    ).to(device)
+
+
+def _train_stage(
+    model: SuperNet,
+    config: PdartsConfig,
+    loaders: tuple[BatchLoader, BatchLoader],
+    switches: dict[str, Switches],
+    history: list[dict],
+    *,
+    stage: int,
+    stages: int,
+    cells: int,
+    rate: float,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """Stage step 2: train it as DARTS does, weights only in the warm-up, skip dropout decaying.
+
+    Appends one row per epoch to ``history``; returns alpha per epoch (``alpha_normal_stage{stage}``, ...)."""
+    train_loader, arch_loader = loaders
+    w_opt, schedule, a_opt = make_optimisers(model, config)
+    precision = Precision(MixedPrecision.for_device(config.mixed_precision, device, "searching"))
+    trace = {"alpha_normal": [], "alpha_reduce": []}
+    for epoch in progress(range(config.epochs), desc=f"P-DARTS stage {stage}/{stages}"):
+        p = skip_dropout_rate(rate, epoch, config.epochs, config.warmup_epochs)
+        model.set_skip_dropout(p)
+        rule = StepRule(arch_step=epoch >= config.warmup_epochs, order=config.order, anti=config.anti,
+                        grad_clip=config.grad_clip, arch_grad_clip=config.grad_clip)
+        lr = w_opt.param_groups[0]["lr"]
+        stats = train_epoch(model, w_opt, a_opt, train_loader, arch_loader, rule,
+                            where=f"stage {stage}, epoch {epoch + 1}", precision=precision)
+        schedule.step()
+        for name, value in model.alphas_numpy().items():
+            trace[name].append(value)
+        genotype = model.genotype()
+        history.append({
+            "epoch": len(history) + 1, "stage": stage, "stage_epoch": epoch + 1, "cells": cells,
+            "ops_per_edge": len(switches["normal"][0]), "skip_dropout": p, "arch_step": rule.arch_step,
+            "lr": lr, **stats, "genotype": genotype.to_dict(), "summary": genotype.summary(),
+        })
+        log.info("stage %d epoch %d: train acc %.3f, %s", stage, epoch + 1, stats["train_acc"], genotype.summary())
+    return {f"{name}_stage{stage}": np.stack(values) for name, values in trace.items()}
+
+
+def _switch_off_stage(
+    model: SuperNet,
+    switches: dict[str, Switches],
+    keep: int,
+    config: PdartsConfig,
+    *,
+    stage: int,
+    cells: int,
+    rate: float,
+    last: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, Switches], dict]:
+    """Stage step 3: switch off the weakest operations of every edge (``none`` first after the last stage).
+
+    Returns the stage's probabilities per cell, the switches kept and the stage's record."""
+    probs = {cell: F.softmax(alpha.detach().cpu().double(), dim=-1).numpy()
+             for cell, alpha in zip(CELLS, model.arch_parameters())}
+    kept = {cell: switch_off(probs[cell], switches[cell], keep, none_first=last) for cell in CELLS}
+    record = {
+        "stage": stage, "cells": cells, "epochs": config.epochs, "skip_dropout": rate,
+        "parameters": sum(w.numel() for w in model.weights()),
+        **{f"switches_{cell}": [list(ops) for ops in switches[cell]] for cell in CELLS},
+        **{f"probs_{cell}": probs[cell].tolist() for cell in CELLS},
+        **{f"kept_{cell}": [list(ops) for ops in kept[cell]] for cell in CELLS},
+    }
+    return probs, kept, record
+
+
+def _final_genotype(probs: dict[str, np.ndarray], switches: dict[str, Switches], record: dict,
+                    max_skip: int | None) -> Genotype:
+    """Final step: the genotype from the last stage, with the skip limit; both versions go into ``record``."""
+    final = pdarts_genotype(probs, switches, max_skip=max_skip)
+    record["genotype_before_skip_limit"] = pdarts_genotype(probs, switches, max_skip=None).to_dict()
+    record["genotype"] = final.to_dict()
+    return final
 
 
 # --------------------------------------------------------------------------- within a stage

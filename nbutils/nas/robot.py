@@ -69,12 +69,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .darts import SearchResult
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype, random_genotype
 from ..space.network import EvalNetwork
 from ..core.progress import progress
 from ..training.train import evaluate
+from .search_result import SearchResult
 from .zero_cost import EXTRA_METRICS, METRICS, compute_metrics
 
 log = logging.getLogger(__name__)
@@ -278,11 +278,23 @@ def optimise_weights(
     accuracy; it is called at most once per architecture, and exactly ``budget`` times when
     the pool holds that many defined architectures.
     """
-    from bayes_opt import BayesianOptimization
-    from bayes_opt.acquisition import UpperConfidenceBound
-    from bayes_opt.exception import NotUniqueError
-    from threadpoolctl import threadpool_limits   # a dependency of scikit-learn
+    names = list(metric_names)
+    normalised = _checked_bo_arguments(normalised, init_points=init_points, iterations=iterations, budget=budget,
+                                       names=names)
+    trainings = _Trainings(evaluate, normalised, names)
+    best_weights = _bayesian_optimisation(normalised, trainings, init_points=init_points, iterations=iterations,
+                                          seed=seed, kappa=kappa, names=names)
+    _exploit(normalised, trainings, best_weights, budget)
+    trace = trainings.trace
+    best = max(trace.trained, key=lambda row: row["val_acc"])   # 5. selection: first among equals
+    trace.best_weights = best_weights
+    trace.best_index = best["pool_index"]
+    return trace
 
+
+def _checked_bo_arguments(normalised: np.ndarray, *, init_points: int, iterations: int, budget: int,
+                          names: list[str]) -> np.ndarray:
+    """Set-up (before step 3): the arguments of :func:`optimise_weights` checked; ``normalised`` as float64."""
     for name, value, minimum in (("init_points", init_points, 0), ("iterations", iterations, 0), ("budget", budget, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -290,27 +302,42 @@ def optimise_weights(
         raise ValueError(f"init_points + iterations must be at least 1 (one BO query), got {init_points} + {iterations}")
     if init_points + iterations > budget:
         raise ValueError(f"budget ({budget}) must be at least init_points + iterations ({init_points} + {iterations})")
-    names = list(metric_names)
     normalised = np.asarray(normalised, dtype=np.float64)
     if normalised.ndim != 2 or normalised.shape[1] != len(names):
         raise ValueError(f"normalised must be architectures x {len(names)} metrics, got shape {normalised.shape}")
     if not np.isfinite(normalised).all(axis=1).any():
         raise ValueError("normalised has no architecture whose metrics are all defined")
+    return normalised
 
-    trace = RobotTrace()
-    accuracy: dict[int, float] = {}
 
-    def train(index: int, kind: str, query: int | None, weights: np.ndarray) -> float:
-        value = float(evaluate(int(index)))
+class _Trainings:
+    """Steps 3 and 4: the architectures trained so far (each once), their accuracies, and the trace."""
+
+    def __init__(self, evaluate: Callable[[int], float], normalised: np.ndarray, names: list[str]):
+        self.evaluate, self.normalised, self.names = evaluate, normalised, names
+        self.trace = RobotTrace()
+        self.accuracy: dict[int, float] = {}
+
+    def train(self, index: int, kind: str, query: int | None, weights: np.ndarray) -> float:
+        value = float(self.evaluate(int(index)))
         if not math.isfinite(value):
             raise RuntimeError(f"evaluate({index}) returned a validation accuracy that is not a number: {value}")
-        accuracy[int(index)] = value
-        trace.trained.append({
+        self.accuracy[int(index)] = value
+        self.trace.trained.append({
             "pool_index": int(index), "kind": kind, "query": query,
-            "weights": dict(zip(names, map(float, weights))),
-            "score": float(normalised[index] @ weights), "val_acc": value,
+            "weights": dict(zip(self.names, map(float, weights))),
+            "score": float(self.normalised[index] @ weights), "val_acc": value,
         })
         return value
+
+
+def _bayesian_optimisation(normalised: np.ndarray, trainings: _Trainings, *, init_points: int, iterations: int,
+                           seed: int, kappa: float, names: list[str]) -> np.ndarray | None:
+    """Step 3: BO over the metric weights, a query's objective its top architecture's accuracy; the best weights."""
+    from bayes_opt import BayesianOptimization
+    from bayes_opt.acquisition import UpperConfidenceBound
+    from bayes_opt.exception import NotUniqueError
+    from threadpoolctl import threadpool_limits   # a dependency of scikit-learn
 
     optimizer = BayesianOptimization(
         f=None, pbounds={name: (-1.0, 1.0) for name in names},
@@ -327,31 +354,30 @@ def optimise_weights(
             params = optimizer.random_sample(1)[0] if q < init_points else optimizer.suggest()
         weights = np.array([float(params[name]) for name in names])
         top = int(rank_pool(normalised, weights)[0])
-        cached = top in accuracy
-        objective = accuracy[top] if cached else train(top, "bo", q + 1, weights)
+        cached = top in trainings.accuracy
+        objective = trainings.accuracy[top] if cached else trainings.train(top, "bo", q + 1, weights)
         try:
             optimizer.register(params=params, target=objective)
         except NotUniqueError:   # the same weights again: nothing new for the GP (as the reference)
             log.info("query %d repeats earlier weights", q + 1)
         if objective >= best_objective:
             best_objective, best_weights = objective, weights
-        trace.queries.append({"query": q + 1, "weights": dict(zip(names, map(float, weights))),
-                              "pool_index": top, "objective": objective, "cached": cached})
+        trainings.trace.queries.append({"query": q + 1, "weights": dict(zip(names, map(float, weights))),
+                                        "pool_index": top, "objective": objective, "cached": cached})
         log.info("query %d: architecture %d, val acc %.4f%s", q + 1, top, objective, " (cached)" if cached else "")
+    return best_weights
 
+
+def _exploit(normalised: np.ndarray, trainings: _Trainings, best_weights: np.ndarray, budget: int) -> None:
+    """Step 4: the next-ranked untrained architectures under the best weights, trained until the budget is spent."""
     ranking = iter(rank_pool(normalised, best_weights))
-    for _ in progress(range(budget - len(accuracy)), desc="RoBoT: exploitation"):
-        index = next((int(i) for i in ranking if int(i) not in accuracy), None)
+    for _ in progress(range(budget - len(trainings.accuracy)), desc="RoBoT: exploitation"):
+        index = next((int(i) for i in ranking if int(i) not in trainings.accuracy), None)
         if index is None:
             log.warning("exploitation: the pool has no untrained architecture left (%d trained, budget %d)",
-                        len(accuracy), budget)
+                        len(trainings.accuracy), budget)
             break
-        train(index, "exploit", None, best_weights)
-
-    best = max(trace.trained, key=lambda row: row["val_acc"])   # first among equals
-    trace.best_weights = best_weights
-    trace.best_index = best["pool_index"]
-    return trace
+        trainings.train(index, "exploit", None, best_weights)
 
 
 # --------------------------------------------------------------------------- brief training
@@ -424,7 +450,7 @@ def robot_search(
     default from the two halves together; pass the clean data's, as
     :func:`nbutils.nas.darts.darts_search` explains).
 
-    Returns a :class:`~nbutils.nas.darts.SearchResult`: ``genotype`` the best trained architecture;
+    Returns a :class:`~nbutils.nas.search_result.SearchResult`: ``genotype`` the best trained architecture;
     ``history`` one row per trained architecture in training order (``trained`` from 1,
     ``kind`` "bo" or "exploit", ``query`` or None, ``pool_index``, ``weights``, ``score``,
     ``genotype``, ``val_acc``, ``val_loss``, ``train_loss``, ``train_acc``, ``seconds``);
@@ -434,6 +460,25 @@ def robot_search(
     ``query_weights``, ``query_pool_index``, ``query_objective``, ``trained_pool_index``,
     ``trained_val_acc``, ``best_weights``.
     """
+    mean, std = _checked_search_arguments(weight_part, arch_part, config, seed, normalisation)
+    device = torch.device(device)
+    names = list(config.metrics)
+    # 1-2: the pool, its metrics on one batch of the weight half, normalised
+    pool = _scored_pool(weight_part, config, mean=mean, std=std, seed=seed, device=device)
+    # 3-5: BO over the weights (a query's objective: a brief training), exploitation, selection
+    records: dict[int, dict] = {}
+    evaluate_index = _brief_training(pool.genotypes, weight_part, arch_part, config, records, mean=mean, std=std,
+                                     seed=seed, device=device)
+    trace = optimise_weights(pool.normalised, evaluate_index, init_points=config.init_points,
+                             iterations=config.iterations, budget=config.budget, seed=seed, kappa=config.kappa,
+                             metric_names=names)
+    return _search_result(pool, trace, records, config)
+
+
+def _checked_search_arguments(weight_part: ImageDataset, arch_part: ImageDataset, config: RobotConfig, seed: int,
+                              normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None
+                              ) -> tuple[Sequence[float], Sequence[float]]:
+    """Set-up (before step 1): the arguments of :func:`robot_search` checked; the normalisation (mean, std)."""
     if not isinstance(config, RobotConfig):
         raise ValueError(f"config must be a RobotConfig, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -451,10 +496,26 @@ def robot_search(
     if len(mean) != weight_part.in_channels or len(std) != weight_part.in_channels:
         raise ValueError(f"normalisation must give one mean and one std per channel ({weight_part.in_channels}), "
                          f"got {normalisation!r}")
-    device = torch.device(device)
-    names = list(config.metrics)
+    return mean, std
 
-    # 1-2: the pool, its metrics on one batch of the weight half, normalised
+
+@dataclass
+class _ScoredPool:
+    """The pool and its metrics (steps 1 and 2)."""
+
+    genotypes: list[Genotype]
+    values: np.ndarray          # pool x metrics, raw, NaN where undefined
+    normalised: np.ndarray
+    defined: np.ndarray
+    undefined: dict[str, int]   # per metric, the architectures where it is undefined
+    skipped: int
+    seconds: float
+
+
+def _scored_pool(weight_part: ImageDataset, config: RobotConfig, *, mean: Sequence[float], std: Sequence[float],
+                 seed: int, device: torch.device) -> _ScoredPool:
+    """Steps 1 and 2: the pool, its metrics on one batch of the weight half, normalised."""
+    names = list(config.metrics)
     start = time.perf_counter()
     metric_loader = BatchLoader(weight_part, config.metric_batch_size, shuffle=True,
                                 seed=child_seed(seed, _METRIC_BATCH), mean=mean, std=std, device=device)
@@ -471,10 +532,14 @@ def robot_search(
     if not defined.any():
         raise RuntimeError(f"RoBoT: every one of the {len(pool)} pool architectures has an undefined metric "
                            f"({undefined}); nothing to search")
+    return _ScoredPool(pool, values, normalised, defined, undefined, skipped, pool_seconds)
 
-    # 3-5: BO over the weights, exploitation, selection
-    records: dict[int, dict] = {}
 
+def _brief_training(pool: list[Genotype], weight_part: ImageDataset, arch_part: ImageDataset, config: RobotConfig,
+                    records: dict[int, dict], *, mean: Sequence[float], std: Sequence[float], seed: int,
+                    device: torch.device) -> Callable[[int], float]:
+    """The objective of steps 3 and 4: pool architecture ``index`` trained briefly, its validation
+    accuracy; every training's record goes into ``records``."""
     def evaluate_index(index: int) -> float:
         record = train_candidate(pool[index], weight_part, arch_part, config, mean=mean, std=std,
                                  seed=child_seed(seed, _TRAIN, index), device=device)
@@ -483,10 +548,14 @@ def robot_search(
                  config.train_epochs, record["seconds"])
         return record["val_acc"]
 
-    trace = optimise_weights(normalised, evaluate_index, init_points=config.init_points,
-                             iterations=config.iterations, budget=config.budget, seed=seed, kappa=config.kappa,
-                             metric_names=names)
+    return evaluate_index
 
+
+def _search_result(scored: _ScoredPool, trace: RobotTrace, records: dict[int, dict],
+                   config: RobotConfig) -> SearchResult:
+    """Step 5's output: the selected architecture, with the records of every step."""
+    names = list(config.metrics)
+    pool, values, normalised, defined = scored.genotypes, scored.values, scored.normalised, scored.defined
     history = [
         {"trained": k + 1, "kind": row["kind"], "query": row["query"], "pool_index": row["pool_index"],
          "weights": row["weights"], "score": row["score"], "genotype": pool[row["pool_index"]].to_dict(),
@@ -496,9 +565,9 @@ def robot_search(
     best = records[trace.best_index]
     best_weights = np.asarray(trace.best_weights, dtype=np.float64)
     stages = [
-        {"stage": "pool", "pool_size": len(pool), "scored": int(defined.sum()), "skipped": skipped,
-         "undefined": undefined, "metrics": names, "metric_batch_size": config.metric_batch_size,
-         "seconds": pool_seconds},
+        {"stage": "pool", "pool_size": len(pool), "scored": int(defined.sum()), "skipped": scored.skipped,
+         "undefined": scored.undefined, "metrics": names, "metric_batch_size": config.metric_batch_size,
+         "seconds": scored.seconds},
         {"stage": "bayesian_optimisation", "queries": trace.queries},
         {"stage": "selection", "pool_index": trace.best_index, "val_acc": best["val_acc"],
          "best_weights": dict(zip(names, map(float, best_weights))), "trained": len(trace.trained)},

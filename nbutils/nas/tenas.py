@@ -88,10 +88,10 @@ from typing import Hashable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .darts import SearchResult
 from ..core.data import BatchLoader, ImageDataset, channel_stats, resized
 from ..space.genotype import NUM_EDGES, STEPS, Genotype, parse_alpha
 from .ntk import linear_regions, ntk_condition_number, region_inputs
+from .search_result import SearchResult
 from ..space.ops import PRIMITIVES
 from .tenas_network import (CELL_TYPES, EDGES_PER_NODE, SEARCH_OPERATIONS, Candidate, Switches, TenasNetwork,
                             initial_switches)
@@ -395,7 +395,7 @@ def tenas_search(
     by default it is computed from ``dataset`` (pass the clean data's so that poisons cannot
     shift it, as :func:`nbutils.nas.darts.darts_search` explains).
 
-    Returns a :class:`~nbutils.nas.darts.SearchResult`: ``genotype``; ``history`` one row per
+    Returns a :class:`~nbutils.nas.search_result.SearchResult`: ``genotype``; ``history`` one row per
     ranking (each operation-pruning round, then each node whose edges were pruned) with every
     candidate's mean changes, ranks and per-repetition ``kappa``/``regions`` pairs (the
     architecture, the architecture without the candidate), what was pruned and the seconds it
@@ -403,6 +403,22 @@ def tenas_search(
     ``active_reduce`` (rows + 1) x 14 x 8, 1 where an operation is alive (row 0: the start).
     Raises :class:`~nbutils.nas.zero_cost.MetricUndefined` when an indicator is undefined.
     """
+    dataset, mean, std = _search_data(dataset, config, seed, normalisation)
+    device = torch.device(device)
+    indicators = _Indicators(dataset, config, mean, std, int(seed), device)
+    switches = initial_switches(config.operations)   # 1. every operation but none, on every edge
+    trail = _Trail(switches)
+    number = _prune_operations(indicators, switches, config, seed, trail)   # 2. until one operation per edge
+    _prune_edges(indicators, switches, config, seed, number, trail)         # 3. until two edges per node
+    genotype = genotype_of(switches)                                        # 4.
+    log.info("TE-NAS: %s", genotype.summary())
+    return SearchResult(genotype=genotype, history=trail.history, alphas=trail.alphas(), stages=trail.stages)
+
+
+def _search_data(dataset: ImageDataset, config: TenasConfig, seed: int,
+                 normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None
+                 ) -> tuple[ImageDataset, Sequence[float], Sequence[float]]:
+    """Set-up (before step 1): the arguments checked, the normalisation, the images resized if asked."""
     if not isinstance(config, TenasConfig):
         raise ValueError(f"config must be a TenasConfig, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -411,20 +427,39 @@ def tenas_search(
     if config.image_size is not None:
         dataset = resized(dataset, config.image_size)
     _check_dataset(dataset, config)
-    device = torch.device(device)
-    indicators = _Indicators(dataset, config, mean, std, int(seed), device)
-    switches = initial_switches(config.operations)
-    history: list[dict] = []
-    stages: list[dict] = []
-    masks = {kind: [m] for kind, m in active_mask(switches).items()}
+    return dataset, mean, std
 
-    def log_row(row: dict) -> None:
-        history.append(row)
-        stages.append({"round": row["round"], "stage": row["stage"],
-                              "alive": {kind: [list(ops) for ops in switches[kind]] for kind in CELL_TYPES}})
-        for kind, m in active_mask(switches).items():
-            masks[kind].append(m)
 
+class _Trail:
+    """What the search records: one ``history`` row per ranking, the operations alive after it
+    (``stages``) and the masks of alive operations (row 0: the start)."""
+
+    def __init__(self, switches: Switches):
+        self.switches = switches   # the search's switches, pruned in place
+        self.history: list[dict] = []
+        self.stages: list[dict] = []
+        self.masks = {kind: [m] for kind, m in active_mask(switches).items()}
+
+    def add(self, row: dict) -> None:
+        self.history.append(row)
+        self.stages.append({"round": row["round"], "stage": row["stage"],
+                            "alive": {kind: [list(ops) for ops in self.switches[kind]] for kind in CELL_TYPES}})
+        for kind, m in active_mask(self.switches).items():
+            self.masks[kind].append(m)
+
+    def alphas(self) -> dict[str, np.ndarray]:
+        return {f"active_{kind}": np.stack(self.masks[kind]) for kind in CELL_TYPES}
+
+
+def _ranking(measured: Mapping[Candidate, dict], precision: int) -> list[tuple[Candidate, int, int]]:
+    """Steps 2 and 3: the candidates ranked by the sum of their kappa and region ranks."""
+    return rank_candidates({k: v["kappa_change"] for k, v in measured.items()},
+                           {k: v["region_change"] for k, v in measured.items()}, precision)
+
+
+def _prune_operations(indicators: _Indicators, switches: Switches, config: TenasConfig, seed: int,
+                      trail: _Trail) -> int:
+    """Step 2: operation-pruning rounds until one operation is left per edge; returns the rounds run."""
     number = 0
     while any(len(ops) > 1 for kind in CELL_TYPES for ops in switches[kind]):
         number += 1
@@ -434,15 +469,20 @@ def tenas_search(
                       for op in ops]
         measured = indicators.measure(switches, candidates, _derived_seed(seed, 10, number),
                                       f"TE-NAS round {number}: operations")
-        ranking = rank_candidates({k: v["kappa_change"] for k, v in measured.items()},
-                                  {k: v["region_change"] for k, v in measured.items()}, config.precision)
+        ranking = _ranking(measured, config.precision)
         pruned = operations_to_prune(ranking, per_edge)
         for kind, e, op in pruned:
             switches[kind][e] = tuple(o for o in switches[kind][e] if o != op)
-        log_row(_record("operations", number, measured, ranking, pruned, time.perf_counter() - start))
+        trail.add(_record("operations", number, measured, ranking, pruned, time.perf_counter() - start))
         log.info("TE-NAS round %d: %d candidates, pruned %d operations (%d per edge) in %.1fs",
                  number, len(candidates), len(pruned), per_edge, time.perf_counter() - start)
+    return number
 
+
+def _prune_edges(indicators: _Indicators, switches: Switches, config: TenasConfig, seed: int, number: int,
+                 trail: _Trail) -> None:
+    """Step 3: node by node, the edges of a node with more than two pruned to the best two;
+    rounds numbered on from ``number``."""
     offset_of = [sum(2 + i for i in range(node)) for node in range(STEPS)]
     for kind in CELL_TYPES:
         for node in range(STEPS):
@@ -454,18 +494,11 @@ def tenas_search(
             candidates = [(kind, e, switches[kind][e][0]) for e in edges]
             measured = indicators.measure(switches, candidates, _derived_seed(seed, 10, number),
                                           f"TE-NAS round {number}: edges of {kind} node {node + 2}")
-            ranking = rank_candidates({k: v["kappa_change"] for k, v in measured.items()},
-                                      {k: v["region_change"] for k, v in measured.items()}, config.precision)
+            ranking = _ranking(measured, config.precision)
             pruned = edges_to_prune(ranking)
             for _, e, _ in pruned:
                 switches[kind][e] = ()
-            log_row(_record("edges", number, measured, ranking, pruned, time.perf_counter() - start,
-                            cell=kind, node=node + 2))
+            trail.add(_record("edges", number, measured, ranking, pruned, time.perf_counter() - start,
+                              cell=kind, node=node + 2))
             log.info("TE-NAS round %d: %s node %d keeps edges from %s", number, kind, node + 2,
                      [e - offset_of[node] for e in edges if switches[kind][e]])
-
-    genotype = genotype_of(switches)
-    log.info("TE-NAS: %s", genotype.summary())
-    return SearchResult(genotype=genotype, history=history,
-                        alphas={f"active_{kind}": np.stack(masks[kind]) for kind in CELL_TYPES}, stages=stages)
-

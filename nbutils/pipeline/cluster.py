@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 #: the environment of local workers: Dask's defaults with :data:`nbutils.core.malloc.MALLOC_ENV`
 #: instead of ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc return freed memory at once
 #: and fixes its mmap threshold, so that every activation tensor of a supernet step is a fresh
-#: mapping: measured, half of the CPU time went to page faults (a DARTS search 1.5-2x slower
-#: than outside Dask)
+#: mapping whose pages fault in again, and a search in a worker runs much slower than outside
+#: Dask (the measurement: benchmarks/README.md)
 WORKER_ENVIRON = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, **MALLOC_ENV}
 
 

@@ -19,7 +19,8 @@ import torch
 
 from . import params
 from ..attacks.poisoning import AttackSpec, poison
-from ..nas.darts import DartsConfig, SearchDiverged, SearchResult, darts_search, snapshot_epochs
+from ..nas.darts import DartsConfig, SearchDiverged, darts_search, snapshot_epochs
+from ..nas.search_result import SearchResult
 from ..core.data import ImageDataset, channel_stats, load_dataset, search_split, seeded_subset, seeded_subset_indices
 from ..core.device import resolve_device, seed_everything
 from ..accel.fast_supernet import FastSuperNet   # the attacks' supernets: same function, faster (tested)
