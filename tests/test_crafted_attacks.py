@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 
 from nbutils.attacks import alpha_attack as aa
 from nbutils.attacks import gradient_canceling as gc
+from nbutils.attacks.perturbation import batch_slices, optimise_perturbation, project_
 from nbutils.core.poison_set import publish
 from nbutils.core.data import BatchLoader, ImageDataset, channel_stats
 from nbutils.core.diff_augment import differentiable_augment, translate_flip
@@ -114,6 +115,68 @@ def test_gradients_flow_through_the_augmentation_and_draws_are_seeded():
     b = differentiable_augment(x.detach(), torch.Generator().manual_seed(5), max_shift=2)
     c = differentiable_augment(x.detach(), torch.Generator().manual_seed(6), max_shift=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------- the shared perturbation optimiser
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_optimiser_reaches_the_projected_target(signed):
+    """Minimising 0.5 * ||x - target||^2 over the eps-ball around the images and [0, 1]: the
+    optimum is the target clipped to both, coordinate by coordinate."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 2, 4, 4, generator=g)
+    target = torch.rand(5, 2, 4, 4, generator=g) * 1.4 - 0.2  # some of it outside [0, 1]
+    bound = 32 / 255
+    expected = torch.minimum(torch.maximum(target, images - bound), images + bound).clamp(0, 1)
+    assert (expected != target).float().mean() > 0.3  # the constraints bind on a good share of pixels
+
+    def objective(x):
+        return 0.5 * float(((x - target) ** 2).sum()), x - target
+
+    def value(x):
+        return objective(x)[0]
+
+    poisoned, history = optimise_perturbation(
+        images, objective, eps_pixels=32, steps=300, lr=0.01, signed=signed, lr_milestones=(150, 225),
+        final_value=value, keep_best=True,
+    )
+    assert (poisoned - expected).abs().max() < 2e-3
+    assert len(history) == 301 and history[0] == pytest.approx(value(images))
+    assert min(history) == pytest.approx(value(expected), rel=1e-4)
+
+
+def test_optimiser_keeps_the_perturbation_in_the_ball_and_the_images_in_0_1():
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(7, 3, 4, 4, generator=g)
+    images[0] = 0.0  # at the edges of [0, 1] the box binds before the ball
+    images[1] = 1.0
+    bound = 8 / 255
+    seen = []
+
+    def objective(x):  # large random gradients push every pixel hard in both directions
+        seen.append(x.clone())
+        return float(x.sum()), torch.randn(x.shape, generator=g) * 100
+
+    poisoned, history = optimise_perturbation(images, objective, eps_pixels=8, steps=20, lr=0.05)
+    assert len(history) == len(seen) == 20 and torch.equal(seen[0], images)  # starts at zero perturbation
+    for x in seen[1:] + [poisoned]:
+        assert (x - images).abs().max() <= bound + 1e-6
+        assert x.min() >= -1e-6 and x.max() <= 1 + 1e-6
+    assert poisoned.min() >= 0 and poisoned.max() <= 1  # the returned images exactly in [0, 1]
+    assert ((poisoned - images).abs() > bound - 1e-6).float().mean() > 0.5  # the ball binds
+    assert (poisoned[0] >= 0).all() and (poisoned[0] > 0).any() and (poisoned[1] < 1).any()
+    # the projection alone, on a perturbation outside both sets
+    delta = torch.randn(images.shape, generator=g)
+    project_(delta, images, bound)
+    assert delta.abs().max() <= bound + 1e-6
+    assert (images + delta).min() >= -1e-6 and (images + delta).max() <= 1 + 1e-6
+    # eps = 0 leaves the images as they are
+    still, _ = optimise_perturbation(images, objective, eps_pixels=0, steps=3, lr=0.05)
+    assert torch.equal(still, images)
+    assert batch_slices(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    with pytest.raises(ValueError):
+        optimise_perturbation(images, objective, eps_pixels=300, steps=1, lr=0.05)
 
 
 # --------------------------------------------------------------------------- surrogate and CLF

@@ -25,8 +25,9 @@ search; ``e = 6``: snapshots after 0, 10, ..., 50 epochs, given by the caller); 
 for every batch of poisons, the poisons are augmented (:mod:`.diff_augment`, one draw shared
 by the ensemble), ``L_adv`` is averaged over the ensemble and backpropagated into the
 perturbation; then one signed-Adam step (Adam fed ``sign(grad)``) on all perturbations,
-followed by the projection onto the ``l_inf`` ball and [0, 1]. The learning rate decays by
-10x at 3/8, 5/8 and 7/8 of the steps, as in Witches' Brew (``lr_decay=False`` keeps it fixed).
+followed by the projection onto the ``l_inf`` ball and [0, 1] (the loop is
+:func:`.perturbation.optimise_perturbation`). The learning rate decays by 10x at 3/8, 5/8
+and 7/8 of the steps, as in Witches' Brew (``lr_decay=False`` keeps it fixed).
 Supernets are used in training mode (DARTS takes architecture gradients with BN on batch
 statistics), with dropout off, on private copies.
 """
@@ -43,7 +44,7 @@ from torch import nn
 from ..core.diff_augment import differentiable_augment
 from ..space.ops import CONVOLUTIONS
 from ..core.poison_set import PoisonSet, publish
-from ..core.progress import progress
+from .perturbation import batch_slices, optimise_perturbation
 
 log = logging.getLogger(__name__)
 
@@ -159,23 +160,17 @@ def alpha_gradient_attack(
     std_t = torch.tensor([float(s) for s in std], device=device).view(1, -1, 1, 1)
     clean = images.detach().to(device, torch.float32)
     y_all = torch.as_tensor(labels).to(device, torch.int64)
-    bound = eps_pixels / 255.0
     lr = default_lr(batch_size, std, len(ensemble)) if lr is None else float(lr)
-    delta = torch.zeros_like(clean, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
     milestones = sorted({max(1, int(steps * f)) for f in (3 / 8, 5 / 8, 7 / 8)}) if lr_decay else []
-    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    n = len(clean)
-    slices = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    history: list[float] = []
-    for _ in progress(range(steps), desc="alpha attack"):
-        grad = torch.zeros_like(clean)
+    slices = batch_slices(len(clean), batch_size)
+
+    def objective(poisoned: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Mean over batches of the ensemble-averaged ``L_adv``, and its gradient in ``poisoned``."""
+        grad = torch.zeros_like(poisoned)
         total = 0.0
         for sl in slices:
-            d = delta.detach()[sl].clone().requires_grad_(True)
-            x = clean[sl] + d
-            if augment:
-                x = differentiable_augment(x, generator, max_shift=max_shift)
+            d = poisoned[sl].clone().requires_grad_(True)
+            x = differentiable_augment(d, generator, max_shift=max_shift) if augment else d
             x = (x - mean_t) / std_t
             batch_loss = 0.0
             for net in ensemble:  # one backward per model keeps one graph in memory at a time
@@ -183,17 +178,15 @@ def alpha_gradient_attack(
                 grad[sl] += torch.autograd.grad(loss, d, retain_graph=True)[0]
                 batch_loss += float(loss.detach())
             total += batch_loss
-        history.append(total / len(slices))
-        opt.zero_grad(set_to_none=False)
-        delta.grad = grad.sign()
-        opt.step()
-        schedule.step()
-        with torch.no_grad():
-            delta.clamp_(-bound, bound)
-            delta.copy_((clean + delta).clamp_(0.0, 1.0) - clean)
+        return total / len(slices), grad
+
+    poisoned, history = optimise_perturbation(
+        clean, objective, eps_pixels=eps_pixels, steps=steps, lr=lr, signed=True, lr_milestones=milestones,
+        desc="alpha attack",
+    )
     if history:
         log.info("alpha attack: L_adv %.4g -> %.4g over %d steps, ensemble of %d", history[0], history[-1], steps, len(ensemble))
-    return (clean + delta.detach()).clamp(0.0, 1.0).cpu(), history
+    return poisoned, history
 
 
 def craft_alpha_attack(

@@ -13,7 +13,7 @@ Two steps:
 2. :func:`gradient_canceling`: poisons (clean labels, ``l_inf`` bound) whose mean gradient at the
    target parameters cancels the clean gradient there:
    ``minimise 0.5 * ||(1 - p) g_clean + p g_adv||^2``, Adam on the perturbation, projected
-   onto the ``l_inf`` ball and [0, 1] after every step.
+   onto the ``l_inf`` ball and [0, 1] after every step (:func:`.perturbation.optimise_perturbation`).
 
 The target parameters are any subset of a model's parameters, named as in
 ``model.named_parameters()``: the weights of a trained :class:`EvalNetwork` (GC against
@@ -56,6 +56,7 @@ from torch import nn
 
 from ..core.poison_set import PoisonSet, publish
 from ..core.progress import progress
+from .perturbation import batch_slices, optimise_perturbation
 
 log = logging.getLogger(__name__)
 
@@ -229,48 +230,47 @@ def clean_gradient(
 
 
 class _GCObjective:
-    """``0.5 * ||c + p * g_adv(Delta)||^2`` with ``c = (1 - p) g_clean``, and its exact gradient in ``Delta``."""
+    """``0.5 * ||c + p * g_adv||^2`` with ``c = (1 - p) g_clean``, and its exact gradient in the poisoned images."""
 
-    def __init__(self, work, theta, loss_fn, c, images, labels, budget, batch_size, mean, std):
+    def __init__(self, work, theta, loss_fn, c, labels, budget, batch_size, mean, std):
         self.work, self.theta, self.loss_fn, self.c = work, list(theta), loss_fn, c
-        self.images, self.labels, self.budget = images, labels, float(budget)
+        self.labels, self.budget = labels, float(budget)
         self.mean, self.std = mean, std
-        n = len(images)
-        self.slices = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        self.slices = batch_slices(len(labels), batch_size)
 
-    def _batch_sum(self, sl: slice, delta_b: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
-        x = ((self.images[sl] + delta_b) - self.mean) / self.std
+    def _batch_sum(self, sl: slice, poisoned_b: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
+        x = (poisoned_b - self.mean) / self.std
         y = self.labels[sl]
         return _grads(self.loss_fn(self.work, x, y) * len(y), self.theta, create_graph=create_graph)
 
-    def value(self, delta: torch.Tensor) -> float:
-        n = len(self.images)
+    def value(self, poisoned: torch.Tensor) -> float:
+        n = len(self.labels)
         g_adv = [torch.zeros_like(t) for t in self.theta]
         for sl in self.slices:
-            for acc, s in zip(g_adv, self._batch_sum(sl, delta[sl].detach(), False)):
+            for acc, s in zip(g_adv, self._batch_sum(sl, poisoned[sl].detach(), False)):
                 acc.add_(s.detach())
         residual = [c + self.budget * g / n for c, g in zip(self.c, g_adv)]
         self._residual = residual
         return 0.5 * float(sum((r.double() ** 2).sum() for r in residual))
 
-    def value_and_grad(self, delta: torch.Tensor) -> tuple[float, torch.Tensor]:
-        n = len(self.images)
-        grad = torch.zeros_like(delta)
+    def value_and_grad(self, poisoned: torch.Tensor) -> tuple[float, torch.Tensor]:
+        n = len(self.labels)
+        grad = torch.zeros_like(poisoned)
         if len(self.slices) == 1:  # merged passes: differentiate the objective directly
-            d = delta.detach().clone().requires_grad_(True)
-            sums = self._batch_sum(self.slices[0], d, True)
+            x = poisoned.detach().clone().requires_grad_(True)
+            sums = self._batch_sum(self.slices[0], x, True)
             residual = [c + self.budget * s / n for c, s in zip(self.c, sums)]
             loss = 0.5 * sum((r ** 2).sum() for r in residual)
-            grad.copy_(torch.autograd.grad(loss, d)[0])
+            grad.copy_(torch.autograd.grad(loss, x)[0])
             return float(loss.detach()), grad
-        value = self.value(delta)  # pass 1: exact residual r over all poisons
+        value = self.value(poisoned)  # pass 1: exact residual r over all poisons
         residual = [r.detach() for r in self._residual]
         scale = self.budget / n
-        for sl in self.slices:  # pass 2: r^T (p/P) dS_b/dDelta_b, batch by batch
-            d = delta[sl].detach().clone().requires_grad_(True)
-            sums = self._batch_sum(sl, d, True)
+        for sl in self.slices:  # pass 2: r^T (p/P) dS_b/dx_b, batch by batch
+            x = poisoned[sl].detach().clone().requires_grad_(True)
+            sums = self._batch_sum(sl, x, True)
             inner = sum((r * s).sum() for r, s in zip(residual, sums)) * scale
-            grad[sl] = torch.autograd.grad(inner, d)[0]
+            grad[sl] = torch.autograd.grad(inner, x)[0]
         return value, grad
 
 
@@ -349,32 +349,14 @@ def gradient_canceling(
 
     images = poison_images.detach().to(device, torch.float32)
     labels = torch.as_tensor(poison_labels).to(device, torch.int64)
-    objective = _GCObjective(work, theta, loss_fn, c, images, labels, budget, batch_size, mean_t, std_t)
-    bound = eps_pixels / 255.0
+    objective = _GCObjective(work, theta, loss_fn, c, labels, budget, batch_size, mean_t, std_t)
     lr = 0.1 * float(sum(std) / len(std)) if lr is None else float(lr)
-    delta = torch.zeros_like(images, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    history: list[float] = []
-    best_value, best_delta = math.inf, delta.detach().clone()
-    for step in progress(range(steps + 1), desc="gradient canceling"):
-        if step == steps:
-            value = objective.value(delta.detach())
-        else:
-            value, grad = objective.value_and_grad(delta.detach())
-        history.append(value)
-        if value < best_value:
-            best_value, best_delta = value, delta.detach().clone()
-        if step == steps:
-            break
-        opt.zero_grad(set_to_none=False)
-        delta.grad = grad
-        opt.step()
-        with torch.no_grad():
-            delta.clamp_(-bound, bound)
-            delta.copy_((images + delta).clamp_(0.0, 1.0) - images)
-    log.info("gradient canceling: objective %.4g -> %.4g (best %.4g) over %d steps", history[0], history[-1], best_value, steps)
-    chosen = best_delta if keep_best else delta.detach()
-    return (images + chosen).clamp(0.0, 1.0).cpu(), history
+    poisoned, history = optimise_perturbation(
+        images, objective.value_and_grad, eps_pixels=eps_pixels, steps=steps, lr=lr,
+        final_value=objective.value, keep_best=keep_best, desc="gradient canceling",
+    )
+    log.info("gradient canceling: objective %.4g -> %.4g (best %.4g) over %d steps", history[0], history[-1], min(history), steps)
+    return poisoned, history
 
 
 def gc_objective(
@@ -402,12 +384,11 @@ def gc_objective(
     c = [(1.0 - budget) * g for g in g_clean]
     images = poison_images.detach().to(device, torch.float32)
     labels = torch.as_tensor(poison_labels).to(device, torch.int64)
-    objective = _GCObjective(work, theta, loss_fn, c, images, labels, budget, batch_size, _stats(mean, device), _stats(std, device))
-    zero = torch.zeros_like(images)
+    objective = _GCObjective(work, theta, loss_fn, c, labels, budget, batch_size, _stats(mean, device), _stats(std, device))
     if with_grad:
-        value, grad = objective.value_and_grad(zero)
+        value, grad = objective.value_and_grad(images)
         return value, grad.cpu()
-    return objective.value(zero), None
+    return objective.value(images), None
 
 
 # --------------------------------------------------------------------------- recipe
