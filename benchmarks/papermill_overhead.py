@@ -1,17 +1,25 @@
 """Where a run's time went: the steps' own work against the cost of executing notebooks.
 
     python benchmarks/papermill_overhead.py [OUTPUTS]        # default: outputs/
+    python benchmarks/papermill_overhead.py --startup [N]    # the fixed cost of one execution, N repeats
 
 Reads the artifacts of a finished run (nothing is recomputed). For every stage, the runner
 records the seconds of its execution (``spec.json``: the execution's wall time, shared out
 between the trials it ran); the step records the seconds of its own work (``result.json``
 ``seconds``; a poison set's ``crafting_seconds``). The difference is the overhead of running
 the step as a notebook: starting the kernel, importing torch and the libraries, loading the
-data, executing the cells that display the results, and writing the executed notebook.
+data, executing the cells that display the results, and writing the executed notebook (with
+warm kernels, nbutils.pipeline.warm_kernel, the first three are paid once per worker).
 The gallery and the report are all display, so they are listed apart.
 
 Prints per stage kind: stages, executions, execution seconds, the steps' seconds, and the
 overhead share; then the total.
+
+``--startup`` measures the parts of one execution's fixed cost on this machine instead, each
+as a papermill execution of a small notebook: a fresh kernel running nothing; a fresh kernel
+importing what the notebooks import; the same plus torch's compiler machinery (which an
+optimiser's first step imports); and a warm kernel running the import cell again, after being
+restored to its start state.
 """
 from __future__ import annotations
 
@@ -66,8 +74,77 @@ def main(outputs: Path) -> None:
           f"({share:.0%}); {(total['seconds'] - total['work']) / total['executions']:.1f} s per execution")
 
 
+IMPORTS = """import logging
+import pandas as pd
+from IPython.display import SVG, Markdown, display
+from nbutils.report import figures
+from nbutils.pipeline import batches, examples, steps"""
+
+
+def startup(repeats: int) -> None:
+    """Seconds of each part of an execution's fixed cost (median of ``repeats``)."""
+    import os
+    import statistics
+    import tempfile
+    import time
+
+    import nbformat
+    import papermill
+
+    from nbutils.core.malloc import MALLOC_ENV
+    from nbutils.pipeline.execution import kernel_name
+    from nbutils.pipeline.warm_kernel import WarmKernel
+
+    os.environ.update(MALLOC_ENV)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    name = kernel_name()
+    folder = Path(tempfile.mkdtemp(prefix="startup-"))
+
+    def notebook(tag: str, source: str) -> Path:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(source)]
+        nb.metadata.kernelspec = {"name": name, "display_name": name, "language": "python"}
+        path = folder / f"{tag}.ipynb"
+        nbformat.write(nb, path)
+        return path
+
+    def seconds(run) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def fresh(path: Path):
+        return lambda: papermill.execute_notebook(str(path), str(folder / "out.ipynb"), kernel_name=name,
+                                                  progress_bar=False, cwd=str(folder))
+
+    rows = {"fresh kernel, empty notebook": seconds(fresh(notebook("empty", "pass"))),
+            "fresh kernel, the notebooks' imports": seconds(fresh(notebook("imports", IMPORTS))),
+            "  + torch's compiler (first optimiser step)": seconds(fresh(notebook("dynamo", IMPORTS + "\nimport torch._dynamo")))}
+    warm = WarmKernel(name, folder)
+    try:
+        imports = notebook("warm", IMPORTS + "\nimport torch._dynamo")
+        warm.execute(imports, folder / "out.ipynb", {}, progress_bar=False)
+        rows["warm kernel, the same notebook again"] = seconds(
+            lambda: warm.execute(imports, folder / "out.ipynb", {}, progress_bar=False))
+        assert warm.started == 1
+    finally:
+        warm.close()
+    print(f"{'per execution (median of ' + str(repeats) + ')':<48}{'seconds':>8}")
+    for label, value in rows.items():
+        print(f"{label:<48}{value:>8.2f}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("outputs", nargs="?", type=Path, default=Path("outputs"),
                         help="the outputs folder of a finished run (default: outputs)")
-    main(parser.parse_args().outputs)
+    parser.add_argument("--startup", type=int, nargs="?", const=3, default=None, metavar="N",
+                        help="measure the fixed cost of one execution instead (N repeats, default 3)")
+    args = parser.parse_args()
+    if args.startup:
+        startup(args.startup)
+    else:
+        main(args.outputs)

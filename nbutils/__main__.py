@@ -4,7 +4,9 @@
       --outputs DIR   where artifacts, executed notebooks and report.html go (default: outputs)
       --only KIND     only the stages of one kind (surrogate, poison, search, retrain, report)
                       and what they need
-      --dry-run       list the stages and whether each exists, without running anything
+      --dry-run       list the stages and whether each exists, and the run's cost: each kind's
+                      count and estimated CPU hours (measured or modelled), the wall time on
+                      the workers; nothing runs
       --workers N     stages run at once on a local Dask cluster (default: one per core;
                       1: one after another in this process)
       --scheduler ADDR  run the stages on an existing Dask cluster (tcp://host:8786)
@@ -12,6 +14,7 @@
                       kept; faster, for debugging)
       --rerun KIND    run the stages of a kind again although they exist, and the stages that
                       read them (repeatable)
+      --fresh-kernels start a kernel for every notebook instead of one warm kernel per worker
 
     code-digests [--write]   each stage kind's code version and digest (nbutils.pipeline.code_versions)
 """
@@ -69,12 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("preset", help="a preset folder, e.g. params/quick")
     run.add_argument("--outputs", default="outputs", help="artifact folder (default: outputs)")
     run.add_argument("--only", default=None, help="only stages of this kind and what they need")
-    run.add_argument("--dry-run", action="store_true", help="list the stages without running them")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the stages and the run's estimated cost without running anything")
     run.add_argument("--workers", type=int, default=None, help="stages at once on a local Dask cluster (default: cores)")
     run.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler to run on")
     run.add_argument("--inline", action="store_true", help="run the steps without their notebooks")
     run.add_argument("--rerun", action="append", default=[], metavar="KIND",
                      help="run the stages of this kind again, and every stage that reads them (repeatable)")
+    run.add_argument("--fresh-kernels", action="store_true",
+                     help="a fresh kernel for every notebook instead of one warm kernel per worker")
     sub.add_parser("install-kernel", help="register the 'nbutils' Jupyter kernel inside this environment")
     digests = sub.add_parser("code-digests", help="print (or --write) each stage kind's code version and digest")
     digests.add_argument("--write", action="store_true", help=f"record them in {DIGESTS_FILE}")
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         outcomes = run_preset(args.preset, args.outputs, only=args.only, dry_run=args.dry_run, inline=args.inline,
-                              workers=args.workers, scheduler=args.scheduler, rerun=args.rerun)
+                              workers=args.workers, scheduler=args.scheduler, rerun=args.rerun,
+                              fresh_kernels=args.fresh_kernels)
     except (ParamsError, DatasetNotFound, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

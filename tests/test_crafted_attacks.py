@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 
 from nbutils.attacks import alpha_attack as aa
 from nbutils.attacks import gradient_canceling as gc
+from nbutils.attacks.confidence_flip import clf_flips, clf_poison_set
 from nbutils.attacks.perturbation import batch_slices, optimise_perturbation, project_
 from nbutils.core.poison_set import publish
 from nbutils.core.data import BatchLoader, ImageDataset, channel_stats
@@ -20,13 +21,7 @@ from nbutils.space.network import EvalNetwork
 from nbutils.space.ops import PRIMITIVES
 from nbutils.report.poison_figures import flip_table, magnify, poison_grid
 from nbutils.space.supernet import SuperNet
-from nbutils.training.surrogate import (
-    clf_poison_set,
-    confidence_label_flip,
-    resnet18_small,
-    surrogate_logits,
-    train_surrogate,
-)
+from nbutils.training.surrogate import resnet18_small, surrogate_logits, train_surrogate
 
 EPS = 16.0
 
@@ -207,7 +202,7 @@ def clf_fixture():
 )
 def test_clf_flips_the_most_confident_to_their_least_likely_class(budget, indices, labels):
     ds, logits = clf_fixture()
-    idx, new = confidence_label_flip(ds, logits, budget)
+    idx, new = clf_flips(ds, logits, budget)
     assert idx.tolist() == indices and new.tolist() == labels
     assert (new != ds.labels[idx]).all()
     poison_set = clf_poison_set(ds, logits, budget)
@@ -217,9 +212,9 @@ def test_clf_flips_the_most_confident_to_their_least_likely_class(budget, indice
 def test_clf_refuses_mismatched_logits():
     ds, logits = clf_fixture()
     with pytest.raises(ValueError):
-        confidence_label_flip(ds, logits[:5], 0.5)
+        clf_flips(ds, logits[:5], 0.5)
     with pytest.raises(ValueError):
-        confidence_label_flip(ds, logits[:, :2], 0.5)
+        clf_flips(ds, logits[:, :2], 0.5)
 
 
 def test_resnet18_small_and_surrogate_training_are_seeded(data):

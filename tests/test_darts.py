@@ -10,13 +10,14 @@ import torch.nn.functional as F
 
 from nbutils.nas import darts as darts_mod
 from nbutils.space import network as network_mod
-from nbutils.training import train as train_mod
+from nbutils.training import loop as loop_mod
 from nbutils.nas.darts import DartsConfig, SearchDiverged, darts_search
 from nbutils.core.data import BatchLoader, ImageDataset, channel_stats
 from nbutils.space.genotype import Genotype, genotype_from_alpha, published
 from nbutils.space.network import EvalNetwork, count_parameters
 from nbutils.space.supernet import SuperNet
-from nbutils.training.train import RetrainConfig, cutout, evaluate, retrain
+from nbutils.training.loop import cutout, evaluate
+from nbutils.training.train import RetrainConfig, retrain
 
 from toys import toy
 
@@ -313,7 +314,7 @@ def test_retrain_tiny():
 
 def test_retrain_applies_cutout_and_ramps_drop_path(monkeypatch):
     drop_probs, cutout_lengths = [], []
-    real_drop, real_cutout = network_mod.drop_path, train_mod.cutout
+    real_drop, real_cutout = network_mod.drop_path, loop_mod.cutout
 
     def rec_drop(x, p):
         drop_probs.append(p)
@@ -324,7 +325,7 @@ def test_retrain_applies_cutout_and_ramps_drop_path(monkeypatch):
         return real_cutout(x, length, generator)
 
     monkeypatch.setattr(network_mod, "drop_path", rec_drop)
-    monkeypatch.setattr(train_mod, "cutout", rec_cutout)
+    monkeypatch.setattr(loop_mod, "cutout", rec_cutout)
     config = RetrainConfig(epochs=2, channels=4, layers=3, batch_size=16, auxiliary=True, cutout=2, drop_path=0.3)
     out = retrain(published("PDARTS"), toy(32, seed=61), toy(8, seed=62), config, seed=1, device=CPU)
     assert len(out["curve"]) == 2
@@ -358,3 +359,20 @@ def test_retrain_channels_last_is_the_same_training():
     assert nhwc["curve"][0]["train_loss"] == pytest.approx(plain["curve"][0]["train_loss"], rel=1e-4)
     assert nhwc["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-4)
     assert nhwc["model"].stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_warmup_epochs_train_the_weights_only():
+    """Alpha stays at its initial value through the warm-up epochs (no architecture step, no
+    validation figures) and moves from the first epoch after; the weights train throughout."""
+    found = darts_search(toy(8, seed=1), toy(8, seed=2), tiny_config(epochs=3, warmup_epochs=2), seed=0, device=CPU)
+    start = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0).alphas_numpy()
+    for epoch in (0, 1):
+        assert np.array_equal(found.alphas["alpha_normal"][epoch], start["alpha_normal"])
+        assert found.history[epoch]["val_acc"] is None
+    assert not np.array_equal(found.alphas["alpha_normal"][2], start["alpha_normal"])
+    assert found.history[2]["val_acc"] is not None
+
+
+def test_warmup_must_leave_an_architecture_epoch():
+    with pytest.raises(ValueError, match="warmup_epochs.*less than epochs"):
+        DartsConfig(epochs=3, warmup_epochs=3)

@@ -1,15 +1,23 @@
-"""Parameter files: validated into typed specs, every problem named before any compute."""
+"""Parameter files: validated into typed params, every problem named before any compute; the
+search sections and retrain.yaml are the engines' configs, checked by the same rules in YAML and
+in code."""
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from nbutils.core.config import ConfigError
+from nbutils.nas.darts import DartsConfig
+from nbutils.nas.robot import RobotConfig
 from nbutils.pipeline import params
 from nbutils.pipeline.params import ParamsError, load_preset, validate
+from nbutils.pipeline.stages import Stage
+from nbutils.training.train import RetrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("preset", ["params/quick", "tests/presets/tiny"])
+@pytest.mark.parametrize("preset", ["params/quick", "params/tour", "tests/presets/tiny"])
 def test_shipped_presets_validate(preset):
     p = load_preset(ROOT / preset)
     assert p.grid.trials >= 2
@@ -18,9 +26,9 @@ def test_shipped_presets_validate(preset):
 
 def test_yaml_exponent_strings_are_numbers(tmp_path):
     # YAML 1.1 reads 3e-3 (no dot) as a string
-    spec = validate("search", params.read_yaml(_write(tmp_path, "darts:\n  arch_lr: 3e-3\n  weight_decay: 1e-4\n")))
-    assert spec.darts.arch_lr == pytest.approx(0.003) and isinstance(spec.darts.arch_lr, float)
-    assert spec.darts.weight_decay == pytest.approx(1e-4)
+    search = validate("search", params.read_yaml(_write(tmp_path, "darts:\n  arch_lr: 3e-3\n  weight_decay: 1e-4\n")))
+    assert search.darts.arch_lr == pytest.approx(0.003) and isinstance(search.darts.arch_lr, float)
+    assert search.darts.weight_decay == pytest.approx(1e-4)
 
 
 def test_unknown_key_is_named():
@@ -96,13 +104,17 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("preset", ["quick", "cpu", "paper"])
-def test_shipped_presets_validate_and_expand(preset):
+@pytest.mark.parametrize("preset, kinds", [
+    ("quick", {"poison", "search", "retrain", "gallery", "report"}),   # DARTS' effects, powered
+    ("tour", {"surrogate", "poison", "search", "retrain", "sensitivity", "defend", "gallery", "report"}),
+    ("cpu", {"surrogate", "poison", "search", "retrain", "sensitivity", "report"}),
+    ("paper", {"surrogate", "poison", "search", "retrain", "sensitivity", "defend", "report"}),
+])
+def test_shipped_presets_validate_and_expand(preset, kinds):
     from nbutils.pipeline.stages import expand
 
     stages = expand(load_preset(Path(__file__).resolve().parent.parent / "params" / preset))
-    kinds = {s.kind for s in stages}
-    assert {"surrogate", "poison", "search", "retrain", "sensitivity", "report"} <= kinds
+    assert kinds <= {s.kind for s in stages}
     assert len({(s.kind, s.key) for s in stages}) == len(stages)   # no stage twice
 
 
@@ -133,12 +145,86 @@ def test_split_sizes_are_the_loaders():
 
 def test_relative_data_root_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec = validate("grid", {"data": {"data_root": "data"}})
-    assert spec.data.data_root == str(tmp_path.resolve() / "data")
+    grid = validate("grid", {"data": {"data_root": "data"}})
+    assert grid.data.data_root == str(tmp_path.resolve() / "data")
 
 
 def test_relative_defence_files_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec = validate("defend", {"denoise": {"ddpm_path": "models/ddpm"}, "relabel": {"extractor_weights": "r152.pt"}})
-    assert spec.denoise["ddpm_path"] == str(tmp_path.resolve() / "models" / "ddpm")
-    assert spec.relabel["extractor_weights"] == str(tmp_path.resolve() / "r152.pt")
+    defend = validate("defend", {"denoise": {"ddpm_path": "models/ddpm"}, "relabel": {"extractor_weights": "r152.pt"}})
+    assert defend.denoise["ddpm_path"] == str(tmp_path.resolve() / "models" / "ddpm")
+    assert defend.relabel["extractor_weights"] == str(tmp_path.resolve() / "r152.pt")
+
+
+# --- one source of truth: the engines' configs ------------------------------------------------
+
+
+def test_search_sections_and_retrain_yaml_are_the_engines_configs():
+    search = validate("search", {"darts": {"epochs": 3}, "robot": {"pool_size": 30}})
+    assert type(search.darts) is DartsConfig and search.darts.epochs == 3 and search.darts.arch_lr == 3e-4
+    assert type(search.robot) is RobotConfig and search.robot.pool_size == 30
+    retrain = validate("retrain", {"epochs": 2, "device": "cpu"})
+    assert isinstance(retrain, RetrainConfig) and (retrain.epochs, retrain.device) == (2, "cpu")
+    assert retrain.model_dump() == {**dataclasses.asdict(RetrainConfig(epochs=2)), "device": "cpu"}
+
+
+@pytest.mark.parametrize("section, values, field, rule", [
+    ("pdarts", {"warmup_epochs": 30}, "warmup_epochs = 30", "cannot exceed epochs (25)"),
+    ("pdarts", {"layers": [5, 11]}, "num_to_keep = (5, 3, 1)", "one entry per stage"),
+    ("robot", {"pool_size": 10}, "budget = 25", "must not exceed pool_size (10)"),
+    ("robot", {"lr_min": 0.5}, "lr_min = 0.5", "must not exceed lr (0.1)"),
+    ("tenas", {"cells": 4}, "cells = 4", "2 or 3"),
+    ("nsganetv2", {"initial_design": 5}, "initial_design = 5", "must be >= 6 when iterations > 0"),
+    ("darts", {"channels": 6.5}, "channels = 6.5", "integer"),
+    ("darts", {"epochs": True}, "epochs = True", "expected a number"),
+])
+def test_an_engine_rule_fails_alike_in_yaml_and_in_code(section, values, field, rule):
+    with pytest.raises(ParamsError) as e:
+        validate("search", {section: values}, "search.yaml")
+    assert f"search.yaml: {section}.{field}: " in str(e.value) and rule in str(e.value)
+    config = params.SEARCH_CONFIGS[section]
+    with pytest.raises(ConfigError) as e:
+        config(**values)
+    assert f"{config.__name__}.{field}: " in str(e.value) and rule in str(e.value)
+
+
+def test_configs_built_in_code_are_frozen_and_checked_again_when_copied():
+    config = DartsConfig(epochs=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3
+    assert dataclasses.replace(config, epochs=4).epochs == 4
+    with pytest.raises(ConfigError, match="DartsConfig.keep_epochs = \\(3,\\): must lie in 0..epochs \\(2\\)"):
+        dataclasses.replace(config, keep_epochs=(3,))
+    with pytest.raises(ConfigError, match="DartsConfig.epoch = 3: unknown field"):
+        DartsConfig(epoch=3)
+
+
+@pytest.mark.parametrize("key, value", [("augment", False), ("anti", True), ("fast", False), ("keep_epochs", [1]),
+                                        ("mixed_precision", True)])
+def test_settings_the_run_makes_are_refused_in_a_section(key, value):
+    assert key in params.SET_BY_THE_RUN
+    with pytest.raises(ParamsError, match=f"search.yaml: darts: '{key}' cannot be set per algorithm"):
+        validate("search", {"darts": {key: value}}, "search.yaml")
+
+
+def test_every_other_engine_setting_can_be_written_in_search_yaml():
+    for algorithm, config in params.SEARCH_CONFIGS.items():
+        for field in dataclasses.fields(config):
+            if field.name not in params.SET_BY_THE_RUN:
+                value = getattr(config(), field.name)
+                assert getattr(getattr(validate("search", {algorithm: {field.name: value}}), algorithm), field.name) == value
+
+
+def test_settings_new_to_the_files_enter_the_stage_key_only_when_changed():
+    """The keys of artifacts made before the sections became the engines' configs hold: a spec
+    carries RoBoT's momentum (and the other settings the files gained) only when it is changed."""
+    default, changed = validate("search", {}), validate("search", {"robot": {"momentum": 0.5}})
+    assert set(default.config_of("robot")) == {"pool_size", "init_points", "iterations", "budget", "train_epochs",
+                                               "train_batch_size", "lr", "lr_min", "channels", "layers",
+                                               "metric_batch_size"}
+    assert changed.config_of("robot") == {**default.config_of("robot"), "momentum": 0.5}
+    assert default.model_dump()["robot"] == default.config_of("robot")   # the report's copy of the settings too
+    key = {s: Stage("search", {"algorithm": "robot", "config": s.config_of("robot")}, "search").key
+           for s in (default, changed)}
+    assert key[default] != key[changed]
+    assert RobotConfig(**changed.config_of("robot")) == changed.robot   # the step rebuilds the same config

@@ -96,3 +96,29 @@ def test_figures_are_displayed_as_images(results):
     image = report.figure_image(report.budget_figure(table, "darts"))
     assert image.format == "png" and image.data.startswith(b"\x89PNG")
     assert image._repr_png_() is not None
+
+
+def test_anti_search_is_tested_below_clean_darts(results):
+    anti = [47.0, 48.5, 49.0]
+    frame = pd.concat([results, pd.DataFrame(trials("darts_anti", "none", None, anti))], ignore_index=True)
+    table = report.results_table(frame[frame.study == "main"]).set_index(["algorithm", "attack"])
+    row = table.loc[("darts_anti", "none")]
+    assert row.p == pytest.approx(welch_less(anti, CLEAN)) and row.p_bh == pytest.approx(row.p) and row.significant
+    # DARTS' own family is unchanged by it: the RLF cell alone
+    assert table.loc[("darts", "rlf"), "p_bh"] == pytest.approx(welch_less(RLF, CLEAN))
+
+
+def test_findings_say_what_was_found_and_what_was_not(results):
+    rows = [results, pd.DataFrame(trials("darts_anti", "none", None, [51.0, 53.0, 52.0])),
+            pd.DataFrame(trials("darts", "gaussian", 0.5, [49.0, 51.5, 50.0]))]
+    frame = pd.concat(rows, ignore_index=True)
+    table = report.results_table(frame[frame.study == "main"])
+    found = report.findings(table)
+    assert len(found) == 3   # RLF, noise, anti-search; not the clean conditions
+    rlf, = [s for s in found if "RLF 50%" in s]
+    assert rlf.startswith("**Found**") and f"{np.mean(RLF):.2f}% against {np.mean(CLEAN):.2f}%" in rlf
+    noise, = [s for s in found if "Noise 50%" in s]
+    drop = table[table.attack == "gaussian"].detectable_drop.iloc[0]
+    assert noise.startswith("**Not found**:") and f"a drop of {drop:.2f} pp" in noise
+    anti, = [s for s in found if "anti-search" in s]
+    assert anti.startswith("**Not found, the opposite direction**") and "workshop Table 1" in anti

@@ -13,7 +13,7 @@ and are published as uint8, so quantisation is part of every clean-label attack.
     alpha     the workshop paper's alpha-gradient attack (Algorithm 1), needs
               ``models["supernets"]``: the ensemble of supernets
 
-The crafting itself lives in :mod:`.surrogate`, :mod:`.gradient_canceling` and
+The crafting itself lives in :mod:`.confidence_flip`, :mod:`.gradient_canceling` and
 :mod:`.alpha_attack`; this module chooses the victims, calls the recipe and writes the header.
 """
 from __future__ import annotations
@@ -30,8 +30,9 @@ from torch import nn
 from ..core.data import ImageDataset, channel_stats
 from ..core.poison_set import PoisonSet, publish
 from ..space.supernet import SuperNet
-from ..training.surrogate import clf_poison_set, surrogate_logits
+from ..training.surrogate import surrogate_logits
 from .alpha_attack import craft_alpha_attack
+from .confidence_flip import clf_poison_set
 from .gradient_canceling import craft_gradient_canceling
 
 log = logging.getLogger(__name__)

@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
-from scipy.interpolate import RBFInterpolator
-from scipy.stats import kendalltau
 from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
@@ -111,6 +109,10 @@ class RbfPredictor:
         spans = np.linalg.matrix_rank(np.column_stack([np.ones(len(X)), X])) == X.shape[1] + 1
         self.kernel, self.degree = ("cubic", 1) if spans else ("linear", 0)
         self._dims = X.shape[1]
+        # scipy's interpolate and stats are imported where used: they are slow to import, and every
+        # notebook imports this module (for the constants the NSGANetV2 config checks against)
+        from scipy.interpolate import RBFInterpolator
+
         self._model = RBFInterpolator(X, y, kernel=self.kernel, degree=self.degree)
         return self
 
@@ -194,6 +196,8 @@ def kendall_tau(predicted: np.ndarray, measured: np.ndarray) -> float:
         return float("nan")
     if np.all(predicted == predicted[0]):
         return 0.0
+    from scipy.stats import kendalltau   # see RbfPredictor.fit
+
     return float(kendalltau(predicted, measured).statistic)
 
 

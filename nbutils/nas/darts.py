@@ -29,7 +29,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationInfo, field_validator
 
+from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, Order, PositiveInt, PositiveNumber, Rate,
+                           config)
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..core.device import MixedPrecision
 from ..core.progress import progress
@@ -46,33 +49,52 @@ class SearchDiverged(RuntimeError):
     """The search produced a NaN/inf loss or alpha; the trial must not be retrained."""
 
 
-@dataclass
+@config
 class DartsConfig:
-    epochs: int = 50
-    channels: int = 16
-    layers: int = 8
-    batch_size: int = 64
-    lr: float = 0.025
-    lr_min: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
-    arch_lr: float = 3e-4
-    arch_betas: tuple[float, float] = (0.5, 0.999)
-    arch_weight_decay: float = 1e-3
+    """DARTS' settings; the defaults are the reference's (``train_search.py``). The fields up to
+    ``order`` are what search.yaml's ``darts:`` sets; the run sets the rest for each search."""
+
+    epochs: PositiveInt = 50
+    channels: Channels = 16
+    layers: Cells = 8
+    batch_size: PositiveInt = 64
+    lr: PositiveNumber = 0.025
+    lr_min: NonNegativeNumber = 0.001
+    momentum: Rate = 0.9
+    weight_decay: NonNegativeNumber = 3e-4
+    grad_clip: PositiveNumber = 5.0
+    arch_lr: PositiveNumber = 3e-4
+    arch_betas: tuple[Rate, Rate] = (0.5, 0.999)
+    arch_weight_decay: NonNegativeNumber = 1e-3
+    order: Order = 1   # 1: first-order architecture gradient; 2: second order (unrolled)
+    warmup_epochs: NonNegativeInt = 0   # first epochs train the weights only (the reference: 0, see darts_search)
+    # set by the run
     augment: bool = True
     anti: bool = False
-    order: int = 1   # 1: first-order architecture gradient; 2: second order (unrolled)
     fast: bool = True   # the fast supernet (same function and parameters as the plain one)
-    keep_epochs: tuple[int, ...] = ()   # keep the supernet after these epochs (0: before training)
+    keep_epochs: tuple[NonNegativeInt, ...] = ()   # keep the supernet after these epochs (0: before training)
     mixed_precision: bool = False   # CUDA only: float16 autocast with gradient scaling (first order only)
 
-    def __post_init__(self) -> None:
-        check_order(self.order)
-        check_mixed_precision(self.mixed_precision, self.order)
-        self.keep_epochs = tuple(int(e) for e in self.keep_epochs)
-        if any(not 0 <= e <= self.epochs for e in self.keep_epochs):
-            raise ValueError(f"keep_epochs must lie in 0..epochs ({self.epochs}), got {self.keep_epochs}")
+    @field_validator("keep_epochs")
+    @classmethod
+    def _kept_epochs_exist(cls, keep_epochs: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        epochs = info.data.get("epochs")
+        if epochs is not None and any(e > epochs for e in keep_epochs):
+            raise ValueError(f"must lie in 0..epochs ({epochs})")
+        return keep_epochs
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup_within_search(cls, warmup_epochs: int, info: ValidationInfo) -> int:
+        epochs = info.data.get("epochs")
+        if epochs is not None and warmup_epochs >= epochs:
+            raise ValueError(f"must be less than epochs ({epochs}): alpha needs at least one epoch")
+        return warmup_epochs
+
+    @field_validator("mixed_precision")
+    @classmethod
+    def _first_order_only(cls, mixed_precision: bool, info: ValidationInfo) -> bool:
+        return first_order_only(mixed_precision, info)
 
 
 @dataclass(frozen=True)
@@ -106,10 +128,12 @@ def _widened(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def check_mixed_precision(mixed_precision: bool, order: int) -> None:
-    if mixed_precision and order == 2:
-        raise ValueError("mixed_precision supports the first-order search only (order: 1): the second-order "
+def first_order_only(mixed_precision: bool, info: ValidationInfo) -> bool:
+    """The check of a search config's ``mixed_precision`` against its ``order`` (declared before it)."""
+    if mixed_precision and info.data.get("order") == 2:
+        raise ValueError("supports the first-order search only (order: 1): the second-order "
                          "step's finite differences need float32")
+    return mixed_precision
 
 
 def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
@@ -129,11 +153,6 @@ def supernet_class(fast: bool) -> type[SuperNet]:
     return FastSuperNet if fast else SuperNet
 
 
-def check_order(order: object) -> None:
-    if isinstance(order, bool) or order not in (1, 2):
-        raise ValueError(f"order must be 1 (first order) or 2 (second order, unrolled), got {order!r}")
-
-
 def darts_search(
     weight_part: ImageDataset,
     arch_part: ImageDataset,
@@ -148,6 +167,12 @@ def darts_search(
     ``normalisation`` is the per-channel (mean, std) of the inputs; like the reference's fixed
     dataset constants it should come from clean data, so that poisons cannot shift it. By
     default it is computed from the two halves together.
+
+    ``config.warmup_epochs`` first epochs train the weights only, as P-DARTS' stages begin. The
+    reference DARTS has none; a short search needs them: while the operations' weights are
+    still untrained, the parameter-free operations lower the loss most, so alpha moves towards
+    pooling (and anti-search towards convolutions) before the search sees what trained
+    operations do, the phase a 50-epoch search soon leaves behind.
     """
     torch.manual_seed(seed)
     model = supernet_class(config.fast)(
@@ -162,7 +187,6 @@ def darts_search(
         weight_part, arch_part, config.batch_size, augment=config.augment, seed=seed, device=device,
         normalisation=normalisation,
     )
-    rule = StepRule(order=config.order, anti=config.anti, grad_clip=config.grad_clip)
     precision = Precision(MixedPrecision.for_device(config.mixed_precision, device, "searching"))
 
     result = SearchResult(genotype=model.genotype())
@@ -172,6 +196,8 @@ def darts_search(
     trace = {"alpha_normal": [], "alpha_reduce": []}
     for epoch in progress(range(config.epochs), desc="search epochs"):
         lr = w_opt.param_groups[0]["lr"]   # the rate this epoch trains with
+        rule = StepRule(arch_step=epoch >= config.warmup_epochs, order=config.order, anti=config.anti,
+                        grad_clip=config.grad_clip)
         stats = train_epoch(model, w_opt, a_opt, train_loader, arch_loader, rule, where=f"epoch {epoch + 1}",
                             precision=precision)
         schedule.step()
@@ -179,8 +205,8 @@ def darts_search(
             trace[name].append(value)
         genotype = model.genotype()
         result.history.append({"epoch": epoch + 1, "lr": lr, **stats, "genotype": genotype.to_dict()})
-        log.info("epoch %d: train acc %.3f, val acc %.3f, %s", epoch + 1, stats["train_acc"], stats["val_acc"],
-                 genotype.summary())
+        log.info("epoch %d: train acc %.3f, val acc %s, %s", epoch + 1, stats["train_acc"],
+                 "-" if stats["val_acc"] is None else f"{stats['val_acc']:.3f}", genotype.summary())
         if epoch + 1 in keep:
             result.supernets[epoch + 1] = model.checkpoint()
     result.genotype = model.genotype()

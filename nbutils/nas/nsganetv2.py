@@ -39,12 +39,14 @@ of the network that would be retrained (:class:`ArchitectureCost`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
+from pydantic import ValidationInfo, field_validator
 
+from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate, config,
+                           integer, number)
 from ..space import encoding
 from .accuracy_predictors import CHOICES, MIN_POINTS, FittedPredictor, fit_predictor, kendall_tau
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
@@ -63,70 +65,51 @@ COSTS: tuple[str, ...] = ("params", "macs")
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass
+@config
 class Nsganetv2Config:
-    """Search settings; the defaults are the reference's where it has one."""
+    """Search settings; the defaults are the reference's where it has one. Every field but
+    ``augment`` is what search.yaml's ``nsganetv2:`` sets; the run sets ``augment`` for each search."""
 
     # the evolutionary search (reference: 100 initial, 30 iterations of 8, NSGA-II 40 x 20)
-    initial_design: int = 100
-    iterations: int = 30
-    candidates_per_iteration: int = 8
-    predictor: str = "adaptive"          # rbf, gp, cart, or adaptive (best cross-validated Kendall tau)
-    cv_folds: int = 10
-    cart_trees: int = 100
-    population: int = 40
-    generations: int = 20
-    crossover_prob: float = 0.9
-    mutation_eta: float = 1.0
+    iterations: NonNegativeInt = 30
+    initial_design: PositiveInt = 100
+    candidates_per_iteration: PositiveInt = 8
+    predictor: Literal[CHOICES] = "adaptive"   # rbf, gp, cart, or adaptive (best cross-validated Kendall tau)
+    cv_folds: integer(2) = 10
+    cart_trees: PositiveInt = 100
+    population: integer(2) = 40
+    generations: PositiveInt = 20
+    crossover_prob: number(ge=0, le=1) = 0.9
+    mutation_eta: PositiveNumber = 1.0
     # the second objective: the retrained network's parameters or multiply-accumulates
-    cost: str = "params"
-    cost_channels: int = 36
-    cost_layers: int = 20
-    cost_input_size: int | None = None   # for "macs"; None: the search images' size
+    cost: Literal[COSTS] = "params"
+    cost_channels: Channels = 36
+    cost_layers: Cells = 20
+    cost_input_size: integer(2) | None = None   # for "macs"; None: the search images' size
     # the weight-sharing supernet (DARTS search network sizes and weight recipe)
-    channels: int = 16
-    layers: int = 8
-    epochs: int = 50
-    batch_size: int = 64
-    lr: float = 0.025
-    lr_min: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
-    augment: bool = True
-    calibration_batches: int = 10        # batch-norm recalibration per candidate
-    eval_batch_size: int = 256
+    channels: Channels = 16
+    layers: Cells = 8
+    epochs: NonNegativeInt = 50
+    batch_size: integer(2) = 64
+    lr: PositiveNumber = 0.025
+    lr_min: NonNegativeNumber = 0.001
+    momentum: Rate = 0.9
+    weight_decay: NonNegativeNumber = 3e-4
+    grad_clip: PositiveNumber = 5.0
+    calibration_batches: PositiveInt = 10        # batch-norm recalibration per candidate
+    eval_batch_size: PositiveInt = 256
     # which front member is retrained: the third by cost of the `tradeoff_points` + most accurate
-    tradeoff_points: int = 3
+    tradeoff_points: PositiveInt = 3
+    # set by the run
+    augment: bool = True
 
-    def __post_init__(self) -> None:
-        def integer(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ValueError(f"Nsganetv2Config.{name} must be an int >= {minimum}, got {value!r}")
-
-        for name, minimum in (("iterations", 0), ("candidates_per_iteration", 1), ("cv_folds", 2),
-                              ("cart_trees", 1), ("population", 2), ("generations", 1), ("cost_channels", 2),
-                              ("cost_layers", 3), ("channels", 2), ("layers", 3), ("epochs", 0),
-                              ("batch_size", 2), ("calibration_batches", 1), ("eval_batch_size", 1),
-                              ("tradeoff_points", 1)):
-            integer(name, minimum)
-        integer("initial_design", MIN_POINTS if self.iterations > 0 else 1)
-        for name in ("channels", "cost_channels"):
-            if getattr(self, name) % 2:
-                raise ValueError(f"Nsganetv2Config.{name} must be even (factorized reductions halve it), "
-                                 f"got {getattr(self, name)}")
-        if self.cost_input_size is not None:
-            integer("cost_input_size", 2)
-        if self.predictor not in CHOICES:
-            raise ValueError(f"Nsganetv2Config.predictor must be one of {', '.join(CHOICES)}, got {self.predictor!r}")
-        if self.cost not in COSTS:
-            raise ValueError(f"Nsganetv2Config.cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
-        if not 0.0 <= self.crossover_prob <= 1.0:
-            raise ValueError(f"Nsganetv2Config.crossover_prob must lie in [0, 1], got {self.crossover_prob!r}")
-        if not self.mutation_eta > 0:
-            raise ValueError(f"Nsganetv2Config.mutation_eta must be > 0, got {self.mutation_eta!r}")
-        self.training()   # validates the supernet's recipe
+    @field_validator("initial_design")
+    @classmethod
+    def _enough_to_fit_a_predictor(cls, initial_design: int, info: ValidationInfo) -> int:
+        if info.data.get("iterations", 0) > 0 and initial_design < MIN_POINTS:
+            raise ValueError(f"must be >= {MIN_POINTS} when iterations > 0: the predictors are fitted (and "
+                             f"cross-validated) on the measured architectures")
+        return initial_design
 
     def training(self) -> OneShotTraining:
         return OneShotTraining(epochs=self.epochs, lr=self.lr, lr_min=self.lr_min, momentum=self.momentum,

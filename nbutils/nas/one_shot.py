@@ -28,22 +28,18 @@ measured best after 20 epochs and was still on the front after 60.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.data import BatchLoader
 from ..space.encoding import OPERATIONS
 from ..space.genotype import DEFAULT_CONCAT, STEPS, Genotype, random_genotype
-from ..core.progress import progress
 from ..space.supernet import SuperNet
-
-log = logging.getLogger(__name__)
+from ..training.loop import TrainingRecipe, train_supervised
 
 #: First row of each node in the supernet's edge list (node 2 reads states 0, 1; node 3 reads 0, 1, 2; ...).
 _NODE_OFFSETS = tuple(sum(2 + j for j in range(node)) for node in range(STEPS))
@@ -114,51 +110,30 @@ class OneShotTraining:
     grad_clip: float = 5.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"epochs must be an int >= 0, got {self.epochs!r}")
-        for name in ("lr", "grad_clip"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        for name in ("lr_min", "momentum", "weight_decay"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        self.recipe()   # the loop's recipe checks the values, naming the field
+
+    def recipe(self) -> TrainingRecipe:
+        """The shared loop's recipe: these values, no drop path or cutout, divergence an error."""
+        return TrainingRecipe(epochs=self.epochs, lr=self.lr, lr_min=self.lr_min, momentum=self.momentum,
+                              weight_decay=self.weight_decay, grad_clip=self.grad_clip)
 
 
 def train_one_shot(
     supernet: OneShotSupernet, loader: BatchLoader, training: OneShotTraining, *, seed: int
 ) -> list[dict]:
-    """Train the supernet in place, one uniformly drawn architecture per batch (drawn from a
-    ``numpy`` generator seeded with ``seed``). Returns one row per epoch: learning rate, mean
-    training loss and accuracy (of the sampled paths). Raises RuntimeError on a non-finite loss."""
+    """Train the supernet in place with the shared loop
+    (:func:`nbutils.training.loop.train_supervised`), one uniformly drawn architecture per batch
+    (drawn from a ``numpy`` generator seeded with ``seed``). Returns one row per epoch: learning
+    rate, mean training loss and accuracy (of the sampled paths). Raises RuntimeError on a
+    non-finite loss, naming the epoch."""
     rng = np.random.default_rng(seed)
-    weights = list(supernet.weights())
-    optimiser = torch.optim.SGD(weights, training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(training.epochs, 1), eta_min=training.lr_min)
-    history = []
-    for epoch in progress(range(training.epochs), desc="one-shot supernet epochs"):
-        supernet.train()
-        lr = optimiser.param_groups[0]["lr"]
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in loader:
-            genotype = random_genotype(rng)
-            optimiser.zero_grad(set_to_none=True)
-            logits = supernet(x, genotype)
-            loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"one-shot supernet training diverged in epoch {epoch + 1}: loss {loss.item()}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(weights, training.grad_clip)
-            optimiser.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        schedule.step()
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen}
-        history.append(row)
-        log.info("one-shot epoch %d: loss %.3f, acc %.3f", epoch + 1, row["train_loss"], row["train_acc"])
-    return history
+
+    def sampled_path(x: torch.Tensor) -> torch.Tensor:
+        return supernet(x, random_genotype(rng))
+
+    run = train_supervised(supernet, loader, training.recipe(), parameters=supernet.weights(), forward=sampled_path,
+                           name="one-shot supernet")
+    return run.curve
 
 
 def recalibrate_batch_norm(supernet: OneShotSupernet, genotype: Genotype, batches: Sequence[torch.Tensor]) -> None:

@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationInfo, field_validator
 
+from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, Order, PositiveInt, PositiveNumber, Rate,
+                           config)
 from .darts import (
     Precision,
     StepRule,
-    check_mixed_precision,
-    check_order,
+    first_order_only,
     make_optimisers,
     search_loaders,
     supernet_class,
@@ -54,60 +55,76 @@ CELLS = ("normal", "reduce")
 SKIP = "skip_connect"
 
 
-@dataclass
+@config
 class PdartsConfig:
-    """Defaults are the reference's, except the skip dropout rates: its code defaults to 0.0, its
-    README runs ``--dropout_rate 0.1 0.4 0.7``, used here."""
+    """P-DARTS' settings; the defaults are the reference's, except the skip dropout rates: its code
+    defaults to 0.0, its README runs ``--dropout_rate 0.1 0.4 0.7``, used here. The fields up to
+    ``order`` are what search.yaml's ``pdarts:`` sets; the run sets the rest for each search."""
 
-    layers: tuple[int, ...] = (5, 11, 17)          # cells per stage (base 5, add_layers 0, 6, 12)
-    num_to_keep: tuple[int, ...] = (5, 3, 1)       # operations per edge after each stage (drop 3, 2, 2)
-    dropout_rates: tuple[float, ...] = (0.1, 0.4, 0.7)   # skip dropout per stage
-    epochs: int = 25                               # per stage
-    warmup_epochs: int = 10                        # per stage, weights only
-    channels: int = 16
-    batch_size: int = 96
-    lr: float = 0.025
-    lr_min: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0                         # weights and alpha
-    arch_lr: float = 6e-4
-    arch_betas: tuple[float, float] = (0.5, 0.999)
-    arch_weight_decay: float = 1e-3
-    max_skip: int | None = 2                       # skip connections in the final normal cell; None: no limit
+    layers: tuple[Cells, ...] = (5, 11, 17)          # cells per stage (base 5, add_layers 0, 6, 12)
+    num_to_keep: tuple[PositiveInt, ...] = (5, 3, 1)  # operations per edge after each stage (drop 3, 2, 2)
+    dropout_rates: tuple[Rate, ...] = (0.1, 0.4, 0.7)   # skip dropout per stage
+    epochs: PositiveInt = 25                         # per stage
+    warmup_epochs: NonNegativeInt = 10               # per stage, weights only
+    channels: Channels = 16
+    batch_size: PositiveInt = 96
+    lr: PositiveNumber = 0.025
+    lr_min: NonNegativeNumber = 0.0
+    momentum: Rate = 0.9
+    weight_decay: NonNegativeNumber = 3e-4
+    grad_clip: PositiveNumber = 5.0                  # weights and alpha
+    arch_lr: PositiveNumber = 6e-4
+    arch_betas: tuple[Rate, Rate] = (0.5, 0.999)
+    arch_weight_decay: NonNegativeNumber = 1e-3
+    max_skip: NonNegativeInt | None = 2          # skip connections in the final normal cell; None: no limit
+    order: Order = 1
+    # set by the run
     augment: bool = True
     anti: bool = False
-    order: int = 1
-    fast: bool = True                              # the fast supernet (same function as the plain one)
-    mixed_precision: bool = False                  # CUDA only: float16 autocast with gradient scaling (order 1)
+    fast: bool = True                                # the fast supernet (same function as the plain one)
+    mixed_precision: bool = False                    # CUDA only: float16 autocast with gradient scaling (order 1)
 
-    def __post_init__(self) -> None:
-        check_mixed_precision(self.mixed_precision, self.order)
-        self.layers = tuple(int(n) for n in self.layers)
-        self.num_to_keep = tuple(int(k) for k in self.num_to_keep)
-        self.dropout_rates = tuple(float(p) for p in self.dropout_rates)
-        stages = len(self.layers)
-        if stages == 0 or len(self.num_to_keep) != stages or len(self.dropout_rates) != stages:
-            raise ValueError(
-                f"layers, num_to_keep and dropout_rates need one entry per stage, got {self.layers}, "
-                f"{self.num_to_keep} and {self.dropout_rates}"
-            )
-        if any(n < 3 for n in self.layers):
-            raise ValueError(f"every stage needs >= 3 cells, got layers={self.layers}")
-        previous = len(PRIMITIVES)
-        for k in self.num_to_keep:
-            if not 1 <= k < previous:
-                raise ValueError(f"num_to_keep must decrease from {len(PRIMITIVES)} and stay >= 1, got {self.num_to_keep}")
-            previous = k
-        if self.num_to_keep[-1] != 1:
-            raise ValueError(f"the last stage must keep 1 operation per edge, got num_to_keep={self.num_to_keep}")
-        if any(not 0.0 <= p < 1.0 for p in self.dropout_rates):
-            raise ValueError(f"dropout_rates must lie in [0, 1), got {self.dropout_rates}")
-        if self.epochs < 1 or not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {self.epochs} and {self.warmup_epochs}")
-        if self.max_skip is not None and self.max_skip < 0:
-            raise ValueError(f"max_skip must be None or >= 0, got {self.max_skip}")
-        check_order(self.order)
+    @field_validator("layers")
+    @classmethod
+    def _at_least_one_stage(cls, layers: tuple[int, ...]) -> tuple[int, ...]:
+        if not layers:
+            raise ValueError("needs at least one stage")
+        return layers
+
+    @field_validator("num_to_keep")
+    @classmethod
+    def _keep_fewer_each_stage(cls, num_to_keep: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        _one_per_stage(num_to_keep, info)
+        kept = (len(PRIMITIVES), *num_to_keep)
+        if not num_to_keep or any(later >= earlier for earlier, later in zip(kept, kept[1:])) or kept[-1] != 1:
+            raise ValueError(f"must decrease from the {len(PRIMITIVES)} operations to 1 (the last stage keeps one "
+                             "operation per edge)")
+        return num_to_keep
+
+    @field_validator("dropout_rates")
+    @classmethod
+    def _dropout_per_stage(cls, dropout_rates: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
+        return _one_per_stage(dropout_rates, info)
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup_within_stage(cls, warmup_epochs: int, info: ValidationInfo) -> int:
+        epochs = info.data.get("epochs")
+        if epochs is not None and warmup_epochs > epochs:
+            raise ValueError(f"cannot exceed epochs ({epochs})")
+        return warmup_epochs
+
+    @field_validator("mixed_precision")
+    @classmethod
+    def _first_order_only(cls, mixed_precision: bool, info: ValidationInfo) -> bool:
+        return first_order_only(mixed_precision, info)
+
+
+def _one_per_stage(values: tuple, info: ValidationInfo) -> tuple:
+    layers = info.data.get("layers")
+    if layers is not None and len(values) != len(layers):
+        raise ValueError(f"needs one entry per stage: {len(layers)}, as layers has")
+    return values
 
 
 def pdarts_search(

@@ -29,7 +29,8 @@ audit attacks (Sections 3.2 and 5.2). Written from the reference's behaviour (se
 5. **Selection.** The trained architecture with the highest validation accuracy (the first
    trained among equals).
 
-Brief training (the reference's ``train`` of ``search.py``): the same network as scored
+Brief training (the reference's ``train`` of ``search.py``), by the shared loop
+(:func:`nbutils.training.loop.train_supervised`): the same network as scored
 (C=16, 5 cells, no auxiliary head), SGD with momentum 0.9 and weight decay 3e-4, lr 0.1
 cosine-annealed to 5e-3 over 10 epochs, batch 576, gradient norm clipped to 5, drop path
 ramped linearly from 0 towards 0.2 over the epochs, no augmentation; the validation accuracy
@@ -67,13 +68,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from pydantic import ValidationInfo, field_validator
 
+from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate, config,
+                           integer)
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype, random_genotype
 from ..space.network import EvalNetwork
 from ..core.progress import progress
-from ..training.train import evaluate
+from ..training.loop import TrainingRecipe, evaluate, train_supervised
 from .search_result import SearchResult
 from .zero_cost import EXTRA_METRICS, METRICS, compute_metrics
 
@@ -83,72 +86,57 @@ log = logging.getLogger(__name__)
 _POOL, _INIT, _TRAIN, _METRIC_BATCH = 0, 1, 2, 3
 
 
-@dataclass
+@config
 class RobotConfig:
-    """RoBoT's settings; the defaults are the reference's (``darts_space/search.py``)."""
+    """RoBoT's settings, what search.yaml's ``robot:`` sets; the defaults are the reference's
+    (``darts_space/search.py``)."""
 
-    pool_size: int = 60000          # random architectures scored by the metrics
-    init_points: int = 1            # random BO queries before the GP proposes
-    iterations: int = 24            # BO proposals
-    budget: int = 25                # distinct architectures trained in all (BO + exploitation)
-    train_epochs: int = 10          # brief training of each queried architecture
-    train_batch_size: int = 576
-    lr: float = 0.1
-    lr_min: float = 5e-3
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
-    drop_path: float = 0.2          # final drop-path probability of the linear ramp
-    channels: int = 16              # the network scored and trained (the reference uses the same for both)
-    layers: int = 5
-    metric_batch_size: int = 64
+    pool_size: PositiveInt = 60000  # random architectures scored by the metrics
+    init_points: PositiveInt = 1    # random BO queries before the GP proposes
+    iterations: NonNegativeInt = 24   # BO proposals
+    budget: PositiveInt = 25        # distinct architectures trained in all (BO + exploitation)
+    train_epochs: PositiveInt = 10  # brief training of each queried architecture
+    train_batch_size: PositiveInt = 576
+    lr: PositiveNumber = 0.1
+    lr_min: NonNegativeNumber = 5e-3
+    momentum: Rate = 0.9
+    weight_decay: NonNegativeNumber = 3e-4
+    grad_clip: PositiveNumber = 5.0
+    drop_path: Rate = 0.2           # final drop-path probability of the linear ramp
+    channels: Channels = 16         # the network scored and trained (the reference uses the same for both)
+    layers: Cells = 5
+    metric_batch_size: integer(2) = 64   # jacob_cov's correlation matrix needs two samples
     metrics: tuple[str, ...] = METRICS
-    kappa: float = 2.576            # UCB exploration
+    kappa: NonNegativeNumber = 2.576   # UCB exploration
 
-    def __post_init__(self) -> None:
-        def integer(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise ValueError(f"RobotConfig.{name} must be an int >= {minimum}, got {value!r}")
+    @field_validator("budget")
+    @classmethod
+    def _budget_fits(cls, budget: int, info: ValidationInfo) -> int:
+        queries = (info.data.get("init_points"), info.data.get("iterations"))
+        if None not in queries and sum(queries) > budget:
+            raise ValueError(f"must be at least init_points + iterations ({queries[0]} + {queries[1]}): every "
+                             "query may train a new architecture")
+        pool_size = info.data.get("pool_size")
+        if pool_size is not None and budget > pool_size:
+            raise ValueError(f"must not exceed pool_size ({pool_size}): only pool architectures are trained")
+        return budget
 
-        def number(name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-            ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
-            ok = ok and (value < high if high_open else value <= high)
-            if not ok:
-                interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-                raise ValueError(f"RobotConfig.{name} must be a number in {interval}, got {value!r}")
+    @field_validator("lr_min")
+    @classmethod
+    def _lr_decreases(cls, lr_min: float, info: ValidationInfo) -> float:
+        if info.data.get("lr") is not None and lr_min > info.data["lr"]:
+            raise ValueError(f"must not exceed lr ({info.data['lr']}): the schedule anneals lr down to lr_min")
+        return lr_min
 
-        for name in ("pool_size", "init_points", "budget", "train_epochs", "train_batch_size", "channels"):
-            integer(name, 1)
-        integer("iterations", 0)
-        integer("layers", 3)
-        integer("metric_batch_size", 2)   # jacob_cov's correlation matrix needs two samples
-        number("lr", 0.0, math.inf, low_open=True, high_open=True)
-        number("lr_min", 0.0, self.lr)
-        number("momentum", 0.0, 1.0, high_open=True)
-        number("weight_decay", 0.0, math.inf, high_open=True)
-        number("grad_clip", 0.0, math.inf, low_open=True, high_open=True)
-        number("drop_path", 0.0, 1.0, high_open=True)
-        number("kappa", 0.0, math.inf, high_open=True)
-        if self.init_points + self.iterations > self.budget:
-            raise ValueError(
-                f"RobotConfig.budget ({self.budget}) must be at least init_points + iterations "
-                f"({self.init_points} + {self.iterations}): every query may train a new architecture"
-            )
-        if self.budget > self.pool_size:
-            raise ValueError(
-                f"RobotConfig.budget ({self.budget}) must not exceed pool_size ({self.pool_size}): "
-                "only pool architectures are trained"
-            )
-        metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _known_metrics(cls, metrics: object) -> object:
+        metrics = (metrics,) if isinstance(metrics, str) else metrics
         allowed = METRICS + EXTRA_METRICS
-        if not metrics or any(m not in allowed for m in metrics) or len(set(metrics)) != len(metrics):
-            raise ValueError(
-                f"RobotConfig.metrics must be distinct names from {', '.join(allowed)}, got {self.metrics!r}"
-            )
-        self.metrics = metrics
+        if (not isinstance(metrics, (tuple, list)) or not metrics or len(set(metrics)) != len(metrics)
+                or any(m not in allowed for m in metrics)):
+            raise ValueError(f"must be distinct names from {', '.join(allowed)}")
+        return metrics
 
 
 def child_seed(seed: int, purpose: int, index: int = 0) -> int:
@@ -383,6 +371,15 @@ def _exploit(normalised: np.ndarray, trainings: _Trainings, best_weights: np.nda
 # --------------------------------------------------------------------------- brief training
 
 
+def brief_training_recipe(config: RobotConfig) -> TrainingRecipe:
+    """The shared loop's recipe for RoBoT's brief training (module docstring). A candidate whose
+    loss turns non-finite is still scored (the reference does not check): divergence is logged,
+    not raised, so one candidate cannot end the search."""
+    return TrainingRecipe(epochs=config.train_epochs, lr=config.lr, lr_min=config.lr_min, momentum=config.momentum,
+                          weight_decay=config.weight_decay, grad_clip=config.grad_clip, drop_path=config.drop_path,
+                          divergence="warn")
+
+
 def train_candidate(
     genotype: Genotype,
     train_set: ImageDataset,
@@ -404,28 +401,9 @@ def train_candidate(
     common = dict(mean=mean, std=std, device=device)
     train_loader = BatchLoader(train_set, config.train_batch_size, shuffle=True, seed=seed, **common)
     val_loader = BatchLoader(val_set, config.train_batch_size, shuffle=False, seed=seed, **common)
-    optimiser = torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.train_epochs, eta_min=config.lr_min)
-    train_loss = train_acc = math.nan
-    for epoch in range(config.train_epochs):
-        model.train()
-        model.drop_path_prob = config.drop_path * epoch / config.train_epochs
-        total, correct, n = 0.0, 0, 0
-        for x, y in train_loader:
-            optimiser.zero_grad(set_to_none=True)
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimiser.step()
-            total += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            n += len(y)
-        schedule.step()
-        train_loss, train_acc = total / n, correct / n
-    if not math.isfinite(train_loss):
-        log.warning("brief training diverged (training loss %s); its validation accuracy is kept", train_loss)
+    run = train_supervised(model, train_loader, brief_training_recipe(config), name="RoBoT candidate", quiet=True)
+    last = run.curve[-1]
+    train_loss, train_acc = last["train_loss"], last["train_acc"]
     val_acc, val_loss = evaluate(model, val_loader)
     return {"val_acc": float(val_acc), "val_loss": float(val_loss), "train_loss": float(train_loss),
             "train_acc": float(train_acc), "seconds": time.perf_counter() - start}

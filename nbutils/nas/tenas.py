@@ -82,12 +82,13 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Hashable, Iterator, Mapping, Sequence
+from typing import Annotated, Hashable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import field_validator
 
+from ..core.config import NOT_BOOLEAN, PositiveInt, config, integer
 from ..core.data import BatchLoader, ImageDataset, channel_stats, resized
 from ..space.genotype import NUM_EDGES, STEPS, Genotype, parse_alpha
 from .ntk import linear_regions, ntk_condition_number, region_inputs
@@ -103,50 +104,36 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass
+@config
 class TenasConfig:
     """TE-NAS's settings; the defaults are the reference's (``prune_launch.py --space darts``,
-    CIFAR-10)."""
+    CIFAR-10). Every field but ``augment`` is what search.yaml's ``tenas:`` sets; the run sets
+    ``augment`` for each search."""
 
-    batch_size: int = 14          # images per NTK batch
-    channels: int = 1             # C of the NTK and region networks
-    cells: int = 2                # a normal cell, then a reduction cell (a third: another reduction)
-    stem_multiplier: int = 1
-    repeats: int = 3              # repetitions of both measurements per candidate
-    region_batches: int = 3       # batches of crops per region count
-    region_batch_size: int = 1000
-    region_crop: int = 3          # crop side, in pixels
-    prune_per_round: int = 3      # operations removed per edge per round
-    precision: int = 3            # decimals of each relative change; significant digits of the ranking key
-    augment: bool = True          # NTK batches: random crop (padding 4) and flip, as the reference's loader
+    batch_size: integer(2) = 14   # images per NTK batch (an NTK of one image has no condition number)
+    channels: PositiveInt = 1     # C of the NTK and region networks
+    cells: Annotated[Literal[2, 3], NOT_BOOLEAN] = 2   # a normal cell, then a reduction cell (a third: another reduction)
+    stem_multiplier: PositiveInt = 1
+    repeats: PositiveInt = 3      # repetitions of both measurements per candidate
+    region_batches: PositiveInt = 3   # batches of crops per region count
+    region_batch_size: integer(2) = 1000   # crops per batch (one crop alone has a single region)
+    region_crop: PositiveInt = 3  # crop side, in pixels
+    prune_per_round: PositiveInt = 3   # operations removed per edge per round
+    precision: PositiveInt = 3    # decimals of each relative change; significant digits of the ranking key
     fresh_batches: bool = True    # False: common NTK batches, crops and thin networks for a round
     operations: tuple[str, ...] = SEARCH_OPERATIONS   # the operations every edge starts with
-    image_size: int | None = None  # resize the images to this side for both indicators (None: as given)
+    image_size: integer(8) | None = None   # resize the images to this side for both indicators (None: as given)
+    # set by the run
+    augment: bool = True          # NTK batches: random crop (padding 4) and flip, as the reference's loader
 
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "channels", "stem_multiplier", "repeats", "region_batches",
-                     "region_batch_size", "region_crop", "prune_per_round", "precision"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TenasConfig.{name} must be an int >= 1, got {value!r}")
-        if self.batch_size < 2:
-            raise ValueError(f"TenasConfig.batch_size must be >= 2 (an NTK of one sample has no condition "
-                             f"number), got {self.batch_size}")
-        if isinstance(self.cells, bool) or self.cells not in (2, 3):
-            raise ValueError(f"TenasConfig.cells must be 2 (a normal and a reduction cell) or 3 (and a second "
-                             f"reduction cell), got {self.cells!r}")
-        ops = self.operations
-        if isinstance(ops, str) or not isinstance(ops, (tuple, list)) or not ops or len(set(ops)) != len(ops) \
-                or any(op not in SEARCH_OPERATIONS for op in ops):
-            raise ValueError(f"TenasConfig.operations must list distinct operations of {', '.join(SEARCH_OPERATIONS)}, "
-                             f"got {ops!r}")
-        self.operations = tuple(op for op in SEARCH_OPERATIONS if op in ops)
-        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
-                                            or self.image_size < 8):
-            raise ValueError(f"TenasConfig.image_size must be None or an int >= 8, got {self.image_size!r}")
-        for name in ("augment", "fresh_batches"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TenasConfig.{name} must be true or false, got {getattr(self, name)!r}")
+    @field_validator("operations")
+    @classmethod
+    def _search_operations(cls, operations: tuple[str, ...]) -> tuple[str, ...]:
+        """Distinct operations of the search space, put in its order (which decides ties)."""
+        if not operations or len(set(operations)) != len(operations) or any(op not in SEARCH_OPERATIONS
+                                                                             for op in operations):
+            raise ValueError(f"must list distinct operations of {', '.join(SEARCH_OPERATIONS)}")
+        return tuple(op for op in SEARCH_OPERATIONS if op in operations)
 
 
 # --------------------------------------------------------------------------- the pruning rule

@@ -24,7 +24,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..core.malloc import MALLOC_ENV
-from .execution import Outcome, default_workers, executions, report_line, run_execution
+from .execution import Outcome, default_workers, run_execution
+from .progress import Progress, chain_lengths   # chain_lengths: the priority of each execution
 
 if TYPE_CHECKING:
     from .stages import Stage
@@ -40,33 +41,16 @@ log = logging.getLogger(__name__)
 WORKER_ENVIRON = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, **MALLOC_ENV}
 
 
-def _run_execution(group, store, kernel, needs, threads):
+def _run_execution(group, store, kernel, needs, threads, fresh_kernel=False):
     """The task of one execution: ``needs`` are the outcome lists of the executions it reads."""
-
-    return run_execution(group, store, kernel, [o for outcomes in needs for o in outcomes], threads)
-
-
-def chain_lengths(groups: list[list["Stage"]]) -> list[int]:
-    """For each execution, the number of executions on the longest chain that starts with it
-    (itself, then what reads it, ...): Dask runs the highest first when several are ready, so
-    the long chains (clean trials -> gradient canceling -> poisoned trials -> report) start early
-    and the run does not end waiting on one of them."""
-    where = {id(s): i for i, group in enumerate(groups) for s in group}
-    readers: list[set[int]] = [set() for _ in groups]
-    for i, group in enumerate(groups):
-        for s in group:
-            for source in s.inputs.values():
-                if id(source) in where and where[id(source)] != i:
-                    readers[where[id(source)]].add(i)
-    length = [1] * len(groups)
-    for i in reversed(range(len(groups))):   # groups are in dependency order: readers come later
-        length[i] = 1 + max((length[j] for j in readers[i]), default=0)
-    return length
+    return run_execution(group, store, kernel, [o for outcomes in needs for o in outcomes], threads, fresh_kernel)
 
 
 def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | None, *, workers: int,
-                scheduler: str | None = None, out=sys.stdout) -> list["Outcome"]:
-    """Submit every execution as a task after the tasks it reads; return the outcomes in stage order."""
+                progress: Progress, scheduler: str | None = None, fresh_kernel: bool = False,
+                out=sys.stdout) -> list["Outcome"]:
+    """Submit every execution as a task after the tasks it reads; report each stage's outcome
+    to ``progress`` as it arrives; return the outcomes in stage order."""
     import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -87,28 +71,25 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
           + (f" ({threads} thread{'s' if threads > 1 else ''} each)" if threads else f" at {scheduler}"),
           file=out, flush=True)
     try:
-        groups = executions(stages)
-        priority = chain_lengths(groups)
+        groups, priority = progress.plan.groups, progress.plan.priority
         future_of: dict[int, object] = {}   # id(stage) -> the future of its execution
         futures = []
         for group, chain in zip(groups, priority):
             needs = list({id(f): f for f in (future_of[id(i)] for s in group for i in s.inputs.values())}.values())
-            future = client.submit(_run_execution, group, store, kernel, needs, threads, priority=chain,
+            future = client.submit(_run_execution, group, store, kernel, needs, threads, fresh_kernel, priority=chain,
                                    key=f"{group[0].kind}-{group[0].key}", pure=False)
             futures.append(future)
             future_of.update({id(s): future for s in group})
         group_of = {f.key: group for group, f in zip(groups, futures)}
         outcomes: dict[int, Outcome] = {}
-        done = 0
         for future in as_completed(futures):
             try:
                 finished = future.result()
             except Exception as e:  # a worker died more often than Dask retries, or a dependency did
                 finished = [Outcome(s, "failed", detail=f"{type(e).__name__}: {e}") for s in group_of[future.key]]
             for stage, outcome in zip(group_of[future.key], finished):   # outcomes carry copies of the stages
-                done += 1
                 outcomes[id(stage)] = outcome
-                print(report_line(done, len(stages), outcome), file=out, flush=True)
+                progress.finished(stage, outcome)
         return [outcomes[id(s)] for s in stages]
     finally:
         client.close()

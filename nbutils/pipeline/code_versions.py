@@ -34,7 +34,7 @@ CODE_VERSIONS: dict[str, int] = {
     "retrain": 1,
     "sensitivity": 1,
     "gallery": 1,
-    "report": 1,
+    "report": 2,
 }
 
 #: the notebook of each kind of stage; its code, and every function, class and constant of the

@@ -12,12 +12,19 @@ from .code_versions import PROJECT_ROOT
 from .stages import expand
 
 
-def example_stage(kind: str, preset: str = "quick", outputs: str | Path | None = None) -> tuple[dict, dict, str]:
+EXAMPLE_PRESETS = ("quick", "tour")
+
+
+def example_stage(kind: str, preset: str | None = None, outputs: str | Path | None = None) -> tuple[dict, dict, str]:
     """The first stage of ``kind`` in a preset, its inputs resolved in the store (they must exist:
-    run ``python -m nbutils run params/<preset>`` first), and a scratch folder to write into."""
-    preset_spec = params.load_preset(PROJECT_ROOT / "params" / preset)
-    stages = [s for s in expand(preset_spec) if s.kind == kind]
-    if not stages:
+    run ``python -m nbutils run params/<preset>`` first), and a scratch folder to write into.
+    By default the preset is the quick one (``make report``'s), or the tour for the kinds the
+    quick preset does not run (the defences, the metric sensitivity, the CLF surrogate)."""
+    for preset in [preset] if preset else EXAMPLE_PRESETS:
+        stages = [s for s in expand(params.load_preset(PROJECT_ROOT / "params" / preset)) if s.kind == kind]
+        if stages:
+            break
+    else:
         raise ValueError(f"preset {preset!r} has no {kind!r} stage")
     stage = next((s for s in stages if s.inputs), stages[0]) if kind != "report" else stages[0]
     store = ArtifactStore(outputs or PROJECT_ROOT / "outputs")
@@ -31,7 +38,7 @@ def example_stage(kind: str, preset: str = "quick", outputs: str | Path | None =
     return stage.spec, {role: str(store.path(s.kind, s.key)) for role, s in stage.inputs.items()}, str(scratch)
 
 
-def example_trials(kind: str, preset: str = "quick", outputs: str | Path | None = None) -> list[dict]:
+def example_trials(kind: str, preset: str | None = None, outputs: str | Path | None = None) -> list[dict]:
     """For running a trials notebook by hand: the first stage of ``kind`` as a list of one trial."""
     spec, inputs, out_dir = example_stage(kind, preset, outputs)
     return [{"spec": spec, "inputs": inputs, "out_dir": out_dir}]

@@ -5,8 +5,11 @@ Stages are the unit of storage; *executions* are the unit of work. The trials of
 condition (the searches of one algorithm on one poison set, then their retrainings) run in
 one execution of their notebook, which loops over them (parameter ``trials``): starting a
 kernel and importing torch costs several seconds, paid once per condition rather than once
-per trial. Every trial still gets its own artifact (with a copy of the executed notebook),
-and a trial that fails does not take the others of its execution down with it. A failed
+per trial; and consecutive executions in one process share a warm kernel
+(:mod:`~nbutils.pipeline.warm_kernel`), restored to its start state before each notebook and
+replaced by a fresh one after a failure, so that cost is paid about once per worker. Every
+trial still gets its own artifact (with a copy of the executed notebook), and a trial that
+fails does not take the others of its execution down with it. A failed
 stage does not stop the others; the stages that need its artifact are skipped, and the
 report shows their cells as missing with the reason.
 """
@@ -26,6 +29,7 @@ from ..core.malloc import MALLOC_ENV
 from ..core.store import ArtifactStore, atomic_write_bytes
 from .batches import COMPLETED_FILE, FAILED_FILE, run_trials
 from .code_versions import NOTEBOOK_OF, NOTEBOOKS
+from .warm_kernel import kernel_for
 from .stages import Stage
 
 log = logging.getLogger(__name__)
@@ -112,20 +116,18 @@ def executions(stages: list[Stage]) -> list[list[Stage]]:
 
 
 
-def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> list[Outcome]:
+def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh_kernel: bool = False) -> list[Outcome]:
     """Run stages of one kind in one execution, each into a private folder; commit each one
     that completed, keep each other one as failed.
 
     With a kernel the stages' notebook runs under papermill (the executed notebook is part of
     every artifact); with ``kernel=None`` the step functions run in this process (no notebook:
     faster, for tests and debugging). The gallery and the report always run as notebooks.
+    The notebook runs in this process's warm kernel, or with ``fresh_kernel`` in a kernel
+    started for it and stopped after it.
     Kinds in :data:`BATCHED` take the list ``trials`` and mark each trial that completed
     (:func:`nbutils.pipeline.batches.run_trials`); the others take one stage's ``spec``, ``inputs`` and
     ``out_dir``."""
-    import papermill
-
-    from . import steps   # the engines: torch and every algorithm, only for --inline
-
     kind = stages[0].kind
     if any(s.kind != kind for s in stages) or (len(stages) > 1 and kind not in BATCHED):
         raise ValueError(f"one execution runs stages of one kind in {BATCHED}, got {[s.kind for s in stages]}")
@@ -137,19 +139,27 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None) -> li
     error = None
     try:
         if kernel is None and kind in STEP_OF:
+            from . import steps   # the engines: torch and every algorithm, only for --inline
+
             step = getattr(steps, STEP_OF[kind])
             run_trials(step, trials) if kind in BATCHED else step(**trials[0])
         else:
             # the kernel keeps freed memory for its next tensors (see nbutils.core.malloc),
             # whatever this process was given (Dask workers: MALLOC_TRIM_THRESHOLD_=65536)
             os.environ.update(MALLOC_ENV)
-            with open(works[0] / KERNEL_LOG, "w") as kernel_log:
-                papermill.execute_notebook(
-                    str(NOTEBOOKS / NOTEBOOK_OF[kind]), str(notebook),
-                    parameters={"trials": trials} if kind in BATCHED else trials[0],
-                    kernel_name=kernel or kernel_name(), progress_bar=False, log_output=False, cwd=str(NOTEBOOKS),
-                    kernel_manager_class=kernel_manager_logging_to(kernel_log),
-                )
+            notebook_in = NOTEBOOKS / NOTEBOOK_OF[kind]
+            options = dict(parameters={"trials": trials} if kind in BATCHED else trials[0], progress_bar=False,
+                           log_output=False)
+            if fresh_kernel:
+                import papermill
+
+                with open(works[0] / KERNEL_LOG, "w") as kernel_log:
+                    papermill.execute_notebook(str(notebook_in), str(notebook), kernel_name=kernel or kernel_name(),
+                                               cwd=str(NOTEBOOKS), kernel_manager_class=kernel_manager_logging_to(kernel_log),
+                                               **options)
+            else:
+                kernel_for(kernel or kernel_name(), NOTEBOOKS).execute(notebook_in, notebook,
+                                                                       kernel_log=works[0] / KERNEL_LOG, **options)
         if kind == "report":
             render_html(notebook, works[0] / REPORT_HTML)
     except KeyboardInterrupt:
@@ -246,7 +256,7 @@ def default_workers() -> int:
 
 
 def run_execution(stages: list[Stage], store: ArtifactStore, kernel: str | None, inputs: Sequence[Outcome] = (),
-                  threads: int | None = None) -> list[Outcome]:
+                  threads: int | None = None, fresh_kernel: bool = False) -> list[Outcome]:
     """One execution's stages, given the outcomes of the stages they read: a stage is skipped
     when one of its inputs failed (a summary instead shows what exists), reused when its
     artifact exists, else executed (all of those together, see :func:`execute`)."""
@@ -266,7 +276,7 @@ def run_execution(stages: list[Stage], store: ArtifactStore, kernel: str | None,
         else:
             outcomes.append(None)
             todo.append(stage)
-    ran = iter(execute(todo, store, kernel) if todo else [])
+    ran = iter(execute(todo, store, kernel, fresh_kernel) if todo else [])
     return [outcome if outcome is not None else next(ran) for outcome in outcomes]
 
 

@@ -1,5 +1,12 @@
 """Parameter files: one YAML file per notebook per preset, under ``params/<preset>/``,
-validated into typed specs before anything runs.
+validated into typed params before anything runs.
+
+Words (:mod:`nbutils.core.config` says more): the *params* (``*Params``, this module) are a
+parameter file's validated contents; a *config* (``*Config``) is what an engine function runs
+with, and the search sections of search.yaml and the whole of retrain.yaml *are* the engines'
+configs (:class:`~nbutils.nas.darts.DartsConfig`, ..., :class:`~nbutils.training.train.RetrainConfig`),
+so every setting is declared and checked once, in the engine; a *spec* is a stage's plain-JSON
+parameters (:mod:`nbutils.pipeline.stages`), which hold a config's fields under ``config``.
 
 Unknown keys, wrong types and out-of-range values fail with the file, the key, the value
 and what is allowed. YAML 1.1 reads ``1e-3`` as a string; numbers written that way are
@@ -8,18 +15,27 @@ accepted as numbers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, FieldSerializationInfo, TypeAdapter, ValidationError,
+                      field_serializer, field_validator, model_validator)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from ..core.config import CONFIG_RULES, Cells, Channels, NonNegativeInt, PositiveInt, PositiveNumber, integer, number
 from ..core.data import DATASETS, SPLIT_SIZES
+from ..nas.darts import DartsConfig
+from ..nas.nsganetv2 import Nsganetv2Config
+from ..nas.pdarts import PdartsConfig
+from ..nas.robot import RobotConfig
+from ..nas.tenas import TenasConfig
+from ..training.train import RetrainConfig
 
 DatasetName = Literal[DATASETS]  # type: ignore[valid-type]
 Device = Literal["auto", "cpu", "cuda"]
-Budget = Annotated[float, Field(gt=0, le=1, description="fraction of the search data, in (0, 1]")]
-Pixels = Annotated[float, Field(ge=0, le=255, description="pixel units, 0..255")]
-PositiveInt = Annotated[int, Field(ge=1)]
+Budget = Annotated[number(gt=0, le=1), Field(description="fraction of the search data, in (0, 1]")]
+Pixels = Annotated[number(ge=0, le=255), Field(description="pixel units, 0..255")]
+ImageSide = integer(8)
 
 # darts_anti: the workshop paper's anti-search (DARTS maximising the loss), Table 1
 NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts", "tenas", "robot", "nsganetv2")
@@ -42,21 +58,23 @@ class ParamsError(ValueError):
     """A parameter file that cannot be used; the message names every problem."""
 
 
-class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Params(BaseModel):
+    """A parameter file or a part of one: frozen, unknown keys refused, no NaN or infinities."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- grid.yaml: what runs ---------------------------------------------------------------------
-class DataSpec(Spec):
+class DataParams(Params):
     dataset: DatasetName = "fashion_mnist"
     data_root: Optional[str] = None
     download: bool = False
-    subset_seed: Annotated[int, Field(ge=0)] = 0   # which images the subsets below take
+    subset_seed: NonNegativeInt = 0   # which images the subsets below take
     search_size: Optional[PositiveInt] = None   # training images the search sees (None: all)
-    search_image_size: Optional[Annotated[int, Field(ge=8)]] = None
+    search_image_size: Optional[ImageSide] = None
     train_size: Optional[PositiveInt] = None    # clean training images for retraining (None: all)
     test_size: Optional[PositiveInt] = None     # test images for the final accuracy (None: all)
-    image_size: Optional[Annotated[int, Field(ge=8)]] = None
+    image_size: Optional[ImageSide] = None
 
     @field_validator("data_root")
     @classmethod
@@ -66,7 +84,7 @@ class DataSpec(Spec):
         return None if root in (None, "") else str(Path(root).expanduser().resolve())
 
     @model_validator(mode="after")
-    def _sizes_fit_the_splits(self) -> "DataSpec":
+    def _sizes_fit_the_splits(self) -> "DataParams":
         check_sizes_fit(self.dataset, {"search_size": ("train", self.search_size),
                                        "train_size": ("train", self.train_size),
                                        "test_size": ("test", self.test_size)})
@@ -83,7 +101,7 @@ def check_sizes_fit(dataset: str, sizes: dict[str, tuple[str, Optional[int]]]) -
                              f"(allowed: 1..{available}, or null for all of them)")
 
 
-class AttackEntry(Spec):
+class AttackEntry(Params):
     name: Literal[ATTACK_NAMES]  # type: ignore[valid-type]
     budgets: list[Budget] = []
     ensemble: Optional[PositiveInt] = None   # alpha only: supernets in the ensemble (workshop: e=1 or 6)
@@ -105,12 +123,12 @@ class AttackEntry(Spec):
         return f"alpha-e{self.ensemble or 1}" if self.name == "alpha" else self.name
 
 
-class OodEntry(Spec):
+class OodEntry(Params):
     """Search on another dataset, retrain on the grid's (TMLR Table 3)."""
 
     dataset: DatasetName    # the search data (noise: pure random images)
     search_size: Optional[PositiveInt] = None
-    search_image_size: Optional[Annotated[int, Field(ge=8)]] = None
+    search_image_size: Optional[ImageSide] = None
     algorithms: Optional[list[Literal[NAS_ALGORITHMS]]] = None   # type: ignore[valid-type]  # default: every one
 
     @model_validator(mode="after")
@@ -119,7 +137,7 @@ class OodEntry(Spec):
         return self
 
 
-class DefenseEntry(Spec):
+class DefenseEntry(Params):
     """One defence applied to poisoned search data before the search (TMLR Table 4)."""
 
     name: Literal["sanitise", "relabel", "denoise"]
@@ -128,16 +146,16 @@ class DefenseEntry(Spec):
     budgets: Optional[list[Budget]] = None   # default: every budget of those attacks (TMLR Table 4: 50% only)
 
 
-class GridSpec(Spec):
-    data: DataSpec = DataSpec()
+class GridParams(Params):
+    data: DataParams = DataParams()
     defenses: list[DefenseEntry] = []
     ood: list[OodEntry] = []                  # out-of-distribution searches, clean, per algorithm
     augmentation_ablation: list[Literal[NAS_ALGORITHMS]] = []  # type: ignore[valid-type]  # TMLR Table 6
     trials: PositiveInt = 2
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: NonNegativeInt = 0
     nas_algorithms: Annotated[list[Literal[NAS_ALGORITHMS]], Field(min_length=1)] = ["darts"]  # type: ignore[valid-type]
     attacks: Annotated[list[AttackEntry], Field(min_length=1)] = [AttackEntry(name="none")]
-    random_samples: Annotated[int, Field(ge=0)] = 10
+    random_samples: NonNegativeInt = 10
 
     @field_validator("attacks")
     @classmethod
@@ -150,7 +168,7 @@ class GridSpec(Spec):
         return attacks
 
     @model_validator(mode="after")
-    def _attacked_algorithms_searched(self) -> "GridSpec":
+    def _attacked_algorithms_searched(self) -> "GridParams":
         for a in self.attacks:
             extra = sorted(set(a.algorithms or ()) - set(self.nas_algorithms))
             if extra:
@@ -158,7 +176,7 @@ class GridSpec(Spec):
         return self
 
     @model_validator(mode="after")
-    def _ablation_searched(self) -> "GridSpec":
+    def _ablation_searched(self) -> "GridParams":
         extra = sorted(set(self.augmentation_ablation) - set(self.nas_algorithms))
         if extra:
             raise ValueError(f"augmentation_ablation names algorithms {extra} that nas_algorithms does not search")
@@ -168,7 +186,7 @@ class GridSpec(Spec):
         return self
 
     @model_validator(mode="after")
-    def _defended_attacks_exist(self) -> "GridSpec":
+    def _defended_attacks_exist(self) -> "GridParams":
         conditions = {a.condition for a in self.attacks if a.name != "none"}
         for d in self.defenses:
             unknown = sorted(set(d.attacks) - conditions)
@@ -186,7 +204,7 @@ class GridSpec(Spec):
         return self
 
     @model_validator(mode="after")
-    def _label_attacks_need_labels(self) -> "GridSpec":
+    def _label_attacks_need_labels(self) -> "GridParams":
         for a in self.attacks:
             named = sorted(set(a.algorithms or ()) & set(LABEL_FREE))
             if a.name in ("rlf", "clf") and named:
@@ -201,7 +219,7 @@ class GridSpec(Spec):
                 and not (attack.name in ("rlf", "clf") and a in LABEL_FREE)]
 
     @model_validator(mode="after")
-    def _attack_targets_exist(self) -> "GridSpec":
+    def _attack_targets_exist(self) -> "GridParams":
         if any(a.name == "alpha" for a in self.attacks) and "darts" not in self.nas_algorithms:
             raise ValueError("the alpha attack crafts its poisons on clean DARTS supernets: "
                              "nas_algorithms must include darts")
@@ -209,173 +227,107 @@ class GridSpec(Spec):
 
 
 # --- craft_poisons.yaml ------------------------------------------------------------------------
-class SurrogateSpec(Spec):
+class SurrogateParams(Params):
     """CLF's surrogate ResNet-18, trained once per dataset and seed on the clean search data."""
 
     epochs: PositiveInt = 40
     batch_size: PositiveInt = 128
-    lr: Annotated[float, Field(gt=0)] = 0.1
+    lr: PositiveNumber = 0.1
 
 
-class GradientCancelingSpec(Spec):
+class GradientCancelingParams(Params):
     steps: PositiveInt = 250
-    lr: Optional[Annotated[float, Field(gt=0)]] = None    # null: the recipe's default
+    lr: Optional[PositiveNumber] = None    # null: the recipe's default
     batch_size: PositiveInt = 128
-    gradpc_epsilon: Annotated[float, Field(ge=0)] = 1.0   # L2 radius of the target's corruption
+    gradpc_epsilon: number(ge=0) = 1.0   # L2 radius of the target's corruption
     gradpc_steps: Optional[PositiveInt] = None            # null: one pass over the data
-    gradpc_step_size: Annotated[float, Field(gt=0)] = 1.0
+    gradpc_step_size: PositiveNumber = 1.0
 
 
-class AlphaAttackSpec(Spec):
+class AlphaAttackParams(Params):
     steps: PositiveInt = 250
-    lr: Optional[Annotated[float, Field(gt=0)]] = None    # null: Witches' Brew's rule
+    lr: Optional[PositiveNumber] = None    # null: Witches' Brew's rule
     batch_size: PositiveInt = 128
     cells: Literal["normal", "both"] = "normal"   # the cells Eq. 2 sums over
     augment: bool = True                          # differentiable translation and flip
 
 
-class CraftPoisonsSpec(Spec):
-    seed: Annotated[int, Field(ge=0)] = 0   # which samples are poisoned, and the noise drawn
+class CraftPoisonsParams(Params):
+    seed: NonNegativeInt = 0   # which samples are poisoned, and the noise drawn
     eps: Pixels = 16.0                      # l_inf bound of clean-label perturbations
-    sigma: Annotated[float, Field(ge=0)] = 16.0   # Gaussian noise standard deviation, pixel units
+    sigma: number(ge=0) = 16.0   # Gaussian noise standard deviation, pixel units
     device: Device = "auto"
-    surrogate: SurrogateSpec = SurrogateSpec()
-    gc: GradientCancelingSpec = GradientCancelingSpec()
-    alpha: AlphaAttackSpec = AlphaAttackSpec()
+    surrogate: SurrogateParams = SurrogateParams()
+    gc: GradientCancelingParams = GradientCancelingParams()
+    alpha: AlphaAttackParams = AlphaAttackParams()
 
-    def attack_spec(self, name: str, budget: float) -> dict:
+    def attack_config(self, name: str, budget: float) -> dict:
         """The ``nbutils.attacks.poisoning.AttackSpec`` fields of one attack at one budget."""
-        spec = {"name": name, "budget": budget, "seed": self.seed, "eps": self.eps, "sigma": self.sigma}
+        fields = {"name": name, "budget": budget, "seed": self.seed, "eps": self.eps, "sigma": self.sigma}
         if name == "gc":
-            spec.update(self.gc.model_dump())
+            fields.update(self.gc.model_dump())
         elif name == "alpha":
-            spec.update(self.alpha.model_dump())
-        return spec
+            fields.update(self.alpha.model_dump())
+        return fields
 
 
 # --- search.yaml -------------------------------------------------------------------------------
-class DartsSpec(Spec):
-    epochs: PositiveInt = 50
-    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 16
-    layers: Annotated[int, Field(ge=3)] = 8
-    batch_size: PositiveInt = 64
-    lr: Annotated[float, Field(gt=0)] = 0.025
-    lr_min: Annotated[float, Field(ge=0)] = 0.001
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[float, Field(ge=0)] = 3e-4
-    grad_clip: Annotated[float, Field(gt=0)] = 5.0
-    arch_lr: Annotated[float, Field(gt=0)] = 3e-4
-    arch_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)
-    arch_weight_decay: Annotated[float, Field(ge=0)] = 1e-3
-    order: Literal[1, 2] = 1   # architecture gradient: 1 first order, 2 second order (unrolled)
+#: the engine config each algorithm section of search.yaml is (``darts_anti`` shares DARTS')
+SEARCH_CONFIGS: dict[str, type] = {"darts": DartsConfig, "pdarts": PdartsConfig, "tenas": TenasConfig,
+                                   "robot": RobotConfig, "nsganetv2": Nsganetv2Config}
+
+#: config fields the run sets for each search, so no section may: search.yaml's own ``augment``,
+#: ``fast`` and ``mixed_precision`` (for every algorithm), ``anti`` (the darts_anti algorithm) and
+#: ``keep_epochs`` (the supernets the crafted attacks read)
+SET_BY_THE_RUN = ("augment", "anti", "fast", "keep_epochs", "mixed_precision")
+
+#: settings the sections gained when they became the engines' configs: a stage's key holds one
+#: only when it differs from its default, so that every artifact made before keeps its key
+KEYED_WHEN_CHANGED: dict[str, tuple[str, ...]] = {
+    "darts": ("warmup_epochs",),
+    "tenas": ("stem_multiplier", "region_crop", "precision", "operations"),
+    "robot": ("momentum", "weight_decay", "grad_clip", "drop_path", "metrics", "kappa"),
+    "nsganetv2": ("cv_folds", "cart_trees", "crossover_prob", "mutation_eta", "cost_input_size", "lr_min",
+                  "momentum", "weight_decay", "grad_clip", "eval_batch_size", "tradeoff_points"),
+}
 
 
-class PdartsSpec(Spec):
-    """P-DARTS; the defaults are the reference's (three stages of 25 epochs, 10 of them warm-up)."""
-
-    layers: Annotated[list[Annotated[int, Field(ge=3)]], Field(min_length=1)] = [5, 11, 17]   # cells per stage
-    num_to_keep: Annotated[list[PositiveInt], Field(min_length=1)] = [5, 3, 1]   # operations per edge after each stage
-    dropout_rates: Annotated[list[Annotated[float, Field(ge=0, lt=1)]], Field(min_length=1)] = [0.1, 0.4, 0.7]
-    epochs: PositiveInt = 25            # per stage
-    warmup_epochs: Annotated[int, Field(ge=0)] = 10   # per stage, weights only
-    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 16
-    batch_size: PositiveInt = 96
-    lr: Annotated[float, Field(gt=0)] = 0.025
-    lr_min: Annotated[float, Field(ge=0)] = 0.0
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[float, Field(ge=0)] = 3e-4
-    grad_clip: Annotated[float, Field(gt=0)] = 5.0
-    arch_lr: Annotated[float, Field(gt=0)] = 6e-4
-    arch_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)
-    arch_weight_decay: Annotated[float, Field(ge=0)] = 1e-3
-    max_skip: Optional[Annotated[int, Field(ge=0)]] = 2   # skip connections in the final normal cell; null: no limit
-    order: Literal[1, 2] = 1
-
-    @model_validator(mode="after")
-    def _stages_agree(self) -> "PdartsSpec":
-        n = len(self.layers)
-        if len(self.num_to_keep) != n or len(self.dropout_rates) != n:
-            raise ValueError(f"layers, num_to_keep and dropout_rates need one entry per stage; got {n}, "
-                             f"{len(self.num_to_keep)} and {len(self.dropout_rates)}")
-        keep = [8, *self.num_to_keep]
-        if any(b >= a for a, b in zip(keep, keep[1:])) or self.num_to_keep[-1] != 1:
-            raise ValueError(f"num_to_keep must decrease from 8 operations to 1, got {self.num_to_keep}")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) cannot exceed epochs ({self.epochs})")
-        return self
+def section_settings(algorithm: str, config: Any) -> dict:
+    """The settings of a search section that a stage's spec carries (and its key hashes): every
+    field but those set by the run, and each of :data:`KEYED_WHEN_CHANGED` only when changed."""
+    defaults = type(config)()
+    later = KEYED_WHEN_CHANGED.get(algorithm, ())
+    return {name: value for name, value in TypeAdapter(type(config)).dump_python(config).items()
+            if name not in SET_BY_THE_RUN and not (name in later and value == getattr(defaults, name))}
 
 
-class TenasSpec(Spec):
-    """TE-NAS; the defaults are the reference's (NTK batch 14, C=1, 2 cells, 3 repeats)."""
+class SearchParams(Params):
+    """search.yaml: where and how every search runs, and one section per algorithm, each the
+    algorithm's engine config (its fields, ranges, defaults and checks are declared there)."""
 
-    batch_size: Annotated[int, Field(ge=2)] = 14
-    channels: PositiveInt = 1
-    cells: Annotated[int, Field(ge=2)] = 2
-    repeats: PositiveInt = 3
-    region_batches: PositiveInt = 3
-    region_batch_size: Annotated[int, Field(ge=2)] = 1000
-    prune_per_round: PositiveInt = 3
-    fresh_batches: bool = True   # false: the candidates of a round share their batches (about half the work)
-    image_size: Annotated[int, Field(ge=8)] | None = None   # resize the search images for TE-NAS (null: as they are)
-
-
-class RobotSpec(Spec):
-    """RoBoT; the defaults are the reference's (pool of 60k, 1 + 24 BO queries, budget 25)."""
-
-    pool_size: PositiveInt = 60000          # random architectures scored by the six metrics
-    init_points: PositiveInt = 1            # random BO queries before the GP proposes
-    iterations: Annotated[int, Field(ge=0)] = 24   # BO proposals (UCB)
-    budget: PositiveInt = 25                # distinct architectures trained (BO + exploitation)
-    train_epochs: PositiveInt = 10          # brief training of each queried architecture
-    train_batch_size: PositiveInt = 576
-    lr: Annotated[float, Field(gt=0)] = 0.1
-    lr_min: Annotated[float, Field(ge=0)] = 5e-3
-    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 16
-    layers: Annotated[int, Field(ge=3)] = 5
-    metric_batch_size: Annotated[int, Field(ge=2)] = 64
-
-    @model_validator(mode="after")
-    def _budget_fits(self) -> "RobotSpec":
-        if not self.init_points + self.iterations <= self.budget <= self.pool_size:
-            raise ValueError(f"need init_points + iterations <= budget <= pool_size, got {self.init_points} + "
-                             f"{self.iterations}, {self.budget}, {self.pool_size}")
-        return self
-
-
-class Nsganetv2Spec(Spec):
-    """NSGANetV2 on the DARTS space with a weight-sharing supernet trained on the search data;
-    the defaults are the reference's (100 initial architectures, 30 iterations of 8)."""
-
-    initial_design: Annotated[int, Field(ge=6)] = 100   # the adaptive predictor cross-validates: >= 6
-    iterations: Annotated[int, Field(ge=0)] = 30
-    candidates_per_iteration: PositiveInt = 8
-    predictor: Literal["adaptive", "rbf", "gp", "cart"] = "adaptive"
-    population: Annotated[int, Field(ge=2)] = 40     # NSGA-II on the predictor
-    generations: PositiveInt = 20
-    cost: Literal["params", "macs"] = "params"       # the second objective, of the retrained network
-    cost_channels: Annotated[int, Field(ge=2, multiple_of=2)] = 36
-    cost_layers: Annotated[int, Field(ge=3)] = 20
-    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 16   # the supernet
-    layers: Annotated[int, Field(ge=3)] = 8
-    epochs: Annotated[int, Field(ge=0)] = 50
-    batch_size: Annotated[int, Field(ge=2)] = 64
-    lr: Annotated[float, Field(gt=0)] = 0.025
-    calibration_batches: PositiveInt = 10
-
-
-class SearchSpec(Spec):
     device: Device = "auto"
     augment: bool = True     # random crop and flip during the search (TMLR Table 6 turns it off)
     fast: bool = True        # the fast supernet; false: the plain one (the executable specification)
     mixed_precision: bool = False   # DARTS and P-DARTS on CUDA: float16 autocast with gradient scaling (order 1)
-    darts: DartsSpec = DartsSpec()
-    pdarts: PdartsSpec = PdartsSpec()
-    tenas: TenasSpec = TenasSpec()
-    robot: RobotSpec = RobotSpec()
-    nsganetv2: Nsganetv2Spec = Nsganetv2Spec()
+    darts: DartsConfig = DartsConfig()
+    pdarts: PdartsConfig = PdartsConfig()
+    tenas: TenasConfig = TenasConfig()
+    robot: RobotConfig = RobotConfig()
+    nsganetv2: Nsganetv2Config = Nsganetv2Config()
+
+    @field_validator(*SEARCH_CONFIGS, mode="before")
+    @classmethod
+    def _no_run_settings(cls, section: Any) -> Any:
+        if isinstance(section, dict):
+            for key in SET_BY_THE_RUN:
+                if key in section:
+                    raise ValueError(f"{key!r} cannot be set per algorithm (value {section[key]!r}): the run sets "
+                                     f"it for each search (search.yaml's augment, fast and mixed_precision apply to "
+                                     f"every algorithm; darts_anti is DARTS' anti-search)")
+        return section
 
     @model_validator(mode="after")
-    def _mixed_precision_first_order(self) -> "SearchSpec":
+    def _mixed_precision_first_order(self) -> "SearchParams":
         if self.mixed_precision:
             second = [name for name in ("darts", "pdarts") if getattr(self, name).order == 2]
             if second:
@@ -383,46 +335,42 @@ class SearchSpec(Spec):
                                  f"{' and '.join(second)}, or mixed_precision: false")
         return self
 
+    @field_serializer(*SEARCH_CONFIGS)
+    def _section_settings(self, config: Any, info: FieldSerializationInfo) -> dict:
+        return section_settings(info.field_name, config)
+
     def config_of(self, algorithm: str) -> dict:
-        """The settings a search stage of ``algorithm`` runs with (``darts_anti`` shares DARTS')."""
+        """The settings a search stage of ``algorithm`` runs with (:func:`section_settings`)."""
         family = {"darts_anti": "darts"}.get(algorithm, algorithm)
         if family == "random":
             return {}
-        return getattr(self, family).model_dump()
+        return section_settings(family, getattr(self, family))
 
 
 # --- retrain.yaml ------------------------------------------------------------------------------
-class RetrainSpec(Spec):
+@pydantic_dataclass(frozen=True, config=CONFIG_RULES)
+class RetrainParams(RetrainConfig):
+    """retrain.yaml: the retraining's config (:class:`~nbutils.training.train.RetrainConfig`, which
+    declares and checks its fields) and the device it runs on."""
+
     device: Device = "auto"
-    epochs: PositiveInt = 600
-    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 36
-    layers: Annotated[int, Field(ge=3)] = 20
-    batch_size: PositiveInt = 128
-    lr: Annotated[float, Field(gt=0)] = 0.025
-    lr_min: Annotated[float, Field(ge=0)] = 0.0
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[float, Field(ge=0)] = 3e-4
-    grad_clip: Annotated[float, Field(gt=0)] = 5.0
-    auxiliary: bool = True
-    auxiliary_weight: Annotated[float, Field(ge=0)] = 0.4
-    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.3
-    cutout: Annotated[int, Field(ge=0)] = 16
-    augment: bool = True
-    mixed_precision: bool = False   # CUDA only: float16 autocast with gradient scaling
-    channels_last: bool = False     # NHWC activations (faster on recent GPUs)
+
+    def model_dump(self, **options: Any) -> dict:
+        """The file's values, as every other file's params give them (pydantic's ``model_dump``)."""
+        return TypeAdapter(RetrainParams).dump_python(self, **options)
 
 
 # --- metric_sensitivity.yaml (TMLR Table 2) -----------------------------------------------------
-class MetricSensitivitySpec(Spec):
+class MetricSensitivityParams(Params):
     """Each training-free metric on clean and on poisoned data, same random architectures."""
 
     run: bool = True
     architectures: PositiveInt = 100    # random architectures (paper: 100)
-    samples: Annotated[int, Field(ge=2)] = 1000   # search images the metrics see (paper: 1000)
-    batch_size: Annotated[int, Field(ge=2)] = 64
-    channels: Annotated[int, Field(ge=2, multiple_of=2)] = 16
-    layers: Annotated[int, Field(ge=3)] = 5
-    seed: Annotated[int, Field(ge=0)] = 0
+    samples: integer(2) = 1000   # search images the metrics see (paper: 1000)
+    batch_size: integer(2) = 64
+    channels: Channels = 16
+    layers: Cells = 5
+    seed: NonNegativeInt = 0
     device: Device = "auto"
 
 
@@ -431,11 +379,12 @@ class MetricSensitivitySpec(Spec):
 LOCAL_FILES = ("ddpm_path", "extractor_weights")
 
 
-class DefendSpec(Spec):
-    """Settings of each defence (``nbutils.defenses.defending.DefenseSpec`` fields); grid.yaml says which run."""
+class DefendParams(Params):
+    """Settings of each defence (``nbutils.defenses.defending.DefenseSpec`` fields, checked there);
+    grid.yaml says which run."""
 
     run: bool = True
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: NonNegativeInt = 0
     device: Device = "auto"
     sanitise: dict = {}
     relabel: dict = {}
@@ -450,7 +399,7 @@ class DefendSpec(Spec):
                 else value for key, value in settings.items()}
 
     @model_validator(mode="after")
-    def _settings_valid(self) -> "DefendSpec":
+    def _settings_valid(self) -> "DefendParams":
         from ..defenses.defending import DefenseSpec
 
         for name in ("sanitise", "relabel", "denoise"):
@@ -460,37 +409,40 @@ class DefendSpec(Spec):
                 raise ValueError(f"{name}: {e}") from None
         return self
 
-    def defense_spec(self, name: str) -> dict:
+    def defense_config(self, name: str) -> dict:
+        """The ``DefenseSpec`` fields of one defence."""
         return {"name": name, "seed": self.seed, **getattr(self, name)}
 
 
 # --- report.yaml -------------------------------------------------------------------------------
-class ReportSpec(Spec):
+class ReportParams(Params):
     title: str = "Does neural architecture search survive poisoned data?"
-    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05   # significance level (BH false discovery rate)
+    alpha: number(gt=0, lt=1) = 0.05   # significance level (BH false discovery rate)
 
 
-FILE_SPECS: dict[str, type[Spec]] = {
-    "grid": GridSpec,
-    "craft_poisons": CraftPoisonsSpec,
-    "search": SearchSpec,
-    "retrain": RetrainSpec,
-    "metric_sensitivity": MetricSensitivitySpec,
-    "defend": DefendSpec,
-    "report": ReportSpec,
+#: each file's params: pydantic models, but retrain.yaml's, a config (a pydantic dataclass), so
+#: they are validated through pydantic's TypeAdapter, which takes both
+FILE_PARAMS: dict[str, type] = {
+    "grid": GridParams,
+    "craft_poisons": CraftPoisonsParams,
+    "search": SearchParams,
+    "retrain": RetrainParams,
+    "metric_sensitivity": MetricSensitivityParams,
+    "defend": DefendParams,
+    "report": ReportParams,
 }
 
 
-class Preset(Spec):
+class Preset(Params):
     name: str
     path: str
-    grid: GridSpec
-    craft_poisons: CraftPoisonsSpec
-    search: SearchSpec
-    retrain: RetrainSpec
-    metric_sensitivity: MetricSensitivitySpec
-    defend: DefendSpec
-    report: ReportSpec
+    grid: GridParams
+    craft_poisons: CraftPoisonsParams
+    search: SearchParams
+    retrain: RetrainParams
+    metric_sensitivity: MetricSensitivityParams
+    defend: DefendParams
+    report: ReportParams
 
     @model_validator(mode="after")
     def _defenses_configured(self) -> "Preset":
@@ -499,27 +451,36 @@ class Preset(Spec):
         return self
 
 
+#: pydantic's error types for a key the model does not have (models, dataclasses)
+UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")
+
+
 def _format_errors(source: str, error: ValidationError) -> list[str]:
+    """One line per problem: the file, the key path, the value and the rule (a rule about a whole
+    mapping, e.g. across its keys, names the mapping's path without repeating its values)."""
     lines = []
     for e in error.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         value = e.get("input")
-        if e["type"] == "extra_forbidden":
+        rule = e["msg"].removeprefix("Value error, ")
+        if e["type"] in UNKNOWN_KEY:
             lines.append(f"{source}: unknown key {where!r} (value {value!r})")
+        elif isinstance(value, dict):
+            lines.append(f"{source}: {where}: {rule}")
         else:
-            lines.append(f"{source}: {where} = {value!r}: {e['msg']}")
+            lines.append(f"{source}: {where} = {value!r}: {rule}")
     return lines
 
 
-def validate(kind: str, values: dict | None, source: str = "<dict>") -> Spec:
-    """Validate one file's values into its spec; raise ParamsError naming every problem."""
-    if kind not in FILE_SPECS:
-        raise ParamsError(f"unknown parameter file kind {kind!r}; known: {', '.join(FILE_SPECS)}")
+def validate(kind: str, values: dict | None, source: str = "<dict>") -> Any:
+    """Validate one file's values into its params; raise ParamsError naming every problem."""
+    if kind not in FILE_PARAMS:
+        raise ParamsError(f"unknown parameter file kind {kind!r}; known: {', '.join(FILE_PARAMS)}")
     values = values or {}
     if not isinstance(values, dict):
         raise ParamsError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
     try:
-        return FILE_SPECS[kind].model_validate(values)
+        return TypeAdapter(FILE_PARAMS[kind]).validate_python(values)
     except ValidationError as e:
         raise ParamsError("\n".join(_format_errors(source, e))) from None
 
@@ -536,19 +497,25 @@ def load_preset(path: Path | str) -> Preset:
     path = Path(path)
     if not path.is_dir():
         raise ParamsError(f"preset folder {str(path)!r} does not exist; presets live in params/<name>/")
-    specs, problems = {}, []
+    files, problems = {}, []
     for kind, filename in PRESET_FILES.items():
         file = path / filename
         if not file.is_file() and kind in OPTIONAL_FILES:
-            specs[kind] = validate(kind, {"run": False}, str(file))
+            files[kind] = validate(kind, {"run": False}, str(file))
             continue
         if not file.is_file():
             problems.append(f"{file}: missing (a preset needs {', '.join(PRESET_FILES[k] for k in PRESET_FILES if k not in OPTIONAL_FILES)})")
             continue
         try:
-            specs[kind] = validate(kind, read_yaml(file), str(file))
+            files[kind] = validate(kind, read_yaml(file), str(file))
         except ParamsError as e:
             problems.append(str(e))
     if problems:
         raise ParamsError("\n".join(problems))
-    return Preset(name=path.name, path=str(path), **specs)
+    return Preset(name=path.name, path=str(path), **files)
+
+
+# The former names, still used outside the pipeline (nbutils.report.tables and two test modules);
+# to be removed when those use the new ones.
+DataSpec = DataParams
+SearchSpec = SearchParams

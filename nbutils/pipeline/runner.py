@@ -17,8 +17,11 @@ from ..core.data import DATA_ROOT_ENV, load_dataset
 from ..core.store import ArtifactStore, atomic_write_bytes
 from . import params
 from .code_versions import NOTEBOOK_OF, PROJECT_ROOT
-from .execution import (CELLS_CSV, REPORT_HTML, STAGE_BASE, TRIALS_CSV, Outcome, default_workers, executions,
-                        kernel_name, report_line, run_execution)
+from . import warm_kernel
+from .cost_model import CostModel
+from .execution import (CELLS_CSV, REPORT_HTML, STAGE_BASE, TRIALS_CSV, Outcome, default_workers, kernel_name,
+                        run_execution)
+from .progress import Plan, Progress
 from .stages import Stage, expand, mark_reruns, needed_by
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ def publish_report(stage: Path, outputs: Path) -> Path:
 
 def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | None = None,
         dry_run: bool = False, inline: bool = False, workers: int | None = None, scheduler: str | None = None,
-        rerun: Sequence[str] = (), out=sys.stdout) -> list[Outcome]:
+        rerun: Sequence[str] = (), fresh_kernels: bool = False, out=sys.stdout) -> list[Outcome]:
     """Validate, check, then execute every stage not already in the store.
 
     ``workers``: stages run at once on a local Dask cluster (default: one per CPU core; 1 runs
@@ -64,7 +67,13 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
     existing Dask cluster to run them on instead. ``inline``: the steps in the executing
     process instead of their notebooks, see :func:`execute`. ``rerun``: kinds of stage to run
     again although their artifacts exist, with every stage that reads them (each new artifact
-    replaces the old one once complete).
+    replaces the old one once complete). ``fresh_kernels``: a kernel started for each notebook
+    instead of one warm kernel per worker (:mod:`~nbutils.pipeline.warm_kernel`).
+
+    ``dry_run`` lists the stages and prints what the run would cost (per kind: stages, CPU
+    hours, and whether each estimate is recorded, measured or modelled; the wall time on the
+    workers), see :mod:`~nbutils.pipeline.progress`. A run prints the same estimate first, then
+    a line per finished stage with the stages done and the time left.
 
     ``outputs`` is taken relative to the caller's working directory and made absolute before
     anything reads it: every path handed to a notebook is absolute, since its kernel runs in
@@ -86,23 +95,31 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
         raise params.ParamsError(f"--rerun {', '.join(unknown)}: not a kind of stage; allowed: {', '.join(NOTEBOOK_OF)}")
     mark_reruns(stages, set(rerun))
     store = ArtifactStore(outputs)
+    workers = workers or default_workers()
+    plan = Plan(stages, store, CostModel.from_store(outputs), workers)
     if dry_run:
         for s in stages:
             state = "rerun" if s.rerun else "exists" if store.exists(s.kind, s.key) else "to run"
             print(f"{s.kind:9s} {s.key}  {state:7s} {s.label}", file=out)
+        print("", *plan.summary_lines(), sep="\n", file=out)
         return []
     preflight(preset)
     store.clean_partial()
     os.environ["NBUTILS_HEADLESS"] = "1"
     kernel = None if inline else kernel_name()
-    workers = workers or default_workers()
     started = time.perf_counter()
+    progress = Progress(plan, out)
+    print(progress.header(), file=out, flush=True)
     if scheduler is None and workers == 1:
-        outcomes = _run_here(stages, store, kernel, out)
+        try:
+            outcomes = _run_here(stages, store, kernel, progress, fresh_kernels, out)
+        finally:
+            warm_kernel.shutdown()
     else:
         from .cluster import run_on_dask   # dask, only when it is used
 
-        outcomes = run_on_dask(stages, store, kernel, workers=workers, scheduler=scheduler, out=out)
+        outcomes = run_on_dask(stages, store, kernel, workers=workers, progress=progress, scheduler=scheduler,
+                               fresh_kernel=fresh_kernels, out=out)
     for outcome in outcomes:
         if outcome.stage.kind == "report" and outcome.status in ("ran", "reused"):
             publish_report(store.path("report", outcome.stage.key), outputs)
@@ -110,19 +127,18 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
     return outcomes
 
 
-def _run_here(stages: list[Stage], store: ArtifactStore, kernel: str | None, out) -> list[Outcome]:
+def _run_here(stages: list[Stage], store: ArtifactStore, kernel: str | None, progress: Progress,
+              fresh_kernel: bool, out) -> list[Outcome]:
     """Every execution in order, in this process; outcomes in stage order."""
     outcomes: dict[int, Outcome] = {}
-    done = 0
-    for group in executions(stages):
+    for group in progress.plan.groups:
         todo = [s.label for s in group if s.rerun or not store.exists(s.kind, s.key)]
         if todo:
-            print(f"[{done + 1}/{len(stages)}] {'; '.join(todo)} ...", file=out, flush=True)
+            print(f"[{progress.done + 1}/{len(stages)}] {'; '.join(todo)} ...", file=out, flush=True)
         inputs = [outcomes[id(s)] for stage in group for s in stage.inputs.values()]
-        for stage, outcome in zip(group, run_execution(group, store, kernel, inputs)):
+        for stage, outcome in zip(group, run_execution(group, store, kernel, inputs, fresh_kernel=fresh_kernel)):
             outcomes[id(stage)] = outcome
-            done += 1
-            print(report_line(done, len(stages), outcome), file=out, flush=True)
+            progress.finished(stage, outcome)
     return [outcomes[id(s)] for s in stages]
 
 

@@ -32,6 +32,9 @@ MIXED_PRECISION_ALGORITHMS = ("darts", "darts_anti", "pdarts")
 
 @dataclass(eq=False)
 class Stage:
+    """One stage of a run. ``spec``: its parameters in plain JSON, what its key hashes and what its
+    notebook receives (an engine's settings under ``config``, which the step builds the config from)."""
+
     kind: str
     spec: dict
     label: str
@@ -181,7 +184,7 @@ class _GridBuilder:
         """The poison set: CLF reads the surrogate, gradient canceling the attacked algorithm's
         clean trials, the alpha attack clean DARTS's."""
         craft = self.preset.craft_poisons
-        spec = {"data": self.data, "attack": craft.attack_spec(entry.name, budget), "device": craft.device}
+        spec = {"data": self.data, "attack": craft.attack_config(entry.name, budget), "device": craft.device}
         inputs: dict[str, Stage] = {}
         label = f"poison {entry.condition} {_percent(budget)}"
         meta = {"attack": entry.condition, "budget": budget}
@@ -261,7 +264,7 @@ def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None
 
 
 def defend_stage(preset: params.Preset, name: str, poison: Stage) -> Stage:
-    spec = {"data": preset.grid.data.model_dump(), "defense": preset.defend.defense_spec(name),
+    spec = {"data": preset.grid.data.model_dump(), "defense": preset.defend.defense_config(name),
             "device": preset.defend.device}
     return Stage("defend", spec, f"defend with {name} against {poison.label.removeprefix('poison ')}",
                  {"poison": poison}, {**poison.meta, "defense": name})

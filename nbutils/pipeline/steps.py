@@ -21,12 +21,16 @@ from . import params
 from ..attacks.poisoning import AttackSpec, poison
 from ..nas.darts import DartsConfig, SearchDiverged, darts_search, snapshot_epochs
 from ..nas.search_result import SearchResult
-from ..core.data import ImageDataset, channel_stats, load_dataset, search_split, seeded_subset, seeded_subset_indices
+from ..core.data import (ImageDataset, channel_stats, concatenate, load_dataset, search_split, seeded_subset,
+                         seeded_subset_indices)
 from ..core.device import resolve_device, seed_everything
 from ..accel.fast_supernet import FastSuperNet   # the attacks' supernets: same function, faster (tested)
 from ..space.genotype import Genotype, random_genotype
 from ..space.network import EvalNetwork
+from ..nas.nsganetv2 import Nsganetv2Config, nsganetv2_search
 from ..nas.pdarts import PdartsConfig, pdarts_search
+from ..nas.robot import RobotConfig, robot_search
+from ..nas.tenas import TenasConfig, tenas_search
 from ..core.poison_set import PoisonSet
 from ..core.store import atomic_write_json, read_json, save_arrays
 from ..space.supernet import supernet_from_checkpoint
@@ -40,17 +44,17 @@ WEIGHTS_FILE = "weights.pt"
 RESULT_FILE = "result.json"
 
 
-def _data(spec: dict) -> params.DataSpec:
-    return params.DataSpec.model_validate(spec["data"])
+def _data(spec: dict) -> params.DataParams:
+    return params.DataParams.model_validate(spec["data"])
 
 
-def search_pool(data: params.DataSpec) -> ImageDataset:
+def search_pool(data: params.DataParams) -> ImageDataset:
     """The clean training images the search sees (and the attacker poisons)."""
     full = load_dataset(data.dataset, "train", data.data_root, data.download, data.search_image_size)
     return seeded_subset(full, data.search_size, seed=data.subset_seed)
 
 
-def retrain_sets(data: params.DataSpec) -> tuple[ImageDataset, ImageDataset]:
+def retrain_sets(data: params.DataParams) -> tuple[ImageDataset, ImageDataset]:
     """Clean training and test images for retraining and the final accuracy."""
     train = load_dataset(data.dataset, "train", data.data_root, data.download, data.image_size)
     test = load_dataset(data.dataset, "test", data.data_root, data.download, data.image_size)
@@ -189,7 +193,7 @@ def load_defended(artifact: str | Path, like: ImageDataset) -> ImageDataset:
         return ImageDataset(like.name, torch.from_numpy(saved["images"]), torch.from_numpy(saved["labels"]), like.classes)
 
 
-def trusted_pool(data: params.DataSpec, size: int) -> ImageDataset:
+def trusted_pool(data: params.DataParams, size: int) -> ImageDataset:
     """Clean training images outside the search data, which a defender holds out and trusts."""
     full = load_dataset(data.dataset, "train", data.data_root, data.download, data.search_image_size)
     searched = seeded_subset_indices(full, data.search_size, seed=data.subset_seed)
@@ -218,21 +222,14 @@ def _pdarts(weight_part, arch_part, spec, **common) -> SearchResult:
 
 
 def _robot(weight_part, arch_part, spec, **common) -> SearchResult:
-    from ..nas.robot import RobotConfig, robot_search
-
     return robot_search(weight_part, arch_part, RobotConfig(**spec["config"]), **common)
 
 
 def _nsganetv2(weight_part, arch_part, spec, **common) -> SearchResult:
-    from ..nas.nsganetv2 import Nsganetv2Config, nsganetv2_search
-
     return nsganetv2_search(weight_part, arch_part, Nsganetv2Config(**spec["config"], augment=spec["augment"]), **common)
 
 
 def _tenas(weight_part, arch_part, spec, **common) -> SearchResult:
-    from ..core.data import concatenate
-    from ..nas.tenas import TenasConfig, tenas_search
-
     # training-free: TE-NAS reads the whole search data, both halves
     config = TenasConfig(**spec["config"], augment=spec["augment"])
     return tenas_search(concatenate(weight_part, arch_part), config, **common)

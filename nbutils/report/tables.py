@@ -103,12 +103,24 @@ TABLE_COLUMNS = ["algorithm", "attack", "budget", "condition", "n", "acc_mean", 
                  "dimp_high", "p", "p_bh", "significant", "detectable_drop", "cpu_hours"]
 
 
+#: a search tested against another's clean trials (its own family): anti-search, the workshop
+#: paper's Table 1, finds worse cells than the DARTS search it inverts
+TESTED_AGAINST = {"darts_anti": "darts"}
+
+
 def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """Per algorithm and condition: n, Acc mean/std, dImp, p-value, BH-adjusted p, significant."""
+    """Per algorithm and condition: n, Acc mean/std, dImp, p-value, BH-adjusted p, significant.
+    Each poisoned condition is tested below its algorithm's clean one; an algorithm of
+    :data:`TESTED_AGAINST` (run on clean data only) below the other algorithm's clean trials."""
     random_acc = results.loc[results.algorithm == "random", "acc"]
     rows = []
     for algorithm, group in results[results.algorithm != "random"].groupby("algorithm", sort=False):
         clean = group.loc[group.attack == "none", "acc"].to_numpy()
+        if algorithm in TESTED_AGAINST:
+            reference = results.loc[(results.algorithm == TESTED_AGAINST[algorithm]) & (results.attack == "none"), "acc"]
+            rows += _with_bh([_cell_row(algorithm, "none", None, group, reference.to_numpy(), random_acc, alpha,
+                                        tested=len(reference) > 0)], alpha)
+            continue
         conditions = group[["attack", "budget"]].drop_duplicates().itertuples(index=False)
         algorithm_rows = []
         for attack, budget in conditions:
@@ -209,6 +221,36 @@ def _cell_row(algorithm: str, attack: str, budget, rows_here: pd.DataFrame, refe
         "detectable_drop": detectable_drop(spread, len(accs), len(reference), alpha) if tested else math.nan,
         "cpu_hours": float((rows_here["search_seconds"].fillna(0) + rows_here["retrain_seconds"].fillna(0)).sum()) / 3600,
     }
+
+
+def _effect(row) -> str:
+    """What a tested cell asks, in the papers' words."""
+    if row.algorithm in TESTED_AGAINST:
+        return (f"{algorithm_name(row.algorithm)} finds worse cells than "
+                f"{algorithm_name(TESTED_AGAINST[row.algorithm])} (workshop Table 1)")
+    paper = "workshop Table 2" if row.algorithm == "darts" else "TMLR Table 1"
+    return (f"{condition_label(row.attack, row.budget)} lowers the accuracy of "
+            f"{algorithm_name(row.algorithm)}'s architectures ({paper})")
+
+
+def findings(table: pd.DataFrame) -> list[str]:
+    """One plain sentence per tested cell of a :func:`results_table`: whether this run found the
+    papers' effect (a significant drop), and if not, how large a drop its trials could have
+    detected, or that they point the other way."""
+    reference_means = {r.algorithm: r.acc_mean for r in table[table.attack == "none"].itertuples()}
+    sentences = []
+    for row in table[table.p.notna()].itertuples():
+        reference = reference_means[TESTED_AGAINST.get(row.algorithm, row.algorithm)]
+        change = row.acc_mean - reference
+        numbers = f"{row.acc_mean:.2f}% against {reference:.2f}% ({change:+.2f} pp, n={row.n}, p={row.p:.2g}"
+        if row.significant:
+            sentences.append(f"**Found**: {_effect(row)}: {numbers}, BH-adjusted {row.p_bh:.2g}).")
+        elif change >= 0:
+            sentences.append(f"**Not found, the opposite direction**: {_effect(row)}: {numbers}).")
+        else:
+            sentences.append(f"**Not found**: {_effect(row)}: {numbers}); the trials would have detected a drop "
+                             f"of {row.detectable_drop:.2f} pp with probability 0.8.")
+    return sentences
 
 
 def details_table(table: pd.DataFrame) -> pd.DataFrame:

@@ -1,2 +1,3 @@
-"""Training networks from scratch: retraining a found architecture on clean data and testing it
-(``train``), and CLF's surrogate ResNet-18 (``surrogate``)."""
+"""Training networks from scratch: the one supervised training loop (``loop``), retraining a
+found architecture on clean data and testing it (``train``), and the small-image ResNet-18 of
+CLF's surrogate and the sanitisation defender (``surrogate``)."""

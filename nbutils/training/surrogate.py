@@ -1,9 +1,10 @@
-"""The surrogate ResNet-18 and confidence-based label flipping (CLF, TMLR paper Algorithm 1).
+"""The small-image ResNet-18 trained from scratch on clean or poisoned data: CLF's surrogate
+(the attacker ranks samples by its confidence, :mod:`nbutils.attacks.confidence_flip`) and the
+sanitisation defender's classifier (:mod:`nbutils.defenses.sanitisation`).
 
-CLF ranks every training sample by the surrogate's largest logit (most confident first) and
-flips the labels of the top ``round(budget * n)`` to their least likely class. The surrogate
-is a torchvision ResNet-18 adapted to small images (3x3 stride-1 stem, no max pool), the
-usual CIFAR variant, trained from scratch on the clean training set.
+The network is torchvision's ResNet-18 adapted to small images (3x3 stride-1 stem, no max
+pool), the usual CIFAR variant; it is trained by the shared loop
+(:func:`nbutils.training.loop.train_supervised`).
 """
 from __future__ import annotations
 
@@ -11,13 +12,11 @@ import logging
 import time
 from typing import Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.data import BatchLoader, ImageDataset, channel_stats
-from ..core.progress import progress
+from .loop import TrainingRecipe, train_supervised
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,8 @@ def train_surrogate(
     std: Sequence[float] | None = None,
 ) -> nn.Module:
     """Train :func:`resnet18_small` on ``dataset``: SGD (momentum 0.9, weight decay 5e-4),
-    cosine annealing over ``epochs``, random crop (padding 4) and flip when ``augment``.
+    cosine annealing to 0 over ``epochs``, no gradient clipping, random crop (padding 4) and
+    flip when ``augment``; a non-finite loss stops it with an error naming the epoch.
 
     Inputs are normalised by ``(mean, std)``, by default :func:`channel_stats` of ``dataset``;
     pass the same values to :func:`surrogate_logits`. Returns the model in eval mode.
@@ -62,23 +62,9 @@ def train_surrogate(
     torch.manual_seed(seed)
     model = resnet18_small(dataset.num_classes, dataset.in_channels).to(device)
     loader = BatchLoader(dataset, batch_size, shuffle=True, seed=seed, augment=augment, mean=mean, std=std, device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    recipe = TrainingRecipe(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, grad_clip=None)
     start = time.perf_counter()
-    for epoch in progress(range(epochs), desc="surrogate epochs"):
-        model.train()
-        total, correct, n = 0.0, 0, 0
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            n += len(y)
-        schedule.step()
-        log.info("surrogate epoch %d: loss %.3f acc %.3f", epoch + 1, total / n, correct / n)
+    train_supervised(model, loader, recipe, name="surrogate")
     log.info("surrogate trained in %.1f s", time.perf_counter() - start)
     return model.eval()
 
@@ -102,52 +88,3 @@ def surrogate_logits(
         out.append(logits.float().cpu())
     return torch.cat(out)
 
-
-def confidence_label_flip(
-    dataset: ImageDataset, logits: torch.Tensor, budget: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLF (TMLR paper, Algorithm 1): which samples to flip, and to what.
-
-    All ``n`` samples are ranked by their maximum logit, most confident first; ties go to the
-    lower index. The top ``round(budget * n)`` are flipped to their least likely class, the
-    arg-min of their logits (ties: the lowest class index).
-
-    Degenerate logits: the arg-min can equal the sample's true label only when that label is
-    (jointly) least likely, e.g. all logits equal, or the surrogate is confidently wrong in an
-    extreme way. A flip must change the label, so the new label is the least likely class
-    *among the classes other than the true label* (the next least likely class in that case;
-    identical to the plain arg-min otherwise). Needs at least two classes.
-
-    Returns ``(indices, new_labels)``: indices sorted ascending (the :class:`PoisonSet`
-    convention), labels aligned with them.
-    """
-    n = len(dataset)
-    logits = torch.as_tensor(logits)
-    if logits.dim() != 2 or logits.shape[0] != n:
-        raise ValueError(f"logits must be N x K with N = {n} (one row per sample), got shape {tuple(logits.shape)}")
-    if logits.shape[1] != dataset.num_classes:
-        raise ValueError(f"logits must have one column per class ({dataset.num_classes}), got {logits.shape[1]}")
-    if dataset.num_classes < 2:
-        raise ValueError("label flipping needs at least two classes")
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
-    z = logits.detach().cpu().double().numpy()
-    if not np.isfinite(z).all():
-        raise ValueError("logits must be finite")
-    count = int(round(budget * n))  # same rule as attacks.poison_count
-    confidence = z.max(axis=1)
-    order = np.lexsort((np.arange(n), -confidence))  # primary: confidence descending; then index
-    chosen = np.sort(order[:count])
-    masked = z[chosen].copy()
-    true = dataset.labels.numpy()[chosen]
-    masked[np.arange(count), true] = np.inf  # never "flip" to the true label
-    new = masked.argmin(axis=1)  # first minimum: lowest class index on ties
-    return torch.from_numpy(chosen.astype(np.int64)), torch.from_numpy(new.astype(np.int64))
-
-
-def clf_poison_set(dataset: ImageDataset, logits: torch.Tensor, budget: float):
-    """CLF as a :class:`PoisonSet` (label-only: no images), from the surrogate's logits on ``dataset``."""
-    from ..core.poison_set import PoisonSet
-
-    indices, labels = confidence_label_flip(dataset, logits, budget)
-    return PoisonSet(indices=indices, labels=labels)

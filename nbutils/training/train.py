@@ -1,74 +1,71 @@
 """Retraining: the evaluation network built from a genotype, trained from scratch on clean data.
 
-One training loop for every architecture, with the P-DARTS training recipe (``train_cifar.py``):
-SGD with momentum and cosine annealing to 0, gradient clipping, auxiliary loss, drop path
-ramped linearly over the epochs, random crop and flip, cutout. On CUDA, optionally mixed
-precision (float16 autocast with a gradient scaler) and channels_last activations.
+The P-DARTS training recipe (``train_cifar.py``), run by the shared loop
+(:func:`nbutils.training.loop.train_supervised`): SGD with momentum and cosine annealing to 0,
+gradient clipping, auxiliary loss, drop path ramped linearly over the epochs, random crop and
+flip, cutout. On CUDA, optionally mixed precision (float16 autocast with a gradient scaler);
+optionally channels_last activations.
 """
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate,
+                           config)
 from ..core.data import BatchLoader, ImageDataset, channel_stats
-from ..core.device import MixedPrecision
 from ..space.genotype import Genotype
 from ..space.network import EvalNetwork, count_parameters
-from ..core.progress import progress
-
-log = logging.getLogger(__name__)
+from .loop import TrainingRecipe, evaluate, train_supervised
 
 
-@dataclass
+@config
 class RetrainConfig:
-    epochs: int = 600
-    channels: int = 36
-    layers: int = 20
-    batch_size: int = 128
-    lr: float = 0.025
-    lr_min: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
+    """The retraining's settings, what retrain.yaml sets; the defaults are P-DARTS'
+    (``train_cifar.py``: 600 epochs of a 20-cell network with 36 channels)."""
+
+    epochs: PositiveInt = 600
+    channels: Channels = 36
+    layers: Cells = 20
+    batch_size: PositiveInt = 128
+    lr: PositiveNumber = 0.025
+    lr_min: NonNegativeNumber = 0.0
+    momentum: Rate = 0.9
+    weight_decay: NonNegativeNumber = 3e-4
+    grad_clip: PositiveNumber = 5.0
     auxiliary: bool = True
-    auxiliary_weight: float = 0.4
-    drop_path: float = 0.3
-    cutout: int = 16
+    auxiliary_weight: NonNegativeNumber = 0.4
+    drop_path: Rate = 0.3
+    cutout: NonNegativeInt = 16     # side of the square cut out of each image; 0: none
     augment: bool = True
     mixed_precision: bool = False   # float16 autocast + gradient scaling, on CUDA only (ignored elsewhere)
     channels_last: bool = False     # NHWC activations (faster convolutions on recent GPUs)
 
 
-def cutout(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero one square per image, rows ``[cy - length//2, cy + length//2)`` (likewise columns)
-    around a uniformly drawn centre, clipped at the border: DARTS' ``Cutout``, applied as
-    there to the normalised image."""
-    n, _, h, w = x.shape
-    cy = torch.randint(h, (n, 1, 1), generator=generator).to(x.device)
-    cx = torch.randint(w, (n, 1, 1), generator=generator).to(x.device)
-    rows = torch.arange(h, device=x.device).view(1, h, 1)
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
-    half = length // 2
-    inside = (rows >= cy - half) & (rows < cy + half) & (cols >= cx - half) & (cols < cx + half)
-    return x * (~inside).unsqueeze(1).to(x.dtype)
+def retraining_recipe(config: RetrainConfig) -> TrainingRecipe:
+    """The loop's recipe from a retraining configuration."""
+    return TrainingRecipe(
+        epochs=config.epochs, lr=config.lr, lr_min=config.lr_min, momentum=config.momentum,
+        weight_decay=config.weight_decay, grad_clip=config.grad_clip, auxiliary_weight=config.auxiliary_weight,
+        drop_path=config.drop_path, cutout=config.cutout, mixed_precision=config.mixed_precision,
+        channels_last=config.channels_last,
+    )
 
 
-def evaluate(model: torch.nn.Module, loader: BatchLoader) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of a network on every sample of ``loader``."""
-    model.eval()
-    correct, loss, n = 0, 0.0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            out = model(x)
-            logits = out[0] if isinstance(out, tuple) else out
-            correct += (logits.argmax(1) == y).sum().item()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            n += len(y)
-    return correct / n, loss / n
+def evaluation_network(genotype: Genotype, train_set: ImageDataset, config: RetrainConfig) -> torch.nn.Module:
+    """The network retraining trains: DARTS' evaluation network of ``genotype`` at the configured
+    size, with the auxiliary head when configured. This is the one place that builds it, so a
+    network computing the same function faster (e.g. NHWC throughout) is chosen here."""
+    return EvalNetwork(
+        genotype,
+        channels=config.channels,
+        num_classes=train_set.num_classes,
+        layers=config.layers,
+        auxiliary=config.auxiliary,
+        in_channels=train_set.in_channels,
+        input_size=train_set.images.shape[-1],
+    )
 
 
 def retrain(
@@ -80,62 +77,26 @@ def retrain(
     seed: int,
     device: torch.device,
 ) -> dict:
-    """Train the genotype's network from scratch and return its test accuracy and training curve."""
+    """Train the genotype's network from scratch and return its test accuracy and training curve.
+
+    ``seed`` seeds the weights' initialisation (torch's global generator), the loader's
+    shuffling and augmentation, and cutout's generator."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = EvalNetwork(
-        genotype,
-        channels=config.channels,
-        num_classes=train_set.num_classes,
-        layers=config.layers,
-        auxiliary=config.auxiliary,
-        in_channels=train_set.in_channels,
-        input_size=train_set.images.shape[-1],
-    ).to(device)
-    precision = MixedPrecision.for_device(config.mixed_precision, device, "training")
-    layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(memory_format=layout)
-    scaler = precision.scaler()
+    model = evaluation_network(genotype, train_set, config).to(device)
     mean, std = channel_stats(train_set)
     train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, seed=seed, augment=config.augment, mean=mean, std=std, device=device)
     test_loader = BatchLoader(test_set, 256, shuffle=False, seed=seed, mean=mean, std=std, device=device)
-    opt = torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.epochs, eta_min=config.lr_min)
-
-    curve = []
     start = time.perf_counter()
-    for epoch in progress(range(config.epochs), desc="retrain epochs"):
-        model.train()
-        model.drop_path_prob = config.drop_path * epoch / config.epochs
-        total_loss, correct, n = 0.0, 0, 0
-        for x, y in train_loader:
-            if config.cutout > 0:
-                x = cutout(x, config.cutout, generator)
-            opt.zero_grad(set_to_none=True)
-            with precision.autocast():
-                logits, aux = model(x.contiguous(memory_format=layout))
-                loss = F.cross_entropy(logits, y)
-                if aux is not None:
-                    loss = loss + config.auxiliary_weight * F.cross_entropy(aux, y)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)   # clip the true gradients
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            n += len(y)
-        schedule.step()
-        curve.append({"epoch": epoch + 1, "train_loss": total_loss / n, "train_acc": correct / n})
-        log.info("epoch %d: train loss %.3f acc %.3f", epoch + 1, total_loss / n, correct / n)
+    run = train_supervised(model, train_loader, retraining_recipe(config), cutout_generator=generator, name="retraining")
     test_acc, test_loss = evaluate(model, test_loader)
     return {
         "test_acc": test_acc,
         "test_loss": test_loss,
-        "curve": curve,
+        "curve": run.curve,
         "parameters": count_parameters(model, exclude_auxiliary=True),
         "seconds": time.perf_counter() - start,
-        "mixed_precision": precision.enabled,
+        "mixed_precision": run.mixed_precision,
         "channels_last": config.channels_last,
         "model": model,
     }

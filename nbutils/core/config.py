@@ -1,0 +1,108 @@
+"""Configurations: the settings one procedure runs with (a search, a retraining), declared once
+and checked where they are declared.
+
+The package's words for settings:
+
+* a **config** (``*Config``, made with :func:`config`) is what an engine function runs with, for
+  instance :class:`nbutils.nas.darts.DartsConfig`. Each field carries its type, its range and its
+  default (the paper's); a check that involves several fields is a validator of the last of
+  them, so that its error names the field it is about;
+* **params** (``*Params``, :mod:`nbutils.pipeline.params`) are the validated contents of a
+  parameter file; their sections *are* the engines' configs, so a value written in YAML passes
+  the same check as a value given in code;
+* a **spec** is a stage's plain-JSON parameters (:class:`nbutils.pipeline.stages.Stage`): what
+  its key hashes and what papermill hands its notebook. Its ``config`` entry holds a config's
+  fields, and the step rebuilds the config from them.
+
+A config is a frozen pydantic dataclass (so ``dataclasses.replace`` makes a changed copy, which is
+checked again): unknown fields are refused, defaults are checked too (a validator may read the
+fields declared before its own), NaN and infinities are refused, and so are ``true``/``false``
+where a number is expected. Built in code, a bad value raises :class:`ConfigError` naming
+``Class.field``, the value and the rule; inside a parameter file's model, the same rule fails
+with the file and the key path.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+T = TypeVar("T", bound=type)
+
+
+class ConfigError(ValueError):
+    """A config built in code with values its rules refuse; the message names each one."""
+
+
+#: how every config validates (see the module docstring)
+CONFIG_RULES = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+def config(cls: T) -> T:
+    """Make ``cls`` a config: a frozen pydantic dataclass with :data:`CONFIG_RULES`, whose
+    constructor raises :class:`ConfigError` with one line per refused value."""
+    cls = pydantic_dataclass(frozen=True, config=CONFIG_RULES)(cls)
+    validating_init = cls.__init__
+
+    @functools.wraps(validating_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            validating_init(self, *args, **kwargs)
+        except ValidationError as error:
+            raise ConfigError(describe(cls.__name__, error)) from None
+
+    # nested in a parameter model, pydantic validates the fields without calling __init__, so
+    # errors there keep their key paths; only direct construction goes through this wrapper
+    cls.__init__ = __init__
+    return cls
+
+
+def describe(name: str, error: ValidationError) -> str:
+    """One line per problem: ``Name.field = value: rule`` (``Name: rule`` for the whole)."""
+    lines = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"])
+        rule = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            rule = "unknown field"
+        lines.append(f"{name}.{field} = {problem['input']!r}: {rule}" if field else f"{name}: {rule}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """Python's True is 1: refuse it where a number is meant (``epochs: yes`` is a mistake)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+NOT_BOOLEAN = BeforeValidator(_not_a_boolean)
+
+
+def integer(minimum: int, **constraints: Any) -> Any:
+    """The type of an int >= ``minimum`` (and pydantic's further ``constraints``, e.g. ``multiple_of``)."""
+    return Annotated[int, NOT_BOOLEAN, Field(ge=minimum, **constraints)]
+
+
+def number(**bounds: float) -> Any:
+    """The type of a finite number within pydantic's ``bounds`` (``gt``, ``ge``, ``lt``, ``le``)."""
+    return Annotated[float, NOT_BOOLEAN, Field(**bounds)]
+
+
+PositiveInt = integer(1)
+NonNegativeInt = integer(0)
+#: channels of a DARTS-space network: the reduction cells' factorized reductions halve them
+Channels = integer(2, multiple_of=2)
+#: cells of a DARTS-space network: at least a normal cell and the two reduction cells
+Cells = integer(3)
+PositiveNumber = number(gt=0)
+NonNegativeNumber = number(ge=0)
+#: a probability that must leave something (dropout, drop path) or an SGD/Adam momentum
+Rate = number(ge=0, lt=1)
+#: the order of DARTS' architecture gradient: 1 first order, 2 second order (unrolled)
+Order = Annotated[Literal[1, 2], NOT_BOOLEAN]

@@ -1,0 +1,251 @@
+"""How long stages take: measured where the store has run them, modelled where it has not.
+
+Every stage has a *cost class* (its kind, and for a search its algorithm, for a poison its
+attack, for a defence its name) and a number of *work units* computed from its spec: the
+images it pushes through a network times the epochs, times the network's size. The network
+size is a convolution cost proxy, ``channels² x cells x pixels / 10⁶``; kinds whose work does
+not follow a network (the cheap attacks, the random sample, TE-NAS, the gallery and report)
+count one unit per stage or per artifact read. A class's *seconds per unit* is then
+
+* **measured**: total seconds over total units of the stages of that class the store holds
+  (``spec.json`` records each stage's seconds: its execution's wall time shared out between
+  the trials it ran, so notebook overhead is included) and of those finished during the run;
+* **modelled** otherwise: :data:`MODELLED_SECONDS_PER_UNIT`, fitted on this project's
+  machine, scaled by how fast this machine was on the classes it has measured.
+
+A stage that is in the store is estimated by its own recorded seconds. The units are a proxy:
+they scale a measured class to other sizes of the same algorithm, and are exact only in the
+proportions they model (more images or epochs: proportionally more time; larger networks:
+more time, though small networks cost more per unit than the proxy says).
+
+Fitting the modelled coefficients from a finished run: ``python -m nbutils.pipeline.cost_model
+outputs/`` prints the table in the form of :data:`MODELLED_SECONDS_PER_UNIT`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+#: native image side of each dataset (the size when the preset gives none)
+NATIVE_SIDE = {"cifar10": 32, "cifar100": 32, "mnist": 28, "fashion_mnist": 28, "svhn": 32, "digits": 8, "noise": 28}
+
+#: images per split, for sizes left to "all" (None) in a preset
+SPLIT_IMAGES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "mnist": (60000, 10000),
+                "fashion_mnist": (60000, 10000), "svhn": (73257, 26032), "digits": (1437, 360), "noise": (2000, 500)}
+
+#: seconds per work unit of each cost class when the store has measured none of it: fitted on a
+#: run of the quick preset on the project's 2-core machine (two workers of one thread each, warm
+#: kernels), which other jobs shared at the time, so they err on the slow side; a run rescales
+#: them by the speed it measures. ``defend relabel`` and ``defend denoise``, which the quick
+#: preset does not run, take ``defend sanitise``'s value. Refit with
+#: ``python -m nbutils.pipeline.cost_model OUTPUTS``.
+MODELLED_SECONDS_PER_UNIT: dict[str, float] = {
+    "search darts": 0.371,
+    "search pdarts": 0.1916,
+    "search tenas": 152.7,
+    "search robot": 0.1129,
+    "search nsganetv2": 0.05581,
+    "search random": 0.7471,
+    "retrain": 0.03754,
+    "surrogate": 0.1468,
+    "poison rlf": 2.267,
+    "poison clf": 5.588,
+    "poison gaussian": 1.491,
+    "poison gc": 0.2396,
+    "poison alpha": 0.3204,
+    "defend sanitise": 0.1479,
+    "defend relabel": 0.1479,
+    "defend denoise": 0.1479,
+    "sensitivity": 1.613,
+    "gallery": 0.1182,
+    "report": 0.2012,
+}
+
+
+def _network(channels: int, cells: int, side: int) -> float:
+    """The convolution cost proxy of a cell network: channels² x cells x pixels, in millions."""
+    return channels * channels * cells * side * side / 1e6
+
+
+def _side(data: dict, search: bool) -> int:
+    side = data.get("search_image_size" if search else "image_size")
+    return int(side or NATIVE_SIDE.get(data.get("dataset"), 32))
+
+
+def _images(data: dict, name: str) -> int:
+    """``search_size``, ``train_size`` or ``test_size``, all of the split when None."""
+    value = data.get(name)
+    if value is not None:
+        return int(value)
+    train, test = SPLIT_IMAGES.get(data.get("dataset"), (50000, 10000))
+    return test if name == "test_size" else train
+
+
+def cost_class(kind: str, spec: dict) -> str:
+    if kind == "search":
+        algorithm = spec.get("algorithm", "?")
+        return "search " + ("darts" if algorithm == "darts_anti" else algorithm)
+    if kind == "poison":
+        return "poison " + spec.get("attack", {}).get("name", "?")
+    if kind == "defend":
+        return "defend " + spec.get("defense", {}).get("name", "?")
+    return kind
+
+
+def work_units(kind: str, spec: dict, reads: int = 0) -> float:
+    """The work of a stage of ``kind`` with ``spec`` reading ``reads`` artifacts, in the units
+    of its cost class (see the module docstring)."""
+    data = spec.get("data", {})
+    config = spec.get("config", {})
+    if kind == "search":
+        algorithm = spec.get("algorithm")
+        images, side = _images(data, "search_size"), _side(data, search=True)
+        if algorithm in ("darts", "darts_anti"):   # every epoch: a weight step per image of one half, an alpha step per image of the other
+            return images * config["epochs"] * config.get("order", 1) * _network(config["channels"], config["layers"], side)
+        if algorithm == "pdarts":   # a search per stage, of growing depth
+            return images * config["epochs"] * sum(_network(config["channels"], cells, side) for cells in config["layers"])
+        if algorithm == "robot":    # the metrics of the pool, then the trained queries
+            net = _network(config["channels"], config["layers"], side)
+            return (config["pool_size"] * config["metric_batch_size"] * 6
+                    + config["budget"] * config["train_epochs"] * images / 2) * net
+        if algorithm == "nsganetv2":   # the supernet's training, then the measured candidates
+            net = _network(config["channels"], config["layers"], side)
+            measured = config["initial_design"] + config["iterations"] * config["candidates_per_iteration"]
+            return (config["epochs"] * images / 2 + measured * config["calibration_batches"] * config["batch_size"]) * net
+        return 1.0   # TE-NAS (its pruning rounds are not proportional to a network's size) and random sampling
+    if kind == "retrain":
+        net = _network(config["channels"], config["layers"], _side(data, search=False))
+        return (_images(data, "train_size") * config["epochs"] + _images(data, "test_size") / 3) * net
+    if kind == "surrogate":   # a fixed ResNet-18
+        return _images(data, "search_size") * config["epochs"] * _side(data, search=True) ** 2 / 1e3
+    if kind == "poison":
+        attack = spec.get("attack", {})
+        pixels = _side(data, search=True) ** 2 / 1e3
+        if attack.get("name") == "gc":
+            return attack["steps"] * attack["batch_size"] * pixels
+        if attack.get("name") == "alpha":
+            return attack["steps"] * attack["batch_size"] * spec.get("ensemble", 1) * pixels
+        return 1.0   # label flips and noise: no optimisation
+    if kind == "defend":
+        defense = spec.get("defense", {})
+        images, pixels = _images(data, "search_size"), _side(data, search=True) ** 2 / 1e3
+        # the defaults of nbutils.defenses.defending.DefenseSpec where the preset leaves them out
+        if defense.get("name") == "sanitise":
+            return defense.get("surrogate_epochs", 40) * images * pixels
+        if defense.get("name") == "denoise":
+            if defense.get("ddpm_path"):   # a trained DDPM: only the denoising pass
+                return images * pixels
+            return defense.get("ddpm_epochs", 50) * defense.get("ddpm_trusted_size", 1000) * pixels
+        return images * pixels
+    if kind == "sensitivity":
+        return config["architectures"] * config["samples"] * _network(config["channels"], config["layers"],
+                                                                       _side(data, search=True))
+    return 1.0 + reads   # gallery, report: one unit per artifact they show
+
+
+@dataclass
+class Estimate:
+    seconds: float
+    basis: str   # "recorded" (this stage's own seconds), "measured" (its class's), "modelled"
+
+
+class CostModel:
+    """Seconds per unit of each cost class, from what was measured and the modelled table."""
+
+    def __init__(self, modelled: dict[str, float] | None = None):
+        self.modelled = dict(MODELLED_SECONDS_PER_UNIT if modelled is None else modelled)
+        self._seconds: dict[str, float] = {}
+        self._units: dict[str, float] = {}
+
+    def observe(self, kind: str, spec: dict, seconds: float, reads: int = 0) -> None:
+        """A stage of this kind and spec took ``seconds``."""
+        name = cost_class(kind, spec)
+        self._seconds[name] = self._seconds.get(name, 0.0) + float(seconds)
+        self._units[name] = self._units.get(name, 0.0) + work_units(kind, spec, reads)
+
+    def measured(self, name: str) -> float | None:
+        units = self._units.get(name, 0.0)
+        return self._seconds[name] / units if units > 0 else None
+
+    def speed_factor(self) -> float:
+        """How much slower (> 1) this machine ran the measured classes than the modelled table
+        says, weighted by their seconds; 1 when nothing comparable was measured."""
+        predicted = sum(self.modelled[name] * units for name, units in self._units.items()
+                        if name in self.modelled and units > 0)
+        actual = sum(self._seconds[name] for name, units in self._units.items() if name in self.modelled and units > 0)
+        return actual / predicted if predicted > 0 and actual > 0 else 1.0
+
+    def estimate(self, kind: str, spec: dict, reads: int = 0) -> Estimate:
+        name = cost_class(kind, spec)
+        units = work_units(kind, spec, reads)
+        rate = self.measured(name)
+        if rate is not None:
+            return Estimate(rate * units, "measured")
+        rate = self.modelled.get(name, max(self.modelled.values(), default=1.0))
+        return Estimate(rate * units * self.speed_factor(), "modelled")
+
+    @classmethod
+    def from_store(cls, outputs: str | Path, modelled: dict[str, float] | None = None) -> "CostModel":
+        """Measured from every committed stage under ``outputs`` (``<kind>/<key>/spec.json``)."""
+        model = cls(modelled)
+        for record in stage_records(outputs):
+            model.observe(record["kind"], record["spec"], record["seconds"], len(record.get("inputs", {})))
+        return model
+
+
+def stage_records(outputs: str | Path) -> Iterable[dict]:
+    """The records (``spec.json``) of the stages committed under ``outputs``, with seconds."""
+    for path in sorted(Path(outputs).glob("*/*/spec.json")):
+        if path.parent.name.startswith(".") or path.parent.name.endswith(".failed"):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record.get("seconds"), (int, float)) and "spec" in record and "kind" in record:
+            yield record
+
+
+def recorded_seconds(outputs: str | Path, kind: str, key: str) -> float | None:
+    """The seconds recorded for one stage of the store, if it holds it."""
+    path = Path(outputs) / kind / key / "spec.json"
+    try:
+        value = json.loads(path.read_text()).get("seconds")
+    except (OSError, ValueError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``4 min 10 s``, ``23 min``, ``2 h 05 min``."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{math.ceil(seconds)} s"
+    if seconds < 600:
+        minutes, rest = divmod(int(round(seconds)), 60)
+        return f"{minutes} min {rest:02d} s"
+    if seconds < 3600:
+        return f"{int(round(seconds / 60))} min"
+    hours, minutes = divmod(int(round(seconds / 60)), 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def fitted_table(outputs: str | Path) -> dict[str, float]:
+    """Seconds per unit of every class measured under ``outputs``."""
+    model = CostModel.from_store(outputs)
+    return {name: model.measured(name) for name in sorted(model._units) if model.measured(name) is not None}
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs")
+    table = fitted_table(folder)
+    if not table:
+        sys.exit(f"no stages with recorded seconds under {folder}")
+    print("MODELLED_SECONDS_PER_UNIT: dict[str, float] = {")
+    for name, rate in table.items():
+        print(f'    "{name}": {rate:.4g},')
+    print("}")
