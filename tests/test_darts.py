@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -326,7 +327,8 @@ def test_retrain_applies_cutout_and_ramps_drop_path(monkeypatch):
 
     monkeypatch.setattr(network_mod, "drop_path", rec_drop)
     monkeypatch.setattr(loop_mod, "cutout", rec_cutout)
-    config = RetrainConfig(epochs=2, channels=4, layers=3, batch_size=16, auxiliary=True, cutout=2, drop_path=0.3)
+    config = RetrainConfig(epochs=2, channels=4, layers=3, batch_size=16, auxiliary=True, cutout=2, drop_path=0.3,
+                           fast=False)   # records the plain network's drop_path calls
     out = retrain(published("PDARTS"), toy(32, seed=61), toy(8, seed=62), config, seed=1, device=CPU)
     assert len(out["curve"]) == 2
     assert cutout_lengths == [2] * 4  # 2 epochs x 2 batches
@@ -376,3 +378,18 @@ def test_warmup_epochs_train_the_weights_only():
 def test_warmup_must_leave_an_architecture_epoch():
     with pytest.raises(ValueError, match="warmup_epochs.*less than epochs"):
         DartsConfig(epochs=3, warmup_epochs=3)
+
+
+def test_retrain_on_the_fast_network_trains_the_same_network():
+    """``fast`` (the default) trains the fast evaluation network: the same parameters, the same
+    function up to float32 rounding, so the same curve and a state_dict the plain network loads."""
+    config = RetrainConfig(epochs=2, channels=4, layers=3, batch_size=16, auxiliary=True, cutout=2, drop_path=0.2)
+    train_set, test_set = toy(32, seed=71), toy(16, seed=72)
+    fast = retrain(published("DARTS_V2"), train_set, test_set, config, seed=3, device=CPU)
+    plain = retrain(published("DARTS_V2"), train_set, test_set, replace(config, fast=False), seed=3, device=CPU)
+    assert type(fast["model"]).__name__ == "FastEvalNetwork" and type(plain["model"]) is EvalNetwork
+    for f, p in zip(fast["curve"], plain["curve"]):
+        assert f["train_loss"] == pytest.approx(p["train_loss"], rel=1e-4)
+    assert fast["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-4)
+    EvalNetwork(published("DARTS_V2"), channels=4, num_classes=3, layers=3, auxiliary=True,
+                in_channels=1, input_size=8).load_state_dict(fast["model"].state_dict())

@@ -136,6 +136,17 @@ def test_trials_of_one_condition_share_an_execution():
     assert trials > 1 and all(len(g) == trials for g in searches)
 
 
+def test_unbatched_executions_run_each_trial_alone():
+    """With warm kernels every trial is an execution of its own, each after the one it reads."""
+    stages = expand(preset(attacks=[{"name": "none"}, {"name": "rlf", "budgets": [0.25]}]))
+    groups = execution.executions(stages, batched=False)
+    assert all(len(g) == 1 for g in groups) and len(groups) == len(stages)
+    placed = set()
+    for (stage,) in groups:
+        assert all(id(i) in placed for i in stage.inputs.values())
+        placed.add(id(stage))
+
+
 def test_longest_chains_first():
     from nbutils.pipeline.cluster import chain_lengths
 

@@ -37,32 +37,34 @@ NATIVE_SIDE = {"cifar10": 32, "cifar100": 32, "mnist": 28, "fashion_mnist": 28, 
 SPLIT_IMAGES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "mnist": (60000, 10000),
                 "fashion_mnist": (60000, 10000), "svhn": (73257, 26032), "digits": (1437, 360), "noise": (2000, 500)}
 
-#: seconds per work unit of each cost class when the store has measured none of it: fitted on a
-#: run of the quick preset on the project's 2-core machine (two workers of one thread each, warm
-#: kernels), which other jobs shared at the time, so they err on the slow side; a run rescales
-#: them by the speed it measures. ``defend relabel`` and ``defend denoise``, which the quick
-#: preset does not run, take ``defend sanitise``'s value. Refit with
+#: seconds per work unit of each cost class when the store has measured none of it, on the
+#: project's 2-core machine (two workers of one thread each, warm kernels): the quick preset's
+#: classes (DARTS search, retraining on the fast network, RLF, random sampling, gallery, report)
+#: fitted on its run; the others fitted on a run of the tour preset under heavy load from other
+#: jobs and scaled by the ratio the DARTS search showed between the two runs (0.275). A run
+#: rescales them by the speed it measures. ``defend relabel`` and ``defend denoise``, which no
+#: CPU preset runs, take ``defend sanitise``'s value. Refit with
 #: ``python -m nbutils.pipeline.cost_model OUTPUTS``.
 MODELLED_SECONDS_PER_UNIT: dict[str, float] = {
-    "search darts": 0.371,
-    "search pdarts": 0.1916,
-    "search tenas": 152.7,
-    "search robot": 0.1129,
-    "search nsganetv2": 0.05581,
-    "search random": 0.7471,
-    "retrain": 0.03754,
-    "surrogate": 0.1468,
-    "poison rlf": 2.267,
-    "poison clf": 5.588,
-    "poison gaussian": 1.491,
-    "poison gc": 0.2396,
-    "poison alpha": 0.3204,
-    "defend sanitise": 0.1479,
-    "defend relabel": 0.1479,
-    "defend denoise": 0.1479,
-    "sensitivity": 1.613,
-    "gallery": 0.1182,
-    "report": 0.2012,
+    "search darts": 0.102,
+    "search pdarts": 0.0527,
+    "search tenas": 41.98,
+    "search robot": 0.031,
+    "search nsganetv2": 0.01535,
+    "search random": 0.1681,
+    "retrain": 0.01156,
+    "surrogate": 0.0404,
+    "poison rlf": 0.8539,
+    "poison clf": 1.536,
+    "poison gaussian": 0.4099,
+    "poison gc": 0.0659,
+    "poison alpha": 0.0881,
+    "defend sanitise": 0.0407,
+    "defend relabel": 0.0407,
+    "defend denoise": 0.0407,
+    "sensitivity": 0.4435,
+    "gallery": 0.09782,
+    "report": 0.1711,
 }
 
 

@@ -1,15 +1,15 @@
 """Executing stages: each stage's notebook run headless by papermill into a private folder,
 committed to the store when complete, kept as failed otherwise.
 
-Stages are the unit of storage; *executions* are the unit of work. The trials of one
-condition (the searches of one algorithm on one poison set, then their retrainings) run in
-one execution of their notebook, which loops over them (parameter ``trials``): starting a
-kernel and importing torch costs several seconds, paid once per condition rather than once
-per trial; and consecutive executions in one process share a warm kernel
-(:mod:`~nbutils.pipeline.warm_kernel`), restored to its start state before each notebook and
-replaced by a fresh one after a failure, so that cost is paid about once per worker. Every
-trial still gets its own artifact (with a copy of the executed notebook), and a trial that
-fails does not take the others of its execution down with it. A failed
+Stages are the unit of storage; *executions* are the unit of work. Consecutive executions in
+one process share a warm kernel (:mod:`~nbutils.pipeline.warm_kernel`), restored to its start
+state before each notebook and replaced by a fresh one after a failure, so starting a kernel
+and importing torch (several seconds) is paid about once per worker, and each trial runs as an
+execution of its own. With a fresh kernel per notebook instead (``--fresh-kernels``), the trials
+of one condition (the searches of one algorithm on one poison set, then their retrainings) run
+in one execution of their notebook, which loops over them (parameter ``trials``), so that cost
+is paid once per condition. Every trial gets its own artifact (with a copy of the executed
+notebook), and a trial that fails does not take the others of its execution down with it. A failed
 stage does not stop the others; the stages that need its artifact are skipped, and the
 report shows their cells as missing with the reason.
 """
@@ -91,12 +91,18 @@ def kernel_name() -> str:
 
 
 
-def executions(stages: list[Stage]) -> list[list[Stage]]:
+def executions(stages: list[Stage], batched: bool = True) -> list[list[Stage]]:
     """The stages grouped into executions (see the module docstring), each after the
-    executions it reads from; a stage outside :data:`BATCHED` or without a batch is alone."""
+    executions it reads from; a stage outside :data:`BATCHED` or without a batch is alone.
+
+    ``batched=False`` gives every trial an execution of its own: with warm kernels a notebook
+    starts in about a second, and single trials let the workers share out a condition's trials
+    and start each retraining as soon as its own search is done, rather than after the
+    condition's last one."""
     groups: dict[tuple, list[Stage]] = {}
     for stage in stages:
-        group = (stage.kind, stage.batch) if stage.kind in BATCHED and stage.batch else (stage.kind, id(stage))
+        alone = not (batched and stage.kind in BATCHED and stage.batch)
+        group = (stage.kind, id(stage)) if alone else (stage.kind, stage.batch)
         groups.setdefault(group, []).append(stage)
     where = {id(s): i for i, members in enumerate(groups.values()) for s in members}
     needs = [{where[id(inp)] for s in members for inp in s.inputs.values() if id(inp) in where}

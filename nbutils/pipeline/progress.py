@@ -73,11 +73,11 @@ def makespan(durations: Sequence[float], needs: Sequence[set[int]], workers: int
 class Plan:
     """The executions of a run with their estimated seconds (see the module docstring)."""
 
-    def __init__(self, stages: list[Stage], store, model: CostModel, workers: int):
+    def __init__(self, stages: list[Stage], store, model: CostModel, workers: int, batched: bool = True):
         self.stages = stages
         self.model = model
         self.workers = max(1, workers)
-        self.groups = executions(stages)
+        self.groups = executions(stages, batched)
         where = {id(s): i for i, group in enumerate(self.groups) for s in group}
         self.needs = [{where[id(inp)] for s in group for inp in s.inputs.values()
                        if id(inp) in where and where[id(inp)] != i} for i, group in enumerate(self.groups)]

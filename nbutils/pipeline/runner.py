@@ -96,7 +96,9 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
     mark_reruns(stages, set(rerun))
     store = ArtifactStore(outputs)
     workers = workers or default_workers()
-    plan = Plan(stages, store, CostModel.from_store(outputs), workers)
+    # warm kernels start notebooks in about a second: one execution per trial; fresh kernels
+    # pay ~7 s each: one per condition
+    plan = Plan(stages, store, CostModel.from_store(outputs), workers, batched=fresh_kernels)
     if dry_run:
         for s in stages:
             state = "rerun" if s.rerun else "exists" if store.exists(s.kind, s.key) else "to run"

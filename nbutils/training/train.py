@@ -16,6 +16,7 @@ from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, P
                            config)
 from ..core.data import BatchLoader, ImageDataset, channel_stats
 from ..space.genotype import Genotype
+from ..accel.fast_network import accelerate
 from ..space.network import EvalNetwork, count_parameters
 from .loop import TrainingRecipe, evaluate, train_supervised
 
@@ -41,6 +42,7 @@ class RetrainConfig:
     augment: bool = True
     mixed_precision: bool = False   # float16 autocast + gradient scaling, on CUDA only (ignored elsewhere)
     channels_last: bool = False     # NHWC activations (faster convolutions on recent GPUs)
+    fast: bool = True               # on the CPU, the fast evaluation network (same function and parameters)
 
 
 def retraining_recipe(config: RetrainConfig) -> TrainingRecipe:
@@ -84,6 +86,8 @@ def retrain(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = evaluation_network(genotype, train_set, config).to(device)
+    if config.fast:
+        model = accelerate(model)   # the same network where the fast forward does not apply (CUDA)
     mean, std = channel_stats(train_set)
     train_loader = BatchLoader(train_set, config.batch_size, shuffle=True, seed=seed, augment=config.augment, mean=mean, std=std, device=device)
     test_loader = BatchLoader(test_set, 256, shuffle=False, seed=seed, mean=mean, std=std, device=device)
