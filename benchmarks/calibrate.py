@@ -89,7 +89,7 @@ def retrain_job(job: dict) -> dict:
 def search_job(job: dict) -> dict:
     import torch
 
-    from nbutils.attacks.poisoning import AttackSpec, random_label_flip
+    from nbutils.attacks.poisoning import AttackConfig, random_label_flip
     from nbutils.core.data import channel_stats, load_dataset, search_split, seeded_subset
     from nbutils.nas.darts import DartsConfig, darts_search
 
@@ -98,7 +98,7 @@ def search_job(job: dict) -> dict:
     pool = seeded_subset(load_dataset("fashion_mnist", "train", None, False, IMAGE_SIZE), job["images"], 0)
     normalisation = channel_stats(pool)
     if job["condition"] == "rlf-50%":
-        pool = random_label_flip(pool, AttackSpec("rlf", 0.5, seed=seed)).apply(pool)
+        pool = random_label_flip(pool, AttackConfig("rlf", 0.5, seed=seed)).apply(pool)
     weight_part, arch_part = search_split(pool, seed)
     config = DartsConfig(epochs=job["epochs"], anti=job["condition"] == "anti-search", **SEARCH)
     start = time.process_time()

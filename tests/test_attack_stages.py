@@ -3,15 +3,18 @@ expands to, which clean run each attack targets, and the poison sets that come o
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from nbutils.pipeline import params, runner, steps
 from nbutils.pipeline.stages import defend_stage, expand
-from nbutils.attacks.poisoning import AttackSpec, poison
+from nbutils.attacks.poisoning import AttackConfig, poison
 from nbutils.core.poison_set import PoisonSet
 from nbutils.core.store import ArtifactStore, read_json
 from nbutils.space.supernet import SuperNet
+
+from toys import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "tests" / "presets" / "tiny_attacks"
@@ -69,27 +72,39 @@ def test_alpha_attack_without_darts_is_refused_before_compute(tmp_path):
 
 @pytest.fixture(scope="module")
 def crafted(tmp_path_factory):
+    """Every poison and sensitivity stage of the tiny attacks preset, run in-process (the clean
+    trials the crafted attacks target first): the tests that read it are marked slow."""
     outputs = tmp_path_factory.mktemp("attacks") / "outputs"
     poisons = runner.run(PRESET, outputs, only="poison", inline=True)
     studies = runner.run(PRESET, outputs, only="sensitivity", inline=True)   # reuses the poisons
     return outputs, poisons + [o for o in studies if o.stage.kind == "sensitivity"]
 
 
+@pytest.mark.slow
 def test_every_poison_stage_runs(crafted):
     _, outcomes = crafted
     assert {o.status for o in outcomes} == {"ran"}, [(o.stage.label, o.detail) for o in outcomes if o.status != "ran"]
     assert sum(o.stage.kind == "poison" for o in outcomes) == 4
-    assert sum(o.stage.kind == "sensitivity" for o in outcomes) == 3   # one per attack and budget
+    # one per attack, budget and measured algorithm (TE-NAS, RoBoT); gradient canceling none: this grid
+    # crafts no GC poisons against TE-NAS or RoBoT
+    assert sum(o.stage.kind == "sensitivity" for o in outcomes) == 4
 
 
+@pytest.mark.slow
 def test_metric_sensitivity_of_each_poison_set(crafted):
     """synflow sees an input of ones, never the data: exactly 0% change; label flipping
-    cannot move jacob_cov (no labels) but moves the loss-gradient metrics."""
+    cannot move jacob_cov or TE-NAS's kappa and R (no labels) but moves the loss-gradient metrics."""
     outputs, outcomes = crafted
     for o in outcomes:
         if o.stage.kind != "sensitivity":
             continue
         summary = {row["metric"]: row for row in read_json(outputs / "sensitivity" / o.stage.key / "result.json")["summary"]}
+        if o.stage.meta["metrics_of"] == "tenas":
+            assert set(summary) == {"ntk_condition_number", "linear_regions"}
+            assert all(row["n"] == 2 for row in summary.values())
+            if o.stage.meta["attack"] == "clf":
+                assert summary["ntk_condition_number"]["mean"] == 0.0 and summary["linear_regions"]["mean"] == 0.0
+            continue
         assert set(summary) == {"grad_norm", "snip", "grasp", "fisher", "synflow", "jacob_cov"}
         assert summary["synflow"]["mean"] == 0.0 and summary["synflow"]["n"] == 2
         if o.stage.meta["attack"] == "clf":
@@ -98,12 +113,13 @@ def test_metric_sensitivity_of_each_poison_set(crafted):
 
 def _poison_sets(crafted):
     outputs, outcomes = crafted
-    pool = steps.search_pool(params.DataSpec.model_validate(outcomes[0].stage.spec["data"]))
+    pool = steps.search_pool(params.DataParams.model_validate(outcomes[0].stage.spec["data"]))
     for o in outcomes:
         if o.stage.kind == "poison":
             yield o.stage, PoisonSet.load(outputs / "poison" / o.stage.key, pool), pool
 
 
+@pytest.mark.slow
 def test_poisons_target_the_best_clean_run(crafted):
     outputs, _ = crafted
     for stage, poison_set, pool in _poison_sets(crafted):
@@ -124,6 +140,7 @@ def test_poisons_target_the_best_clean_run(crafted):
             assert chosen["kind"] == "alphas" and poison_set.header["crafting"]["target"] == "alphas"
 
 
+@pytest.mark.slow
 def test_gradient_canceling_on_retrained_weights(crafted, tmp_path):
     """The target of TE-NAS, RoBoT and NSGANetV2: the best clean run's retrained network."""
     _, outcomes = crafted
@@ -138,19 +155,18 @@ def test_gradient_canceling_on_retrained_weights(crafted, tmp_path):
     assert all(torch.equal(v, trained[k]) for k, v in models["target"].state_dict().items())
     poison_set = steps.craft_poisons(spec, inputs, tmp_path)
     assert poison_set.header["crafting"]["target"] == "weights"
-    reloaded = PoisonSet.load(tmp_path, steps.search_pool(params.DataSpec.model_validate(spec["data"])))
+    reloaded = PoisonSet.load(tmp_path, steps.search_pool(params.DataParams.model_validate(spec["data"])))
     assert len(reloaded) == 12 and torch.equal(reloaded.images, poison_set.images)
 
 
 def test_crafted_attack_without_its_model_is_refused():
-    from nbutils.core.data import ImageDataset
-
-    data = ImageDataset(name="toy", images=torch.zeros(8, 1, 8, 8, dtype=torch.uint8), labels=torch.arange(8) % 2, classes=("a", "b"))
+    data = toy(8, seed=0, num_classes=2)
     for name, need in (("clf", "surrogate"), ("gc", "target"), ("alpha", "supernets")):
         with pytest.raises(ValueError, match=f"needs models\\['{need}'\\]"):
-            poison(data, AttackSpec(name=name, budget=0.5), models={})
+            poison(data, AttackConfig(name=name, budget=0.5), models={})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sanitise", "relabel"])
 def test_defended_search_data_feeds_a_search(crafted, tmp_path, preset, name):
     outputs, outcomes = crafted
@@ -170,3 +186,7 @@ def test_defended_search_data_feeds_a_search(crafted, tmp_path, preset, name):
     (tmp_path / "search").mkdir()
     found = steps.search(search.spec, {"defended": str(tmp_path / "defend")}, tmp_path / "search")
     assert found["genotype"].summary()
+    arrays = steps.load_search_arrays(tmp_path / "search")   # DARTS: alpha after each epoch
+    assert set(arrays) == {"alpha_normal", "alpha_reduce"} and arrays["alpha_normal"].shape[1:] == (14, 8)
+    (tmp_path / "search" / steps.SEARCH_ARRAYS_FILE).rename(tmp_path / "search" / "alphas.npz")   # an older search
+    assert all(np.array_equal(steps.load_search_arrays(tmp_path / "search")[k], arrays[k]) for k in arrays)

@@ -3,33 +3,29 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.attacks.poisoning import AttackSpec, poison, poison_count
-from nbutils.core.data import ImageDataset
+from nbutils.attacks.poisoning import AttackConfig, poison, poison_count
 from nbutils.core.poison_set import PoisonSet, PoisonSetMismatch
 
+from toys import toy
 
-def toy(n=1000, classes=10, seed=0, name="toy"):
-    g = torch.Generator().manual_seed(seed)
-    return ImageDataset(
-        name=name,
-        images=torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g),
-        labels=torch.randint(0, classes, (n,), generator=g),
-        classes=tuple(str(i) for i in range(classes)),
-    )
+
+def ten_classes(n: int = 1000, seed: int = 0):
+    """``n`` random images of ten classes, labels drawn at random."""
+    return toy(n, seed=seed, num_classes=10, random_labels=True)
 
 
 @pytest.mark.parametrize("budget,count", [(0.01, 10), (0.1, 100), (0.5, 500), (1.0, 1000), (0.0015, 2)])
 @pytest.mark.parametrize("attack", ["rlf", "gaussian"])
 def test_exact_poisoned_count(attack, budget, count):
-    ds = toy()
-    poison_set = poison(ds, AttackSpec(attack, budget))
+    ds = ten_classes()
+    poison_set = poison(ds, AttackConfig(attack, budget))
     assert len(poison_set) == count == poison_count(len(ds), budget)
     assert len(torch.unique(poison_set.indices)) == count
 
 
 def test_rlf_flips_to_uniformly_random_other_classes():
-    ds = toy(n=20000)
-    poison_set = poison(ds, AttackSpec("rlf", 0.5, seed=3))
+    ds = ten_classes(20000)
+    poison_set = poison(ds, AttackConfig("rlf", 0.5, seed=3))
     old, new = ds.labels[poison_set.indices], poison_set.labels
     assert (old != new).all()
     assert poison_set.images is None
@@ -41,11 +37,11 @@ def test_rlf_flips_to_uniformly_random_other_classes():
 
 
 def test_poisoning_is_seeded_and_never_mutates_the_clean_set():
-    ds = toy()
+    ds = ten_classes()
     before = ds.checksum()
-    a = poison(ds, AttackSpec("gaussian", 0.1, seed=1))
-    b = poison(ds, AttackSpec("gaussian", 0.1, seed=1))
-    c = poison(ds, AttackSpec("gaussian", 0.1, seed=2))
+    a = poison(ds, AttackConfig("gaussian", 0.1, seed=1))
+    b = poison(ds, AttackConfig("gaussian", 0.1, seed=1))
+    c = poison(ds, AttackConfig("gaussian", 0.1, seed=2))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
     assert not torch.equal(a.indices, c.indices)
     poisoned = a.apply(ds)
@@ -53,9 +49,9 @@ def test_poisoning_is_seeded_and_never_mutates_the_clean_set():
 
 
 def test_gaussian_is_clean_label_and_within_eps_after_quantisation():
-    ds = toy()
-    spec = AttackSpec("gaussian", 0.2, eps=8, sigma=16)
-    poison_set = poison(ds, spec)
+    ds = ten_classes()
+    config = AttackConfig("gaussian", 0.2, eps=8, sigma=16)
+    poison_set = poison(ds, config)
     clean = ds.images[poison_set.indices].int()
     delta = poison_set.images.int() - clean
     assert torch.equal(poison_set.labels, ds.labels[poison_set.indices])
@@ -69,16 +65,16 @@ def test_gaussian_is_clean_label_and_within_eps_after_quantisation():
 @pytest.mark.parametrize(
     "kwargs,message",
     [({"name": "rlf", "budget": 0.0}, "budget"), ({"name": "rlf", "budget": 1.5}, "budget"),
-     ({"name": "gaussian", "budget": 0.1, "eps": 300}, "eps"), ({"name": "flip", "budget": 0.1}, "allowed: rlf")],
+     ({"name": "gaussian", "budget": 0.1, "eps": 300}, "eps"), ({"name": "flip", "budget": 0.1}, "name = 'flip': Input should be 'rlf'")],
 )
-def test_bad_attack_specs_are_refused(kwargs, message):
+def test_bad_attack_configs_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        AttackSpec(**kwargs)
+        AttackConfig(**kwargs)
 
 
 def test_poison_set_round_trip(tmp_path):
-    ds = toy()
-    original = poison(ds, AttackSpec("gaussian", 0.05))
+    ds = ten_classes()
+    original = poison(ds, AttackConfig("gaussian", 0.05))
     original.save(tmp_path)
     loaded = PoisonSet.load(tmp_path, ds)
     assert torch.equal(loaded.indices, original.indices)
@@ -89,8 +85,8 @@ def test_poison_set_round_trip(tmp_path):
 
 
 def test_tampered_poison_set_is_refused(tmp_path):
-    ds = toy()
-    original = poison(ds, AttackSpec("rlf", 0.05))
+    ds = ten_classes()
+    original = poison(ds, AttackConfig("rlf", 0.05))
     original.save(tmp_path)
     arrays = dict(np.load(tmp_path / "poison.npz"))
     arrays["labels"] = (arrays["labels"] + 1) % 10
@@ -100,6 +96,6 @@ def test_tampered_poison_set_is_refused(tmp_path):
 
 
 def test_poison_set_refuses_another_dataset(tmp_path):
-    poison(toy(seed=0), AttackSpec("rlf", 0.05)).save(tmp_path)
+    poison(ten_classes(seed=0), AttackConfig("rlf", 0.05)).save(tmp_path)
     with pytest.raises(PoisonSetMismatch, match="crafted on dataset"):
-        PoisonSet.load(tmp_path, toy(seed=1))
+        PoisonSet.load(tmp_path, ten_classes(seed=1))

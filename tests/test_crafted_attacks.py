@@ -9,6 +9,7 @@ import torch
 
 matplotlib.use("Agg")
 
+from nbutils.accel.fast_supernet import FastSuperNet
 from nbutils.attacks import alpha_attack as aa
 from nbutils.attacks import gradient_canceling as gc
 from nbutils.attacks.confidence_flip import clf_flips, clf_poison_set
@@ -20,33 +21,16 @@ from nbutils.space.genotype import published
 from nbutils.space.network import EvalNetwork
 from nbutils.space.ops import PRIMITIVES
 from nbutils.report.poison_figures import flip_table, magnify, poison_grid
-from nbutils.space.supernet import SuperNet
 from nbutils.training.surrogate import resnet18_small, surrogate_logits, train_surrogate
+
+from toys import toy, toy_supernet
 
 EPS = 16.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def toy(n=24, classes=3, channels=1, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return ImageDataset(
-        name="toy",
-        images=torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
-        labels=torch.arange(n) % classes,
-        classes=tuple("abcdefghij"[:classes]),
-    )
-
-
 @pytest.fixture(scope="module")
 def data():
-    ds = toy()
+    ds = toy(24, seed=0)
     mean, std = channel_stats(ds)
     return ds, mean, std
 
@@ -330,7 +314,7 @@ def test_gradient_canceling_on_trained_weights(trained_net, data):
 @pytest.fixture(scope="module")
 def tiny_supernet():
     torch.manual_seed(0)
-    return SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0)
+    return toy_supernet()
 
 
 def test_nas_specific_gc_on_supernet_alphas(tiny_supernet, data):
@@ -355,8 +339,6 @@ def test_nas_specific_gc_on_supernet_alphas(tiny_supernet, data):
 def test_nas_specific_gc_is_the_same_on_the_fast_supernet(tiny_supernet, data):
     """The crafted attacks run on FastSuperNet: the GC objective and its gradient in the poison
     images (a second-order quantity) equal the plain supernet's to float32 rounding."""
-    from nbutils.accel.fast_supernet import FastSuperNet
-
     ds, mean, std = data
     plain = copy.deepcopy(tiny_supernet)
     fast = FastSuperNet(**tiny_supernet.construction())
@@ -379,12 +361,11 @@ def test_nas_specific_gc_is_the_same_on_the_fast_supernet(tiny_supernet, data):
 
 
 def test_selector_marks_convolutions_negative():
-    net = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0)
+    net = toy_supernet()
     row = aa.selector(net, "normal")[0].tolist()
     assert row == [1.0 if op in ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect") else -1.0 for op in PRIMITIVES]
     switches = [("skip_connect", "sep_conv_3x3", "max_pool_3x3")] * 14
-    pruned = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0,
-                      switches_normal=switches, switches_reduce=switches)
+    pruned = toy_supernet(switches_normal=switches, switches_reduce=switches)
     assert aa.selector(pruned, "reduce").tolist() == [[1.0, -1.0, 1.0]] * 14
 
 
@@ -425,7 +406,7 @@ def test_alpha_attack_moves_the_alpha_gradient_towards_non_convolutions(alpha_ru
 
 def test_alpha_attack_averages_the_loss_over_the_ensemble(tiny_supernet, data):
     ds, mean, std = data
-    other = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=1)
+    other = toy_supernet(seed=1)
     images, y = ds.images[:4].float() / 255, ds.labels[:4]
     _, history = aa.alpha_gradient_attack(
         [tiny_supernet, other], images, y, eps_pixels=EPS, steps=1, lr=0.01, batch_size=4,
@@ -455,7 +436,7 @@ def test_alpha_attack_optimises_through_the_seeded_augmentation(tiny_supernet, d
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_poison_grid_has_one_axis_per_image_and_row(channels):
-    ds = toy(n=10, channels=channels)
+    ds = toy(10, seed=0, channels=channels)
     clean = ds.images
     noise = publish(clean.float() + 9, clean.float(), EPS)
     gc_like = publish(clean.float() - 16, clean.float(), EPS)

@@ -13,14 +13,14 @@ from nbutils.nas import darts as darts_mod
 from nbutils.space import network as network_mod
 from nbutils.training import loop as loop_mod
 from nbutils.nas.darts import DartsConfig, SearchDiverged, darts_search
-from nbutils.core.data import BatchLoader, ImageDataset, channel_stats
+from nbutils.core.data import BatchLoader, channel_stats
 from nbutils.space.genotype import Genotype, genotype_from_alpha, published
 from nbutils.space.network import EvalNetwork, count_parameters
 from nbutils.space.supernet import SuperNet
 from nbutils.training.loop import cutout, evaluate
 from nbutils.training.train import RetrainConfig, retrain
 
-from toys import toy
+from toys import toy, toy_supernet
 
 CPU = torch.device("cpu")
 
@@ -113,8 +113,8 @@ def test_arch_gradient_is_first_order_validation_gradient(monkeypatch, anti):
     # step never moves alpha
     for epoch in range(2):
         after = records[2 * epoch + 1]["after"]
-        np.testing.assert_array_equal(result.alphas["alpha_normal"][epoch], after[0].numpy())
-        np.testing.assert_array_equal(result.alphas["alpha_reduce"][epoch], after[1].numpy())
+        np.testing.assert_array_equal(result.arrays["alpha_normal"][epoch], after[0].numpy())
+        np.testing.assert_array_equal(result.arrays["alpha_reduce"][epoch], after[1].numpy())
 
 
 def test_anti_search_negates_first_alpha_step():
@@ -125,12 +125,12 @@ def test_anti_search_negates_first_alpha_step():
     config = dict(epochs=1, channels=4, layers=3, batch_size=8, arch_weight_decay=0.0)
     normal = darts_search(weight_part, arch_part, DartsConfig(**config), seed=5, device=CPU)
     anti = darts_search(weight_part, arch_part, DartsConfig(**config, anti=True), seed=5, device=CPU)
-    init = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=5).alphas_numpy()
+    init = toy_supernet(seed=5).alphas_numpy()
     arch_lr = DartsConfig().arch_lr
     for name in ("alpha_normal", "alpha_reduce"):
-        assert normal.alphas[name].shape == (1, 14, 8)
-        d_normal = normal.alphas[name][0].astype(np.float64) - init[name]
-        d_anti = anti.alphas[name][0].astype(np.float64) - init[name]
+        assert normal.arrays[name].shape == (1, 14, 8)
+        d_normal = normal.arrays[name][0].astype(np.float64) - init[name]
+        d_anti = anti.arrays[name][0].astype(np.float64) - init[name]
         np.testing.assert_allclose(d_anti, -d_normal, rtol=0, atol=1e-9)
         # Adam's first step has size ~arch_lr wherever the gradient is not tiny
         assert np.all(np.abs(d_normal) <= arch_lr * (1 + 1e-4))
@@ -147,13 +147,13 @@ def test_anti_search_increases_validation_loss_of_its_step():
     normal = darts_search(weight_part, arch_part, DartsConfig(**config), seed=7, device=CPU)
     anti = darts_search(weight_part, arch_part, DartsConfig(**config, anti=True), seed=7, device=CPU)
     torch.manual_seed(7)
-    model = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=7)
+    model = toy_supernet(seed=7)
     x, y = next(iter(BatchLoader(arch_part, 8, shuffle=True, seed=8)))
     losses = {}
     for name, res in (("normal", normal), ("anti", anti)):
         with torch.no_grad():
-            model.alpha_normal.copy_(torch.from_numpy(res.alphas["alpha_normal"][0]))
-            model.alpha_reduce.copy_(torch.from_numpy(res.alphas["alpha_reduce"][0]))
+            model.alpha_normal.copy_(torch.from_numpy(res.arrays["alpha_normal"][0]))
+            model.alpha_reduce.copy_(torch.from_numpy(res.arrays["alpha_reduce"][0]))
             losses[name] = F.cross_entropy(model(x), y).item()
     assert losses["anti"] > losses["normal"]
 
@@ -198,23 +198,23 @@ def test_darts_search_end_to_end_and_deterministic():
             assert 0.0 <= row[key] <= 1.0
             assert (row[key] * 16) == pytest.approx(round(row[key] * 16))  # a fraction of 16 samples
         Genotype.from_dict(row["genotype"])
-    init = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=4).alphas_numpy()
+    init = toy_supernet(seed=4).alphas_numpy()
     for name in ("alpha_normal", "alpha_reduce"):
-        assert a.alphas[name].shape == (2, 14, 8)
-        assert np.all(np.isfinite(a.alphas[name]))
-        assert not np.allclose(a.alphas[name][0], init[name], rtol=0, atol=1e-6)
-        assert not np.array_equal(a.alphas[name][0], a.alphas[name][1])
-    assert a.genotype == genotype_from_alpha(a.alphas["alpha_normal"][-1], a.alphas["alpha_reduce"][-1])
+        assert a.arrays[name].shape == (2, 14, 8)
+        assert np.all(np.isfinite(a.arrays[name]))
+        assert not np.allclose(a.arrays[name][0], init[name], rtol=0, atol=1e-6)
+        assert not np.array_equal(a.arrays[name][0], a.arrays[name][1])
+    assert a.genotype == genotype_from_alpha(a.arrays["alpha_normal"][-1], a.arrays["alpha_reduce"][-1])
     assert a.genotype == Genotype.from_dict(a.history[-1]["genotype"])
 
     # determinism: identical genotypes, histories and alpha traces
     assert a.genotype == b.genotype
     assert a.history == b.history
-    for name in a.alphas:
-        np.testing.assert_array_equal(a.alphas[name], b.alphas[name])
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name])
     # and the seed matters
     c = darts_search(weight_part, arch_part, config, seed=5, device=CPU)
-    assert not np.array_equal(a.alphas["alpha_normal"], c.alphas["alpha_normal"])
+    assert not np.array_equal(a.arrays["alpha_normal"], c.arrays["alpha_normal"])
 
 
 def test_history_lr_is_the_lr_the_epoch_trained_with(monkeypatch):
@@ -367,11 +367,11 @@ def test_warmup_epochs_train_the_weights_only():
     """Alpha stays at its initial value through the warm-up epochs (no architecture step, no
     validation figures) and moves from the first epoch after; the weights train throughout."""
     found = darts_search(toy(8, seed=1), toy(8, seed=2), tiny_config(epochs=3, warmup_epochs=2), seed=0, device=CPU)
-    start = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0).alphas_numpy()
+    start = toy_supernet().alphas_numpy()
     for epoch in (0, 1):
-        assert np.array_equal(found.alphas["alpha_normal"][epoch], start["alpha_normal"])
+        assert np.array_equal(found.arrays["alpha_normal"][epoch], start["alpha_normal"])
         assert found.history[epoch]["val_acc"] is None
-    assert not np.array_equal(found.alphas["alpha_normal"][2], start["alpha_normal"])
+    assert not np.array_equal(found.arrays["alpha_normal"][2], start["alpha_normal"])
     assert found.history[2]["val_acc"] is not None
 
 

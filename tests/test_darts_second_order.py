@@ -22,11 +22,10 @@ from nbutils.nas.darts import (
     unrolled_alpha_grad,
     weight_step,
 )
-from nbutils.core.data import ImageDataset
 from nbutils.space.genotype import Genotype
 from nbutils.space.supernet import SuperNet
 
-from toys import toy
+from toys import toy, toy_supernet
 
 CPU = torch.device("cpu")
 ETA, MOMENTUM, WD = 0.025, 0.9, 3e-4
@@ -34,7 +33,7 @@ ETA, MOMENTUM, WD = 0.025, 0.9, 3e-4
 
 def tiny_supernet(dtype=torch.float32) -> SuperNet:
     torch.manual_seed(0)
-    return SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0).to(dtype)
+    return toy_supernet().to(dtype)
 
 
 def batches(dtype=torch.float32):
@@ -235,12 +234,12 @@ def test_second_order_search_end_to_end_and_deterministic():
         assert math.isfinite(row[key]) and row[key] > 0
     assert 0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1
     assert Genotype.from_dict(row["genotype"]) == a.genotype
-    assert a.alphas["alpha_normal"].shape == (1, 14, 8)
+    assert a.arrays["alpha_normal"].shape == (1, 14, 8)
     assert a.genotype == b.genotype and a.history == b.history
-    for name in a.alphas:
-        np.testing.assert_array_equal(a.alphas[name], b.alphas[name])
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name])
     # a different gradient from the first-order search's
-    assert not np.array_equal(a.alphas["alpha_normal"], first.alphas["alpha_normal"])
+    assert not np.array_equal(a.arrays["alpha_normal"], first.arrays["alpha_normal"])
 
 
 def test_anti_second_order_negates_the_gradient(monkeypatch):

@@ -22,10 +22,7 @@ from nbutils.core.data import (
     seeded_subset,
 )
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
-    from tests import dataset_fixtures as fx
-except ImportError:  # pragma: no cover - depends on how pytest was started
-    import dataset_fixtures as fx
+import dataset_fixtures as fx
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from nbutils.defenses import denoising
 from nbutils.defenses import relabelling
 from nbutils.defenses import sanitisation
 from nbutils.core.data import ImageDataset
-from nbutils.defenses.defending import DefenseSpec, defend
+from nbutils.defenses.defending import DefenseConfig, defend
 from nbutils.defenses.relabelling import ExtractorUnavailable
 
 
@@ -61,9 +61,9 @@ def test_sanitise_drops_exactly_the_fraction_per_class_and_prefers_mislabelled_s
     clean = blobs(per_class=15, classes=3, size=8, seed=1)
     flipped = np.array([0, 5, 16, 22, 31, 38])  # two per class, moved to the next class
     poisoned = clean.with_replacements(flipped, labels=(clean.labels[flipped] + 1) % 3)
-    spec = DefenseSpec("sanitise", fraction=0.25, surrogate_epochs=2, surrogate_batch_size=15, surrogate_lr=0.01,
-                       surrogate_augment=False, seed=0)
-    result = defend(poisoned, spec, device="cpu", clean_labels=clean.labels, poison_indices=flipped)
+    config = DefenseConfig("sanitise", fraction=0.25, surrogate_epochs=2, surrogate_batch_size=15, surrogate_lr=0.01,
+                           surrogate_augment=False, seed=0)
+    result = defend(poisoned, config, device="cpu", clean_labels=clean.labels, poison_indices=flipped)
     given = poisoned.labels.numpy()
     dropped = result.arrays["dropped_indices"]
     kept = result.arrays["kept_indices"]
@@ -84,7 +84,7 @@ def test_sanitise_drops_exactly_the_fraction_per_class_and_prefers_mislabelled_s
 def test_sanitise_refuses_to_empty_a_class_before_training():
     ds = blobs(per_class=1, classes=3)
     with pytest.raises(ValueError, match="would remove every sample of class 0"):
-        defend(ds, DefenseSpec("sanitise", fraction=0.5), device="cpu")
+        defend(ds, DefenseConfig("sanitise", fraction=0.5), device="cpu")
 
 
 # --------------------------------------------------------------------------- relabelling
@@ -111,8 +111,8 @@ def test_relabel_with_the_fallback_recovers_separated_image_classes_and_erases_f
     clean = blobs(per_class=30, classes=3, size=8, seed=2)
     flipped = np.arange(0, 90, 3)  # a third of the labels moved to another class
     poisoned = clean.with_replacements(flipped, labels=(clean.labels[flipped] + 1) % 3)
-    spec = DefenseSpec("relabel", extractor="random_resnet18", seed=0)
-    result = defend(poisoned, spec, device="cpu", clean_labels=clean.labels, poison_indices=flipped)
+    config = DefenseConfig("relabel", extractor="random_resnet18", seed=0)
+    result = defend(poisoned, config, device="cpu", clean_labels=clean.labels, poison_indices=flipped)
     record = result.record
     assert record["extractor"] == "random_resnet18" and not record["fallback_used"]
     assert record["vs_clean_labels"]["ari"] > 0.95
@@ -126,12 +126,12 @@ def test_relabel_without_pretrained_weights_fails_unless_fallback_is_allowed(tmp
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub cache
     ds = blobs(per_class=10, classes=2)
     with pytest.raises(ExtractorUnavailable, match="allow_fallback"):
-        defend(ds, DefenseSpec("relabel"), device="cpu")
-    result = defend(ds, DefenseSpec("relabel", allow_fallback=True), device="cpu")
+        defend(ds, DefenseConfig("relabel"), device="cpu")
+    result = defend(ds, DefenseConfig("relabel", allow_fallback=True), device="cpu")
     assert result.record["extractor"] == "random_resnet18" and result.record["fallback_used"]
     assert result.record["fallback_reason"].startswith("ImageNet ResNet-152 weights not found in " + str(tmp_path))
     # a weights file named explicitly never falls back
-    missing = DefenseSpec("relabel", allow_fallback=True, extractor_weights=str(tmp_path / "none.pth"))
+    missing = DefenseConfig("relabel", allow_fallback=True, extractor_weights=str(tmp_path / "none.pth"))
     with pytest.raises(ExtractorUnavailable, match="none.pth"):
         defend(ds, missing, device="cpu")
 
@@ -224,9 +224,9 @@ def test_denoise_defence_trains_a_ddpm_on_trusted_images_and_scores_the_perturba
     g = torch.Generator().manual_seed(0)
     bumped = (clean.images[poison_idx].int() + torch.randint(-16, 17, (3, 1, 8, 8), generator=g)).clamp(0, 255)
     poisoned = clean.with_replacements(poison_idx, images=bumped.to(torch.uint8))
-    spec = DefenseSpec("denoise", ddpm_trusted_size=12, ddpm_epochs=1, ddpm_batch_size=8, ddpm_width=8,
-                       ddpm_timesteps=100, seed=0)
-    result = defend(poisoned, spec, device="cpu", clean_images=clean.images, poison_indices=poison_idx, trusted=trusted)
+    config = DefenseConfig("denoise", ddpm_trusted_size=12, ddpm_epochs=1, ddpm_batch_size=8, ddpm_width=8,
+                           ddpm_timesteps=100, seed=0)
+    result = defend(poisoned, config, device="cpu", clean_images=clean.images, poison_indices=poison_idx, trusted=trusted)
     out = result.dataset
     assert out.images.dtype == torch.uint8 and out.images.shape == poisoned.images.shape
     assert torch.equal(out.labels, poisoned.labels)
@@ -246,13 +246,13 @@ def test_denoise_defence_uses_a_local_pretrained_ddpm_folder_as_saved(tmp_path):
     unet.save_pretrained(tmp_path / "unet")
     scheduler.save_pretrained(tmp_path / "scheduler")
     ds = blobs(per_class=3, classes=2)
-    result = defend(ds, DefenseSpec("denoise", ddpm_path=str(tmp_path), seed=2), device="cpu")
+    result = defend(ds, DefenseConfig("denoise", ddpm_path=str(tmp_path), seed=2), device="cpu")
     assert result.record["ddpm"] == {"source": "pretrained", "path": str(tmp_path)}
     expected, t = denoising.one_shot_denoise(ds.images, unet, scheduler, 0.1, seed=2)
     assert torch.equal(result.dataset.images, expected) and result.record["timestep"] == t
     rgb = ImageDataset("rgb", torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), ("a", "b"))
     with pytest.raises(ValueError, match="the DDPM takes 1 channels .* images have 3 channels"):
-        defend(rgb, DefenseSpec("denoise", ddpm_path=str(tmp_path)), device="cpu")
+        defend(rgb, DefenseConfig("denoise", ddpm_path=str(tmp_path)), device="cpu")
 
 
 def test_perturbation_removed_known_answers():
@@ -270,36 +270,36 @@ def test_perturbation_removed_known_answers():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"name": "prune"}, "defense name must be one of sanitise, relabel, denoise"),
-        ({"name": "sanitise", "fraction": 1.0}, "fraction must be in \\(0, 1\\)"),
-        ({"name": "sanitise", "fraction": 0}, "fraction must be in \\(0, 1\\)"),
-        ({"name": "denoise", "sigma": -0.1}, "sigma must be a positive number"),
-        ({"name": "denoise", "sigma": 2.0}, "sigma must be in \\(0, 1\\]"),
-        ({"name": "relabel", "extractor": "vit"}, "extractor must be one of"),
-        ({"name": "denoise", "ddpm_epochs": 0}, "ddpm_epochs must be an integer >= 1"),
-        ({"name": "denoise", "ddpm_width": 12}, "ddpm_width must be a multiple of 8"),
-        ({"name": "relabel", "allow_fallback": "yes"}, "allow_fallback must be true or false"),
+        ({"name": "prune"}, "DefenseConfig.name = 'prune': Input should be 'sanitise', 'relabel' or 'denoise'"),
+        ({"name": "sanitise", "fraction": 1.0}, "fraction = 1.0: Input should be less than 1"),
+        ({"name": "sanitise", "fraction": 0}, "fraction = 0: Input should be greater than 0"),
+        ({"name": "denoise", "sigma": -0.1}, "sigma = -0.1: Input should be greater than 0"),
+        ({"name": "denoise", "sigma": 2.0}, "sigma = 2.0: Input should be less than or equal to 1"),
+        ({"name": "relabel", "extractor": "vit"}, "extractor = 'vit': Input should be"),
+        ({"name": "denoise", "ddpm_epochs": 0}, "ddpm_epochs = 0: Input should be greater than or equal to 1"),
+        ({"name": "denoise", "ddpm_width": 12}, "ddpm_width = 12: Input should be a multiple of 8"),
+        ({"name": "relabel", "allow_fallback": "yes"}, "allow_fallback = 'yes': Input should be a valid boolean"),
     ],
 )
-def test_bad_spec_values_are_named(kwargs, message):
+def test_bad_config_values_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        DefenseSpec(**kwargs)
+        DefenseConfig(**kwargs)
 
 
 def test_bad_inputs_are_refused_before_compute():
     ds = blobs(per_class=4, classes=2)
-    spec = DefenseSpec("relabel", extractor="random_resnet18")
+    config = DefenseConfig("relabel", extractor="random_resnet18")
     with pytest.raises(ValueError, match="clean_labels must be 8 integers"):
-        defend(ds, spec, clean_labels=[0, 1])
+        defend(ds, config, clean_labels=[0, 1])
     with pytest.raises(ValueError, match="poison_indices must lie in \\[0, 8\\)"):
-        defend(ds, spec, poison_indices=[3, 8])
+        defend(ds, config, poison_indices=[3, 8])
     with pytest.raises(ValueError, match="clean_images must be uint8"):
-        defend(ds, spec, clean_images=ds.images.float())
+        defend(ds, config, clean_images=ds.images.float())
     with pytest.raises(ValueError, match="pass trusted="):
-        defend(ds, DefenseSpec("denoise"))
+        defend(ds, DefenseConfig("denoise"))
     with pytest.raises(ValueError, match="ddpm_trusted_size is 1000, but trusted holds only 8"):
-        defend(ds, DefenseSpec("denoise"), trusted=ds)
+        defend(ds, DefenseConfig("denoise"), trusted=ds)
     with pytest.raises(ValueError, match="ddpm_path must be a local folder"):
-        defend(ds, DefenseSpec("denoise", ddpm_path="/nonexistent/ddpm"))
+        defend(ds, DefenseConfig("denoise", ddpm_path="/nonexistent/ddpm"))
     with pytest.raises(ValueError, match="choose sigma <="):
-        defend(ds, DefenseSpec("denoise", ddpm_timesteps=5, sigma=0.5, ddpm_trusted_size=4), trusted=ds)
+        defend(ds, DefenseConfig("denoise", ddpm_timesteps=5, sigma=0.5, ddpm_trusted_size=4), trusted=ds)

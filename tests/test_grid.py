@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from nbutils.pipeline import execution, params
+from nbutils.pipeline.progress import chain_lengths
 from nbutils.pipeline.stages import expand
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,8 +149,6 @@ def test_unbatched_executions_run_each_trial_alone():
 
 
 def test_longest_chains_first():
-    from nbutils.pipeline.cluster import chain_lengths
-
     groups = execution.executions(expand(preset(attacks=[{"name": "none"}, {"name": "gc", "budgets": [0.25]}])))
     length = dict(zip((g[0].label for g in groups), chain_lengths(groups)))
     # clean search -> clean retrain -> GC poison -> poisoned search -> retrain -> report

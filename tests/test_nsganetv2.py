@@ -17,8 +17,7 @@ from nbutils.nas.accuracy_predictors import (
     kendall_tau,
 )
 from nbutils.nas.search_result import SearchResult
-from nbutils.core.data import ImageDataset
-from nbutils.space.genotype import Genotype, random_genotype
+from nbutils.space.genotype import Genotype, published, random_genotype
 from nbutils.space.network import EvalNetwork, count_parameters
 from nbutils.nas.nsganetv2 import (
     ArchitectureCost,
@@ -216,8 +215,6 @@ def test_cost_equals_counting_on_the_built_network(kind, size):
 
 
 def test_cost_of_darts_v2_at_the_paper_scale():
-    from nbutils.space.genotype import published
-
     assert ArchitectureCost("params")(published("DARTS_V2")) == 3_349_342   # README: equals the reference
 
 
@@ -344,17 +341,17 @@ def test_tiny_search_end_to_end():
     assert len({encoding.key(encoding.encode(g)) for g in genotypes}) == len(genotypes)   # nothing measured twice
 
     # the archive arrays agree with the history
-    alphas = result.alphas
-    assert [encoding.decode(v) for v in alphas["archive_encodings"]] == genotypes
-    np.testing.assert_allclose(alphas["archive_error"], [1 - row["val_acc"] for row in history])
+    arrays = result.arrays
+    assert [encoding.decode(v) for v in arrays["archive_encodings"]] == genotypes
+    np.testing.assert_allclose(arrays["archive_error"], [1 - row["val_acc"] for row in history])
     cost = ArchitectureCost("params", channels=4, layers=3, num_classes=3, in_channels=1, input_size=8)
-    np.testing.assert_allclose(alphas["archive_cost"], [cost(g) for g in genotypes])
+    np.testing.assert_allclose(arrays["archive_cost"], [cost(g) for g in genotypes])
 
     # the front is the non-dominated set of the archive
     stage = result.stages[0]
-    F = np.column_stack([alphas["archive_error"], alphas["archive_cost"]])
+    F = np.column_stack([arrays["archive_error"], arrays["archive_cost"]])
     front = [p["index"] for p in stage["pareto_front"]]
-    assert sorted(front) == sorted(alphas["pareto_indices"].tolist())
+    assert sorted(front) == sorted(arrays["pareto_indices"].tolist())
     for i in range(len(F)):
         dominated = any(dominates(F[j], F[i]) for j in range(len(F)))
         assert (i in front) == (not dominated)

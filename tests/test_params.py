@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from nbutils.core.config import ConfigError
+from nbutils.core.data import SPLIT_SIZES, load_dataset
 from nbutils.nas.darts import DartsConfig
 from nbutils.nas.robot import RobotConfig
 from nbutils.pipeline import params
 from nbutils.pipeline.params import ParamsError, load_preset, validate
-from nbutils.pipeline.stages import Stage
+from nbutils.pipeline.stages import Stage, expand
 from nbutils.training.train import RetrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,8 +112,6 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("paper", {"surrogate", "poison", "search", "retrain", "sensitivity", "defend", "report"}),
 ])
 def test_shipped_presets_validate_and_expand(preset, kinds):
-    from nbutils.pipeline.stages import expand
-
     stages = expand(load_preset(Path(__file__).resolve().parent.parent / "params" / preset))
     assert kinds <= {s.kind for s in stages}
     assert len({(s.kind, s.key) for s in stages}) == len(stages)   # no stage twice
@@ -136,8 +135,6 @@ def test_ood_search_size_larger_than_its_split_is_refused():
 
 
 def test_split_sizes_are_the_loaders():
-    from nbutils.core.data import SPLIT_SIZES, load_dataset
-
     for name in ("digits", "noise", "fashion_mnist"):
         for split in ("train", "test"):
             assert len(load_dataset(name, split)) == SPLIT_SIZES[name][split]

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from nbutils.nas import pdarts as pdarts_mod
-from nbutils.core.data import ImageDataset
 from nbutils.space.genotype import Genotype
 from nbutils.space.ops import PRIMITIVES
 from nbutils.nas.pdarts import PdartsConfig, final_cell, pdarts_genotype, pdarts_search, skip_dropout_rate, switch_off
@@ -192,12 +191,12 @@ def test_tiny_search_is_deterministic(tiny_run):
     a, _ = tiny_run
     b = pdarts_search(toy(16, seed=1), toy(16, seed=2), PdartsConfig(**TINY), seed=3, device=CPU)
     assert a.genotype == b.genotype and a.history == b.history and a.stages == b.stages
-    assert a.alphas.keys() == b.alphas.keys()
-    for name in a.alphas:
-        np.testing.assert_array_equal(a.alphas[name], b.alphas[name])
+    assert a.arrays.keys() == b.arrays.keys()
+    for name in a.arrays:
+        np.testing.assert_array_equal(a.arrays[name], b.arrays[name])
     c = pdarts_search(toy(16, seed=1), toy(16, seed=2), PdartsConfig(**{**TINY, "epochs": 1, "warmup_epochs": 0}),
                       seed=4, device=CPU)
-    assert not np.array_equal(c.alphas["alpha_normal_stage1"][0], a.alphas["alpha_normal_stage1"][0])
+    assert not np.array_equal(c.arrays["alpha_normal_stage1"][0], a.arrays["alpha_normal_stage1"][0])
 
 
 def test_stage_transitions_switch_operations_off(tiny_run):
@@ -223,7 +222,7 @@ def test_stage_transitions_switch_operations_off(tiny_run):
                     assert kept != ["none"]
     for cell in ("normal", "reduce"):
         assert np.asarray(result.stages[0][f"probs_{cell}"]).shape == (14, 8)
-    assert {k: v.shape for k, v in result.alphas.items()} == {
+    assert {k: v.shape for k, v in result.arrays.items()} == {
         "alpha_normal_stage1": (2, 14, 8), "alpha_reduce_stage1": (2, 14, 8),
         "alpha_normal_stage2": (2, 14, 5), "alpha_reduce_stage2": (2, 14, 5),
         "alpha_normal_stage3": (2, 14, 3), "alpha_reduce_stage3": (2, 14, 3),
@@ -273,7 +272,7 @@ def test_warmup_epochs_train_weights_only_and_dropout_follows_schedule(tiny_run)
             assert row["val_loss"] is None and row["val_acc"] is None
     # alpha does not move in a warm-up epoch, and does in the next one
     for stage, model in enumerate(recorder.models, 1):
-        trace = result.alphas[f"alpha_normal_stage{stage}"]
+        trace = result.arrays[f"alpha_normal_stage{stage}"]
         np.testing.assert_array_equal(trace[0], model.initial["alpha_normal"].numpy())
         assert not np.array_equal(trace[1], trace[0])
 

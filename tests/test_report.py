@@ -1,4 +1,5 @@
 """The report's tables, figures and CSV files, on synthetic trials with known answers."""
+import json
 import math
 
 import numpy as np
@@ -122,3 +123,67 @@ def test_findings_say_what_was_found_and_what_was_not(results):
     assert noise.startswith("**Not found**:") and f"a drop of {drop:.2f} pp" in noise
     anti, = [s for s in found if "anti-search" in s]
     assert anti.startswith("**Not found, the opposite direction**") and "workshop Table 1" in anti
+
+
+def _cells(row_html: str) -> list[tuple[str, str]]:
+    """(title, text) of each data cell of one table row."""
+    import re
+
+    return re.findall(r'<td(?: title="([^"]*)")?>(.*?)</td>', row_html)
+
+
+def test_ood_table_marks_the_significant_searches_as_table_1_does(results):
+    """TMLR Table 3's test is cells_csv's ood:<dataset> rows: P-DARTS-like digits cell below the
+    in-distribution trials, significant after BH over the algorithm's OOD cells; noise not."""
+    robot = [pd.DataFrame(trials("robot", "none", None, [60.0, 61.0, 62.0])),
+             pd.DataFrame(trials("robot", "none", None, [59.5, 61.5, 60.0], "ood", "digits"))]
+    frame = pd.concat([results, *robot], ignore_index=True)
+    page = report.ood_html(frame, report.CellSummary.of(frame[frame.algorithm == "random"].acc), "fashion_mnist")
+    rows = {r.split("</td>")[0].removeprefix("<td>"): _cells(r) for r in page.split("<tr>")[3:]}
+    tests = report.cells_csv(frame, "fashion_mnist").set_index(["algorithm", "study"])
+    darts_clean, darts_digits, darts_noise = rows["DARTS"][1:3], rows["DARTS"][3:5], rows["DARTS"][5:7]
+    assert all("<b><u>" in text for _, text in darts_digits)
+    assert not any("<b><u>" in text for _, text in darts_clean + darts_noise)
+    for (algorithm, source), (title, _) in (((("darts", "digits"), darts_digits[0])),
+                                            (("darts", "noise"), darts_noise[0]),
+                                            (("robot", "digits"), rows["RoBoT"][3])):
+        test = tests.loc[(algorithm, f"ood:{source}")]
+        assert f"one-sided Welch p={test.p:.3g}" in title and f"BH-adjusted p={test.p_bh:.3g}" in title
+    assert tests.loc[("darts", "ood:digits"), "p"] == pytest.approx(welch_less(OOD_DIGITS, CLEAN))
+    # RoBoT's family is its own: its single OOD cell is not significant and is not bold
+    assert not tests.loc[("robot", "ood:digits"), "significant"]
+    assert not any("<b><u>" in text for _, text in rows["RoBoT"])
+    assert darts_clean[0][0] == "n=3, the in-distribution reference"
+
+
+def _study(tmp_path, name, summary):
+    folder = tmp_path / "sensitivity" / name
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"summary": summary}))
+    return str(folder)
+
+
+def test_sensitivity_table_groups_tenas_then_robot_and_reads_each_gc_column_from_its_own_poisons(tmp_path):
+    def line(metric, mean, std=1.0, n=4, skipped=0):
+        return {"metric": metric, "mean": mean, "std": std, "n": n, "skipped": skipped}
+
+    tenas = [line("ntk_condition_number", 0.0, 0.0), line("linear_regions", 0.0, 0.0)]
+    inputs = {"sensitivity0": _study(tmp_path, "a", tenas),
+              "sensitivity1": _study(tmp_path, "b", [line("grad_norm", -5.62, 2.1), line("snip", -5.85)]),
+              "sensitivity2": _study(tmp_path, "c", [line("grad_norm", -0.47, 0.67, skipped=1), line("snip", -0.36)])}
+    spec = {"sensitivity": [
+        {"attack": "rlf", "budget": 0.5, "metrics_of": "tenas", "role": "sensitivity0"},
+        {"attack": "rlf", "budget": 0.5, "metrics_of": "robot", "role": "sensitivity1"},
+        {"attack": "gc", "budget": 0.5, "target": "robot", "metrics_of": "robot", "role": "sensitivity2"}],
+        "sensitivity_not_run": [{"attack": "gc", "budget": 0.5, "metrics_of": "tenas",
+                                 "reason": "not run: the grid crafts no gradient-canceling poisons against TE-NAS"}]}
+    table = report.load_sensitivity(spec, inputs)
+    page = report.sensitivity_html(table)
+    head = page[page.index("<thead>"):page.index("</thead>")]
+    assert head.index("TE-NAS") < head.index("RoBoT") and '<th colspan="2">TE-NAS</th>' in head
+    assert head.index("κ<sub>NTK</sub>") < head.index("<i>R</i>") < head.index("grad_norm")
+    rlf, gc = (_cells(r) for r in page.split("<tbody>")[1].split("<tr>")[1:])
+    assert rlf[0][1] == "RLF 50%" and ">0.00 ± 0.00<" in rlf[1][1] and ">-5.62 ± 2.10<" in rlf[3][1]
+    assert gc[0][1] == "GC 50%"
+    assert [text for _, text in gc[1:3]] == ["not run", "not run"] and "against TE-NAS" in gc[1][0]
+    assert ">-0.47 ± 0.67<" in gc[3][1] and gc[3][0] == "4 architectures, 1 undefined; poisons crafted against RoBoT"

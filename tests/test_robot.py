@@ -7,7 +7,6 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 
 from nbutils.core.data import ImageDataset
 from nbutils.space.genotype import Genotype
@@ -207,11 +206,11 @@ def test_robot_search_on_a_tiny_pool_returns_its_best_trained_architecture():
     best = max(history, key=lambda row: row["val_acc"])
     assert result.genotype == pool[best["pool_index"]]
 
-    values, normalised = result.alphas["pool_metrics"], result.alphas["pool_normalised"]
+    values, normalised = result.arrays["pool_metrics"], result.arrays["pool_normalised"]
     assert values.shape == (12, 6)
     np.testing.assert_array_equal(normalised, normalise_pool(values)[0])
     assert result.stages[0]["scored"] + result.stages[0]["skipped"] == 12
-    for query, weights in zip(result.stages[1]["queries"], result.alphas["query_weights"]):
+    for query, weights in zip(result.stages[1]["queries"], result.arrays["query_weights"]):
         assert query["pool_index"] == rank_pool(normalised, weights)[0]
 
 
@@ -228,7 +227,7 @@ def test_robot_search_is_deterministic_by_seed():
     again, again_rows = run(7)
     assert again_rows == first_rows
     assert again.genotype == first.genotype
-    for name, array in first.alphas.items():
-        np.testing.assert_array_equal(again.alphas[name], array)
+    for name, array in first.arrays.items():
+        np.testing.assert_array_equal(again.arrays[name], array)
     other, _ = run(8)
-    assert not np.array_equal(other.alphas["pool_metrics"], first.alphas["pool_metrics"])
+    assert not np.array_equal(other.arrays["pool_metrics"], first.arrays["pool_metrics"])

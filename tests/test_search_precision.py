@@ -19,10 +19,10 @@ from nbutils.nas.darts import (
     weight_step,
 )
 from nbutils.core.device import MixedPrecision
-from nbutils.pipeline.params import SearchSpec
+from nbutils.pipeline.params import SearchParams
 from nbutils.nas.pdarts import PdartsConfig
-from nbutils.space.supernet import SuperNet
-from toys import toy
+
+from toys import toy, toy_supernet
 
 
 def _tiny_config(**kwargs) -> DartsConfig:
@@ -37,7 +37,7 @@ def test_mixed_precision_on_the_cpu_searches_in_float32_and_says_so(caplog):
         asked = darts_search(weight_part, arch_part, _tiny_config(mixed_precision=True), seed=0, device=cpu)
     assert "mixed_precision applies on CUDA only" in caplog.text
     assert asked.history[-1]["train_loss"] == plain.history[-1]["train_loss"]
-    assert all((asked.alphas[k] == plain.alphas[k]).all() for k in plain.alphas)
+    assert all((asked.arrays[k] == plain.arrays[k]).all() for k in plain.arrays)
 
 
 def test_autocast_and_scaled_steps_track_float32():
@@ -45,11 +45,11 @@ def test_autocast_and_scaled_steps_track_float32():
     enabled gradient scalers move the parameters like the float32 steps (bfloat16 keeps ~3
     significant digits), and the alpha gradient comes back unscaled."""
     torch.manual_seed(0)
-    base = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0)
+    base = toy_supernet()
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
     moved = {}
     for name, precision in (("float32", Precision()), ("mixed", Precision(MixedPrecision(True, "cpu", torch.bfloat16)))):
-        model = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0)
+        model = toy_supernet()
         model.load_state_dict(base.state_dict())
         w_opt, _, a_opt = make_optimisers(model, _tiny_config())
         architecture_step(model, a_opt, w_opt, (x, y), (x, y), StepRule(), precision)
@@ -82,5 +82,5 @@ def test_mixed_precision_is_refused_with_the_second_order_step():
     with pytest.raises(ValueError, match="first-order search only"):
         PdartsConfig(mixed_precision=True, order=2)
     with pytest.raises(ValueError, match="set order: 1 in darts"):
-        SearchSpec(mixed_precision=True, darts={"order": 2})
-    assert SearchSpec(mixed_precision=True).mixed_precision
+        SearchParams(mixed_precision=True, darts={"order": 2})
+    assert SearchParams(mixed_precision=True).mixed_precision

@@ -33,6 +33,8 @@ from nbutils.space.network import AuxiliaryHead, EvalNetwork, count_parameters, 
 from nbutils.space.ops import PRIMITIVES, FactorizedReduce, Identity, build_op
 from nbutils.space.supernet import SuperNet
 
+from toys import toy_supernet
+
 NON_NONE = [p for p in PRIMITIVES if p != "none"]
 
 
@@ -321,7 +323,7 @@ def test_genotype_from_alpha_softmaxes_then_parses():
 
 
 def test_supernet_genotype_uses_its_alpha():
-    model = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=0)
+    model = toy_supernet()
     raw, expected = hand_made_raw_alpha()
     reduce_raw = np.zeros((14, 8))
     reduce_raw[:, op_index("avg_pool_3x3")] = 5.0
@@ -338,9 +340,9 @@ def test_supernet_genotype_uses_its_alpha():
 
 
 def test_supernet_alpha_init_is_small_and_seeded():
-    a = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=5)
-    b = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=5)
-    c = SuperNet(channels=4, num_classes=3, layers=3, in_channels=1, seed=6)
+    a = toy_supernet(seed=5)
+    b = toy_supernet(seed=5)
+    c = toy_supernet(seed=6)
     assert a.alpha_normal.shape == (14, 8) and a.alpha_reduce.shape == (14, 8)
     assert torch.equal(a.alpha_normal, b.alpha_normal) and torch.equal(a.alpha_reduce, b.alpha_reduce)
     assert not torch.equal(a.alpha_normal, c.alpha_normal)

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from nbutils.core.store import ArtifactStore, load_arrays, save_arrays, stage_key
+from nbutils.core.store import ArtifactStore, atomic_write_bytes, load_arrays, save_arrays, stage_key
 
 
 def test_key_is_stable_and_sensitive():
@@ -71,8 +71,6 @@ def test_key_holds_the_code_version():
 
 
 def test_written_files_are_readable_like_any_other(tmp_path):
-    from nbutils.core.store import atomic_write_bytes
-
     before = os.umask(0o022)
     try:
         atomic_write_bytes(tmp_path / "report.html", b"<html>")

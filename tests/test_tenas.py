@@ -2,15 +2,19 @@
 end-to-end search."""
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from nbutils.core.data import ImageDataset
+from nbutils.core.data import ImageDataset, channel_stats, resized
 from nbutils.space.genotype import NUM_EDGES, STEPS, Genotype
 from nbutils.space.ops import PRIMITIVES
+from nbutils.nas import ntk as ntk_mod
+from nbutils.nas import tenas as tenas_mod
 from nbutils.nas.ntk import (
     condition_number,
     linear_regions,
@@ -32,14 +36,14 @@ from nbutils.nas.tenas import (
 from nbutils.nas.tenas_network import SEARCH_OPERATIONS, TenasNetwork, initial_switches
 from nbutils.nas.zero_cost import MetricUndefined
 
+from toys import toy
 
-def _dataset(n: int = 48, size: int = 8, channels: int = 1, seed: int = 0, constant: bool = False) -> ImageDataset:
-    g = torch.Generator().manual_seed(seed)
-    if constant:
-        images = torch.full((n, channels, size, size), 100, dtype=torch.uint8)
-    else:
-        images = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
-    return ImageDataset("fake", images, torch.randint(0, 10, (n,), generator=g), tuple(str(i) for i in range(10)))
+
+def _dataset(n: int = 48, size: int = 8, seed: int = 0, constant: bool = False) -> ImageDataset:
+    """``n`` random images of ten classes (TE-NAS never reads the labels); ``constant``: every
+    pixel 100, so every image is the same."""
+    ds = toy(n, seed=seed, num_classes=10, size=size, random_labels=True)
+    return ds.with_replacements(torch.arange(n), images=torch.full_like(ds.images, 100)) if constant else ds
 
 
 # --------------------------------------------------------------------------- the pruning rule
@@ -193,7 +197,7 @@ def _check_result(result, config: TenasConfig):
         for node in range(STEPS):
             (op_a, src_a), (op_b, src_b) = cell[2 * node: 2 * node + 2]
             assert src_a != src_b and {op_a, op_b} <= set(config.operations)
-    active = result.alphas["active_normal"], result.alphas["active_reduce"]
+    active = result.arrays["active_normal"], result.arrays["active_reduce"]
     assert active[0].shape == (len(result.history) + 1, NUM_EDGES, 8)
     counts = [a.sum(axis=2) for a in active]
     assert np.all(counts[0][0] == len(config.operations))
@@ -266,10 +270,6 @@ def test_bad_input_is_refused_before_compute():
 
 
 def test_image_size_measures_on_resized_images():
-    from dataclasses import replace
-
-    from nbutils.core.data import channel_stats, resized
-
     config = TenasConfig(operations=("dil_conv_3x3",), **_SMALL)
     big = _dataset(size=16, seed=4)
     norm = channel_stats(big)
@@ -284,11 +284,6 @@ def test_image_size_measures_on_resized_images():
 def test_search_on_16px_images_measures_through_replicas_as_through_vmap(monkeypatch):
     """From 16x16 on, the NTK of a TE-NAS search goes through replicas (nbutils.nas.ntk_replicas):
     the same measurements and the same genotype as through vmap."""
-    import functools
-
-    import nbutils.nas.ntk as ntk_mod
-    import nbutils.nas.tenas as tenas_mod
-
     config = TenasConfig(operations=("dil_conv_3x3",), **_SMALL)
     data = _dataset(size=16, seed=4)
     used = []

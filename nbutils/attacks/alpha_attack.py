@@ -33,7 +33,6 @@ statistics), with dropout off, on private copies.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Sequence
 
@@ -44,7 +43,7 @@ from torch import nn
 from ..core.diff_augment import differentiable_augment
 from ..space.ops import CONVOLUTIONS
 from ..core.poison_set import PoisonSet, publish
-from .perturbation import batch_slices, optimise_perturbation
+from .perturbation import batch_slices, crafting_copy, optimise_perturbation
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def alpha_gradient_sums(supernet: nn.Module, x: torch.Tensor, y: torch.Tensor, *
                         train_mode: bool = True) -> dict[str, float]:
     """Diagnostics: the summed alpha gradient over convolution and over non-convolution operations,
     and Eq. 2, for normalised inputs ``x`` (on a private copy of the supernet)."""
-    work = _crafting_copy(supernet, x.device, train_mode)
+    work = _alpha_copy(supernet, x.device, train_mode)
     loss = F.cross_entropy(work(x), y)
     grads = torch.autograd.grad(loss, _alphas(work, cells))
     conv = nonconv = 0.0
@@ -98,14 +97,9 @@ def alpha_gradient_sums(supernet: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     return {"conv": conv, "nonconv": nonconv, "eq2": nonconv - conv}
 
 
-def _crafting_copy(supernet: nn.Module, device: torch.device, train_mode: bool) -> nn.Module:
-    work = copy.deepcopy(supernet).to(device)
-    work.train(train_mode)
-    for module in work.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.eval()
-    for p in work.parameters():
-        p.requires_grad_(False)
+def _alpha_copy(supernet: nn.Module, device: torch.device, train_mode: bool) -> nn.Module:
+    """A :func:`crafting_copy` of ``supernet`` whose alphas alone take gradients (Eq. 2's)."""
+    work = crafting_copy(supernet, device, train_mode)
     for alpha in work.arch_parameters():
         alpha.requires_grad_(True)
     return work
@@ -155,7 +149,7 @@ def alpha_gradient_attack(
     device = torch.device(device)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    ensemble = [_crafting_copy(net, device, train_mode) for net in supernets]
+    ensemble = [_alpha_copy(net, device, train_mode) for net in supernets]
     mean_t = torch.tensor([float(m) for m in mean], device=device).view(1, -1, 1, 1)
     std_t = torch.tensor([float(s) for s in std], device=device).view(1, -1, 1, 1)
     clean = images.detach().to(device, torch.float32)

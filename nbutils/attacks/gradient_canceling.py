@@ -45,7 +45,6 @@ optimises each batch's own residual with its own batch mean, a different objecti
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from typing import Callable, Iterable, Mapping, Sequence
@@ -56,7 +55,7 @@ from torch import nn
 
 from ..core.poison_set import PoisonSet, publish
 from ..core.progress import progress
-from .perturbation import batch_slices, optimise_perturbation
+from .perturbation import batch_slices, crafting_copy, optimise_perturbation
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +108,6 @@ def target_parameter_names(model: nn.Module, target: str) -> list[str]:
             if id(p) not in arch_ids and not name.startswith("auxiliary_head")
         ]
     raise ValueError(f"target must be 'weights' or 'alphas', got {target!r}")
-
-
-def crafting_copy(model: nn.Module, device: torch.device, train_mode: bool) -> nn.Module:
-    """A private copy for crafting: on ``device``, in train (or eval) mode with dropout and
-    drop path off, every parameter frozen (callers unfreeze the ones they differentiate)."""
-    work = copy.deepcopy(model).to(device)
-    work.train(train_mode)
-    for module in work.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.eval()
-    if hasattr(work, "drop_path_prob"):
-        work.drop_path_prob = 0.0
-    for p in work.parameters():
-        p.requires_grad_(False)
-    return work
 
 
 def _grads(loss: torch.Tensor, theta: Sequence[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:

@@ -8,13 +8,16 @@ owns the loop (optimiser, learning-rate schedule, projection, history, best-so-f
 and each attack supplies an objective: a callable from the current poisoned images to
 ``(value, gradient of the value in those images)``. The objective computes its own gradient,
 so it is free to batch the poisons, average over an ensemble or use a chain rule over the
-whole set as it needs to.
+whole set as it needs to. Both differentiate through a :func:`crafting_copy` of the model
+they attack, so the caller's model is never modified.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 from ..core.progress import progress
 
@@ -28,6 +31,21 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def crafting_copy(model: nn.Module, device: torch.device, train_mode: bool) -> nn.Module:
+    """A private copy for crafting: on ``device``, in train (or eval) mode with dropout and
+    drop path off, every parameter frozen (callers unfreeze the ones they differentiate)."""
+    work = copy.deepcopy(model).to(device)
+    work.train(train_mode)
+    for module in work.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+    if hasattr(work, "drop_path_prob"):
+        work.drop_path_prob = 0.0
+    for p in work.parameters():
+        p.requires_grad_(False)
+    return work
 
 
 def project_(delta: torch.Tensor, images: torch.Tensor, bound: float) -> torch.Tensor:

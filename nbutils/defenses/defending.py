@@ -1,4 +1,4 @@
-"""Defences behind one call: ``defend(poisoned, spec) -> DefenseResult`` (defended dataset + record).
+"""Defences behind one call: ``defend(poisoned, config) -> DefenseResult`` (defended dataset + record).
 
 The TMLR paper's countermeasures (Table 4), applied between poisoning and search: the search
 then runs on the defended dataset. Each defence lives in its own module:
@@ -23,13 +23,15 @@ perturbation the denoiser removed. Every argument is checked before any compute.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import Field, StrictBool
 
+from ..core.config import NonNegativeInt, PositiveInt, PositiveNumber, config, integer, number
 from ..core.data import ImageDataset, seeded_subset
 from ..core.device import DEVICES, resolve_device
 from .relabelling import EXTRACTORS, PRETRAINED_EXTRACTOR
@@ -39,74 +41,45 @@ log = logging.getLogger(__name__)
 DEFENSES = ("sanitise", "relabel", "denoise")
 
 
-@dataclass(frozen=True)
-class DefenseSpec:
-    """One defence and its settings; only the fields of the chosen ``name`` are used.
+#: a path to a local file or folder (``None``: not given)
+LocalPath = Optional[Annotated[str, Field(min_length=1)]]
+
+
+@config
+class DefenseConfig:
+    """One defence and its settings: what :func:`defend` runs with. Only the fields of the
+    chosen ``name`` are used.
 
     Defaults are the paper's where it gives them (fraction 0.5, sigma 0.1, ResNet-152); the
     training settings of the defender's own networks are not in the paper and are ours.
+    Switches take ``true`` or ``false`` only (a YAML ``"yes"`` string is refused, not read as true).
     """
 
-    name: str
-    seed: int = 0
+    name: Literal[DEFENSES]  # type: ignore[valid-type]
+    seed: NonNegativeInt = 0
     # sanitise: the defender's ResNet-18 and the share of each class to drop
-    fraction: float = 0.5
-    surrogate_epochs: int = 40
-    surrogate_batch_size: int = 128
-    surrogate_lr: float = 0.1
-    surrogate_augment: bool = True
+    fraction: number(gt=0, lt=1) = 0.5
+    surrogate_epochs: PositiveInt = 40
+    surrogate_batch_size: PositiveInt = 128
+    surrogate_lr: PositiveNumber = 0.1
+    surrogate_augment: StrictBool = True
     # relabel: feature extractor and K-Means
-    extractor: str = PRETRAINED_EXTRACTOR
-    extractor_weights: str | None = None      # local ResNet-152 state dict; None: the torch hub cache
-    extractor_image_size: int = 224           # images are resized to this for the ImageNet network
-    allow_fallback: bool = False              # use the fallback extractor if the pretrained one is missing
-    kmeans_restarts: int = 10
+    extractor: Literal[EXTRACTORS] = PRETRAINED_EXTRACTOR  # type: ignore[valid-type]
+    extractor_weights: LocalPath = None       # local ResNet-152 state dict; None: the torch hub cache
+    extractor_image_size: integer(32) = 224   # images are resized to this for the ImageNet network
+    allow_fallback: StrictBool = False        # use the fallback extractor if the pretrained one is missing
+    kmeans_restarts: PositiveInt = 10
     # denoise: noise level and the DDPM
-    sigma: float = 0.1                        # noise level on [0, 1] images
-    ddpm_path: str | None = None              # local diffusers DDPM folder; None: train one on trusted images
-    ddpm_trusted_size: int = 1000             # clean held-out images the small DDPM is trained on
-    ddpm_epochs: int = 50
-    ddpm_batch_size: int = 64
-    ddpm_lr: float = 1e-3
-    ddpm_width: int = 32
-    ddpm_timesteps: int = 1000                # length of the DDPM's linear noise schedule
-    ddpm_train_near_sigma: bool = True        # train on timesteps 0..2t only (t: the denoising step)
-    denoise_batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        if self.name not in DEFENSES:
-            raise ValueError(f"defense name must be one of {', '.join(DEFENSES)}, got {self.name!r}")
-        _integer("seed", self.seed, minimum=0)
-        if not (isinstance(self.fraction, (int, float)) and not isinstance(self.fraction, bool)) or not 0 < self.fraction < 1:
-            raise ValueError(f"defense fraction must be in (0, 1) (share of each class to drop), got {self.fraction!r}")
-        for key in ("surrogate_epochs", "surrogate_batch_size", "kmeans_restarts", "ddpm_trusted_size",
-                    "ddpm_epochs", "ddpm_batch_size", "denoise_batch_size"):
-            _integer(key, getattr(self, key), minimum=1)
-        _integer("extractor_image_size", self.extractor_image_size, minimum=32)
-        _integer("ddpm_timesteps", self.ddpm_timesteps, minimum=2)
-        _integer("ddpm_width", self.ddpm_width, minimum=8)
-        if self.ddpm_width % 8:
-            raise ValueError(f"defense ddpm_width must be a multiple of 8, got {self.ddpm_width}")
-        for key in ("surrogate_lr", "ddpm_lr", "sigma"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"defense {key} must be a positive number, got {value!r}")
-        if self.sigma > 1:
-            raise ValueError(f"defense sigma must be in (0, 1] (noise level on [0, 1] images), got {self.sigma!r}")
-        if self.extractor not in EXTRACTORS:
-            raise ValueError(f"defense extractor must be one of {', '.join(EXTRACTORS)}, got {self.extractor!r}")
-        for key in ("surrogate_augment", "allow_fallback", "ddpm_train_near_sigma"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"defense {key} must be true or false, got {getattr(self, key)!r}")
-        for key in ("extractor_weights", "ddpm_path"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"defense {key} must be a non-empty path or null, got {value!r}")
-
-
-def _integer(key: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"defense {key} must be an integer >= {minimum}, got {value!r}")
+    sigma: number(gt=0, le=1) = 0.1           # noise level on [0, 1] images
+    ddpm_path: LocalPath = None               # local diffusers DDPM folder; None: train one on trusted images
+    ddpm_trusted_size: PositiveInt = 1000     # clean held-out images the small DDPM is trained on
+    ddpm_epochs: PositiveInt = 50
+    ddpm_batch_size: PositiveInt = 64
+    ddpm_lr: PositiveNumber = 1e-3
+    ddpm_width: integer(8, multiple_of=8) = 32   # the U-Net's group norms have 8 groups
+    ddpm_timesteps: integer(2) = 1000         # length of the DDPM's linear noise schedule
+    ddpm_train_near_sigma: StrictBool = True  # train on timesteps 0..2t only (t: the denoising step)
+    denoise_batch_size: PositiveInt = 256
 
 
 @dataclass
@@ -124,7 +97,7 @@ class DefenseResult:
 
 def _check_inputs(
     poisoned: ImageDataset,
-    spec: DefenseSpec,
+    config: DefenseConfig,
     clean_labels,
     clean_images,
     poison_indices,
@@ -132,8 +105,8 @@ def _check_inputs(
 ) -> tuple[np.ndarray | None, torch.Tensor | None, np.ndarray | None]:
     if not isinstance(poisoned, ImageDataset):
         raise ValueError(f"poisoned must be an ImageDataset, got {type(poisoned).__name__}")
-    if not isinstance(spec, DefenseSpec):
-        raise ValueError(f"spec must be a DefenseSpec, got {type(spec).__name__}")
+    if not isinstance(config, DefenseConfig):
+        raise ValueError(f"config must be a DefenseConfig, got {type(config).__name__}")
     n = len(poisoned)
     if n == 0:
         raise ValueError("poisoned must hold at least one sample, got an empty dataset")
@@ -163,21 +136,21 @@ def _check_inputs(
             raise ValueError(f"poison_indices must lie in [0, {n}), got [{indices.min()}, {indices.max()}]")
         if np.unique(indices).size != indices.size:
             raise ValueError("poison_indices must be unique, got repeated values")
-    if spec.name == "relabel" and n < poisoned.num_classes:
+    if config.name == "relabel" and n < poisoned.num_classes:
         raise ValueError(f"relabelling needs at least one sample per cluster ({poisoned.num_classes}), got {n} samples")
-    if spec.name == "relabel" and poisoned.num_classes < 2:
+    if config.name == "relabel" and poisoned.num_classes < 2:
         raise ValueError("relabelling needs at least two classes")
-    if spec.name == "denoise":
-        _check_denoise_inputs(poisoned, spec, trusted)
-    if spec.name == "sanitise":
+    if config.name == "denoise":
+        _check_denoise_inputs(poisoned, config, trusted)
+    if config.name == "sanitise":
         from .sanitisation import drop_counts
 
-        drop_counts(poisoned.labels.numpy(), poisoned.num_classes, spec.fraction)  # raises if a class would vanish
+        drop_counts(poisoned.labels.numpy(), poisoned.num_classes, config.fraction)  # raises if a class would vanish
     return labels, images, indices
 
 
-def _check_denoise_inputs(poisoned: ImageDataset, spec: DefenseSpec, trusted: ImageDataset | None) -> None:
-    if spec.ddpm_path is not None:
+def _check_denoise_inputs(poisoned: ImageDataset, config: DefenseConfig, trusted: ImageDataset | None) -> None:
+    if config.ddpm_path is not None:
         return  # the folder and the model's fit are checked when loading, still before denoising
     if trusted is None:
         raise ValueError(
@@ -188,9 +161,9 @@ def _check_denoise_inputs(poisoned: ImageDataset, spec: DefenseSpec, trusted: Im
         raise ValueError(f"trusted must be an ImageDataset, got {type(trusted).__name__}")
     if trusted.shape_chw != poisoned.shape_chw:
         raise ValueError(f"trusted images must have the poisoned images' shape {poisoned.shape_chw}, got {trusted.shape_chw}")
-    if len(trusted) < spec.ddpm_trusted_size:
+    if len(trusted) < config.ddpm_trusted_size:
         raise ValueError(
-            f"ddpm_trusted_size is {spec.ddpm_trusted_size}, but trusted holds only {len(trusted)} images; "
+            f"ddpm_trusted_size is {config.ddpm_trusted_size}, but trusted holds only {len(trusted)} images; "
             f"lower ddpm_trusted_size or hold out more clean images"
         )
     c, h, w = poisoned.shape_chw
@@ -198,24 +171,24 @@ def _check_denoise_inputs(poisoned: ImageDataset, spec: DefenseSpec, trusted: Im
         raise ValueError(f"the small DDPM needs square images of even size, got {h}x{w}")
     from .denoising import ddpm_scheduler, timestep_for_sigma
 
-    timestep_for_sigma(ddpm_scheduler(spec.ddpm_timesteps).alphas_cumprod, spec.sigma)  # reachable noise level
+    timestep_for_sigma(ddpm_scheduler(config.ddpm_timesteps).alphas_cumprod, config.sigma)  # reachable noise level
 
 
 # --------------------------------------------------------------------------- the defences
 
 
-def _sanitise(poisoned, spec, device, clean_labels, clean_images, poison_indices, trusted) -> DefenseResult:
+def _sanitise(poisoned, config, device, clean_labels, clean_images, poison_indices, trusted) -> DefenseResult:
     from .sanitisation import filter_quality, sanitise
 
     out = sanitise(
-        poisoned, spec.fraction, epochs=spec.surrogate_epochs, batch_size=spec.surrogate_batch_size,
-        lr=spec.surrogate_lr, augment=spec.surrogate_augment, seed=spec.seed, device=device,
+        poisoned, config.fraction, epochs=config.surrogate_epochs, batch_size=config.surrogate_batch_size,
+        lr=config.surrogate_lr, augment=config.surrogate_augment, seed=config.seed, device=device,
     )
     kept, dropped, losses = out["kept"], out["dropped"], out["losses"]
     record = {
-        "fraction": spec.fraction,
-        "surrogate": {"model": "resnet18_small", "epochs": spec.surrogate_epochs, "batch_size": spec.surrogate_batch_size,
-                      "lr": spec.surrogate_lr, "augment": spec.surrogate_augment},
+        "fraction": config.fraction,
+        "surrogate": {"model": "resnet18_small", "epochs": config.surrogate_epochs, "batch_size": config.surrogate_batch_size,
+                      "lr": config.surrogate_lr, "augment": config.surrogate_augment},
         "dropped": int(len(dropped)),
         "dropped_per_class": out["drop_counts"].tolist(),
         "mean_loss_kept": float(losses[kept].mean()),
@@ -231,19 +204,19 @@ def _sanitise(poisoned, spec, device, clean_labels, clean_images, poison_indices
     return DefenseResult(poisoned.subset(kept), record, arrays)
 
 
-def _relabel(poisoned, spec, device, clean_labels, clean_images, poison_indices, trusted) -> DefenseResult:
+def _relabel(poisoned, config, device, clean_labels, clean_images, poison_indices, trusted) -> DefenseResult:
     from .relabelling import agreement, best_matching, relabel
 
     out = relabel(
-        poisoned, extractor=spec.extractor, allow_fallback=spec.allow_fallback, weights_path=spec.extractor_weights,
-        image_size=spec.extractor_image_size, seed=spec.seed, device=device, n_init=spec.kmeans_restarts,
+        poisoned, extractor=config.extractor, allow_fallback=config.allow_fallback, weights_path=config.extractor_weights,
+        image_size=config.extractor_image_size, seed=config.seed, device=device, n_init=config.kmeans_restarts,
     )
     new_labels = out["labels"]
     k = poisoned.num_classes
     record = {
         "extractor": out["extractor"],
         "extractor_source": out["extractor_source"],
-        "fallback_used": out["extractor"] != spec.extractor,
+        "fallback_used": out["extractor"] != config.extractor,
         "fallback_reason": out["fallback_reason"],
         "features_dim": out["features_dim"],
         "clusters": k,
@@ -263,41 +236,41 @@ def _relabel(poisoned, spec, device, clean_labels, clean_images, poison_indices,
     return DefenseResult(defended, record, {"labels": new_labels, "cluster_ids": out["cluster_ids"]})
 
 
-def _denoise(poisoned, spec, device, clean_labels, clean_images, poison_indices, trusted) -> DefenseResult:
+def _denoise(poisoned, config, device, clean_labels, clean_images, poison_indices, trusted) -> DefenseResult:
     from .denoising import check_model_fits, ddpm_scheduler, load_pretrained_ddpm, noise_ratio, one_shot_denoise
     from .denoising import perturbation_removed, timestep_for_sigma, train_ddpm
 
-    if spec.ddpm_path is not None:
-        unet, scheduler = load_pretrained_ddpm(spec.ddpm_path)
+    if config.ddpm_path is not None:
+        unet, scheduler = load_pretrained_ddpm(config.ddpm_path)
         check_model_fits(unet, poisoned.shape_chw)
-        timestep_for_sigma(scheduler.alphas_cumprod, spec.sigma)  # a sigma the schedule cannot reach: fail now
-        ddpm = {"source": "pretrained", "path": spec.ddpm_path}
+        timestep_for_sigma(scheduler.alphas_cumprod, config.sigma)  # a sigma the schedule cannot reach: fail now
+        ddpm = {"source": "pretrained", "path": config.ddpm_path}
     else:
-        held_out = seeded_subset(trusted, spec.ddpm_trusted_size, seed=spec.seed)
-        step = timestep_for_sigma(ddpm_scheduler(spec.ddpm_timesteps).alphas_cumprod, spec.sigma)
-        top = min(2 * step, spec.ddpm_timesteps - 1) if spec.ddpm_train_near_sigma else spec.ddpm_timesteps - 1
+        held_out = seeded_subset(trusted, config.ddpm_trusted_size, seed=config.seed)
+        step = timestep_for_sigma(ddpm_scheduler(config.ddpm_timesteps).alphas_cumprod, config.sigma)
+        top = min(2 * step, config.ddpm_timesteps - 1) if config.ddpm_train_near_sigma else config.ddpm_timesteps - 1
         unet, scheduler, history = train_ddpm(
-            held_out.images, epochs=spec.ddpm_epochs, batch_size=spec.ddpm_batch_size, lr=spec.ddpm_lr,
-            width=spec.ddpm_width, num_train_timesteps=spec.ddpm_timesteps, max_timestep=top, seed=spec.seed,
+            held_out.images, epochs=config.ddpm_epochs, batch_size=config.ddpm_batch_size, lr=config.ddpm_lr,
+            width=config.ddpm_width, num_train_timesteps=config.ddpm_timesteps, max_timestep=top, seed=config.seed,
             device=device,
         )
         ddpm = {
             "source": "trained here on clean images held out by the defender (no pretrained DDPM given)",
-            "trusted_dataset": trusted.name, "trusted_images": len(held_out), "epochs": spec.ddpm_epochs,
-            "width": spec.ddpm_width, "timesteps": spec.ddpm_timesteps, "trained_timesteps": [0, top],
+            "trusted_dataset": trusted.name, "trusted_images": len(held_out), "epochs": config.ddpm_epochs,
+            "width": config.ddpm_width, "timesteps": config.ddpm_timesteps, "trained_timesteps": [0, top],
             "final_noise_mse": history[-1],
         }
     denoised, t = one_shot_denoise(
-        poisoned.images, unet, scheduler, spec.sigma, seed=spec.seed, device=device, batch_size=spec.denoise_batch_size,
+        poisoned.images, unet, scheduler, config.sigma, seed=config.seed, device=device, batch_size=config.denoise_batch_size,
     )
     change = (denoised.double() - poisoned.images.double()) / 255.0
     record = {
-        "sigma": spec.sigma,
+        "sigma": config.sigma,
         "ddpm": ddpm,
         "timestep": t,
         "noise_ratio_at_timestep": float(noise_ratio(scheduler.alphas_cumprod)[t]),
         "mean_squared_change": float(change.square().mean()),  # per pixel, images in [0, 1]
-        "mean_squared_noise_added": spec.sigma ** 2,  # what a denoiser that removed nothing would leave
+        "mean_squared_noise_added": config.sigma ** 2,  # what a denoiser that removed nothing would leave
     }
     arrays: dict[str, np.ndarray] = {}
     if clean_images is not None:
@@ -323,7 +296,7 @@ _DEFENCES = {"sanitise": _sanitise, "relabel": _relabel, "denoise": _denoise}
 
 def defend(
     poisoned: ImageDataset,
-    spec: DefenseSpec,
+    config: DefenseConfig,
     *,
     device: str | torch.device = "cpu",
     clean_labels=None,
@@ -331,7 +304,7 @@ def defend(
     poison_indices=None,
     trusted: ImageDataset | None = None,
 ) -> DefenseResult:
-    """Apply the defence of ``spec`` to ``poisoned`` (never modified).
+    """Apply the defence of ``config`` to ``poisoned`` (never modified).
 
     ``trusted``: clean images the defender holds out (needed by ``denoise`` without a
     ``ddpm_path``). ``clean_labels``, ``clean_images`` (aligned with ``poisoned``) and
@@ -340,17 +313,17 @@ def defend(
     outside the search subset. ``device``: ``auto``, ``cpu``, ``cuda`` or a torch device.
     """
     device = resolve_device(device) if isinstance(device, str) and device in DEVICES else torch.device(device)
-    labels, images, indices = _check_inputs(poisoned, spec, clean_labels, clean_images, poison_indices, trusted)
+    labels, images, indices = _check_inputs(poisoned, config, clean_labels, clean_images, poison_indices, trusted)
     start = time.perf_counter()
-    result = _DEFENCES[spec.name](poisoned, spec, device, labels, images, indices, trusted)
+    result = _DEFENCES[config.name](poisoned, config, device, labels, images, indices, trusted)
     result.record = {
-        "defense": spec.name,
-        "spec": asdict(spec),
+        "defense": config.name,
+        "config": asdict(config),
         "dataset": poisoned.name,
         "samples_in": len(poisoned),
         "samples_out": len(result.dataset),
         **result.record,
         "seconds": time.perf_counter() - start,
     }
-    log.info("defence %s: %d -> %d samples in %.1f s", spec.name, len(poisoned), len(result.dataset), result.record["seconds"])
+    log.info("defence %s: %d -> %d samples in %.1f s", config.name, len(poisoned), len(result.dataset), result.record["seconds"])
     return result

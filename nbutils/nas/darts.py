@@ -210,7 +210,7 @@ def darts_search(
         if epoch + 1 in keep:
             result.supernets[epoch + 1] = model.checkpoint()
     result.genotype = model.genotype()
-    result.alphas = {name: np.stack(values) for name, values in trace.items()}
+    result.arrays = {name: np.stack(values) for name, values in trace.items()}
     return result
 
 

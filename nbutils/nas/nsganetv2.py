@@ -561,7 +561,7 @@ def _search_result(archive: _Archive, iterations: list[dict], predictor: FittedP
     return SearchResult(
         genotype=encoding.decode(encodings[chosen]),
         history=history,
-        alphas={
+        arrays={
             "archive_encodings": np.stack(encodings),
             "archive_error": errors_array,
             "archive_cost": costs_array,
@@ -585,12 +585,12 @@ def pareto_figure(found: SearchResult | Sequence[dict] | np.ndarray, *, title: s
 
     archive = four = chosen = None
     if isinstance(found, SearchResult):
-        if "archive_error" not in found.alphas or not found.stages:
+        if "archive_error" not in found.arrays or not found.stages:
             raise ValueError("found must be the SearchResult of nsganetv2_search (with its archive and stage)")
-        error, cost = found.alphas["archive_error"], found.alphas["archive_cost"]
+        error, cost = found.arrays["archive_error"], found.arrays["archive_cost"]
         archive = np.column_stack([error, cost])
-        front = archive[found.alphas["pareto_indices"]]
-        four = archive[found.alphas["four_best"]]
+        front = archive[found.arrays["pareto_indices"]]
+        four = archive[found.arrays["four_best"]]
         chosen = archive[found.stages[0]["chosen"]]
     elif isinstance(found, np.ndarray):
         if found.ndim != 2 or found.shape[1] != 2:

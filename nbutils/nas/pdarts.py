@@ -167,7 +167,7 @@ def pdarts_search(
         switches = kept
         log.info("stage %d done: %d operations per edge left", stage, keep)
     # the last stage's converged supernet: the target of NAS-specific gradient canceling
-    return SearchResult(genotype=final, history=history, alphas=alphas, stages=records,
+    return SearchResult(genotype=final, history=history, arrays=alphas, stages=records,
                         supernets={len(history): model.checkpoint()})
 
 

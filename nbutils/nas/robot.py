@@ -555,7 +555,7 @@ def _search_result(scored: _ScoredPool, trace: RobotTrace, records: dict[int, di
     return SearchResult(
         genotype=pool[trace.best_index],
         history=history,
-        alphas={
+        arrays={
             "pool_metrics": values,
             "pool_normalised": normalised,
             "pool_defined": defined,

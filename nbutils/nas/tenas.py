@@ -399,7 +399,7 @@ def tenas_search(
     _prune_edges(indicators, switches, config, seed, number, trail)         # 3. until two edges per node
     genotype = genotype_of(switches)                                        # 4.
     log.info("TE-NAS: %s", genotype.summary())
-    return SearchResult(genotype=genotype, history=trail.history, alphas=trail.alphas(), stages=trail.stages)
+    return SearchResult(genotype=genotype, history=trail.history, arrays=trail.active_arrays(), stages=trail.stages)
 
 
 def _search_data(dataset: ImageDataset, config: TenasConfig, seed: int,
@@ -434,7 +434,8 @@ class _Trail:
         for kind, m in active_mask(self.switches).items():
             self.masks[kind].append(m)
 
-    def alphas(self) -> dict[str, np.ndarray]:
+    def active_arrays(self) -> dict[str, np.ndarray]:
+        """The masks of alive operations per cell type, one row per ranking (row 0: the start)."""
         return {f"active_{kind}": np.stack(self.masks[kind]) for kind in CELL_TYPES}
 
 

@@ -125,7 +125,7 @@ def code_units(kind: str) -> list[str]:
                     todo.append(info.bindings[word])
             elif name and word in info.definitions and word != name:
                 todo.append(f"{module}:{word}")
-        # attribute access on an imported module (``params.DataSpec``): that name of the module
+        # attribute access on an imported module (``params.DataParams``): that name of the module
         for node in nodes:
             for n in ast.walk(node):
                 if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in info.bindings \

@@ -63,6 +63,7 @@ MODELLED_SECONDS_PER_UNIT: dict[str, float] = {
     "defend relabel": 0.0407,
     "defend denoise": 0.0407,
     "sensitivity": 0.4435,
+    "sensitivity tenas": 1.3,   # per architecture, CIFAR-sized images, TE-NAS's settings (one thread)
     "gallery": 0.09782,
     "report": 0.1711,
 }
@@ -95,6 +96,8 @@ def cost_class(kind: str, spec: dict) -> str:
         return "poison " + spec.get("attack", {}).get("name", "?")
     if kind == "defend":
         return "defend " + spec.get("defense", {}).get("name", "?")
+    if kind == "sensitivity" and "tenas" in spec.get("config", {}):
+        return "sensitivity tenas"
     return kind
 
 
@@ -135,7 +138,7 @@ def work_units(kind: str, spec: dict, reads: int = 0) -> float:
     if kind == "defend":
         defense = spec.get("defense", {})
         images, pixels = _images(data, "search_size"), _side(data, search=True) ** 2 / 1e3
-        # the defaults of nbutils.defenses.defending.DefenseSpec where the preset leaves them out
+        # the defaults of nbutils.defenses.defending.DefenseConfig where the preset leaves them out
         if defense.get("name") == "sanitise":
             return defense.get("surrogate_epochs", 40) * images * pixels
         if defense.get("name") == "denoise":
@@ -143,6 +146,8 @@ def work_units(kind: str, spec: dict, reads: int = 0) -> float:
                 return images * pixels
             return defense.get("ddpm_epochs", 50) * defense.get("ddpm_trusted_size", 1000) * pixels
         return images * pixels
+    if kind == "sensitivity" and "tenas" in config:   # TE-NAS's C=1 networks: per architecture (the supernet: 7 operations per edge)
+        return config["architectures"] * (7 if config.get("tenas_network") == "supernet" else 1)
     if kind == "sensitivity":
         return config["architectures"] * config["samples"] * _network(config["channels"], config["layers"],
                                                                        _side(data, search=True))

@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, FieldSerializationInfo, TypeAdapter, ValidationError,
-                      field_serializer, field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, FieldSerializationInfo, SerializerFunctionWrapHandler, TypeAdapter,
+                      ValidationError, create_model, field_serializer, field_validator, model_serializer,
+                      model_validator)
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from ..attacks.poisoning import CRAFTING_FIELDS, AttackConfig
 from ..core.config import CONFIG_RULES, Cells, Channels, NonNegativeInt, PositiveInt, PositiveNumber, integer, number
 from ..core.data import DATASETS, SPLIT_SIZES
+from ..defenses.defending import DefenseConfig
 from ..nas.darts import DartsConfig
 from ..nas.nsganetv2 import Nsganetv2Config
 from ..nas.pdarts import PdartsConfig
@@ -34,7 +37,6 @@ from ..training.train import RetrainConfig
 DatasetName = Literal[DATASETS]  # type: ignore[valid-type]
 Device = Literal["auto", "cpu", "cuda"]
 Budget = Annotated[number(gt=0, le=1), Field(description="fraction of the search data, in (0, 1]")]
-Pixels = Annotated[number(ge=0, le=255), Field(description="pixel units, 0..255")]
 ImageSide = integer(8)
 
 # darts_anti: the workshop paper's anti-search (DARTS maximising the loss), Table 1
@@ -235,39 +237,42 @@ class SurrogateParams(Params):
     lr: PositiveNumber = 0.1
 
 
-class GradientCancelingParams(Params):
-    steps: PositiveInt = 250
-    lr: Optional[PositiveNumber] = None    # null: the recipe's default
-    batch_size: PositiveInt = 128
-    gradpc_epsilon: number(ge=0) = 1.0   # L2 radius of the target's corruption
-    gradpc_steps: Optional[PositiveInt] = None            # null: one pass over the data
-    gradpc_step_size: PositiveNumber = 1.0
+def config_fields(config: type, *names: str) -> type[Params]:
+    """A params model of the fields ``names`` of the config class ``config``, with the config's
+    types, ranges and defaults: a section that sets some of a config's fields declares none of
+    them again, and a value in the file passes the config's own checks (reported with its key)."""
+    fields = config.__pydantic_fields__
+    return create_model(f"{config.__name__}Fields", __base__=Params,
+                        **{name: (fields[name].annotation, fields[name]) for name in names})
 
 
-class AlphaAttackParams(Params):
-    steps: PositiveInt = 250
-    lr: Optional[PositiveNumber] = None    # null: Witches' Brew's rule
-    batch_size: PositiveInt = 128
-    cells: Literal["normal", "both"] = "normal"   # the cells Eq. 2 sums over
-    augment: bool = True                          # differentiable translation and flip
+class GradientCancelingParams(config_fields(AttackConfig, *CRAFTING_FIELDS["gc"])):
+    """craft_poisons.yaml's ``gc``: gradient canceling's fields of
+    :class:`~nbutils.attacks.poisoning.AttackConfig` (``lr: null``: the recipe's default;
+    ``gradpc_steps: null``: one pass over the data)."""
 
 
-class CraftPoisonsParams(Params):
-    seed: NonNegativeInt = 0   # which samples are poisoned, and the noise drawn
-    eps: Pixels = 16.0                      # l_inf bound of clean-label perturbations
-    sigma: number(ge=0) = 16.0   # Gaussian noise standard deviation, pixel units
+class AlphaAttackParams(config_fields(AttackConfig, *CRAFTING_FIELDS["alpha"])):
+    """craft_poisons.yaml's ``alpha``: the alpha attack's fields of
+    :class:`~nbutils.attacks.poisoning.AttackConfig` (``lr: null``: Witches' Brew's rule)."""
+
+
+class CraftPoisonsParams(config_fields(AttackConfig, "seed", "eps", "sigma")):
+    """craft_poisons.yaml: the settings every attack shares (``seed``: which samples are
+    poisoned, and the noise drawn; ``eps`` and ``sigma`` in pixel units), each crafted attack's
+    own, all :class:`~nbutils.attacks.poisoning.AttackConfig` fields; and CLF's surrogate."""
+
     device: Device = "auto"
     surrogate: SurrogateParams = SurrogateParams()
     gc: GradientCancelingParams = GradientCancelingParams()
     alpha: AlphaAttackParams = AlphaAttackParams()
 
     def attack_config(self, name: str, budget: float) -> dict:
-        """The ``nbutils.attacks.poisoning.AttackSpec`` fields of one attack at one budget."""
+        """The :class:`~nbutils.attacks.poisoning.AttackConfig` fields of one attack at one budget:
+        the shared ones, and a crafted attack's own."""
         fields = {"name": name, "budget": budget, "seed": self.seed, "eps": self.eps, "sigma": self.sigma}
-        if name == "gc":
-            fields.update(self.gc.model_dump())
-        elif name == "alpha":
-            fields.update(self.alpha.model_dump())
+        if name in CRAFTING_FIELDS:
+            fields.update(getattr(self, name).model_dump())
         return fields
 
 
@@ -361,8 +366,16 @@ class RetrainParams(RetrainConfig):
 
 
 # --- metric_sensitivity.yaml (TMLR Table 2) -----------------------------------------------------
+#: the algorithms whose training-free metrics TMLR Table 2 measures
+SENSITIVITY_ALGORITHMS = ("tenas", "robot")
+
+
 class MetricSensitivityParams(Params):
-    """Each training-free metric on clean and on poisoned data, same random architectures."""
+    """Each training-free metric on clean and on poisoned data, same random architectures: one
+    study per poison set and algorithm of ``algorithms`` (gradient canceling: the poisons crafted
+    against that algorithm). TE-NAS's kappa and R are measured with search.yaml's ``tenas``
+    settings (``nbutils.studies.tenas_indicators``); ``batch_size``, ``channels`` and ``layers``
+    are RoBoT's network's."""
 
     run: bool = True
     architectures: PositiveInt = 100    # random architectures (paper: 100)
@@ -372,6 +385,26 @@ class MetricSensitivityParams(Params):
     layers: Cells = 5
     seed: NonNegativeInt = 0
     device: Device = "auto"
+    algorithms: Annotated[list[Literal[SENSITIVITY_ALGORITHMS]], Field(min_length=1)] = list(SENSITIVITY_ALGORITHMS)  # type: ignore[valid-type]
+    tenas_network: Literal["architecture", "supernet"] = "architecture"   # supernet: as sample_metrics.py
+
+    @field_validator("algorithms")
+    @classmethod
+    def _distinct_algorithms(cls, algorithms: list[str]) -> list[str]:
+        if len(set(algorithms)) != len(algorithms):
+            raise ValueError(f"each algorithm may appear once, got {algorithms}")
+        return algorithms
+
+    @model_serializer(mode="wrap")
+    def _new_settings_when_changed(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """``algorithms`` and ``tenas_network``, added with TE-NAS's columns, only when changed:
+        the report's key hashes every file's settings, and stays as it was for a preset that
+        keeps the defaults (as :data:`KEYED_WHEN_CHANGED` does for the search sections)."""
+        data = handler(self)
+        for name in ("algorithms", "tenas_network"):
+            if name in data and data[name] == type(self).model_fields[name].default:
+                del data[name]
+        return data
 
 
 # --- defend.yaml (TMLR Table 4) -----------------------------------------------------------------
@@ -380,7 +413,7 @@ LOCAL_FILES = ("ddpm_path", "extractor_weights")
 
 
 class DefendParams(Params):
-    """Settings of each defence (``nbutils.defenses.defending.DefenseSpec`` fields, checked there);
+    """Settings of each defence (:class:`~nbutils.defenses.defending.DefenseConfig` fields, checked there);
     grid.yaml says which run."""
 
     run: bool = True
@@ -400,17 +433,15 @@ class DefendParams(Params):
 
     @model_validator(mode="after")
     def _settings_valid(self) -> "DefendParams":
-        from ..defenses.defending import DefenseSpec
-
         for name in ("sanitise", "relabel", "denoise"):
             try:
-                DefenseSpec(name=name, seed=self.seed, **getattr(self, name))
+                DefenseConfig(name=name, seed=self.seed, **getattr(self, name))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{name}: {e}") from None
         return self
 
     def defense_config(self, name: str) -> dict:
-        """The ``DefenseSpec`` fields of one defence."""
+        """The :class:`~nbutils.defenses.defending.DefenseConfig` fields of one defence."""
         return {"name": name, "seed": self.seed, **getattr(self, name)}
 
 
@@ -448,6 +479,14 @@ class Preset(Params):
     def _defenses_configured(self) -> "Preset":
         if self.grid.defenses and not self.defend.run:
             raise ValueError("grid.yaml lists defenses but the preset has no defend.yaml (or it says run: false)")
+        return self
+
+    @model_validator(mode="after")
+    def _sensitivity_has_tenas_batches(self) -> "Preset":
+        sensitivity, tenas = self.metric_sensitivity, self.search.tenas
+        if sensitivity.run and "tenas" in sensitivity.algorithms and sensitivity.samples < tenas.repeats * tenas.batch_size:
+            raise ValueError(f"metric_sensitivity.yaml: samples ({sensitivity.samples}) must hold TE-NAS's NTK batches, "
+                             f"search.yaml's tenas repeats x batch_size = {tenas.repeats} x {tenas.batch_size}")
         return self
 
 
@@ -513,9 +552,3 @@ def load_preset(path: Path | str) -> Preset:
     if problems:
         raise ParamsError("\n".join(problems))
     return Preset(name=path.name, path=str(path), **files)
-
-
-# The former names, still used outside the pipeline (nbutils.report.tables and two test modules);
-# to be removed when those use the new ones.
-DataSpec = DataParams
-SearchSpec = SearchParams

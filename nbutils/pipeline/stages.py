@@ -11,7 +11,9 @@ A *trial* is one path poison -> search -> retrain and ends in one accuracy. Stag
     search     03_search.ipynb          one per (algorithm, condition, trial), plus random samples
     retrain    04_retrain.ipynb         one per search
     sensitivity 05_metric_sensitivity   the training-free metrics on clean vs poisoned data,
-                                        one per poison set (TMLR Table 2)
+                                        one per poison set and measured algorithm (TMLR
+                                        Table 2); gradient canceling: the poisons crafted
+                                        against the algorithm whose metrics are measured
     gallery    06_genotype_gallery      one: every found cell, clean beside worst poisoned
     report     99_report.ipynb          one, reading every retrain artifact
 """
@@ -23,6 +25,7 @@ from functools import cached_property
 
 from . import params
 from ..core.store import stage_key
+from ..studies.tenas_indicators import TENAS_METRICS, TENAS_SETTINGS
 from .code_versions import CODE_VERSIONS
 
 
@@ -100,7 +103,7 @@ class _GridBuilder:
         self.stages: list[Stage] = []
         self.by_key: dict[tuple[str, str], Stage] = {}
         self.cells: list[Stage] = []   # retrain stages, for the report
-        self.sensitivity: dict[tuple[str, float], Stage] = {}
+        self.sensitivity: dict[tuple[str, float, str], Stage] = {}   # (condition, budget, measured algorithm)
 
     def add(self, stage: Stage) -> Stage:
         key = (stage.kind, stage.key)
@@ -166,9 +169,7 @@ class _GridBuilder:
         sensitivity, the poisoned trials, their defences and their augmentation ablation."""
         grid = self.preset.grid
         poison = self.add(self.poison_stage(entry, budget, algorithm, clean))
-        # one study per attack and budget (for gradient canceling: against the first algorithm)
-        if self.preset.metric_sensitivity.run and (entry.condition, budget) not in self.sensitivity:
-            self.sensitivity[(entry.condition, budget)] = self.add(sensitivity_stage(self.preset, poison))
+        self.sensitivity_studies(entry, budget, algorithm, poison)
         self.trials(algorithm, entry, budget, poison)
         for defense in grid.defenses:
             if (entry.condition in defense.attacks
@@ -201,6 +202,43 @@ class _GridBuilder:
             inputs = clean_inputs(clean["darts"])
         return Stage("poison", spec, label, inputs, meta)
 
+    def sensitivity_studies(self, entry: params.AttackEntry, budget: float, algorithm: str, poison: Stage) -> None:
+        """TMLR Table 2: the metric sensitivity to a poison set, one study per algorithm whose
+        metrics it measures. Gradient canceling crafts its poisons against one algorithm, and
+        each algorithm's metrics are measured on the poisons crafted against that algorithm (the
+        reference: RoBoT's on GC against RoBoT, TE-NAS's on GC against TE-NAS); the other
+        attacks' poisons are the same for every algorithm."""
+        sensitivity = self.preset.metric_sensitivity
+        if not sensitivity.run:
+            return
+        for measured in sensitivity.algorithms:
+            if entry.name == "gc" and algorithm != measured:
+                continue
+            if (entry.condition, budget, measured) not in self.sensitivity:
+                self.sensitivity[(entry.condition, budget, measured)] = self.add(
+                    sensitivity_stage(self.preset, poison, measured))
+
+    def sensitivity_not_run(self) -> list[dict]:
+        """The Table 2 cells without a study, with the reason: an algorithm's metrics under
+        gradient canceling when the grid crafts no gradient-canceling poisons against it."""
+        grid, sensitivity = self.preset.grid, self.preset.metric_sensitivity
+        missing = []
+        for entry in grid.attacks:
+            if entry.name != "gc" or not sensitivity.run:
+                continue
+            for budget in entry.budgets:
+                for measured in sensitivity.algorithms:
+                    if (entry.condition, budget, measured) in self.sensitivity:
+                        continue
+                    where = ("nas_algorithms does not search it" if measured not in grid.nas_algorithms
+                             else f"attack gc's algorithms are {grid.attacked(entry)}")
+                    name = {"tenas": "TE-NAS", "robot": "RoBoT"}[measured]
+                    missing.append({"attack": entry.condition, "budget": budget, "metrics_of": measured,
+                                    "reason": f"not run: the grid crafts no gradient-canceling poisons against "
+                                              f"{name} ({where}), and {name}'s metrics are measured on the "
+                                              f"poisons crafted against {name}"})
+        return missing
+
     def ablation_reference(self, algorithm: str) -> None:
         """The clean searches without augmentation that the ablation's GC trials compare with."""
         self.trials(algorithm, None, None, None, study="no_augment", augment=False)
@@ -229,10 +267,12 @@ class _GridBuilder:
         studies = [{**stage.meta, "role": f"sensitivity{i}"} for i, stage in enumerate(self.sensitivity.values())]
         poisons = [s for s in self.stages if s.kind == "poison"]
         shown = [{**stage.meta, "role": f"poison{i}"} for i, stage in enumerate(poisons)]
+        not_run = self.sensitivity_not_run()
         report = Stage(
             "report",
             {"report": preset.report.model_dump(), "preset": preset.name, "cells": report_cells,
              "sensitivity": studies, "poisons": shown,
+             **({"sensitivity_not_run": not_run} if not_run else {}),
              "settings": {k: getattr(preset, k).model_dump() for k in params.PRESET_FILES}},
             "report",
             {**{f"retrain{i}": stage for i, stage in enumerate(cells)},
@@ -270,11 +310,24 @@ def defend_stage(preset: params.Preset, name: str, poison: Stage) -> Stage:
                  {"poison": poison}, {**poison.meta, "defense": name})
 
 
-def sensitivity_stage(preset: params.Preset, poison: Stage) -> Stage:
-    spec = {"data": preset.grid.data.model_dump(), "config": preset.metric_sensitivity.model_dump(exclude={"run", "device"}),
-            "device": preset.metric_sensitivity.device}
-    return Stage("sensitivity", spec, f"metric sensitivity to {poison.label.removeprefix('poison ')}",
-                 {"poison": poison}, dict(poison.meta))
+def sensitivity_stage(preset: params.Preset, poison: Stage, measured: str) -> Stage:
+    """The metric sensitivity of ``measured``'s training-free metrics to one poison set. RoBoT's
+    spec is the study's spec from before TE-NAS's metrics were added (its keys are kept);
+    TE-NAS's names its metrics and carries search.yaml's TE-NAS settings that they read
+    (``nbutils.studies.tenas_indicators``) and the network they are measured on."""
+    sensitivity = preset.metric_sensitivity
+    if measured == "robot":
+        config = sensitivity.model_dump(exclude={"run", "device", "algorithms", "tenas_network"})
+    elif measured == "tenas":
+        used = TENAS_SETTINGS + (("operations",) if sensitivity.tenas_network == "supernet" else ())
+        config = {"architectures": sensitivity.architectures, "samples": sensitivity.samples, "seed": sensitivity.seed,
+                  "metrics": list(TENAS_METRICS), "tenas": {name: getattr(preset.search.tenas, name) for name in used},
+                  "tenas_network": sensitivity.tenas_network}
+    else:
+        raise ValueError(f"no training-free metrics of {measured!r} to measure")
+    spec = {"data": preset.grid.data.model_dump(), "config": config, "device": sensitivity.device}
+    return Stage("sensitivity", spec, f"{measured} metric sensitivity to {poison.label.removeprefix('poison ')}",
+                 {"poison": poison}, {**poison.meta, "metrics_of": measured})
 
 
 def surrogate_stage(preset: params.Preset) -> Stage:

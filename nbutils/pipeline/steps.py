@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import params
-from ..attacks.poisoning import AttackSpec, poison
+from ..attacks.poisoning import AttackConfig, poison
 from ..nas.darts import DartsConfig, SearchDiverged, darts_search, snapshot_epochs
 from ..nas.search_result import SearchResult
 from ..core.data import (ImageDataset, channel_stats, concatenate, load_dataset, search_split, seeded_subset,
@@ -32,7 +32,7 @@ from ..nas.pdarts import PdartsConfig, pdarts_search
 from ..nas.robot import RobotConfig, robot_search
 from ..nas.tenas import TenasConfig, tenas_search
 from ..core.poison_set import PoisonSet
-from ..core.store import atomic_write_json, read_json, save_arrays
+from ..core.store import atomic_write_json, load_arrays, read_json, save_arrays
 from ..space.supernet import supernet_from_checkpoint
 from ..training.train import RetrainConfig, retrain as retrain_network
 
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 GENOTYPE_FILE = "genotype.json"
 SUPERNETS_FILE = "supernets.pt"
+#: a search's numeric trace (:attr:`SearchResult.arrays`); searches saved before the name
+#: said what the file holds wrote it as ``alphas.npz``
+SEARCH_ARRAYS_FILE = "arrays.npz"
+OLD_SEARCH_ARRAYS_FILE = "alphas.npz"
 WEIGHTS_FILE = "weights.pt"
 RESULT_FILE = "result.json"
 
@@ -101,7 +105,7 @@ def load_surrogate(artifact: str | Path) -> torch.nn.Module:
 # --- 01 craft poisons ----------------------------------------------------------------------------
 def craft_poisons(spec: dict, inputs: dict, out_dir: str | Path) -> PoisonSet:
     """Craft one poison set against the clean search data and save it as the attacker publishes it."""
-    attack = AttackSpec(**spec["attack"])   # a bad spec fails here, before any data is read
+    attack = AttackConfig(**spec["attack"])   # a bad spec fails here, before any data is read
     device = resolve_device(spec.get("device", "auto"))
     pool = search_pool(_data(spec))
     models = attacker_models(spec, inputs)
@@ -166,10 +170,10 @@ def defend(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     """Apply one defence to the poisoned search data; save the defended data and the record
     (which samples were dropped or relabelled or denoised, and how well, scored against the
     clean data the audit knows and the defender does not)."""
-    from ..defenses.defending import DefenseSpec, defend as apply_defense
+    from ..defenses.defending import DefenseConfig, defend as apply_defense
 
     out_dir = Path(out_dir)
-    defense = DefenseSpec(**spec["defense"])   # a bad spec fails here, before any data is read
+    defense = DefenseConfig(**spec["defense"])   # a bad spec fails here, before any data is read
     device = resolve_device(spec.get("device", "auto"))
     seed_everything(defense.seed)
     data = _data(spec)
@@ -242,7 +246,8 @@ SEARCHES = {"darts": _darts, "darts_anti": _darts, "pdarts": _pdarts, "tenas": _
 
 def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     """Run the spec's NAS algorithm on the (possibly poisoned) search data; save the genotype,
-    the per-epoch history and alpha. A diverged search records its error and raises."""
+    the per-epoch history and the search's arrays (:attr:`SearchResult.arrays`). A diverged
+    search records its error and raises."""
     out_dir = Path(out_dir)
     algorithm, seed = spec["algorithm"], int(spec["seed"])
     if algorithm != "random" and algorithm not in SEARCHES:
@@ -268,8 +273,8 @@ def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
             atomic_write_json(out_dir / "error.json", {"error": str(e), "traceback": traceback.format_exc()})
             raise
     genotype = found.genotype
-    if found.alphas:
-        save_arrays(out_dir / "alphas.npz", **found.alphas)
+    if found.arrays:
+        save_arrays(out_dir / SEARCH_ARRAYS_FILE, **found.arrays)
     if "keep_supernets" in spec and found.supernets:   # for the crafted attacks
         torch.save({str(epoch): c for epoch, c in found.supernets.items()}, out_dir / SUPERNETS_FILE)
     result = {"algorithm": algorithm, "seed": seed, "history": found.history, "stages": found.stages,
@@ -281,6 +286,16 @@ def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
 
 def load_genotype(artifact: str | Path) -> Genotype:
     return Genotype.from_dict(read_json(Path(artifact) / GENOTYPE_FILE))
+
+
+def load_search_arrays(artifact: str | Path) -> dict[str, np.ndarray]:
+    """A search's numeric trace (:attr:`SearchResult.arrays`: alpha per epoch, RoBoT's pool
+    metrics, NSGANetV2's archive, ...), from a search of any version; empty if it saved none
+    (random sampling)."""
+    for name in (SEARCH_ARRAYS_FILE, OLD_SEARCH_ARRAYS_FILE):
+        if (Path(artifact) / name).is_file():
+            return load_arrays(Path(artifact) / name)
+    return {}
 
 
 def load_supernets(artifact: str | Path) -> dict[int, dict]:

@@ -346,42 +346,86 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
     )
 
 
+#: TMLR Table 2's column groups: the algorithm whose metrics, in the paper's order
+SENSITIVITY_GROUPS = ("tenas", "robot")
+#: how Table 2 heads a metric's column (HTML)
+METRIC_HEADS = {"ntk_condition_number": "κ<sub>NTK</sub>", "linear_regions": "<i>R</i>"}
+SENSITIVITY_COLUMNS = ["attack", "budget", "target", "metrics_of", "metric", "mean", "std", "n", "skipped", "notebook",
+                       "not_run"]
+
+
+def metrics_of(metric: str) -> str:
+    """The algorithm a training-free metric belongs to in Table 2: TE-NAS's two, RoBoT's others."""
+    from ..studies.tenas_indicators import TENAS_METRICS
+
+    return "tenas" if metric in TENAS_METRICS else "robot"
+
+
 def load_sensitivity(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
-    """One row per (poison set, metric): the metric's percentage change, mean/std over architectures."""
+    """One row per (poison set, metric): the metric's percentage change, mean/std over
+    architectures, and whose metric it is (``metrics_of``); then one row per metric of each
+    study the grid could not run (``spec["sensitivity_not_run"]``), ``not_run`` the reason."""
+    from ..nas.zero_cost import METRICS
+    from ..studies.tenas_indicators import TENAS_METRICS
+
     rows = []
     for study in spec.get("sensitivity", []):
         result = read_json(Path(inputs[study["role"]]) / RESULT_FILE)
         for line in result["summary"]:
-            rows.append({"attack": study["attack"], "budget": study["budget"], "target": study.get("target") or "", **line,
-                         "notebook": artifact_href(inputs[study["role"]])})
-    return pd.DataFrame(rows, columns=["attack", "budget", "target", "metric", "mean", "std", "n", "skipped", "notebook"])
+            rows.append({"attack": study["attack"], "budget": study["budget"], "target": study.get("target") or "",
+                         "metrics_of": study.get("metrics_of") or metrics_of(line["metric"]), **line,
+                         "notebook": artifact_href(inputs[study["role"]]), "not_run": ""})
+    for missing in spec.get("sensitivity_not_run", []):
+        measured = [r["metric"] for r in rows if r["metrics_of"] == missing["metrics_of"]]
+        names = list(dict.fromkeys(measured)) or list(TENAS_METRICS if missing["metrics_of"] == "tenas" else METRICS)
+        rows += [{"attack": missing["attack"], "budget": missing["budget"], "target": "",
+                  "metrics_of": missing["metrics_of"], "metric": metric, "mean": math.nan, "std": math.nan, "n": 0,
+                  "skipped": 0, "notebook": "", "not_run": missing["reason"]} for metric in names]
+    return pd.DataFrame(rows, columns=SENSITIVITY_COLUMNS)
 
 
 def sensitivity_html(table: pd.DataFrame, caption: str = "") -> str:
-    """TMLR Table 2's layout: one row per attack, one column per metric, mean ± std in percent."""
-    metrics = list(dict.fromkeys(table.metric))
-    conditions = list(dict.fromkeys(zip(table.attack, table.budget, table.target)))
+    """TMLR Table 2's layout: one row per attack and budget; column groups per algorithm
+    (TE-NAS, then RoBoT), one column per metric, mean ± std of the change in percent. Under
+    gradient canceling each group's cells read the poisons crafted against its algorithm (the
+    cell's title says which); a study the grid could not run reads "not run", its title the reason."""
+    table = table.fillna({"not_run": "", "target": ""})
+    if "metrics_of" not in table:
+        table = table.assign(metrics_of=[metrics_of(m) for m in table.metric])
+    groups = [g for g in SENSITIVITY_GROUPS if g in set(table.metrics_of)]
+    groups += [g for g in dict.fromkeys(table.metrics_of) if g not in groups]
+    columns = [(g, m) for g in groups for m in dict.fromkeys(table.metric[table.metrics_of == g])]
+    conditions = list(dict.fromkeys(zip(table.attack, table.budget)))
     body = []
-    for attack, budget, target in conditions:
-        label = condition_label(attack, budget) + (f" (target {algorithm_name(target)})" if target else "")
-        cells = [f"<td>{html.escape(label)}</td>"]
-        for metric in metrics:
-            match = table[(table.attack == attack) & (table.budget == budget) & (table.metric == metric)
-                          & (table.target == target)]
-            r = match.iloc[0] if len(match) else None
-            text = "-" if r is None else _linked(_fmt(r["mean"], r["std"]), r["notebook"])
-            title = "" if r is None else f' title="{r.n} architectures, {r.skipped} undefined"'
-            cells.append(f"<td{title}>{text}</td>")
+    for attack, budget in conditions:
+        cells = [f"<td>{html.escape(condition_label(attack, budget))}</td>"]
+        for group, metric in columns:
+            match = table[(table.attack == attack) & (table.budget == budget) & (table.metrics_of == group)
+                          & (table.metric == metric)]
+            if match.empty:
+                cells.append('<td title="not in this run">-</td>')
+                continue
+            r = match.iloc[0]
+            if r["not_run"]:
+                cells.append(f'<td title="{html.escape(r["not_run"])}">not run</td>')
+                continue
+            title = f"{r.n} architectures, {r.skipped} undefined"
+            if r["target"]:
+                title += f"; poisons crafted against {algorithm_name(r['target'])}"
+            cells.append(f'<td title="{html.escape(title)}">{_linked(_fmt(r["mean"], r["std"]), r["notebook"])}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+    spans = "".join(f'<th colspan="{sum(g == group for g, _ in columns)}">{html.escape(algorithm_name(group))}</th>'
+                    for group in groups)
+    heads = "".join(f"<th>{METRIC_HEADS.get(m, html.escape(m))}</th>" for _, m in columns)
     return ('<table class="nas-table">' + (f"<caption>{html.escape(caption)}</caption>" if caption else "")
-            + f"<thead><tr><th>Poisoning attack</th>{head}</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+            + f'<thead><tr><th rowspan="2">Poisoning attack</th>{spans}</tr><tr>{heads}</tr></thead><tbody>'
+            + "".join(body) + "</tbody></table>")
 
 
 def poison_figure(spec: dict, inputs: dict[str, str], count: int = 6):
     """TMLR Figure 2: the same randomly drawn search images clean and under every clean-label
     attack of the run at one budget, with each perturbation magnified; None without one."""
-    from ..pipeline.params import DataSpec
+    from ..pipeline.params import DataParams
     from .poison_figures import poison_grid
     from ..core.poison_set import PoisonSet
     from ..pipeline.steps import search_pool
@@ -390,7 +434,7 @@ def poison_figure(spec: dict, inputs: dict[str, str], count: int = 6):
     if not studies:
         return None
     budget = max(p["budget"] for p in studies)   # the largest: the same victims for every attack
-    pool = search_pool(DataSpec.model_validate(spec["settings"]["grid"]["data"]))
+    pool = search_pool(DataParams.model_validate(spec["settings"]["grid"]["data"]))
     sets = {}
     for p in studies:
         if p["budget"] == budget:
@@ -408,12 +452,17 @@ def poison_figure(spec: dict, inputs: dict[str, str], count: int = 6):
                        labels=[pool.classes[int(pool.labels[i])] for i in common])
 
 
-def ood_html(results: pd.DataFrame, random_acc: CellSummary, dataset: str) -> str:
+def ood_html(results: pd.DataFrame, random_acc: CellSummary, dataset: str, alpha: float = 0.05) -> str:
     """TMLR Table 3: each algorithm searched on its own (clean) data and on out-of-distribution
-    data, every architecture retrained and tested on ``dataset``; Acc. and dImp."""
+    data, every architecture retrained and tested on ``dataset``; Acc. and dImp. An OOD cell is
+    bold and underlined, as in Table 1, where the one-sided Welch test finds its accuracy below
+    the algorithm's in-distribution clean trials, Benjamini-Hochberg over the algorithm's OOD
+    cells: the ``ood:<dataset>`` rows of :func:`cells_csv` (the same computation); each cell's
+    title gives n and the p-values."""
     ood = results[results.study == "ood"]
     if ood.empty:
         return ""
+    tests = cells_csv(results, dataset, alpha)
     sources = list(dict.fromkeys(ood.search_dataset))
     algorithms = [a for a in dict.fromkeys(ood.algorithm)]
     head = "".join(f'<th colspan="2">searched on {html.escape(s)}</th>' for s in [dataset, *sources])
@@ -421,20 +470,32 @@ def ood_html(results: pd.DataFrame, random_acc: CellSummary, dataset: str) -> st
     body = []
     for algorithm in algorithms:
         cells = [f"<td>{html.escape(algorithm_name(algorithm))}</td>"]
-        groups = [results[(results.study == "main") & (results.algorithm == algorithm) & (results.attack == "none")]]
-        groups += [ood[(ood.algorithm == algorithm) & (ood.search_dataset == s)] for s in sources]
-        for group in groups:
+        groups = [(None, results[(results.study == "main") & (results.algorithm == algorithm)
+                                 & (results.attack == "none")])]
+        groups += [(s, ood[(ood.algorithm == algorithm) & (ood.search_dataset == s)]) for s in sources]
+        for source, group in groups:
             s = CellSummary.of(group.acc)
             dimp = delta_improvement(s.mean, random_acc.mean)
             if group.empty:
                 cells.append("<td>-</td><td>-</td>")
                 continue
+            acc, dimp = _fmt(s.mean, s.std), "-" if math.isnan(dimp) else f"{dimp:.2f}"
+            title = f"n={s.n}" + (", the in-distribution reference" if source is None else "")
+            test = tests[(tests.study == f"ood:{source}") & (tests.algorithm == algorithm)]
+            if source is not None and len(test) and not math.isnan(test.p.iloc[0]):
+                r = test.iloc[0]
+                title += (f", one-sided Welch p={r.p:.3g} against the {dataset} trials, BH-adjusted p={r.p_bh:.3g}"
+                          f" (over {algorithm_name(algorithm)}'s out-of-distribution cells)")
+                if r.significant:
+                    acc, dimp = f"<b><u>{acc}</u></b>", f"<b><u>{dimp}</u></b>"
             href = "#" + group.anchor.iloc[0]
-            cells.append(f"<td>{_linked(_fmt(s.mean, s.std), href)}</td>"
-                         f"<td>{_linked('-' if math.isnan(dimp) else f'{dimp:.2f}', href)}</td>")
+            cells.append(f'<td title="{html.escape(title)}">{_linked(acc, href)}</td>'
+                         f'<td title="{html.escape(title)}">{_linked(dimp, href)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     return ('<table class="nas-table"><caption>TMLR Table 3. Out-of-distribution search: architectures found on '
-            f'other data, retrained and tested on {html.escape(dataset)} (accuracy in %).</caption>'
+            f'other data, retrained and tested on {html.escape(dataset)} (accuracy in %); bold and underlined: '
+            f'significantly below the search on {html.escape(dataset)} (one-sided Welch, Benjamini-Hochberg per '
+            f'algorithm, α={alpha:g}).</caption>'
             f"<thead><tr><th>NAS</th>{head}</tr><tr><th></th>{sub}</tr></thead><tbody>" + "".join(body) + "</tbody></table>")
 
 

@@ -30,6 +30,14 @@ makes that architecture's value undefined, and a clean value of 0 makes the chan
 both are counted (``skipped`` in :func:`summarise`), never replaced by a number (the
 reference would average NaNs or fail on the division). The inputs are normalised with the
 clean data's per-channel statistics (the reference: fixed CIFAR constants).
+
+TE-NAS's columns (``ntk_condition_number``, ``linear_regions``: :data:`TENAS_METRICS`, the
+authors' ``ztcoalson/TENAS`` ``sample_metrics.py``) are measured on the same architectures (the
+same genotypes, drawn from the same seed) and the same drawn points, on TE-NAS's networks with
+TE-NAS's settings (``tenas``, a :class:`~nbutils.nas.tenas.TenasConfig`): the NTK on the first
+``repeats`` batches of ``batch_size`` points, the region count on crops of all of them.
+:mod:`nbutils.studies.tenas_indicators` says which settings, why, and where this departs from
+``sample_metrics.py``. Under label flipping both change by exactly 0 (neither reads labels).
 """
 from __future__ import annotations
 
@@ -46,7 +54,10 @@ from ..core.data import BatchLoader, ImageDataset, channel_stats
 from ..space.genotype import random_genotype
 from ..space.network import EvalNetwork
 from ..core.progress import progress
+from ..nas.tenas import TenasConfig
 from ..nas.zero_cost import EXTRA_METRICS, METRICS, MetricValues, compute_metrics
+from .tenas_indicators import (TENAS_METRICS, TENAS_NETWORKS, TenasInputs, study_switches, tenas_config,
+                               tenas_inputs, tenas_networks, tenas_values)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +66,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 COLUMNS = ("architecture", "metric", "clean", "poisoned", "change_pct", "undefined", "genotype")
 SUMMARY_COLUMNS = ("metric", "mean", "std", "n", "skipped")
 
-_GENOTYPES, _INIT, _SAMPLES = 0, 1, 2
+_GENOTYPES, _INIT, _SAMPLES, _TENAS_INIT, _TENAS_THIN, _CROPS = 0, 1, 2, 3, 4, 5
 
 
 def _seed(seed: int, purpose: int, index: int = 0) -> int:
@@ -102,6 +113,23 @@ def architecture_sensitivity(
                          f"{len(clean_batches)} and {len(poisoned_batches)}")
     clean = mean_over_batches(model, clean_batches, metrics, device)
     poisoned = mean_over_batches(model, poisoned_batches, metrics, device)
+    return change_rows(metrics, clean, poisoned)
+
+
+def tenas_architecture_sensitivity(ntk_network: nn.Module, thin_network: nn.Module, clean: TenasInputs,
+                                   poisoned: TenasInputs) -> list[dict]:
+    """TE-NAS's two indicators (:func:`~nbutils.studies.tenas_indicators.tenas_values`) of one
+    architecture's networks on the clean and on the poisoned inputs, and the percentage change:
+    records as :func:`architecture_sensitivity`'s."""
+    if len(clean.ntk_batches) != len(poisoned.ntk_batches) or len(clean.crops) != len(poisoned.crops):
+        raise ValueError("clean and poisoned must hold equally many NTK batches and crop batches")
+    return change_rows(TENAS_METRICS, tenas_values(ntk_network, thin_network, clean),
+                       tenas_values(ntk_network, thin_network, poisoned))
+
+
+def change_rows(metrics: Sequence[str], clean: MetricValues, poisoned: MetricValues) -> list[dict]:
+    """One record per metric: ``metric, clean, poisoned, change_pct, undefined`` (the reasons
+    the change is undefined, or "")."""
     rows = []
     for name in metrics:
         reasons = [f"{side}: {values.undefined[name]}" for side, values in (("clean", clean), ("poisoned", poisoned))
@@ -148,6 +176,8 @@ def metric_sensitivity(
     channels: int = 16,
     layers: int = 5,
     metrics: Sequence[str] = METRICS,
+    tenas: TenasConfig | dict | None = None,
+    tenas_network: str = "architecture",
     seed: int,
     device: torch.device | str,
     normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
@@ -156,9 +186,12 @@ def metric_sensitivity(
 
     ``poisoned`` must be ``clean`` with a poison set applied (same length, classes, image
     shape: sample ``i`` of both is the same point). ``normalisation`` is the per-channel (mean,
-    std) of the inputs, by default the clean dataset's. Returns one row per architecture x
-    metric with the columns :data:`COLUMNS` (``genotype`` as JSON); summarise it with
-    :func:`summarise`.
+    std) of the inputs, by default the clean dataset's. ``metrics``: RoBoT's (zero-cost
+    metrics, on RoBoT's network: ``batch_size``, ``channels``, ``layers``) and/or TE-NAS's
+    (:data:`TENAS_METRICS`, with ``tenas``'s settings, by default the reference's, on the
+    network ``tenas_network`` says: :mod:`nbutils.studies.tenas_indicators`). Returns one row
+    per architecture x metric with the columns :data:`COLUMNS` (``genotype`` as JSON, "" for
+    TE-NAS's rows measured on the supernet); summarise it with :func:`summarise`.
     """
     for name, value, minimum in (("architectures", architectures, 1), ("samples", samples, 2),
                                  ("batch_size", batch_size, 2), ("channels", channels, 1), ("layers", layers, 3)):
@@ -167,7 +200,7 @@ def metric_sensitivity(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    allowed = METRICS + EXTRA_METRICS
+    allowed = METRICS + EXTRA_METRICS + TENAS_METRICS
     if not metrics or any(m not in allowed for m in metrics) or len(set(metrics)) != len(metrics):
         raise ValueError(f"metrics must be distinct names from {', '.join(allowed)}, got {metrics!r}")
     if len(clean) != len(poisoned) or clean.classes != poisoned.classes or clean.shape_chw != poisoned.shape_chw:
@@ -183,22 +216,44 @@ def metric_sensitivity(
         raise ValueError(f"normalisation must give one mean and one std per channel ({clean.in_channels}), "
                          f"got {normalisation!r}")
 
+    robot_metrics = tuple(m for m in metrics if m not in TENAS_METRICS)
+    measure_tenas = any(m in TENAS_METRICS for m in metrics)
+    config = tenas_config(tenas)
+    if tenas_network not in TENAS_NETWORKS:
+        raise ValueError(f"tenas_network must be one of {', '.join(TENAS_NETWORKS)}, got {tenas_network!r}")
+
     clean_batches, poisoned_batches, indices = sensitivity_batches(
         clean, poisoned, samples=samples, batch_size=batch_size, seed=seed, normalisation=(mean, std), device=device)
     changed = int((clean.labels[indices] != poisoned.labels[indices]).sum())
     changed_images = int((clean.images[indices] != poisoned.images[indices]).flatten(1).any(1).sum())
     log.info("metric sensitivity: %d samples, %d with a changed label, %d with a changed image", samples,
              changed, changed_images)
+    if measure_tenas:
+        clean_inputs, poisoned_inputs = (
+            tenas_inputs(ds.subset(indices), config, crop_seed=_seed(seed, _CROPS), normalisation=(mean, std),
+                         device=device) for ds in (clean, poisoned))
 
     rng = np.random.default_rng(_seed(seed, _GENOTYPES))
     rows = []
     for a in progress(range(architectures), desc="metric sensitivity: architectures"):
         genotype = random_genotype(rng)
-        torch.manual_seed(_seed(seed, _INIT, a))
-        model = EvalNetwork(genotype, channels=channels, num_classes=clean.num_classes, layers=layers,
-                            auxiliary=False, in_channels=clean.in_channels, input_size=clean.image_size)
-        for row in architecture_sensitivity(model, clean_batches, poisoned_batches, metrics, device):
-            rows.append({"architecture": a, **row, "genotype": genotype.to_json()})
+        if robot_metrics:
+            torch.manual_seed(_seed(seed, _INIT, a))
+            model = EvalNetwork(genotype, channels=channels, num_classes=clean.num_classes, layers=layers,
+                                auxiliary=False, in_channels=clean.in_channels, input_size=clean.image_size)
+            for row in architecture_sensitivity(model, clean_batches, poisoned_batches, robot_metrics, device):
+                rows.append({"architecture": a, **row, "genotype": genotype.to_json()})
+        if measure_tenas:
+            ntk_network, thin_network = tenas_networks(
+                study_switches(genotype, config, tenas_network), config, num_classes=clean.num_classes,
+                in_channels=clean.in_channels, ntk_seed=_seed(seed, _TENAS_INIT, a),
+                thin_seed=_seed(seed, _TENAS_THIN, a), device=device)
+            label = genotype.to_json() if tenas_network == "architecture" else ""
+            for row in tenas_architecture_sensitivity(ntk_network, thin_network, clean_inputs, poisoned_inputs):
+                if row["metric"] in metrics:
+                    rows.append({"architecture": a, **row, "genotype": label})
+    order = {m: i for i, m in enumerate(metrics)}
+    rows.sort(key=lambda r: (r["architecture"], order[r["metric"]]))
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
