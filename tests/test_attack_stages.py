@@ -171,7 +171,7 @@ def test_crafted_attack_without_its_model_is_refused():
 def test_defended_search_data_feeds_a_search(crafted, tmp_path, preset, name):
     outputs, outcomes = crafted
     (clf,) = [o.stage for o in outcomes if o.stage.label == "poison clf 25%"]
-    stage = defend_stage(preset, name, clf)
+    stage = defend_stage(preset, preset.grid.data.model_dump(), name, clf)
     inputs = {"poison": str(outputs / "poison" / clf.key)}
     (tmp_path / "defend").mkdir()
     record = steps.defend(stage.spec, inputs, tmp_path / "defend")

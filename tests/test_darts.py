@@ -92,7 +92,7 @@ def test_arch_gradient_is_first_order_validation_gradient(monkeypatch, anti):
             })
             return out
 
-    monkeypatch.setattr(darts_mod, "SuperNet", CapturingSuperNet)
+    monkeypatch.setattr(darts_mod, "supernet_class", lambda fast, device: CapturingSuperNet)
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_ce)
     monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
 

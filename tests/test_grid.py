@@ -67,7 +67,13 @@ def test_augmentation_ablation_reuses_the_gc_poisons():
     ({"augmentation_ablation": ["pdarts"], "attacks": [{"name": "none"}]}, "must include gc"),
     ({"augmentation_ablation": ["robot"]}, "does not search"),
     ({"attacks": [{"name": "none"}, {"name": "rlf", "budgets": [0.5], "algorithms": ["robot"]}]}, "does not search"),
-    ({"attacks": [{"name": "none"}, {"name": "rlf", "budgets": [0.5]}, {"name": "rlf", "budgets": [0.1]}]}, "once"),
+    ({"attacks": [{"name": "none"}, {"name": "rlf", "budgets": [0.5]}, {"name": "rlf", "budgets": [0.1, 0.5],
+                                                                        "algorithms": ["pdarts"]}]},
+     "rlf' at budget 0.5 on pdarts is in entries 1 and 2"),
+    ({"attacks": [{"name": "none"}, {"name": "none"}]}, "none.*once"),
+    ({"data": [{"dataset": "digits"}, {"dataset": "digits", "search_size": 100}]}, "each dataset may appear once"),
+    ({"data": [{"dataset": "digits"}, {"dataset": "imagenet"}]}, r"data\.1\.dataset = 'imagenet'"),
+    ({"data": []}, "at least 1"),
     ({"ood": [{"dataset": "imagenet"}]}, "ood.0.dataset"),
 ])
 def test_impossible_grids_are_refused(grid, message):
@@ -164,3 +170,59 @@ def test_every_stage_reads_data_its_step_accepts(preset):
     for stage in expand(params.load_preset(ROOT / preset)):
         if "data" in stage.spec:
             params.DataParams.model_validate(stage.spec["data"])
+
+
+def test_an_attack_may_have_budgets_per_algorithm():
+    """The workshop's RLF 5% on DARTS beside TMLR's 25% on every algorithm: one poison set per
+    budget, shared by the algorithms that run it."""
+    stages = expand(preset(attacks=[{"name": "none"}, {"name": "rlf", "budgets": [0.25]},
+                                    {"name": "rlf", "budgets": [0.05], "algorithms": ["darts"]}]))
+    cells = {(s.meta["algorithm"], s.meta["budget"]) for s in stages if s.kind == "search" and s.meta["attack"] == "rlf"}
+    assert cells == {("darts", 0.25), ("pdarts", 0.25), ("darts", 0.05)}
+    assert sorted(s.meta["budget"] for s in stages if s.kind == "poison" and s.meta["attack"] == "rlf") == [0.05, 0.25]
+
+
+NOISE = {"dataset": "noise", "search_size": 32, "search_image_size": 8, "train_size": 32, "test_size": 16,
+         "image_size": 8}
+
+
+def test_several_datasets_each_run_the_main_study():
+    one = preset()
+    digits = one.grid.data.model_dump()
+    stages = expand(preset(data=[digits, NOISE], ood=[{"dataset": "noise", "search_size": 32, "search_image_size": 8}],
+                           augmentation_ablation=["pdarts"], random_samples=2))
+    searches = [s for s in stages if s.kind == "search" and s.meta["algorithm"] != "random"]
+    main = [s for s in searches if s.meta["study"] == "main"]
+    by_dataset = {d: {(s.meta["algorithm"], s.meta["attack"], s.meta["budget"], s.meta["trial"])
+                      for s in main if s.meta["dataset"] == d} for d in ("digits", "noise")}
+    assert by_dataset["digits"] == by_dataset["noise"] and by_dataset["noise"]
+    assert all(s.spec["data"]["dataset"] == s.meta["dataset"] for s in main)
+    # the poisons of each dataset are its own; gradient canceling targets that dataset's clean runs
+    for poison in (s for s in stages if s.kind == "poison"):
+        assert poison.spec["data"]["dataset"] == poison.meta["dataset"]
+        assert all(i.meta.get("dataset") == poison.meta["dataset"] for i in poison.inputs.values())
+    # the other studies on the primary dataset only
+    assert {s.meta["dataset"] for s in searches if s.meta["study"] != "main"} == {"digits"}
+    assert {s.spec["data"]["dataset"] for s in stages if s.kind in ("defend", "sensitivity")} <= {"digits"}
+    # one search per random sample, retrained on each dataset
+    random = [s for s in stages if s.kind == "search" and s.meta["algorithm"] == "random"]
+    retrained = [s for s in stages if s.kind == "retrain" and s.inputs["search"] in random]
+    assert len(random) == 2 and len(retrained) == 4
+    assert {r.meta["dataset"] for r in retrained} == {"digits", "noise"}
+    labels = [s.label for s in stages]
+    assert len(labels) == len(set(labels))
+
+
+def test_one_dataset_in_a_list_is_the_same_run():
+    single = expand(preset())
+    listed = expand(preset(data=[preset().grid.data.model_dump()]))
+    keys = lambda stages: [(s.kind, s.key) for s in stages if s.kind not in ("report", "gallery")]
+    assert keys(single) == keys(listed)
+
+
+def test_ood_searches_take_their_datasets_augmentation():
+    """The authors' fork searches MNIST and SVHN without augmentation, the others with it."""
+    stages = expand(preset(ood=[{"dataset": "mnist", "search_size": 32}, {"dataset": "noise", "search_size": 32}]))
+    augment = {s.meta["search_dataset"]: s.spec["augment"] for s in stages
+               if s.kind == "search" and s.meta.get("study") == "ood"}
+    assert augment == {"mnist": False, "noise": True}

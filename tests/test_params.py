@@ -110,6 +110,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("tour", {"surrogate", "poison", "search", "retrain", "sensitivity", "defend", "gallery", "report"}),
     ("cpu", {"surrogate", "poison", "search", "retrain", "sensitivity", "report"}),
     ("paper", {"surrogate", "poison", "search", "retrain", "sensitivity", "defend", "report"}),
+    ("workshop", {"poison", "search", "retrain", "report"}),
 ])
 def test_shipped_presets_validate_and_expand(preset, kinds):
     stages = expand(load_preset(Path(__file__).resolve().parent.parent / "params" / preset))
@@ -225,3 +226,85 @@ def test_settings_new_to_the_files_enter_the_stage_key_only_when_changed():
            for s in (default, changed)}
     assert key[default] != key[changed]
     assert RobotConfig(**changed.config_of("robot")) == changed.robot   # the step rebuilds the same config
+
+
+TINY_ATTACKS = Path(__file__).resolve().parent / "presets" / "tiny_attacks"
+
+
+def _preset_copy(tmp_path: Path, **edits: dict) -> Path:
+    """tiny_attacks copied to ``tmp_path``, each file of ``edits`` with those keys replaced."""
+    import shutil
+    import yaml
+
+    folder = tmp_path / "preset"
+    shutil.copytree(TINY_ATTACKS, folder)
+    for kind, values in edits.items():
+        file = folder / f"{kind}.yaml"
+        file.write_text(yaml.safe_dump({**(yaml.safe_load(file.read_text()) or {}), **values}))
+    return folder
+
+
+DENOISE = {"defenses": [{"name": "denoise", "attacks": ["gc"]}]}
+
+
+@pytest.mark.parametrize("search_size, refused", [(1437, True), (1437 - 31, True), (1437 - 32, False)])
+def test_denoising_without_a_ddpm_needs_held_out_images(tmp_path, search_size, refused):
+    """tiny_attacks' defend.yaml trains the DDPM on 32 held-out images; digits has 1437."""
+    grid = {**yaml_of(TINY_ATTACKS / "grid.yaml"), **DENOISE}
+    grid["data"] = {**grid["data"], "search_size": search_size}
+    folder = _preset_copy(tmp_path, grid=grid)
+    if refused:
+        with pytest.raises(ParamsError, match="denoise.ddpm_path is null.*a search_size of at most 1405"):
+            load_preset(folder)
+    else:
+        load_preset(folder)
+
+
+def test_denoising_with_a_ddpm_path_is_checked_before_compute(tmp_path):
+    from nbutils.pipeline.runner import preflight
+
+    grid = {**yaml_of(TINY_ATTACKS / "grid.yaml"), **DENOISE}
+    grid["data"] = {**grid["data"], "search_size": 1437}
+    defend = yaml_of(TINY_ATTACKS / "defend.yaml")
+    defend["denoise"] = {**defend["denoise"], "ddpm_path": str(tmp_path / "no-ddpm")}
+    preset = load_preset(_preset_copy(tmp_path, grid=grid, defend=defend))
+    with pytest.raises(RuntimeError, match="defend.yaml: denoise.ddpm_path must be a local folder.*no-ddpm.*not a folder"):
+        preflight(preset)
+    (tmp_path / "no-ddpm" / "unet").mkdir(parents=True)
+    (tmp_path / "no-ddpm" / "unet" / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="holds no scheduler"):
+        preflight(preset)
+
+
+def yaml_of(path: Path) -> dict:
+    import yaml
+    return yaml.safe_load(path.read_text())
+
+
+def test_gradpc_radius_of_alphas_targets_only(tmp_path):
+    """gradpc_epsilon_alphas sets GradPC's radius for the supernet targets (DARTS, P-DARTS);
+    the weights targets keep gradpc_epsilon; without it, every target has gradpc_epsilon."""
+    craft = yaml_of(TINY_ATTACKS / "craft_poisons.yaml")
+    grid = {**yaml_of(TINY_ATTACKS / "grid.yaml"), "nas_algorithms": ["darts", "pdarts", "robot"]}
+    before = {s.spec["target"]["algorithm"]: s for s in expand(load_preset(_preset_copy(tmp_path / "a", grid=grid)))
+              if s.kind == "poison" and s.meta["attack"] == "gc"}
+    craft["gc"] = {**craft.get("gc", {}), "gradpc_epsilon": 0.5, "gradpc_epsilon_alphas": 2.0}
+    after = {s.spec["target"]["algorithm"]: s for s in expand(load_preset(_preset_copy(tmp_path / "b", grid=grid,
+                                                                                        craft_poisons=craft)))
+             if s.kind == "poison" and s.meta["attack"] == "gc"}
+    assert {a: s.spec["attack"]["gradpc_epsilon"] for a, s in after.items()} == {"darts": 2.0, "pdarts": 2.0, "robot": 0.5}
+    assert "gradpc_epsilon_alphas" not in after["darts"].spec["attack"]
+    assert len({s.spec["attack"]["gradpc_epsilon"] for s in before.values()}) == 1
+
+
+def test_random_sampler_and_supernet_choice_reach_the_specs(tmp_path):
+    search = {**yaml_of(TINY_ATTACKS / "search.yaml"), "random_sampler": "independent", "fast": False}
+    grid = {**yaml_of(TINY_ATTACKS / "grid.yaml"), "random_samples": 2}
+    stages = expand(load_preset(_preset_copy(tmp_path, search=search, grid=grid)))
+    random = [s for s in stages if s.kind == "search" and s.spec["algorithm"] == "random"]
+    assert len(random) == 2 and all(s.spec["sampler"] == "independent" for s in random)
+    crafted = [s for s in stages if s.kind == "poison" and s.meta["attack"] in ("gc", "alpha-e2")]
+    assert crafted and all(s.spec["fast"] is False for s in crafted)
+    default = expand(load_preset(TINY_ATTACKS))
+    assert all("sampler" not in s.spec for s in default if s.kind == "search")
+    assert all("fast" not in s.spec for s in default if s.kind == "poison")

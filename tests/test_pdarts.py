@@ -182,7 +182,7 @@ class _Recorder:
 def tiny_run():
     recorder = _Recorder()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pdarts_mod, "supernet_class", lambda fast: recorder.cls)
+        mp.setattr(pdarts_mod, "supernet_class", lambda fast, device: recorder.cls)
         result = pdarts_search(toy(16, seed=1), toy(16, seed=2), PdartsConfig(**TINY), seed=3, device=CPU)
     return result, recorder
 

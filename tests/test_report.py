@@ -187,3 +187,27 @@ def test_sensitivity_table_groups_tenas_then_robot_and_reads_each_gc_column_from
     assert gc[0][1] == "GC 50%"
     assert [text for _, text in gc[1:3]] == ["not run", "not run"] and "against TE-NAS" in gc[1][0]
     assert ">-0.47 ± 0.67<" in gc[3][1] and gc[3][0] == "4 architectures, 1 undefined; poisons crafted against RoBoT"
+
+
+def test_each_dataset_is_its_own_family_and_baseline(results):
+    """Two datasets in one run (TMLR Table 1's CIFAR-10 and CIFAR-100): each cell is tested
+    against its own dataset's clean trials and scored against its own random samples. Here the
+    second dataset's flips leave the accuracy above its (lower) clean trials: pooled with the
+    first, both would look significant."""
+    first = results[results.study == "main"].assign(dataset="cifar10")
+    second = pd.DataFrame(trials("darts", "none", None, [30.0, 31.0, 29.0]) + trials("darts", "rlf", 0.5, RLF)
+                          + trials("random", "none", None, [20.0, 22.0, 21.0])).assign(dataset="cifar100")
+    both = pd.concat([first, second], ignore_index=True)
+    both["anchor"] = [report.trials_anchor(r.algorithm, r.attack, r.budget, dataset=r.dataset) for r in both.itertuples()]
+    cells = report.cells_csv(both).set_index(["dataset", "attack"])
+    assert cells.loc[("cifar10", "rlf"), "p"] == pytest.approx(welch_less(RLF, CLEAN))
+    assert cells.loc[("cifar100", "rlf"), "p"] == pytest.approx(welch_less(RLF, [30.0, 31.0, 29.0]))
+    assert cells.loc[("cifar10", "rlf"), "significant"] and not cells.loc[("cifar100", "rlf"), "significant"]
+    assert cells.loc[("cifar100", "rlf"), "dimp"] == pytest.approx(np.mean(RLF) - 21.0)
+    rows = report.trials_csv(both)
+    assert rows.groupby("dataset").size().to_dict() == {"cifar10": len(first), "cifar100": len(second)}
+    # each dataset's table links to its own trials
+    page = report.table_html(report.results_table(both[both.dataset == "cifar100"]), report.CellSummary.of([21.0]))
+    assert "cifar100" in report.trials_anchor("darts", "rlf", 0.5, dataset="cifar100")
+    assert f'href="#{report.trials_anchor("darts", "rlf", 0.5, dataset="cifar100")}"' in page
+    assert "cifar10-" not in page.replace("cifar100", "")

@@ -7,9 +7,21 @@ Two steps:
    (``g`` the loss gradient at the target parameters, ``||.||`` the L2 norm over *all* target
    parameters together) to a running offset, which is then projected onto the L2 ball of
    radius ``epsilon`` around the original parameters (rescaled when it leaves the ball).
-   ``epsilon`` is *absolute* (a parameter-space L2 radius), as in the reference (its scripts
-   use ``eps = 1.0``, ``attack_lr = 1``, one pass over the training data, one step per batch);
-   ``relative=True`` instead makes it ``epsilon * ||theta_0||``.
+   ``epsilon`` is *absolute* (a parameter-space L2 radius, one norm over all target tensors),
+   the meaning of plim's ``eps`` (``GradPC/attacker.py``); ``relative=True`` instead makes it
+   ``epsilon * ||theta_0||``. ``step_size`` is plim's ``attack_lr`` (default 1), one step per
+   batch over one pass of the training data (``GradPC/grad_attack.py``); with a step no
+   smaller than ``epsilon`` the first step already reaches the sphere and later steps turn
+   the offset along it.
+   The value: plim's ``--eps`` *default* is 1e-4 (``GradPC/grad_attack.py``), but its MNIST
+   runs use 0.5 (that script saves ``models/mnist_gd_cnn_5e-1.pt``; ``GC/mnist_nn-0.03-5e-1.py``
+   sets ``epsilon_w = 5e-1`` and loads ``target_models/mnist_gd_nn_5e-1.pt``). The audit's
+   GC poisons against trained weights are named ``eps=0.5`` (``ztcoalson/RoBoT``
+   ``darts_space/get_metrics.py``: ``robot-eps=0.5-gc-d-darts-50.0%-.../poisons.pth``;
+   ``ztcoalson/TENAS`` ``sample_metrics.py``: ``tenas-eps=0.5-gc-d-darts-50.0%-.../poisons.pth``),
+   while its GradPC target on P-DARTS' architecture parameters is named ``eps=1.0``
+   (``ztcoalson/pdarts`` ``check_norms.py``: ``gradpc-pdarts-eps=1.0-arch/target_model.pth``).
+   Neither paper states the value.
 2. :func:`gradient_canceling`: poisons (clean labels, ``l_inf`` bound) whose mean gradient at the
    target parameters cancels the clean gradient there:
    ``minimise 0.5 * ||(1 - p) g_clean + p g_adv||^2``, Adam on the perturbation, projected
@@ -405,8 +417,8 @@ def craft_gradient_canceling(
     RoBoT, NSGANetV2), or a converged :class:`SuperNet` with ``target="alphas"``
     (NAS-specific GC against P-DARTS/DARTS). ``mean``/``std`` default to the dataset's
     channel statistics (it should be the clean set). ``p = len(victims) / len(dataset)``.
-    ``clean_augment`` augments the batches of GradPC and of the clean gradient (the
-    reference's GradPC script runs with ``--no_augment``).
+    ``clean_augment`` augments the batches of GradPC and of the clean gradient (plim's
+    ``GradPC/grad_attack.py`` does not augment: its transform is ``ToTensor`` and ``Normalize``).
 
     Returns a :class:`PoisonSet` (indices ``victims`` sorted, unchanged labels, uint8 images
     published within ``eps``) whose ``header["crafting"]`` holds the GC objective history,

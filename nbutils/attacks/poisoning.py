@@ -60,7 +60,9 @@ class AttackConfig:
     steps: PositiveInt = 250
     lr: Optional[PositiveNumber] = None   # None: each recipe's default
     batch_size: PositiveInt = 128
-    # gc: GradPC's corruption of the target (an L2 ball of this radius in parameter space)
+    # gc: GradPC's corruption of the target (an L2 ball of this radius in parameter space);
+    # the audit's poison files name eps=0.5 (weights) and eps=1.0 (P-DARTS alphas): see
+    # the gradient_canceling module docstring for the evidence
     gradpc_epsilon: NonNegativeNumber = 1.0
     gradpc_steps: Optional[PositiveInt] = None   # None: one pass over the data
     gradpc_step_size: PositiveNumber = 1.0

@@ -46,6 +46,17 @@ SPLIT_SIZES: dict[str, dict[str, int]] = {
     "digits": {"train": 1437, "test": 360},
     "noise": dict(NOISE_SIZES),
 }
+#: Whether a search on each dataset augments its batches (random crop with padding 4 and
+#: horizontal flip, :class:`BatchLoader`'s ``augment``), as the audit's searches do. Their
+#: transforms (``ztcoalson/pdarts`` ``pdarts_utils.py``, ``ztcoalson/TENAS``
+#: ``lib/datasets/get_dataset_with_transform.py``, the same in both) crop and flip CIFAR-10,
+#: CIFAR-100 and Fashion-MNIST, and neither crop nor flip MNIST and SVHN (resize, grey to
+#: three channels for MNIST, normalise: nothing random). ``digits`` and ``noise`` are ours and
+#: keep the default, augmented.
+SEARCH_AUGMENTATION: dict[str, bool] = {
+    "cifar10": True, "cifar100": True, "fashion_mnist": True, "mnist": False, "svhn": False,
+    "digits": True, "noise": True,
+}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATA_ROOT_ENV = "NBUTILS_DATA_ROOT"
 
@@ -217,6 +228,13 @@ class ImageDataset:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def search_augmentation(dataset: str) -> bool:
+    """Whether searching on ``dataset`` augments, as the reference does (:data:`SEARCH_AUGMENTATION`)."""
+    if dataset not in SEARCH_AUGMENTATION:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(SEARCH_AUGMENTATION)}")
+    return SEARCH_AUGMENTATION[dataset]
 
 
 def resolve_data_root(data_root: str | os.PathLike[str] | None) -> Path:

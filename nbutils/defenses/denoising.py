@@ -105,14 +105,14 @@ def ddpm_scheduler(num_train_timesteps: int = 1000):
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon")
 
 
-def load_pretrained_ddpm(path: str | Path):
-    """A DDPM saved with ``diffusers`` in a local folder: ``(unet, scheduler)``.
+def ddpm_folders(path: str | Path) -> tuple[Path, Path]:
+    """The UNet's and the scheduler's folders of a DDPM saved with ``diffusers`` in a local
+    folder; a ``ValueError`` naming ``ddpm_path`` and what is missing otherwise. Cheap (no
+    model is read), so a run checks it before any compute.
 
     Accepts a pipeline folder (``unet/`` and ``scheduler/`` subfolders, as ``DDPMPipeline``
     saves) or a model folder holding both ``config.json`` and ``scheduler_config.json``.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
-
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ValueError(f"ddpm_path must be a local folder holding a diffusers DDPM, got {str(path)!r} (not a folder)")
@@ -124,9 +124,17 @@ def load_pretrained_ddpm(path: str | Path):
         raise ValueError(f"ddpm_path {str(path)!r} holds no UNet: expected {unet_dir / 'config.json'}")
     if not (scheduler_dir / "scheduler_config.json").is_file():
         raise ValueError(f"ddpm_path {str(path)!r} holds no scheduler: expected {scheduler_dir / 'scheduler_config.json'}")
+    return unet_dir, scheduler_dir
+
+
+def load_pretrained_ddpm(path: str | Path):
+    """A DDPM saved with ``diffusers`` in a local folder (:func:`ddpm_folders`): ``(unet, scheduler)``."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet_dir, scheduler_dir = ddpm_folders(path)
     unet = UNet2DModel.from_pretrained(str(unet_dir))
     scheduler = DDPMScheduler.from_pretrained(str(scheduler_dir))
-    log.info("loaded pretrained DDPM from %s (%d timesteps)", root, len(scheduler.alphas_cumprod))
+    log.info("loaded pretrained DDPM from %s (%d timesteps)", path, len(scheduler.alphas_cumprod))
     return unet.eval(), scheduler
 
 

@@ -36,7 +36,7 @@ from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, O
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..core.device import MixedPrecision
 from ..core.progress import progress
-from ..accel.fast_supernet import FastSuperNet
+from ..accel.supernet_choice import supernet_class
 from ..space.supernet import SuperNet
 from .search_result import SearchResult
 
@@ -71,7 +71,7 @@ class DartsConfig:
     # set by the run
     augment: bool = True
     anti: bool = False
-    fast: bool = True   # the fast supernet (same function and parameters as the plain one)
+    fast: bool = True   # the fast supernet (same function and parameters as the plain one), on the CPU only
     keep_epochs: tuple[NonNegativeInt, ...] = ()   # keep the supernet after these epochs (0: before training)
     mixed_precision: bool = False   # CUDA only: float16 autocast with gradient scaling (first order only)
 
@@ -148,11 +148,6 @@ def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
     return sorted({round(i * epochs / (snapshots - 1)) for i in range(snapshots)})
 
 
-def supernet_class(fast: bool) -> type[SuperNet]:
-    """The supernet a search trains: the fast path, or the plain executable specification."""
-    return FastSuperNet if fast else SuperNet
-
-
 def darts_search(
     weight_part: ImageDataset,
     arch_part: ImageDataset,
@@ -175,7 +170,7 @@ def darts_search(
     operations do, the phase a 50-epoch search soon leaves behind.
     """
     torch.manual_seed(seed)
-    model = supernet_class(config.fast)(
+    model = supernet_class(config.fast, device)(
         channels=config.channels,
         num_classes=weight_part.num_classes,
         layers=config.layers,

@@ -11,6 +11,9 @@ of the network that would be retrained (:class:`ArchitectureCost`).
    architecture's "measured" error is that of its path with inherited weights, batch norm
    recalibrated on a few training batches, on the architecture half. (The reference inherits
    from a once-for-all supernet pretrained on ImageNet; that cannot be had offline.)
+   With ``finetune_epochs > 0`` each candidate is first fine-tuned, as the reference does
+   (``evaluator.py``, ``OFAEvaluator.eval``: 5 epochs on CIFAR-10 in the audit's runs), on a
+   copy of its path's weights (:class:`FinetunedPathEvaluator`); the supernet is never changed.
 2. **Design of experiments**: ``initial_design`` architectures, the cheapest one (pools
    only) and the most expensive one (``sep_conv_5x5`` everywhere), as the reference starts
    from the smallest and largest networks, and the rest drawn uniformly
@@ -21,12 +24,15 @@ of the network that would be retrained (:class:`ArchitectureCost`).
    population the archive's current non-dominated set, with the reference's operators
    (two-point crossover with probability 0.9, polynomial mutation with eta 1 rounded to
    integers, duplicates eliminated, population 40, 20 generations); of its final population
-   keep the architectures not measured yet and take the ``candidates_per_iteration`` best:
-   by predicted non-domination rank, and within the rank that does not fit whole, those that
-   spread the cost along the archive's front most evenly (the reference's subset selection
-   minimises the standard deviation of the gaps between sorted costs of the front plus the
-   chosen; it solves that with a GA, we choose greedily). Measure them, add them to the
-   archive.
+   keep the architectures not measured yet and take ``candidates_per_iteration`` of them.
+   ``candidate_selection="rank"`` (the default): by predicted non-domination rank, and within
+   the rank that does not fit whole, those that spread the cost along the archive's front most
+   evenly, chosen greedily (:func:`select_candidates`). ``"spread"``: the reference's subset
+   selection (``msunas.py``, ``MSuNAS._subset_selection`` and ``SubsetProblem``), which ignores
+   the predicted error and takes, out of the whole new population, the subset of exactly that
+   size whose costs, with the costs of the archive's front, leave the most even gaps (least
+   standard deviation of the gaps between the sorted costs) (:func:`select_by_spread`).
+   Measure them, add them to the archive.
 4. **Output**: the archive's Pareto front (measured error vs cost) and the architecture the
    papers retrain. The audit "samples the four best architectures from each search run's
    Pareto front ... [and evaluates] only the architecture with the third-highest FLOP count".
@@ -34,10 +40,13 @@ of the network that would be retrained (:class:`ArchitectureCost`).
    with the highest trade-off (:func:`high_tradeoff_points`) plus the most accurate one.
    Those are the "four best" here too (fewer when the most accurate is also a trade-off
    point, or the front is short), and the chosen one is the third by decreasing cost (the
-   cheapest of them when there are fewer than three).
+   cheapest of them when there are fewer than three). The cost is the second objective, so
+   with ``cost="macs"`` (the reference's ``--sec_obj flops``, which counts multiply-accumulates
+   with ``torchprofile.profile_macs``) the chosen one is the "third-highest FLOP count".
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable, Literal, Sequence
 
@@ -52,14 +61,20 @@ from .accuracy_predictors import CHOICES, MIN_POINTS, FittedPredictor, fit_predi
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype
 from ..space.network import EvalNetwork, count_parameters
-from .one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, calibration_batches, train_one_shot
+from .one_shot import (OneShotSupernet, OneShotTraining, PathEvaluator, calibration_batches, recalibrate_batch_norm,
+                       train_one_shot)
 from .search_result import SearchResult
 from ..space.ops import build_op
 from ..core.progress import progress
+from ..training.loop import TrainingRecipe, train_supervised
 
 log = logging.getLogger(__name__)
 
 COSTS: tuple[str, ...] = ("params", "macs")
+#: how the candidates to measure are chosen from NSGA-II's final population (see :func:`propose_candidates`)
+SELECTIONS: tuple[str, ...] = ("rank", "spread")
+#: SGD momentum of the candidates' fine-tuning: the reference's (OFA ``RunConfig.build_optimizer``)
+FINETUNE_MOMENTUM = 0.9
 
 
 # --------------------------------------------------------------------------- configuration
@@ -81,6 +96,8 @@ class Nsganetv2Config:
     generations: PositiveInt = 20
     crossover_prob: number(ge=0, le=1) = 0.9
     mutation_eta: PositiveNumber = 1.0
+    # "rank": non-domination ranks first, then even cost gaps; "spread": the reference's subset selection
+    candidate_selection: Literal[SELECTIONS] = "rank"
     # the second objective: the retrained network's parameters or multiply-accumulates
     cost: Literal[COSTS] = "params"
     cost_channels: Channels = 36
@@ -98,6 +115,12 @@ class Nsganetv2Config:
     grad_clip: PositiveNumber = 5.0
     calibration_batches: PositiveInt = 10        # batch-norm recalibration per candidate
     eval_batch_size: PositiveInt = 256
+    # fine-tuning of each candidate before it is measured (0: none, the one-shot weights as they
+    # are); the rest is the reference's recipe: SGD (momentum 0.9), cosine to 0, no clipping
+    finetune_epochs: NonNegativeInt = 0
+    finetune_lr: PositiveNumber = 0.01
+    finetune_weight_decay: NonNegativeNumber = 4e-5
+    finetune_batch_size: PositiveInt = 128
     # which front member is retrained: the third by cost of the `tradeoff_points` + most accurate
     tradeoff_points: PositiveInt = 3
     # set by the run
@@ -114,6 +137,12 @@ class Nsganetv2Config:
     def training(self) -> OneShotTraining:
         return OneShotTraining(epochs=self.epochs, lr=self.lr, lr_min=self.lr_min, momentum=self.momentum,
                                weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+
+    def finetuning(self) -> TrainingRecipe:
+        """The recipe each candidate is fine-tuned with (see :class:`FinetunedPathEvaluator`)."""
+        return TrainingRecipe(epochs=self.finetune_epochs, lr=self.finetune_lr, lr_min=0.0,
+                              momentum=FINETUNE_MOMENTUM, weight_decay=self.finetune_weight_decay, grad_clip=None,
+                              divergence="warn")
 
 
 # --------------------------------------------------------------------------- the cost objective
@@ -309,6 +338,81 @@ def select_candidates(predicted: np.ndarray, front_costs: np.ndarray, count: int
     return chosen
 
 
+def select_by_spread(costs: np.ndarray, front_costs: np.ndarray, count: int) -> list[int]:
+    """The reference's subset selection: the ``count`` entries of ``costs`` (all of them when
+    there are no more) that, with ``front_costs``, leave the most even gaps, i.e. minimise the
+    standard deviation of the gaps between the sorted costs (:func:`_spread_after`). Predicted
+    errors play no part. Returns the chosen indices in ascending order (the reference's boolean
+    mask read in order).
+
+    The reference searches the subsets with a genetic algorithm (population 100, 60
+    generations, a penalty unless exactly ``count`` are chosen), a heuristic; here the minimum
+    is exact. Once the first and the last of the sorted costs kept are fixed, the number of
+    gaps ``m`` and their sum (last - first) are fixed, so the variance
+    ``sum(g^2) / m - (sum(g) / m)^2`` is least when the sum of the squared gaps is: a shortest
+    path through the sorted costs that passes every front cost and exactly ``count`` of the
+    others, found by dynamic programming for each possible first cost (a front cost cannot be
+    skipped, so the first is at or before the lowest front cost, the last at or after the
+    highest). Ties: the first start, then the first path found, in sorted order.
+    """
+    costs = np.asarray(costs, dtype=np.float64).reshape(-1)
+    front_costs = np.asarray(front_costs, dtype=np.float64).reshape(-1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    if not (np.all(np.isfinite(costs)) and np.all(np.isfinite(front_costs))):
+        raise ValueError("costs and front_costs must be finite")
+    n, f = len(costs), len(front_costs)
+    if count >= n:
+        return list(range(n))
+    if count == 0:
+        return []
+    gaps = f + count - 1
+    if gaps == 0:
+        return [0]   # one cost alone: no gaps, every choice alike
+    values = np.concatenate([front_costs, costs])
+    order = np.lexsort((np.arange(f + n), values))
+    x, forced = values[order], order < f
+    size = len(x)
+    forced_at = np.flatnonzero(forced)
+    lowest_forced = int(forced_at[0]) if f else size - 1
+    highest_forced = int(forced_at[-1]) if f else 0
+    # the next front cost after each position: a path may not step over it
+    next_forced = np.full(size, size - 1)
+    for i in range(size - 2, -1, -1):
+        next_forced[i] = i + 1 if forced[i + 1] else next_forced[i + 1]
+    best_value, best_path = np.inf, None
+    for first in range(lowest_forced + 1):
+        # squared[j, k]: least sum of squared gaps of a path from `first` to j with k costs chosen
+        squared = np.full((size, count + 1), np.inf)
+        previous = np.full((size, count + 1), -1, dtype=np.int64)
+        squared[first, 0 if forced[first] else 1] = 0.0
+        for i in range(first, size - 1):
+            if not np.isfinite(squared[i]).any():
+                continue
+            js = np.arange(i + 1, next_forced[i] + 1)
+            step = (x[js] - x[i])[:, None] ** 2
+            reached = np.full((len(js), count + 1), np.inf)
+            reached[forced[js]] = squared[i] + step[forced[js]]
+            reached[~forced[js], 1:] = squared[i, :-1] + step[~forced[js]]
+            better = reached < squared[js]
+            squared[js] = np.where(better, reached, squared[js])
+            previous[js] = np.where(better, i, previous[js])
+        for last in range(max(first, highest_forced), size):
+            if np.isfinite(squared[last, count]):
+                variance = squared[last, count] / gaps - ((x[last] - x[first]) / gaps) ** 2
+                if variance < best_value:
+                    best_value, best_path = variance, (first, last, previous.copy())
+    first, last, previous = best_path
+    chosen, j, k = [], last, count
+    while True:
+        if not forced[j]:
+            chosen.append(int(order[j]) - f)
+        if j == first:
+            break
+        j, k = int(previous[j, k]), k - (0 if forced[j] else 1)
+    return sorted(chosen)
+
+
 def propose_candidates(
     archive: np.ndarray,
     objectives: np.ndarray,
@@ -320,7 +424,8 @@ def propose_candidates(
     seed: int,
 ) -> np.ndarray:
     """NSGA-II on (predicted error, cost) from the archive's non-dominated set; returns up to
-    ``count`` encodings (rows) not in ``archive``, chosen by :func:`select_candidates`."""
+    ``count`` encodings (rows) not in ``archive``, chosen by :func:`select_candidates`
+    (``config.candidate_selection == "rank"``) or :func:`select_by_spread` (``"spread"``)."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.problem import Problem
     from pymoo.operators.crossover.pntx import TwoPointCrossover
@@ -363,8 +468,73 @@ def propose_candidates(
         if k not in seen:
             seen.add(k)
             fresh.append(i)
-    picked = select_candidates(F[fresh], objectives[front, 1], count)
+    if config.candidate_selection == "spread":
+        picked = select_by_spread(F[fresh, 1], objectives[front, 1], count)
+    else:
+        picked = select_candidates(F[fresh], objectives[front, 1], count)
     return X[[fresh[i] for i in picked]].reshape(-1, encoding.ENCODING_LENGTH)
+
+
+# --------------------------------------------------------------------------- fine-tuned measurement
+
+
+class FinetunedPathEvaluator:
+    """Validation accuracy of architectures whose inherited weights are fine-tuned first.
+
+    The reference measures each candidate after a few epochs of training of its sub-network
+    on the search data's training part (``evaluator.py``, ``OFAEvaluator.eval`` with
+    ``n_epochs`` 5 in the audit's runs; the recipe is its ``CIFARRunConfig`` and the
+    once-for-all ``RunManager``). For each genotype, on a copy of the supernet (the supernet
+    itself is never changed, so every candidate starts from the same weights):
+
+    1. batch norm recalibrated on ``calibration`` (the reference resets the running statistics
+       before training);
+    2. the path's parameters trained with :func:`~nbutils.training.loop.train_supervised` and
+       ``recipe`` on the batches of a fresh ``training()`` loader (the same batches for every
+       candidate, whatever was measured before);
+    3. the accuracy on ``validation`` in evaluation mode, with the running statistics the
+       training left, as the reference validates after training.
+
+    The reference's recipe is SGD with momentum 0.9 (Nesterov), learning rate 0.01 cosine-annealed
+    to 0 per batch, weight decay 4e-5, batch 128, no gradient clipping, plain cross-entropy. The
+    shared loop has no Nesterov momentum and anneals per epoch; those two details differ. The
+    reference also replaces the classifier by a fresh one with dropout 0.2, because its
+    supernet was trained on ImageNet's 1000 classes; ours is trained on the search data's own
+    classes, so its classifier is kept.
+    """
+
+    def __init__(self, supernet: OneShotSupernet, calibration: Sequence[torch.Tensor],
+                 training: Callable[[], BatchLoader], validation: BatchLoader, recipe: TrainingRecipe):
+        if not calibration:
+            raise ValueError("calibration must hold at least one batch, got none")
+        if recipe.epochs < 1:
+            raise ValueError(f"recipe.epochs must be >= 1 to fine-tune, got {recipe.epochs}")
+        self.supernet = supernet
+        self.calibration = list(calibration)
+        self.training = training
+        self.validation = validation
+        self.recipe = recipe
+
+    def finetuned(self, genotype: Genotype) -> tuple[OneShotSupernet, list[dict]]:
+        """Steps 1 and 2: the fine-tuned copy of the supernet and the training curve (one row per epoch)."""
+        model = copy.deepcopy(self.supernet)
+        recalibrate_batch_norm(model, genotype, self.calibration)
+        parameters = list({id(p): p for module in model.path_modules(genotype) for p in module.parameters()}.values())
+        run = train_supervised(model, self.training(), self.recipe, parameters=parameters,
+                               forward=lambda x: model(x, genotype), name="candidate fine-tuning", quiet=True)
+        return model, run.curve
+
+    def __call__(self, genotype: Genotype) -> float:
+        model, _ = self.finetuned(genotype)
+        model.eval()
+        correct, seen = 0, 0
+        with torch.no_grad():
+            for x, y in self.validation:
+                correct += (model(x, genotype).argmax(1) == y).sum().item()
+                seen += len(y)
+        if seen == 0:
+            raise ValueError("validation yielded no samples")
+        return correct / seen
 
 
 # --------------------------------------------------------------------------- the search
@@ -466,9 +636,10 @@ def _lower_level(
     seed: int,
     device: torch.device,
     normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None,
-) -> tuple[PathEvaluator, list[dict]]:
+) -> tuple[PathEvaluator | FinetunedPathEvaluator, list[dict]]:
     """Step 1: the weight-sharing supernet trained; the evaluator of paths on the architecture half
-    and the supernet's training history."""
+    (fine-tuning each path on the weight half first when ``config.finetune_epochs > 0``) and the
+    supernet's training history."""
     supernet = OneShotSupernet(channels=config.channels, num_classes=weight_part.num_classes, layers=config.layers,
                                in_channels=weight_part.in_channels).to(device)
     mean, std = normalisation or channel_stats(concatenate(weight_part, arch_part))
@@ -480,8 +651,15 @@ def _lower_level(
         BatchLoader(weight_part, config.batch_size, shuffle=True, seed=seed + 1, drop_last=len(weight_part) > config.batch_size,
                     **common),
         config.calibration_batches)
-    measure = PathEvaluator(supernet, calibration,
-                            BatchLoader(arch_part, config.eval_batch_size, shuffle=False, seed=seed, **common))
+    validation = BatchLoader(arch_part, config.eval_batch_size, shuffle=False, seed=seed, **common)
+    if config.finetune_epochs == 0:
+        return PathEvaluator(supernet, calibration, validation), supernet_history
+
+    def finetuning_loader() -> BatchLoader:
+        return BatchLoader(weight_part, config.finetune_batch_size, shuffle=True, seed=seed + 3, augment=config.augment,
+                           drop_last=len(weight_part) > config.finetune_batch_size, **common)
+
+    measure = FinetunedPathEvaluator(supernet, calibration, finetuning_loader, validation, config.finetuning())
     return measure, supernet_history
 
 

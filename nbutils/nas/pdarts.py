@@ -37,9 +37,9 @@ from .darts import (
     first_order_only,
     make_optimisers,
     search_loaders,
-    supernet_class,
     train_epoch,
 )
+from ..accel.supernet_choice import supernet_class
 from ..core.data import BatchLoader, ImageDataset
 from ..core.device import MixedPrecision
 from ..space.genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
@@ -81,7 +81,7 @@ class PdartsConfig:
     # set by the run
     augment: bool = True
     anti: bool = False
-    fast: bool = True                                # the fast supernet (same function as the plain one)
+    fast: bool = True                                # the fast supernet (same function as the plain one), CPU only
     mixed_precision: bool = False                    # CUDA only: float16 autocast with gradient scaling (order 1)
 
     @field_validator("layers")
@@ -153,9 +153,10 @@ def pdarts_search(
     alphas: dict[str, np.ndarray] = {}
     records: list[dict] = []
     stages = len(config.layers)
+    supernet = supernet_class(config.fast, device)   # one choice (and note) for every stage
     for stage, (cells, keep, rate) in enumerate(zip(config.layers, config.num_to_keep, config.dropout_rates), 1):
         # a new network each stage: only the switches carry over
-        model = _stage_supernet(config, weight_part, switches, cells, rate, device)
+        model = _stage_supernet(supernet, config, weight_part, switches, cells, rate, device)
         alphas.update(_train_stage(model, config, loaders, switches, history, stage=stage, stages=stages,
                                    cells=cells, rate=rate, device=device))
         last = stage == stages
@@ -174,10 +175,10 @@ def pdarts_search(
 # --------------------------------------------------------------------------- the steps of a stage
 
 
-def _stage_supernet(config: PdartsConfig, weight_part: ImageDataset, switches: dict[str, Switches], cells: int,
-                    rate: float, device: torch.device) -> SuperNet:
-    """Stage step 1: a new supernet of ``cells`` cells over the operations still switched on."""
-    return supernet_class(config.fast)(
+def _stage_supernet(supernet: type[SuperNet], config: PdartsConfig, weight_part: ImageDataset,
+                    switches: dict[str, Switches], cells: int, rate: float, device: torch.device) -> SuperNet:
+    """Stage step 1: a new ``supernet`` of ``cells`` cells over the operations still switched on."""
+    return supernet(
         channels=config.channels,
         num_classes=weight_part.num_classes,
         layers=cells,

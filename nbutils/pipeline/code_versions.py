@@ -33,8 +33,8 @@ CODE_VERSIONS: dict[str, int] = {
     "search": 1,
     "retrain": 1,
     "sensitivity": 1,
-    "gallery": 1,
-    "report": 2,
+    "gallery": 2,
+    "report": 3,
 }
 
 #: the notebook of each kind of stage; its code, and every function, class and constant of the

@@ -15,12 +15,12 @@ accepted as numbers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, FieldSerializationInfo, SerializerFunctionWrapHandler, TypeAdapter,
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, FieldSerializationInfo, SerializerFunctionWrapHandler, TypeAdapter,
                       ValidationError, create_model, field_serializer, field_validator, model_serializer,
-                      model_validator)
+                      model_validator, Tag)
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ..attacks.poisoning import CRAFTING_FIELDS, AttackConfig
@@ -103,6 +103,16 @@ def check_sizes_fit(dataset: str, sizes: dict[str, tuple[str, Optional[int]]]) -
                              f"(allowed: 1..{available}, or null for all of them)")
 
 
+#: grid.yaml's ``data``: one mapping or a list of them, told apart before validation so that an
+#: error names ``data.dataset`` (or ``data.1.dataset``), not both readings (the tags are dropped
+#: from error paths by :func:`_format_errors`)
+DATA_TAGS = ("one", "several")
+DataChoice = Annotated[
+    Union[Annotated[DataParams, Tag("one")], Annotated[Annotated[list[DataParams], Field(min_length=1)], Tag("several")]],
+    Discriminator(lambda value: "several" if isinstance(value, list) else "one"),
+]
+
+
 class AttackEntry(Params):
     name: Literal[ATTACK_NAMES]  # type: ignore[valid-type]
     budgets: list[Budget] = []
@@ -149,7 +159,15 @@ class DefenseEntry(Params):
 
 
 class GridParams(Params):
-    data: DataParams = DataParams()
+    """grid.yaml: what runs. ``data`` is one dataset (a mapping) or several (a list of mappings,
+    TMLR Table 1's CIFAR-10 and CIFAR-100): the main study (every algorithm under every attack,
+    its clean reference, the random baseline) runs on each, and the report shows one table per
+    dataset, each cell tested against the clean trials of its own algorithm and dataset. The
+    other studies (defences, out-of-distribution search, the augmentation ablation, metric
+    sensitivity) run on the first dataset, the *primary* one, as the TMLR paper runs its
+    Tables 2-4 and 6 on CIFAR-10 only."""
+
+    data: DataChoice = DataParams()
     defenses: list[DefenseEntry] = []
     ood: list[OodEntry] = []                  # out-of-distribution searches, clean, per algorithm
     augmentation_ablation: list[Literal[NAS_ALGORITHMS]] = []  # type: ignore[valid-type]  # TMLR Table 6
@@ -159,15 +177,49 @@ class GridParams(Params):
     attacks: Annotated[list[AttackEntry], Field(min_length=1)] = [AttackEntry(name="none")]
     random_samples: NonNegativeInt = 10
 
+    @field_validator("data")
+    @classmethod
+    def _distinct_datasets(cls, data: DataParams | list[DataParams]) -> DataParams | list[DataParams]:
+        names = [d.dataset for d in data] if isinstance(data, list) else [data.dataset]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each dataset may appear once in data (its tables are named by it), got {names}")
+        return data
+
+    @property
+    def datasets(self) -> list[DataParams]:
+        """Every dataset of the main study, the primary one first."""
+        return list(self.data) if isinstance(self.data, list) else [self.data]
+
+    @property
+    def primary(self) -> DataParams:
+        """The dataset the defences, out-of-distribution searches, augmentation ablation and
+        metric sensitivity run on: the first of ``data``."""
+        return self.datasets[0]
+
     @field_validator("attacks")
     @classmethod
     def _clean_condition_present(cls, attacks: list[AttackEntry]) -> list[AttackEntry]:
         if not any(a.name == "none" for a in attacks):
             raise ValueError("the attacks must include {name: none}: the clean condition every test compares against")
-        seen = [a.condition for a in attacks]
-        if len(seen) != len(set(seen)):
-            raise ValueError(f"each attack may appear once (put all its budgets in one list), got {seen}")
+        if sum(a.name == "none" for a in attacks) > 1:
+            raise ValueError("{name: none} may appear once: it is the one clean condition")
         return attacks
+
+    @model_validator(mode="after")
+    def _each_cell_once(self) -> "GridParams":
+        """An attack may have several entries (per-algorithm budgets: the workshop runs RLF on
+        DARTS at 5%, TMLR on P-DARTS at 1, 10 and 50%), but each (attack, budget, algorithm) cell
+        comes from one entry."""
+        owner: dict[tuple[str, float, str], int] = {}
+        for i, entry in enumerate(self.attacks):
+            for budget in entry.budgets:
+                for algorithm in self.attacked(entry):
+                    cell = (entry.condition, budget, algorithm)
+                    if cell in owner:
+                        raise ValueError(f"attack {entry.condition!r} at budget {budget:g} on {algorithm} is in entries "
+                                         f"{owner[cell]} and {i}: give each budget of an algorithm once")
+                    owner[cell] = i
+        return self
 
     @model_validator(mode="after")
     def _attacked_algorithms_searched(self) -> "GridParams":
@@ -249,7 +301,12 @@ def config_fields(config: type, *names: str) -> type[Params]:
 class GradientCancelingParams(config_fields(AttackConfig, *CRAFTING_FIELDS["gc"])):
     """craft_poisons.yaml's ``gc``: gradient canceling's fields of
     :class:`~nbutils.attacks.poisoning.AttackConfig` (``lr: null``: the recipe's default;
-    ``gradpc_steps: null``: one pass over the data)."""
+    ``gradpc_steps: null``: one pass over the data), and ``gradpc_epsilon_alphas``, GradPC's
+    radius when the target is a supernet's alphas (P-DARTS, DARTS; null: ``gradpc_epsilon``).
+    The audit's files name eps=0.5 for the weights targets (TE-NAS, RoBoT) and eps=1.0 for
+    P-DARTS' alphas (:mod:`nbutils.attacks.gradient_canceling` gives the evidence)."""
+
+    gradpc_epsilon_alphas: Optional[PositiveNumber] = None
 
 
 class AlphaAttackParams(config_fields(AttackConfig, *CRAFTING_FIELDS["alpha"])):
@@ -267,12 +324,15 @@ class CraftPoisonsParams(config_fields(AttackConfig, "seed", "eps", "sigma")):
     gc: GradientCancelingParams = GradientCancelingParams()
     alpha: AlphaAttackParams = AlphaAttackParams()
 
-    def attack_config(self, name: str, budget: float) -> dict:
+    def attack_config(self, name: str, budget: float, target: str | None = None) -> dict:
         """The :class:`~nbutils.attacks.poisoning.AttackConfig` fields of one attack at one budget:
-        the shared ones, and a crafted attack's own."""
+        the shared ones, and a crafted attack's own (gradient canceling's GradPC radius by its
+        ``target``: ``alphas`` or ``weights``)."""
         fields = {"name": name, "budget": budget, "seed": self.seed, "eps": self.eps, "sigma": self.sigma}
         if name in CRAFTING_FIELDS:
-            fields.update(getattr(self, name).model_dump())
+            fields.update(getattr(self, name).model_dump(exclude={"gradpc_epsilon_alphas"}))
+        if name == "gc" and target == "alphas" and self.gc.gradpc_epsilon_alphas is not None:
+            fields["gradpc_epsilon"] = self.gc.gradpc_epsilon_alphas
         return fields
 
 
@@ -293,7 +353,9 @@ KEYED_WHEN_CHANGED: dict[str, tuple[str, ...]] = {
     "tenas": ("stem_multiplier", "region_crop", "precision", "operations"),
     "robot": ("momentum", "weight_decay", "grad_clip", "drop_path", "metrics", "kappa"),
     "nsganetv2": ("cv_folds", "cart_trees", "crossover_prob", "mutation_eta", "cost_input_size", "lr_min",
-                  "momentum", "weight_decay", "grad_clip", "eval_batch_size", "tradeoff_points"),
+                  "momentum", "weight_decay", "grad_clip", "eval_batch_size", "tradeoff_points",
+                  "candidate_selection", "finetune_epochs", "finetune_lr", "finetune_weight_decay",
+                  "finetune_batch_size"),
 }
 
 
@@ -314,6 +376,9 @@ class SearchParams(Params):
     augment: bool = True     # random crop and flip during the search (TMLR Table 6 turns it off)
     fast: bool = True        # the fast supernet; false: the plain one (the executable specification)
     mixed_precision: bool = False   # DARTS and P-DARTS on CUDA: float16 autocast with gradient scaling (order 1)
+    # the random baseline's sampler: distinct (each node reads two different states) or independent
+    # (each input drawn on its own, so a node may read one state twice: the audit authors' sampler)
+    random_sampler: Literal["distinct", "independent"] = "distinct"
     darts: DartsConfig = DartsConfig()
     pdarts: PdartsConfig = PdartsConfig()
     tenas: TenasConfig = TenasConfig()
@@ -482,6 +547,26 @@ class Preset(Params):
         return self
 
     @model_validator(mode="after")
+    def _denoiser_has_training_images(self) -> "Preset":
+        """Denoising without ``ddpm_path`` trains a DDPM on clean training images the defender
+        holds out of the search data: refuse a preset that leaves too few (at stage time every
+        denoise stage would fail)."""
+        if not any(d.name == "denoise" for d in self.grid.defenses) or self.defend.denoise.get("ddpm_path"):
+            return self
+        denoise = DefenseConfig(name="denoise", seed=self.defend.seed, **self.defend.denoise)
+        data = self.grid.primary
+        total = SPLIT_SIZES[data.dataset]["train"]
+        held_out = total - (data.search_size or total)
+        if held_out < denoise.ddpm_trusted_size:
+            raise ValueError(
+                f"defend.yaml: denoise.ddpm_path is null, so denoising trains a DDPM on ddpm_trusted_size = "
+                f"{denoise.ddpm_trusted_size} clean training images held out of the search data, but grid.yaml's "
+                f"data.search_size ({data.search_size or 'null: all'}) leaves {held_out} of {data.dataset}'s {total}; "
+                f"give ddpm_path (a local diffusers DDPM folder), or a search_size of at most "
+                f"{total - denoise.ddpm_trusted_size}, or a smaller ddpm_trusted_size")
+        return self
+
+    @model_validator(mode="after")
     def _sensitivity_has_tenas_batches(self) -> "Preset":
         sensitivity, tenas = self.metric_sensitivity, self.search.tenas
         if sensitivity.run and "tenas" in sensitivity.algorithms and sensitivity.samples < tenas.repeats * tenas.batch_size:
@@ -499,7 +584,8 @@ def _format_errors(source: str, error: ValidationError) -> list[str]:
     mapping, e.g. across its keys, names the mapping's path without repeating its values)."""
     lines = []
     for e in error.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = ".".join(str(p) for i, p in enumerate(e["loc"])
+                         if not (i and e["loc"][i - 1] == "data" and p in DATA_TAGS)) or "(top level)"
         value = e.get("input")
         rule = e["msg"].removeprefix("Value error, ")
         if e["type"] in UNKNOWN_KEY:
@@ -551,4 +637,7 @@ def load_preset(path: Path | str) -> Preset:
             problems.append(str(e))
     if problems:
         raise ParamsError("\n".join(problems))
-    return Preset(name=path.name, path=str(path), **files)
+    try:
+        return Preset(name=path.name, path=str(path), **files)
+    except ValidationError as e:   # a rule across files: its message names the files and keys
+        raise ParamsError("\n".join(f"{path}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None

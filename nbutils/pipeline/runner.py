@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..core.data import DATA_ROOT_ENV, load_dataset
+from ..defenses.denoising import ddpm_folders
 from ..core.store import ArtifactStore, atomic_write_bytes
 from . import params
 from .code_versions import NOTEBOOK_OF, PROJECT_ROOT
@@ -30,11 +31,22 @@ OUTPUTS_README = PROJECT_ROOT / "outputs" / "README.md"   # what a run writes, t
 
 
 def preflight(preset: params.Preset) -> None:
-    """Everything that can be checked before compute: data present, graphviz installed."""
-    data = preset.grid.data
-    for dataset in [data.dataset, *(ood.dataset for ood in preset.grid.ood)]:
+    """Everything that can be checked before compute: data present, a denoiser's local DDPM
+    folder complete, graphviz installed."""
+    primary = preset.grid.primary
+    for data in preset.grid.datasets:
         for split in ("train", "test"):
-            load_dataset(dataset, split, data.data_root, data.download)
+            load_dataset(data.dataset, split, data.data_root, data.download)
+    for ood in preset.grid.ood:
+        for split in ("train", "test"):
+            load_dataset(ood.dataset, split, primary.data_root, primary.download)
+    ddpm_path = preset.defend.denoise.get("ddpm_path")
+    if ddpm_path and any(d.name == "denoise" for d in preset.grid.defenses):
+        try:
+            ddpm_folders(ddpm_path)
+        except ValueError as e:
+            raise RuntimeError(f"defend.yaml: denoise.{e}; make one with diffusers' DDPMPipeline.from_pretrained"
+                               f"(...).save_pretrained(folder), as params/paper/defend.yaml says") from None
     if shutil.which("dot") is None:
         raise RuntimeError(
             "graphviz's `dot` program was not found; the report draws cells with it. "

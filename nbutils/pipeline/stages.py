@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from . import params
+from ..core.data import search_augmentation
 from ..core.store import stage_key
 from ..studies.tenas_indicators import TENAS_METRICS, TENAS_SETTINGS
 from .code_versions import CODE_VERSIONS
@@ -72,24 +73,29 @@ CLEAN_ONLY = ("darts_anti",)
 def expand(preset: params.Preset) -> list[Stage]:
     """Every stage of the preset, each after the stages it reads.
 
-    First every algorithm's clean trials (the crafted attacks read them: gradient canceling
-    targets the best clean run of the algorithm it attacks, the alpha attack the best clean
-    DARTS run's supernets), then the poisons and the poisoned trials (with their defences and
-    the augmentation ablation), the ablation's clean reference, the out-of-distribution
-    searches, random sampling, and last the gallery and the report, which read every trial.
+    For each dataset of grid.yaml's ``data``: first every algorithm's clean trials (the crafted
+    attacks read them: gradient canceling targets the best clean run of the algorithm it
+    attacks, the alpha attack the best clean DARTS run's supernets), then the poisons and the
+    poisoned trials, and random sampling (one search per sample, retrained on each dataset);
+    on the primary dataset also the defences, the augmentation ablation and its clean
+    reference, and the out-of-distribution searches. Last the gallery and the report, which
+    read every trial.
     """
     grid = _GridBuilder(preset)
-    clean = {algorithm: grid.clean_trials(algorithm) for algorithm in preset.grid.nas_algorithms}
-    for entry in preset.grid.attacks:
-        for budget in entry.budgets:
-            for algorithm in preset.grid.attacked(entry):
-                if algorithm not in CLEAN_ONLY:
-                    grid.attacked_trials(entry, budget, algorithm, clean)
-    for algorithm in preset.grid.augmentation_ablation:
-        grid.ablation_reference(algorithm)
-    for ood in preset.grid.ood:
-        grid.ood_trials(ood)
-    grid.random_samples()
+    for data in preset.grid.datasets:
+        primary = grid.use(data)
+        clean = {algorithm: grid.clean_trials(algorithm) for algorithm in preset.grid.nas_algorithms}
+        for entry in preset.grid.attacks:
+            for budget in entry.budgets:
+                for algorithm in preset.grid.attacked(entry):
+                    if algorithm not in CLEAN_ONLY:
+                        grid.attacked_trials(entry, budget, algorithm, clean, primary)
+        if primary:
+            for algorithm in preset.grid.augmentation_ablation:
+                grid.ablation_reference(algorithm)
+            for ood in preset.grid.ood:
+                grid.ood_trials(ood)
+        grid.random_samples()
     return grid.stages + grid.summaries()
 
 
@@ -99,11 +105,18 @@ class _GridBuilder:
 
     def __init__(self, preset: params.Preset):
         self.preset = preset
-        self.data = preset.grid.data.model_dump()
+        self.data: dict = {}   # the dataset whose stages are being added (:meth:`use`)
+        self.on = ""           # its name in stage labels, when the grid has several datasets
         self.stages: list[Stage] = []
         self.by_key: dict[tuple[str, str], Stage] = {}
         self.cells: list[Stage] = []   # retrain stages, for the report
         self.sensitivity: dict[tuple[str, float, str], Stage] = {}   # (condition, budget, measured algorithm)
+
+    def use(self, data: params.DataParams) -> bool:
+        """Add the next stages for ``data``; whether it is the primary dataset."""
+        self.data = data.model_dump()
+        self.on = f" on {data.dataset}" if len(self.preset.grid.datasets) > 1 else ""
+        return data.dataset == self.preset.grid.primary.dataset
 
     def add(self, stage: Stage) -> Stage:
         key = (stage.kind, stage.key)
@@ -132,7 +145,7 @@ class _GridBuilder:
                 spec["keep_supernets"] = keep
         condition = "clean" if entry is None else f"{entry.condition} {_percent(budget)}"
         meta = {"algorithm": algorithm, "attack": "none" if entry is None else entry.condition,
-                "budget": budget, "trial": trial, "study": study}
+                "budget": budget, "trial": trial, "study": study, "dataset": self.data["dataset"]}
         if study == "ood":
             condition += f" searched on {search_data['dataset']}"
             meta["search_dataset"] = search_data["dataset"]
@@ -142,6 +155,7 @@ class _GridBuilder:
             condition += f" defended by {study.removeprefix('defense:')}"
             meta["defense"] = study.removeprefix("defense:")
         reads = {} if poison is None else {"defended" if poison.kind == "defend" else "poison": poison}
+        condition += self.on
         search = self.add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}", reads, meta,
                                 batch=f"{algorithm} {condition}"))
         return search, self.retrain_of(search, seed)
@@ -149,8 +163,10 @@ class _GridBuilder:
     def retrain_of(self, search: Stage, seed: int) -> Stage:
         spec = {"data": self.data, "config": self.preset.retrain.model_dump(exclude={"device"}), "seed": seed,
                 "device": self.preset.retrain.device}
-        stage = self.add(Stage("retrain", spec, f"retrain <- {search.label}", {"search": search}, dict(search.meta),
-                               batch=search.batch))
+        shared = search.meta["algorithm"] == "random"   # one random search, retrained on every dataset
+        stage = self.add(Stage("retrain", spec, f"retrain <- {search.label}" + (self.on if shared else ""),
+                               {"search": search}, {**search.meta, "dataset": self.data["dataset"]},
+                               batch=search.batch + (self.on if shared else "")))
         self.cells.append(stage)
         return stage
 
@@ -164,18 +180,21 @@ class _GridBuilder:
         return self.trials(algorithm, None, None, None)
 
     def attacked_trials(self, entry: params.AttackEntry, budget: float, algorithm: str,
-                        clean: dict[str, list[tuple[Stage, Stage]]]) -> None:
-        """The poison set of one attack at one budget against one algorithm, its metric
-        sensitivity, the poisoned trials, their defences and their augmentation ablation."""
+                        clean: dict[str, list[tuple[Stage, Stage]]], primary: bool = True) -> None:
+        """The poison set of one attack at one budget against one algorithm and the poisoned
+        trials; on the primary dataset also its metric sensitivity, defences and augmentation
+        ablation."""
         grid = self.preset.grid
         poison = self.add(self.poison_stage(entry, budget, algorithm, clean))
-        self.sensitivity_studies(entry, budget, algorithm, poison)
         self.trials(algorithm, entry, budget, poison)
+        if not primary:
+            return
+        self.sensitivity_studies(entry, budget, algorithm, poison)
         for defense in grid.defenses:
             if (entry.condition in defense.attacks
                     and (defense.algorithms is None or algorithm in defense.algorithms)
                     and (defense.budgets is None or budget in defense.budgets)):
-                defended = self.add(defend_stage(self.preset, defense.name, poison))
+                defended = self.add(defend_stage(self.preset, self.data, defense.name, poison))
                 self.trials(algorithm, entry, budget, defended, study=f"defense:{defense.name}")
         if entry.name == "gc" and algorithm in grid.augmentation_ablation:
             self.trials(algorithm, entry, budget, poison, study="no_augment", augment=False)
@@ -185,22 +204,24 @@ class _GridBuilder:
         """The poison set: CLF reads the surrogate, gradient canceling the attacked algorithm's
         clean trials, the alpha attack clean DARTS's."""
         craft = self.preset.craft_poisons
-        spec = {"data": self.data, "attack": craft.attack_config(entry.name, budget), "device": craft.device}
+        target = ("alphas" if algorithm in SUPERNET_ALGORITHMS else "weights") if entry.name == "gc" else None
+        spec = {"data": self.data, "attack": craft.attack_config(entry.name, budget, target), "device": craft.device}
         inputs: dict[str, Stage] = {}
         label = f"poison {entry.condition} {_percent(budget)}"
-        meta = {"attack": entry.condition, "budget": budget}
+        meta = {"attack": entry.condition, "budget": budget, "dataset": self.data["dataset"]}
+        if (entry.name == "alpha" or target == "alphas") and not self.preset.search.fast:
+            spec["fast"] = False   # crafted on the supernet the searches use (only when off: keys stay)
         if entry.name == "clf":
-            inputs["surrogate"] = self.add(surrogate_stage(self.preset))
+            inputs["surrogate"] = self.add(surrogate_stage(self.preset, self.data))
         elif entry.name == "gc":
-            spec["target"] = {"algorithm": algorithm,
-                              "kind": "alphas" if algorithm in SUPERNET_ALGORITHMS else "weights"}
+            spec["target"] = {"algorithm": algorithm, "kind": target}
             inputs = clean_inputs(clean[algorithm])
             label += f" against {algorithm}"
             meta["target"] = algorithm
         elif entry.name == "alpha":
             spec["ensemble"] = entry.ensemble or 1
             inputs = clean_inputs(clean["darts"])
-        return Stage("poison", spec, label, inputs, meta)
+        return Stage("poison", spec, label + self.on, inputs, meta)
 
     def sensitivity_studies(self, entry: params.AttackEntry, budget: float, algorithm: str, poison: Stage) -> None:
         """TMLR Table 2: the metric sensitivity to a poison set, one study per algorithm whose
@@ -216,7 +237,7 @@ class _GridBuilder:
                 continue
             if (entry.condition, budget, measured) not in self.sensitivity:
                 self.sensitivity[(entry.condition, budget, measured)] = self.add(
-                    sensitivity_stage(self.preset, poison, measured))
+                    sensitivity_stage(self.preset, self.data, poison, measured))
 
     def sensitivity_not_run(self) -> list[dict]:
         """The Table 2 cells without a study, with the reason: an algorithm's metrics under
@@ -244,19 +265,23 @@ class _GridBuilder:
         self.trials(algorithm, None, None, None, study="no_augment", augment=False)
 
     def ood_trials(self, ood: params.OodEntry) -> None:
+        """Searches on another dataset, each with the search augmentation the reference gives
+        that dataset (none for MNIST and SVHN: :func:`~nbutils.core.data.search_augmentation`)."""
         # the search reads only the search fields; the retraining's sizes belong to the grid's dataset
         search_data = {**self.data, **ood.model_dump(exclude={"algorithms"}), "train_size": None, "test_size": None,
                        "image_size": None}
+        augment = self.preset.search.augment and search_augmentation(ood.dataset)
         for algorithm in ood.algorithms or self.preset.grid.nas_algorithms:
-            self.trials(algorithm, None, None, None, study="ood", search_data=search_data)
+            self.trials(algorithm, None, None, None, study="ood", search_data=search_data, augment=augment)
 
     def random_samples(self) -> None:
         """The dImp baseline: random architectures, each retrained like a found one."""
+        sampler = self.preset.search.random_sampler
         for sample in range(self.preset.grid.random_samples):
             seed = self.preset.grid.seed + sample
             meta = {"algorithm": "random", "attack": "none", "budget": None, "trial": sample}
-            search = self.add(Stage("search", {"algorithm": "random", "seed": seed}, f"random sample {sample + 1}",
-                                    meta=meta, batch="random"))
+            spec = {"algorithm": "random", "seed": seed, **({"sampler": sampler} if sampler != "distinct" else {})}
+            search = self.add(Stage("search", spec, f"random sample {sample + 1}", meta=meta, batch="random"))
             self.retrain_of(search, seed)
 
     def summaries(self) -> list[Stage]:
@@ -303,14 +328,14 @@ def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None
     return sorted(keep) if wanted else None
 
 
-def defend_stage(preset: params.Preset, name: str, poison: Stage) -> Stage:
-    spec = {"data": preset.grid.data.model_dump(), "defense": preset.defend.defense_config(name),
+def defend_stage(preset: params.Preset, data: dict, name: str, poison: Stage) -> Stage:
+    spec = {"data": data, "defense": preset.defend.defense_config(name),
             "device": preset.defend.device}
     return Stage("defend", spec, f"defend with {name} against {poison.label.removeprefix('poison ')}",
                  {"poison": poison}, {**poison.meta, "defense": name})
 
 
-def sensitivity_stage(preset: params.Preset, poison: Stage, measured: str) -> Stage:
+def sensitivity_stage(preset: params.Preset, data: dict, poison: Stage, measured: str) -> Stage:
     """The metric sensitivity of ``measured``'s training-free metrics to one poison set. RoBoT's
     spec is the study's spec from before TE-NAS's metrics were added (its keys are kept);
     TE-NAS's names its metrics and carries search.yaml's TE-NAS settings that they read
@@ -325,15 +350,16 @@ def sensitivity_stage(preset: params.Preset, poison: Stage, measured: str) -> St
                   "tenas_network": sensitivity.tenas_network}
     else:
         raise ValueError(f"no training-free metrics of {measured!r} to measure")
-    spec = {"data": preset.grid.data.model_dump(), "config": config, "device": sensitivity.device}
+    spec = {"data": data, "config": config, "device": sensitivity.device}
     return Stage("sensitivity", spec, f"{measured} metric sensitivity to {poison.label.removeprefix('poison ')}",
                  {"poison": poison}, {**poison.meta, "metrics_of": measured})
 
 
-def surrogate_stage(preset: params.Preset) -> Stage:
-    spec = {"data": preset.grid.data.model_dump(), "config": preset.craft_poisons.surrogate.model_dump(),
+def surrogate_stage(preset: params.Preset, data: dict) -> Stage:
+    spec = {"data": data, "config": preset.craft_poisons.surrogate.model_dump(),
             "seed": preset.craft_poisons.seed, "device": preset.craft_poisons.device}
-    return Stage("surrogate", spec, "surrogate ResNet-18 for CLF")
+    on = f" on {data['dataset']}" if len(preset.grid.datasets) > 1 else ""
+    return Stage("surrogate", spec, f"surrogate ResNet-18 for CLF{on}", meta={"dataset": data["dataset"]})
 
 
 def clean_inputs(runs: list[tuple[Stage, Stage]]) -> dict[str, Stage]:

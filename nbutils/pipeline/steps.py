@@ -24,7 +24,7 @@ from ..nas.search_result import SearchResult
 from ..core.data import (ImageDataset, channel_stats, concatenate, load_dataset, search_split, seeded_subset,
                          seeded_subset_indices)
 from ..core.device import resolve_device, seed_everything
-from ..accel.fast_supernet import FastSuperNet   # the attacks' supernets: same function, faster (tested)
+from ..accel.supernet_choice import supernet_class
 from ..space.genotype import Genotype, random_genotype
 from ..space.network import EvalNetwork
 from ..nas.nsganetv2 import Nsganetv2Config, nsganetv2_search
@@ -123,7 +123,9 @@ def attacker_models(spec: dict, inputs: dict) -> dict:
     Gradient canceling and the alpha attack take the clean run of highest retrained accuracy
     (TMLR §4: "the highest-accuracy networks on clean data as the target"): for a supernet
     algorithm its converged supernet, otherwise its retrained final network; the alpha attack
-    the ``ensemble`` supernet snapshots of that DARTS run."""
+    the ``ensemble`` supernet snapshots of that DARTS run. The supernets are rebuilt as the
+    searches ran them (``spec["fast"]``, as search.yaml's ``fast``; the fast one on the CPU
+    only: :func:`nbutils.accel.supernet_choice.supernet_class`)."""
     name = spec["attack"]["name"]
     if name == "clf":
         return {"surrogate": load_surrogate(inputs["surrogate"])}
@@ -132,6 +134,7 @@ def attacker_models(spec: dict, inputs: dict) -> dict:
     best = best_clean_run(inputs)
     chosen = {"search": str(best["search"]), "retrain": str(best["retrain"]), "test_acc": best["test_acc"]}
     if name == "alpha":
+        cls = _attack_supernet_class(spec)
         checkpoints = load_supernets(best["search"])
         epochs = sorted(checkpoints)
         wanted = snapshot_epochs(epochs[-1], int(spec["ensemble"]))
@@ -139,14 +142,20 @@ def attacker_models(spec: dict, inputs: dict) -> dict:
         if missing:
             raise ValueError(f"the alpha attack with ensemble {spec['ensemble']} needs supernets after epochs "
                              f"{wanted}; the clean search saved {epochs}")
-        return {"supernets": [supernet_from_checkpoint(checkpoints[e], FastSuperNet) for e in wanted],
+        return {"supernets": [supernet_from_checkpoint(checkpoints[e], cls) for e in wanted],
                 "attacker_model": {**chosen, "epochs": wanted}}
     if spec["target"]["kind"] == "alphas":
         checkpoints = load_supernets(best["search"])
         last = max(checkpoints)
-        return {"target": supernet_from_checkpoint(checkpoints[last], FastSuperNet),
+        return {"target": supernet_from_checkpoint(checkpoints[last], _attack_supernet_class(spec)),
                 "attacker_model": {**chosen, "kind": "alphas", "epoch": last}}
     return {"target": load_retrained(best["retrain"]), "attacker_model": {**chosen, "kind": "weights"}}
+
+
+def _attack_supernet_class(spec: dict) -> type:
+    """The supernet class a crafted attack rebuilds the clean search's checkpoints as: the
+    poison spec's ``fast`` (search.yaml's; absent: true) on the device it crafts on."""
+    return supernet_class(spec.get("fast", True), resolve_device(spec.get("device", "auto")))
 
 
 def best_clean_run(inputs: dict) -> dict:
@@ -254,8 +263,9 @@ def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
         raise ValueError(f"search algorithm {algorithm!r} is unknown; allowed: random, {', '.join(SEARCHES)}")
     seed_everything(seed)
     start = time.perf_counter()
-    if algorithm == "random":
-        found = SearchResult(genotype=random_genotype(np.random.default_rng(seed)))
+    if algorithm == "random":   # ``sampler``: how a node's two inputs are drawn (random_genotype's ``inputs``)
+        genotype = random_genotype(np.random.default_rng(seed), inputs=spec.get("sampler", "distinct"))
+        found = SearchResult(genotype=genotype)
         device = torch.device("cpu")
     else:
         device = resolve_device(spec.get("device", "auto"))

@@ -27,8 +27,16 @@ from ..core.store import read_json
 RESULT_FILE = "result.json"
 
 
+def grid_datasets(settings: dict) -> list[dict]:
+    """grid.yaml's ``data`` as a list (one mapping, or several): the primary dataset first."""
+    data = settings["grid"]["data"]
+    return list(data) if isinstance(data, list) else [data]
+
+
 def load_results(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
-    """One row per retrained architecture: algorithm, attack, budget, trial, acc (percent), genotype."""
+    """One row per retrained architecture: algorithm, attack, budget, trial, acc (percent),
+    genotype, and ``dataset``, the dataset it was retrained and tested on."""
+    primary = grid_datasets(spec["settings"])[0]["dataset"] if "settings" in spec else None
     rows = []
     for cell in spec["cells"]:
         artifact = Path(inputs[cell["role"]])
@@ -39,22 +47,25 @@ def load_results(spec: dict, inputs: dict[str, str]) -> pd.DataFrame:
         rows.append({
             "algorithm": cell["algorithm"], "attack": cell["attack"], "budget": cell["budget"],
             "trial": cell["trial"], "acc": 100.0 * result["test_acc"], "study": cell.get("study", "main"),
-            "search_dataset": cell.get("search_dataset"),
+            "search_dataset": cell.get("search_dataset"), "dataset": cell.get("dataset", primary),
             "genotype": Genotype.from_dict(result["genotype"]), "parameters": result["parameters"],
             "search_seconds": search_record.get("seconds", math.nan),
             "retrain_seconds": record.get("seconds", math.nan), "artifact": str(artifact), "search": str(search),
             "seed": record.get("spec", {}).get("seed"),
             "anchor": trials_anchor(cell["algorithm"], cell["attack"], cell["budget"], cell.get("study", "main"),
-                                    cell.get("search_dataset")),
+                                    cell.get("search_dataset"), cell.get("dataset", primary)),
         })
-    columns = ["algorithm", "attack", "budget", "trial", "acc", "study", "search_dataset", "genotype", "parameters", "search_seconds",
-               "retrain_seconds", "artifact", "search", "anchor", "seed"]
+    columns = ["algorithm", "attack", "budget", "trial", "acc", "study", "search_dataset", "dataset", "genotype",
+               "parameters", "search_seconds", "retrain_seconds", "artifact", "search", "anchor", "seed"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def trials_anchor(algorithm: str, attack: str, budget, study: str = "main", search_dataset: str | None = None) -> str:
-    """The HTML id of one cell's trials in the listing (:func:`trials_html`)."""
-    parts = [study, algorithm, attack, "" if no_budget(budget) else f"{100 * budget:g}", search_dataset or ""]
+def trials_anchor(algorithm: str, attack: str, budget, study: str = "main", search_dataset: str | None = None,
+                  dataset: str | None = None) -> str:
+    """The HTML id of one cell's trials in the listing (:func:`trials_html`); ``dataset``: the
+    dataset the trials were retrained on."""
+    parts = [study, algorithm, attack, "" if no_budget(budget) else f"{100 * budget:g}", search_dataset or "",
+             dataset or ""]
     return "trials-" + re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
@@ -99,7 +110,7 @@ def _rows_of(frame: pd.DataFrame, attack: str, budget) -> pd.Series:
     return (frame.attack == attack) & same_budget
 
 
-TABLE_COLUMNS = ["algorithm", "attack", "budget", "condition", "n", "acc_mean", "acc_std", "dimp", "dimp_low",
+TABLE_COLUMNS = ["algorithm", "dataset", "attack", "budget", "condition", "n", "acc_mean", "acc_std", "dimp", "dimp_low",
                  "dimp_high", "p", "p_bh", "significant", "detectable_drop", "cpu_hours"]
 
 
@@ -145,14 +156,16 @@ def study_of(row) -> str:
     return f"ood:{row.search_dataset}" if row.study == "ood" else row.study
 
 
-def trials_csv(results: pd.DataFrame, dataset: str) -> pd.DataFrame:
+def trials_csv(results: pd.DataFrame, dataset: str | None = None) -> pd.DataFrame:
     """One row per retrained architecture (:data:`TRIALS_CSV_COLUMNS`); artifact folders relative
-    to the outputs folder, the genotype as :meth:`Genotype.to_json`."""
+    to the outputs folder, the genotype as :meth:`Genotype.to_json`. ``dataset``: the one all
+    were retrained on; None: each row's own (``results.dataset``)."""
+    datasets = [dataset] * len(results) if dataset is not None else list(results.dataset)
     frame = pd.DataFrame({
         "study": [study_of(r) for r in results.itertuples()],
-        "dataset": dataset,
-        "search_dataset": [None if r.algorithm == "random" else r.search_dataset if r.study == "ood" else dataset
-                           for r in results.itertuples()],
+        "dataset": datasets,
+        "search_dataset": [None if r.algorithm == "random" else r.search_dataset if r.study == "ood" else d
+                           for r, d in zip(results.itertuples(), datasets)],
         "algorithm": results.algorithm, "attack": results.attack, "budget": results.budget,
         "trial": results.trial, "seed": results.seed, "acc": results.acc, "parameters": results.parameters,
         "search_seconds": results.search_seconds, "retrain_seconds": results.retrain_seconds,
@@ -163,14 +176,19 @@ def trials_csv(results: pd.DataFrame, dataset: str) -> pd.DataFrame:
     return frame[TRIALS_CSV_COLUMNS]
 
 
-def cells_csv(results: pd.DataFrame, dataset: str, alpha: float = 0.05) -> pd.DataFrame:
+def cells_csv(results: pd.DataFrame, dataset: str | None = None, alpha: float = 0.05) -> pd.DataFrame:
     """One row per table cell of every study (:data:`CELLS_CSV_COLUMNS`), as the report's
-    tables show them. ``p`` is one-sided Welch, BH-adjusted in ``p_bh`` within its family:
+    tables show them, for the trials retrained on ``dataset`` (None: for each dataset of
+    ``results.dataset`` in turn, so each cell is tested against the clean trials and random
+    samples of its own dataset). ``p`` is one-sided Welch, BH-adjusted in ``p_bh`` within its family:
     main and no_augment, the cell below its study's clean condition (family: the algorithm's
     cells of that study); ood:<dataset>, below the algorithm's clean main-study trials
     (family: the algorithm's out-of-distribution cells); defense:<name>, the undefended
     poisoned cell below the defended one, so a small p means the defence helps (family: every
     defended cell)."""
+    if dataset is None:
+        return pd.concat([cells_csv(part, name, alpha) for name, part in results.groupby("dataset", sort=False)],
+                         ignore_index=True)
     random_acc = results.loc[results.algorithm == "random", "acc"]
     random_rows = results[results.algorithm == "random"]
     frames = []
@@ -215,6 +233,7 @@ def _cell_row(algorithm: str, attack: str, budget, rows_here: pd.DataFrame, refe
         if len(reference) and len(accs) else math.nan
     return {
         "algorithm": algorithm, "attack": attack, "budget": budget, "condition": condition_label(attack, budget),
+        "dataset": rows_here["dataset"].iloc[0] if "dataset" in rows_here and len(rows_here) else None,
         "n": summary.n, "acc_mean": summary.mean, "acc_std": summary.std,
         "dimp": delta_improvement(summary.mean, CellSummary.of(random_acc).mean), "dimp_low": low, "dimp_high": high,
         "p": welch_less(accs, reference) if tested else math.nan,
@@ -261,7 +280,8 @@ def details_table(table: pd.DataFrame) -> pd.DataFrame:
 
     return pd.DataFrame({
         "NAS": [algorithm_name(a) for a in table.algorithm],
-        "condition": [_linked(html.escape(r.condition), "#" + trials_anchor(r.algorithm, r.attack, r.budget))
+        "condition": [_linked(html.escape(r.condition), "#" + trials_anchor(r.algorithm, r.attack, r.budget,
+                                                                                       dataset=r.dataset))
                       for r in table.itertuples()],
         "n": table.n,
         "Acc.": [_fmt(m, s) for m, s in zip(table.acc_mean, table.acc_std)],
@@ -332,10 +352,12 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
             if r.significant:
                 acc, dimp = f"<b><u>{acc}</u></b>", f"<b><u>{dimp}</u></b>"
             title = f"n={r.n}, one-sided Welch p={r.p:.3g}, BH-adjusted p={r.p_bh:.3g}" if not math.isnan(r.p) else f"n={r.n}"
-            href = "#" + trials_anchor(a, attack, budget)
+            href = "#" + trials_anchor(a, attack, budget, dataset=r.dataset)
             cells.append(f'<td title="{title}">{_linked(acc, href)}</td><td title="{title}">{_linked(dimp, href)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    random_acc_text = _linked(_fmt(random_acc.mean, random_acc.std), "#" + trials_anchor("random", "none", None))
+    dataset = table.dataset.dropna().iloc[0] if table.dataset.notna().any() else None
+    random_acc_text = _linked(_fmt(random_acc.mean, random_acc.std),
+                              "#" + trials_anchor("random", "none", None, dataset=dataset))
     random_row = (f"<tr><td>Random</td><td>–</td><td colspan=\"{2 * len(algorithms)}\">"
                   f"{random_acc_text} (n={random_acc.n}, the dImp reference)</td></tr>")
     return (
@@ -430,11 +452,13 @@ def poison_figure(spec: dict, inputs: dict[str, str], count: int = 6):
     from ..core.poison_set import PoisonSet
     from ..pipeline.steps import search_pool
 
-    studies = [p for p in spec.get("poisons", []) if p["attack"] not in ("rlf", "clf")]
+    data = grid_datasets(spec["settings"])[0]   # the primary dataset's poisons
+    studies = [p for p in spec.get("poisons", [])
+               if p["attack"] not in ("rlf", "clf") and p.get("dataset", data["dataset"]) == data["dataset"]]
     if not studies:
         return None
     budget = max(p["budget"] for p in studies)   # the largest: the same victims for every attack
-    pool = search_pool(DataParams.model_validate(spec["settings"]["grid"]["data"]))
+    pool = search_pool(DataParams.model_validate(data))
     sets = {}
     for p in studies:
         if p["budget"] == budget:
@@ -513,7 +537,7 @@ def defense_html(results: pd.DataFrame, random_acc: CellSummary, alpha: float = 
         s = CellSummary.of(group.acc)
         rows.append({"defense": defense, "attack": attack, "budget": budget, "algorithm": algorithm, "summary": s,
                      "href": "#" + group.anchor.iloc[0],
-                     "poisoned_href": "#" + trials_anchor(algorithm, attack, budget),
+                     "poisoned_href": "#" + (poisoned.anchor.iloc[0] if len(poisoned) else trials_anchor(algorithm, attack, budget)),
                      "poisoned": CellSummary.of(poisoned.acc), "p": welch_less(poisoned.acc.to_numpy(), group.acc.to_numpy())})
     reject, adjusted = benjamini_hochberg([r["p"] for r in rows], alpha)
     body = []
@@ -547,7 +571,7 @@ def reference_points_html(results: pd.DataFrame, random_acc: CellSummary) -> str
         counts = [g.counts("normal") for g in group.genotype]
         make_up = " / ".join(f"{np.mean([c[k] for c in counts]):.1f}" for k in ("conv", "pool", "skip"))
         dimp = delta_improvement(summary.mean, random_acc.mean)
-        accuracy = _linked(_fmt(summary.mean, summary.std), "#" + trials_anchor(algorithm, "none", None))
+        accuracy = _linked(_fmt(summary.mean, summary.std), "#" + group.anchor.iloc[0])
         rows.append(f"<tr><td>{label}</td><td>{summary.n}</td><td>{accuracy}</td>"
                     f"<td>{'–' if algorithm == 'random' else f'{dimp:.2f}'}</td><td>{make_up}</td></tr>")
     if not rows:

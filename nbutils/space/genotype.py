@@ -1,10 +1,13 @@
 """Discrete architectures of the DARTS space: genotypes.
 
 A cell has two inputs (0: output of the cell before the previous one, 1: output of the
-previous cell) and ``STEPS`` intermediate nodes numbered 2.. ; node ``i`` takes exactly two
-of the earlier states, each through one operation. A genotype lists, for the normal and the
+previous cell) and ``STEPS`` intermediate nodes numbered 2.. ; node ``i`` sums two genes,
+each an earlier state through one operation. A genotype lists, for the normal and the
 reduction cell, the ``(operation, input)`` pairs node by node, and which states are
-concatenated into the cell output.
+concatenated into the cell output. The two genes of a node may read the same state (the
+audit's random baseline draws such nodes, see :func:`random_genotype`; the DARTS
+discretisation never produces them): the evaluation networks build them, the integer
+encoding of :mod:`nbutils.space.encoding` refuses them.
 """
 from __future__ import annotations
 
@@ -141,18 +144,38 @@ def genotype_from_alpha(alpha_normal: np.ndarray, alpha_reduce: np.ndarray) -> G
     return Genotype(normal=parse_alpha(softmax(alpha_normal)), reduce=parse_alpha(softmax(alpha_reduce)))
 
 
-def random_genotype(rng: np.random.Generator) -> Genotype:
-    """Uniform sample: each node reads two distinct earlier states, each through any of the
-    seven non-``none`` operations (``dil_conv_5x5`` included, unlike RoBoT's sampler)."""
+#: How :func:`random_genotype` draws a node's two inputs.
+INPUT_SAMPLERS: tuple[str, ...] = ("distinct", "independent")
+
+
+def random_genotype(rng: np.random.Generator, inputs: str = "distinct") -> Genotype:
+    """A random architecture: every gene's operation uniform over the seven non-``none``
+    operations (``dil_conv_5x5`` included, unlike RoBoT's sampler), the inputs drawn as
+    ``inputs`` says.
+
+    * ``"distinct"``: each node reads two distinct earlier states, the pair uniform (the form
+      the DARTS discretisation produces); the two genes are listed by input.
+    * ``"independent"``: each gene draws its input uniformly and independently of the other gene
+      of its node, so node ``j`` (states ``0..j-1`` to choose from) reads one state twice with
+      probability ``1/j``: 1/2, 1/3, 1/4, 1/5 for nodes 2..5, 77/60 such nodes per cell on
+      average. This is the audit's random baseline (``ztcoalson/pdarts`` ``random_genotype.py``,
+      which made its ``RANDOM_1..10``); the genes keep their drawing order.
+    """
+    if inputs not in INPUT_SAMPLERS:
+        raise ValueError(f"inputs must be one of {', '.join(INPUT_SAMPLERS)}, got {inputs!r}")
     ops = [p for p in PRIMITIVES if p != "none"]
 
-    def cell() -> Gene:
+    def distinct_cell() -> Gene:
         gene = []
         for i in range(STEPS):
             for src in sorted(rng.choice(2 + i, size=2, replace=False)):
                 gene.append((ops[rng.integers(len(ops))], int(src)))
         return tuple(gene)
 
+    def independent_cell() -> Gene:
+        return tuple((ops[rng.integers(len(ops))], int(rng.integers(2 + k // 2))) for k in range(2 * STEPS))
+
+    cell = distinct_cell if inputs == "distinct" else independent_cell
     return Genotype(normal=cell(), reduce=cell())
 
 
