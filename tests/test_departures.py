@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from nbutils.pipeline.params import PRESET_FILES, load_preset
-from nbutils.report.departures import KEPT, departures
+from nbutils.report.departures import chosen_departures, departures, kept_departures
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,10 +16,18 @@ def settings_of(preset: str) -> dict:
 
 def test_the_paper_presets_choose_what_the_authors_ran():
     """Only the departures the implementation keeps whatever the settings."""
-    kept = set(KEPT["nsganetv2"])
-    assert set(departures(settings_of("paper"))) - kept == {
-        next(d for d in departures(settings_of("paper")) if d.startswith("TE-NAS's linear regions"))}
-    assert departures(settings_of("workshop")) == []
+    for preset in ("paper", "workshop"):
+        assert chosen_departures(settings_of(preset)) == []
+    kept = kept_departures(settings_of("paper"))
+    assert any("once-for-all" in d for d in kept) and any("Nesterov" in d for d in kept)
+    assert any(d.startswith("TE-NAS's linear regions") for d in kept)
+    assert kept_departures(settings_of("workshop")) == []
+
+
+def test_gradpc_radius_of_the_alphas_is_checked_too():
+    settings = settings_of("paper")
+    settings["craft_poisons"]["gc"] = {**settings["craft_poisons"]["gc"], "gradpc_epsilon_alphas": None}
+    assert any("0.5 for supernets' alphas" in d for d in chosen_departures(settings))
 
 
 def test_each_chosen_departure_names_the_setting_that_restores_the_reference():

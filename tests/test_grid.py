@@ -226,3 +226,24 @@ def test_ood_searches_take_their_datasets_augmentation():
     augment = {s.meta["search_dataset"]: s.spec["augment"] for s in stages
                if s.kind == "search" and s.meta.get("study") == "ood"}
     assert augment == {"mnist": False, "noise": True}
+
+
+def test_main_searches_take_their_datasets_augmentation():
+    """A grid on MNIST searches without augmentation, as the reference; digits with it."""
+    mnist = {"dataset": "mnist", "search_size": 48, "train_size": 96, "test_size": 64}
+    stages = expand(preset(data=[preset().grid.data.model_dump(), mnist]))
+    augment = {(s.spec["data"]["dataset"], s.spec["augment"]) for s in stages
+               if s.kind == "search" and s.spec["algorithm"] != "random"}
+    assert augment == {("digits", True), ("mnist", False)}
+
+
+def test_table_2_cells_without_a_study_are_listed_once():
+    """Gradient canceling in two entries at one budget (per-algorithm budgets): each missing
+    Table 2 cell once, its reason naming every attacked algorithm."""
+    stages = expand(preset(nas_algorithms=["darts", "pdarts", "robot"],
+                           attacks=[{"name": "none"}, {"name": "gc", "budgets": [0.25], "algorithms": ["darts"]},
+                                    {"name": "gc", "budgets": [0.25], "algorithms": ["pdarts"]}]))
+    not_run = {r["metrics_of"]: r["reason"] for r in stages[-1].spec["sensitivity_not_run"]}
+    assert len(stages[-1].spec["sensitivity_not_run"]) == len(not_run) == 2
+    assert "attack gc's algorithms at 25% are ['darts', 'pdarts']" in not_run["robot"]
+    assert "nas_algorithms does not search it" in not_run["tenas"]

@@ -34,7 +34,7 @@ from nbutils.nas.nsganetv2 import (
 from nbutils.core.data import BatchLoader
 from nbutils.nas.one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, recalibrate_batch_norm, train_one_shot
 
-from toys import toy
+from toys import tiny_nsganetv2_config as tiny_config, toy
 
 CPU = torch.device("cpu")
 
@@ -314,14 +314,6 @@ def test_config_refuses_bad_values(field, value, message):
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-def tiny_config(**kw) -> Nsganetv2Config:
-    base = dict(initial_design=8, iterations=2, candidates_per_iteration=2, epochs=1, channels=4, layers=3,
-                batch_size=16, calibration_batches=2, cost_channels=4, cost_layers=3, cart_trees=10,
-                population=10, generations=3, cv_folds=4)
-    base.update(kw)
-    return Nsganetv2Config(**base)
 
 
 def test_tiny_search_end_to_end():

@@ -49,7 +49,7 @@ def _repeats(genotype: Genotype) -> list[int]:
 def test_distinct_sampler_draws_what_it_drew_before():
     """Pinned from the code before the ``inputs`` option: the default's draws are unchanged."""
     g = random_genotype(np.random.default_rng(0))
-    assert g == random_genotype(np.random.default_rng(0), inputs="distinct")
+    assert g == random_genotype(np.random.default_rng(0), sampler="distinct")
     assert g.normal == (("sep_conv_3x3", 0), ("avg_pool_3x3", 1), ("max_pool_3x3", 0), ("avg_pool_3x3", 2),
                         ("sep_conv_3x3", 2), ("sep_conv_5x5", 3), ("sep_conv_3x3", 3), ("sep_conv_3x3", 4))
     assert g.reduce == (("dil_conv_3x3", 0), ("sep_conv_5x5", 1), ("sep_conv_3x3", 0), ("max_pool_3x3", 1),
@@ -73,7 +73,7 @@ def test_independent_sampler_distribution():
     is uniform over its j states, every operation uniform over the seven non-``none`` ones."""
     rng = np.random.default_rng(2024)
     n = 6000
-    genotypes = [random_genotype(rng, inputs="independent") for _ in range(n)]
+    genotypes = [random_genotype(rng, sampler="independent") for _ in range(n)]
     cells = 2 * n
     repeats = np.array([_repeats(g) for g in genotypes]).reshape(n, 2, STEPS).sum(axis=(0, 1))
     for i, count in enumerate(repeats):
@@ -98,14 +98,14 @@ def test_independent_sampler_distribution():
 def test_distinct_sampler_never_repeats_and_samplers_differ():
     rng = np.random.default_rng(5)
     assert not any(any(_repeats(random_genotype(rng))) for _ in range(500))
-    assert any(any(_repeats(random_genotype(rng, inputs="independent"))) for _ in range(20))
-    assert random_genotype(np.random.default_rng(1), inputs="independent") == \
-        random_genotype(np.random.default_rng(1), inputs="independent")
+    assert any(any(_repeats(random_genotype(rng, sampler="independent"))) for _ in range(20))
+    assert random_genotype(np.random.default_rng(1), sampler="independent") == \
+        random_genotype(np.random.default_rng(1), sampler="independent")
 
 
 def test_unknown_sampler_is_refused():
-    with pytest.raises(ValueError, match="inputs must be one of distinct, independent, got 'replace'"):
-        random_genotype(np.random.default_rng(0), inputs="replace")
+    with pytest.raises(ValueError, match="sampler must be one of distinct, independent, got 'replace'"):
+        random_genotype(np.random.default_rng(0), sampler="replace")
 
 
 # --------------------------------------------------------------------------- the random search step
@@ -115,9 +115,9 @@ def test_random_search_step_reads_the_sampler(tmp_path):
     default = steps.search({"algorithm": "random", "seed": 11}, {}, tmp_path / "a")
     assert default["genotype"] == random_genotype(np.random.default_rng(11))
     independent = steps.search({"algorithm": "random", "seed": 11, "sampler": "independent"}, {}, tmp_path / "b")
-    assert independent["genotype"] == random_genotype(np.random.default_rng(11), inputs="independent")
+    assert independent["genotype"] == random_genotype(np.random.default_rng(11), sampler="independent")
     assert steps.load_genotype(tmp_path / "b") == independent["genotype"]
-    with pytest.raises(ValueError, match="inputs must be one of"):
+    with pytest.raises(ValueError, match="sampler must be one of"):
         steps.search({"algorithm": "random", "seed": 11, "sampler": "with replacement"}, {}, tmp_path / "c")
 
 

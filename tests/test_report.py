@@ -208,6 +208,16 @@ def test_each_dataset_is_its_own_family_and_baseline(results):
     assert rows.groupby("dataset").size().to_dict() == {"cifar10": len(first), "cifar100": len(second)}
     # each dataset's table links to its own trials
     page = report.table_html(report.results_table(both[both.dataset == "cifar100"]), report.CellSummary.of([21.0]))
-    assert "cifar100" in report.trials_anchor("darts", "rlf", 0.5, dataset="cifar100")
+    assert report.trials_anchor("darts", "rlf", 0.5, dataset="cifar100") != report.trials_anchor("darts", "rlf", 0.5,
+                                                                                                 dataset="cifar10")
     assert f'href="#{report.trials_anchor("darts", "rlf", 0.5, dataset="cifar100")}"' in page
     assert "cifar10-" not in page.replace("cifar100", "")
+
+
+def test_a_table_links_to_its_own_studys_trials(results):
+    """Table 6 (search without augmentation) links to its trials, not the main study's."""
+    ablation = pd.DataFrame(trials("darts", "none", None, CLEAN, "no_augment") + trials("darts", "gc", 0.5, RLF, "no_augment"))
+    table = report.results_table(pd.concat([results[results.algorithm == "random"], ablation]))
+    page = report.table_html(table, report.CellSummary.of(RANDOM))
+    assert f'href="#{report.trials_anchor("darts", "gc", 0.5, "no_augment")}"' in page
+    assert f'href="#{report.trials_anchor("darts", "gc", 0.5)}"' not in page

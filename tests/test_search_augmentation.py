@@ -4,13 +4,8 @@ and SVHN."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from nbutils.core.data import DATASETS, SEARCH_AUGMENTATION, BatchLoader, search_augmentation
-from nbutils.nas.darts import DartsConfig
-from nbutils.nas.pdarts import PdartsConfig
-from nbutils.nas.tenas import TenasConfig
-from toys import toy
+from nbutils.core.data import DATASETS, SEARCH_AUGMENTATION, search_augmentation
 
 
 def test_every_dataset_has_its_search_augmentation():
@@ -30,17 +25,3 @@ def test_the_references_choice():
 def test_unknown_dataset_is_refused():
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'; known: cifar10, cifar100"):
         search_augmentation("imagenet")
-
-
-def test_searches_take_the_tables_value():
-    """What the search spec's ``augment`` becomes: the configs keep it, and a loader built with
-    False yields the images unchanged (only normalised)."""
-    for dataset in DATASETS:
-        wanted = search_augmentation(dataset)
-        assert DartsConfig(augment=wanted).augment is wanted
-        assert PdartsConfig(augment=wanted).augment is wanted
-        assert TenasConfig(augment=wanted).augment is wanted
-    data = toy(6, seed=0, size=8)
-    (x, _), = BatchLoader(data, 6, shuffle=False, seed=0, augment=search_augmentation("mnist"), mean=(0.0,),
-                          std=(1.0,))
-    assert torch.equal(x, data.images.float() / 255)

@@ -2,6 +2,7 @@
 import torch
 
 from nbutils.core.data import ImageDataset
+from nbutils.nas.nsganetv2 import Nsganetv2Config
 from nbutils.space.supernet import SuperNet
 
 
@@ -21,3 +22,11 @@ def toy_supernet(seed: int = 0, **overrides) -> SuperNet:
     """The tiny DARTS supernet for :func:`toy` images: 4 channels, 3 cells, 3 classes, one input
     channel, its weights and alphas drawn from ``seed``; ``overrides``: other SuperNet arguments."""
     return SuperNet(**{"channels": 4, "num_classes": 3, "layers": 3, "in_channels": 1, "seed": seed, **overrides})
+
+
+def tiny_nsganetv2_config(**overrides) -> Nsganetv2Config:
+    """NSGANetV2 at the smallest size that still runs every step (two iterations of two candidates)."""
+    base = dict(initial_design=8, iterations=2, candidates_per_iteration=2, epochs=1, channels=4, layers=3,
+                batch_size=16, calibration_batches=2, cost_channels=4, cost_layers=3, cart_trees=10,
+                population=10, generations=3, cv_folds=4)
+    return Nsganetv2Config(**{**base, **overrides})

@@ -134,8 +134,11 @@ class _GridBuilder:
         or defense:<name> (searched on defended data, Table 4)."""
         preset = self.preset
         seed = preset.grid.seed + trial
-        spec = {"algorithm": algorithm, "data": search_data or self.data, "config": preset.search.config_of(algorithm),
-                "augment": preset.search.augment if augment is None else augment, "fast": preset.search.fast,
+        search_data = search_data or self.data
+        if augment is None:   # search.yaml's, for datasets the reference augments (not MNIST and SVHN)
+            augment = preset.search.augment and search_augmentation(search_data["dataset"])
+        spec = {"algorithm": algorithm, "data": search_data, "config": preset.search.config_of(algorithm),
+                "augment": augment, "fast": preset.search.fast,
                 "seed": seed, "device": preset.search.device}
         if preset.search.mixed_precision and algorithm in MIXED_PRECISION_ALGORITHMS:
             spec["mixed_precision"] = True   # only when on: the keys of float32 searches stay as they were
@@ -147,15 +150,17 @@ class _GridBuilder:
         meta = {"algorithm": algorithm, "attack": "none" if entry is None else entry.condition,
                 "budget": budget, "trial": trial, "study": study, "dataset": self.data["dataset"]}
         if study == "ood":
-            condition += f" searched on {search_data['dataset']}"
+            condition += f" searched on {search_data['dataset']}" + (f" (retrained on {self.data['dataset']})"
+                                                                      if self.on else "")
             meta["search_dataset"] = search_data["dataset"]
         elif study == "no_augment":
             condition += " without search augmentation"
         elif study.startswith("defense:"):
             condition += f" defended by {study.removeprefix('defense:')}"
             meta["defense"] = study.removeprefix("defense:")
+        if study != "ood":
+            condition += self.on
         reads = {} if poison is None else {"defended" if poison.kind == "defend" else "poison": poison}
-        condition += self.on
         search = self.add(Stage("search", spec, f"search {algorithm} {condition} trial {trial + 1}", reads, meta,
                                 batch=f"{algorithm} {condition}"))
         return search, self.retrain_of(search, seed)
@@ -243,21 +248,21 @@ class _GridBuilder:
         """The Table 2 cells without a study, with the reason: an algorithm's metrics under
         gradient canceling when the grid crafts no gradient-canceling poisons against it."""
         grid, sensitivity = self.preset.grid, self.preset.metric_sensitivity
+        entries = [e for e in grid.attacks if e.name == "gc"] if sensitivity.run else []
         missing = []
-        for entry in grid.attacks:
-            if entry.name != "gc" or not sensitivity.run:
-                continue
-            for budget in entry.budgets:
-                for measured in sensitivity.algorithms:
-                    if (entry.condition, budget, measured) in self.sensitivity:
-                        continue
-                    where = ("nas_algorithms does not search it" if measured not in grid.nas_algorithms
-                             else f"attack gc's algorithms are {grid.attacked(entry)}")
-                    name = {"tenas": "TE-NAS", "robot": "RoBoT"}[measured]
-                    missing.append({"attack": entry.condition, "budget": budget, "metrics_of": measured,
-                                    "reason": f"not run: the grid crafts no gradient-canceling poisons against "
-                                              f"{name} ({where}), and {name}'s metrics are measured on the "
-                                              f"poisons crafted against {name}"})
+        for budget in dict.fromkeys(b for e in entries for b in e.budgets):
+            attacked = [a for a in grid.nas_algorithms if any(budget in e.budgets and a in grid.attacked(e)
+                                                              for e in entries)]
+            for measured in sensitivity.algorithms:
+                if ("gc", budget, measured) in self.sensitivity:
+                    continue
+                where = ("nas_algorithms does not search it" if measured not in grid.nas_algorithms
+                         else f"attack gc's algorithms at {_percent(budget)} are {attacked}")
+                name = {"tenas": "TE-NAS", "robot": "RoBoT"}[measured]
+                missing.append({"attack": "gc", "budget": budget, "metrics_of": measured,
+                                "reason": f"not run: the grid crafts no gradient-canceling poisons against "
+                                          f"{name} ({where}), and {name}'s metrics are measured on the "
+                                          f"poisons crafted against {name}"})
         return missing
 
     def ablation_reference(self, algorithm: str) -> None:
@@ -265,14 +270,13 @@ class _GridBuilder:
         self.trials(algorithm, None, None, None, study="no_augment", augment=False)
 
     def ood_trials(self, ood: params.OodEntry) -> None:
-        """Searches on another dataset, each with the search augmentation the reference gives
-        that dataset (none for MNIST and SVHN: :func:`~nbutils.core.data.search_augmentation`)."""
+        """Searches on another dataset (with the search augmentation the reference gives that
+        dataset, :meth:`trial`), retrained on the primary one."""
         # the search reads only the search fields; the retraining's sizes belong to the grid's dataset
         search_data = {**self.data, **ood.model_dump(exclude={"algorithms"}), "train_size": None, "test_size": None,
                        "image_size": None}
-        augment = self.preset.search.augment and search_augmentation(ood.dataset)
         for algorithm in ood.algorithms or self.preset.grid.nas_algorithms:
-            self.trials(algorithm, None, None, None, study="ood", search_data=search_data, augment=augment)
+            self.trials(algorithm, None, None, None, study="ood", search_data=search_data)
 
     def random_samples(self) -> None:
         """The dImp baseline: random architectures, each retrained like a found one."""

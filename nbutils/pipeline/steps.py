@@ -263,8 +263,8 @@ def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
         raise ValueError(f"search algorithm {algorithm!r} is unknown; allowed: random, {', '.join(SEARCHES)}")
     seed_everything(seed)
     start = time.perf_counter()
-    if algorithm == "random":   # ``sampler``: how a node's two inputs are drawn (random_genotype's ``inputs``)
-        genotype = random_genotype(np.random.default_rng(seed), inputs=spec.get("sampler", "distinct"))
+    if algorithm == "random":   # ``sampler``: how a node's two inputs are drawn (search.yaml's random_sampler)
+        genotype = random_genotype(np.random.default_rng(seed), sampler=spec.get("sampler", "distinct"))
         found = SearchResult(genotype=genotype)
         device = torch.device("cpu")
     else:

@@ -24,6 +24,12 @@ KEPT: dict[str, tuple[str, ...]] = {
 def departures(settings: dict) -> list[str]:
     """Every departure of the run whose settings are ``settings`` (the report spec's), chosen
     ones first."""
+    return chosen_departures(settings) + kept_departures(settings)
+
+
+def chosen_departures(settings: dict) -> list[str]:
+    """The settings of the run that differ from what the audit's authors ran, each with the
+    setting that restores theirs."""
     grid, search = settings["grid"], settings["search"]
     algorithms = set(grid["nas_algorithms"])
     attacks = {a["name"] for a in grid["attacks"]}
@@ -48,9 +54,11 @@ def departures(settings: dict) -> list[str]:
                           + ", ".join(f"{k}: {v}" for k, v in differ.items()) + " (search.yaml's nsganetv2).")
     if "gc" in attacks:
         gc = settings["craft_poisons"].get("gc", {})
-        if gc.get("gradpc_epsilon") != 0.5:
-            chosen.append(f"Gradient canceling's GradPC radius is {gc.get('gradpc_epsilon')}; the audit's poison "
-                          "files name 0.5 for weights targets and 1.0 for P-DARTS' alphas "
+        alphas = gc.get("gradpc_epsilon_alphas") or gc.get("gradpc_epsilon")
+        if gc.get("gradpc_epsilon") != 0.5 or alphas != 1.0:
+            chosen.append(f"Gradient canceling's GradPC radius is {gc.get('gradpc_epsilon')} for weights targets "
+                          f"and {alphas} for supernets' alphas; the audit's poison files name 0.5 for weights "
+                          "targets and 1.0 for P-DARTS' alphas "
                           "(craft_poisons.yaml: gc: {gradpc_epsilon: 0.5, gradpc_epsilon_alphas: 1.0}).")
     defenses = {d["name"] for d in grid.get("defenses", [])}
     defend = settings.get("defend", {})
@@ -62,10 +70,20 @@ def departures(settings: dict) -> list[str]:
         chosen.append("Cluster relabelling may use the fallback feature extractor, an untrained ResNet-18, where "
                       "the ImageNet ResNet-152 weights are missing; each defend notebook names the extractor "
                       "that ran (defend.yaml: relabel).")
+    return chosen
+
+
+def kept_departures(settings: dict) -> list[str]:
+    """The departures this implementation keeps whatever the settings, for what the run uses."""
+    algorithms = set(settings["grid"]["nas_algorithms"])
     kept = [sentence for algorithm in sorted(algorithms) for sentence in KEPT.get(algorithm, ())]
+    if "nsganetv2" in algorithms and settings["search"].get("nsganetv2", {}).get("finetune_epochs"):
+        kept.append("NSGANetV2's fine-tuning of each candidate uses plain momentum and a cosine rate stepped per "
+                    "epoch, and keeps the classifier; the reference uses Nesterov momentum, steps per batch, and "
+                    "replaces its ImageNet classifier (nbutils/nas/nsganetv2.py, FinetunedPathEvaluator).")
     sensitivity = settings.get("metric_sensitivity", {})
     if sensitivity.get("run") and "tenas" in sensitivity.get("algorithms", ("tenas",)):
         kept.append("TE-NAS's linear regions (Table 2) are counted on the same crops and networks for the clean "
                     "and the poisoned data; the authors' script redraws the crops per dataset, so its label-flip "
                     "change is sampling noise (nbutils/studies/tenas_indicators.py).")
-    return chosen + kept
+    return kept

@@ -110,7 +110,7 @@ def _rows_of(frame: pd.DataFrame, attack: str, budget) -> pd.Series:
     return (frame.attack == attack) & same_budget
 
 
-TABLE_COLUMNS = ["algorithm", "dataset", "attack", "budget", "condition", "n", "acc_mean", "acc_std", "dimp", "dimp_low",
+TABLE_COLUMNS = ["algorithm", "dataset", "anchor", "attack", "budget", "condition", "n", "acc_mean", "acc_std", "dimp", "dimp_low",
                  "dimp_high", "p", "p_bh", "significant", "detectable_drop", "cpu_hours"]
 
 
@@ -187,8 +187,10 @@ def cells_csv(results: pd.DataFrame, dataset: str | None = None, alpha: float = 
     poisoned cell below the defended one, so a small p means the defence helps (family: every
     defended cell)."""
     if dataset is None:
-        return pd.concat([cells_csv(part, name, alpha) for name, part in results.groupby("dataset", sort=False)],
-                         ignore_index=True)
+        if results.dataset.isna().any():
+            raise ValueError("every trial needs its dataset (results.dataset), or pass dataset=")
+        parts = [cells_csv(part, name, alpha) for name, part in results.groupby("dataset", sort=False)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CELLS_CSV_COLUMNS)
     random_acc = results.loc[results.algorithm == "random", "acc"]
     random_rows = results[results.algorithm == "random"]
     frames = []
@@ -234,6 +236,8 @@ def _cell_row(algorithm: str, attack: str, budget, rows_here: pd.DataFrame, refe
     return {
         "algorithm": algorithm, "attack": attack, "budget": budget, "condition": condition_label(attack, budget),
         "dataset": rows_here["dataset"].iloc[0] if "dataset" in rows_here and len(rows_here) else None,
+        # where the cell's trials are listed (:func:`trials_html`)
+        "anchor": rows_here["anchor"].iloc[0] if "anchor" in rows_here and len(rows_here) else None,
         "n": summary.n, "acc_mean": summary.mean, "acc_std": summary.std,
         "dimp": delta_improvement(summary.mean, CellSummary.of(random_acc).mean), "dimp_low": low, "dimp_high": high,
         "p": welch_less(accs, reference) if tested else math.nan,
@@ -280,9 +284,7 @@ def details_table(table: pd.DataFrame) -> pd.DataFrame:
 
     return pd.DataFrame({
         "NAS": [algorithm_name(a) for a in table.algorithm],
-        "condition": [_linked(html.escape(r.condition), "#" + trials_anchor(r.algorithm, r.attack, r.budget,
-                                                                                       dataset=r.dataset))
-                      for r in table.itertuples()],
+        "condition": [_linked(html.escape(r.condition), "#" + r.anchor) for r in table.itertuples()],
         "n": table.n,
         "Acc.": [_fmt(m, s) for m, s in zip(table.acc_mean, table.acc_std)],
         "ΔImp.": table.dimp.round(2),
@@ -299,10 +301,11 @@ def trials_html(results: pd.DataFrame) -> str:
     carries the anchor the tables link to): its accuracy links to the executed retraining
     notebook, "search" to the executed search notebook, and the folder links to the artifacts."""
     body = []
+    several = "dataset" in results and results.dataset.nunique() > 1
     for anchor, group in results.groupby("anchor", sort=False):
         for i, r in enumerate(group.itertuples()):
             row_id = f' id="{anchor}"' if i == 0 else ""
-            condition = trial_condition(r)
+            condition = trial_condition(r) + (f", on {r.dataset}" if several else "")
             body.append(
                 f"<tr{row_id}><td>{html.escape(algorithm_name(r.algorithm))}</td><td>{html.escape(condition)}</td>"
                 f"<td>{r.trial + 1}</td><td>{_linked(f'{r.acc:.2f}', artifact_href(r.artifact), 'executed retraining notebook')}</td>"
@@ -352,7 +355,7 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
             if r.significant:
                 acc, dimp = f"<b><u>{acc}</u></b>", f"<b><u>{dimp}</u></b>"
             title = f"n={r.n}, one-sided Welch p={r.p:.3g}, BH-adjusted p={r.p_bh:.3g}" if not math.isnan(r.p) else f"n={r.n}"
-            href = "#" + trials_anchor(a, attack, budget, dataset=r.dataset)
+            href = "#" + r.anchor
             cells.append(f'<td title="{title}">{_linked(acc, href)}</td><td title="{title}">{_linked(dimp, href)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     dataset = table.dataset.dropna().iloc[0] if table.dataset.notna().any() else None

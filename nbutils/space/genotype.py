@@ -148,10 +148,10 @@ def genotype_from_alpha(alpha_normal: np.ndarray, alpha_reduce: np.ndarray) -> G
 INPUT_SAMPLERS: tuple[str, ...] = ("distinct", "independent")
 
 
-def random_genotype(rng: np.random.Generator, inputs: str = "distinct") -> Genotype:
+def random_genotype(rng: np.random.Generator, sampler: str = "distinct") -> Genotype:
     """A random architecture: every gene's operation uniform over the seven non-``none``
     operations (``dil_conv_5x5`` included, unlike RoBoT's sampler), the inputs drawn as
-    ``inputs`` says.
+    ``sampler`` says.
 
     * ``"distinct"``: each node reads two distinct earlier states, the pair uniform (the form
       the DARTS discretisation produces); the two genes are listed by input.
@@ -161,8 +161,8 @@ def random_genotype(rng: np.random.Generator, inputs: str = "distinct") -> Genot
       average. This is the audit's random baseline (``ztcoalson/pdarts`` ``random_genotype.py``,
       which made its ``RANDOM_1..10``); the genes keep their drawing order.
     """
-    if inputs not in INPUT_SAMPLERS:
-        raise ValueError(f"inputs must be one of {', '.join(INPUT_SAMPLERS)}, got {inputs!r}")
+    if sampler not in INPUT_SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(INPUT_SAMPLERS)}, got {sampler!r}")
     ops = [p for p in PRIMITIVES if p != "none"]
 
     def distinct_cell() -> Gene:
@@ -175,7 +175,7 @@ def random_genotype(rng: np.random.Generator, inputs: str = "distinct") -> Genot
     def independent_cell() -> Gene:
         return tuple((ops[rng.integers(len(ops))], int(rng.integers(2 + k // 2))) for k in range(2 * STEPS))
 
-    cell = distinct_cell if inputs == "distinct" else independent_cell
+    cell = distinct_cell if sampler == "distinct" else independent_cell
     return Genotype(normal=cell(), reduce=cell())
 
 
