@@ -19,6 +19,8 @@ from nbutils.accel.fast_network import FastEvalNetwork, _drop_factors, accelerat
 from nbutils.space.genotype import Genotype, published
 from nbutils.space.network import EvalNetwork
 
+from equivalence import assert_same_gradients_and_buffers, random_batch, rel
+
 #: convolutions only: no skip, no pool (and no "none", which genotypes refuse)
 CONVS_ONLY = Genotype(
     normal=[("sep_conv_3x3", 0), ("sep_conv_5x5", 1), ("dil_conv_3x3", 0), ("sep_conv_3x3", 2),
@@ -69,31 +71,13 @@ def run(model, x, y, train=True, drop_path=0.0, seed=7):
     return logits.detach(), (None if aux is None else aux.detach()), grads, buffers
 
 
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
 def assert_same(fast_out, plain_out, tol=1e-9):
     (lf, af, gf, bf), (lp, ap, gp, bp) = fast_out, plain_out
     assert lf.shape == lp.shape and rel(lf, lp) < tol, rel(lf, lp)
     assert (af is None) == (ap is None)
     if ap is not None:
         assert af.shape == ap.shape and rel(af, ap) < tol, rel(af, ap)
-    assert gf.keys() == gp.keys()
-    bad = {n: rel(gf[n], gp[n]) for n in gp if rel(gf[n], gp[n]) > tol}
-    assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:5]
-    assert bf.keys() == bp.keys()
-    for n in bp:
-        if n.endswith("num_batches_tracked"):
-            assert torch.equal(bf[n], bp[n]), n
-        else:
-            assert rel(bf[n], bp[n]) < tol, (n, rel(bf[n], bp[n]))
-
-
-def data(n, c, size, dtype=torch.float64, seed=0, classes=10):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, size, size, generator=g).to(dtype), torch.randint(0, classes, (n,), generator=g)
+    assert_same_gradients_and_buffers((gf, bf), (gp, bp), tol)
 
 
 @pytest.fixture(params=[True, False], ids=["C kernels", "PyTorch kernels"])
@@ -166,7 +150,7 @@ def test_same_outputs_gradients_and_running_stats_float64(name, c_kernels):
     kw.setdefault("input_size", case["x"][2])
     kw["in_channels"] = case["x"][1]
     plain, fast = pair(GENOTYPES[case["genotype"]], **kw)
-    x, y = data(*case["x"])
+    x, y = random_batch(*case["x"])
     assert_same(run(fast, x, y), run(plain, x, y))
     # drop path on: the same samples dropped under the same seed
     assert_same(run(fast, x, y, drop_path=0.3), run(plain, x, y, drop_path=0.3))
@@ -179,7 +163,7 @@ def test_training_steps_match_plain():
     plain, fast = pair(published("PDARTS"), channels=4, layers=5, auxiliary=True, in_channels=1, input_size=16)
     optimisers = [torch.optim.SGD(m.parameters(), 0.05, momentum=0.9, weight_decay=3e-4) for m in (plain, fast)]
     for step in range(2):
-        x, y = data(4, 1, 16, seed=step)
+        x, y = random_batch(4, 1, 16, seed=step)
         for model, opt in zip((plain, fast), optimisers):
             opt.zero_grad(set_to_none=True)
             run(model, x, y, drop_path=0.2, seed=step)
@@ -216,7 +200,7 @@ def test_drop_path_factors_have_the_plain_distribution():
 
 def test_drop_path_acts_in_training_only():
     plain, fast = pair(published("DARTS_V2"), channels=4, layers=3, in_channels=1, input_size=8)
-    x, y = data(8, 1, 8)
+    x, y = random_batch(8, 1, 8)
     with_drop = run(fast, x, y, drop_path=0.5, seed=1)[0]
     assert rel(with_drop, run(fast, x, y, drop_path=0.0)[0]) > 1e-3
     assert rel(with_drop, run(fast, x, y, drop_path=0.5, seed=2)[0]) > 1e-3   # its own draws per seed
@@ -234,7 +218,7 @@ def test_float32_as_accurate_as_plain():
     kw = dict(channels=4, layers=5, auxiliary=True, in_channels=1, input_size=16)
     reference, _ = pair(genotype, torch.float64, **kw)
     plain, fast = pair(genotype, torch.float32, **kw)
-    x, y = data(8, 1, 16)
+    x, y = random_batch(8, 1, 16)
     ref = run(reference, x, y, drop_path=0.2)
     outs = {name: run(m, x.float(), y, drop_path=0.2) for name, m in (("plain", plain), ("fast", fast))}
     for i in (0, 1):

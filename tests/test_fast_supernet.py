@@ -25,6 +25,9 @@ from nbutils.space.genotype import NUM_EDGES
 from nbutils.space.ops import PRIMITIVES
 from nbutils.space.supernet import SuperNet
 
+from equivalence import assert_same_gradients_and_buffers, random_batch
+from equivalence import rel as relative_difference
+
 
 def pair(dtype=torch.float64, **kw):
     """A plain and a fast network with identical parameters, alpha spread out (N(0, 1))."""
@@ -50,31 +53,17 @@ def run(model, x, y, train=True, inputs=None):
     return logits.detach(), grads, buffers
 
 
-def rel(a, b, floor: float = 1e-6) -> float:
-    """Norm-wise relative difference; a tensor whose norm is below ``floor`` per element is
-    treated as noise around 0 (e.g. the running mean of an already centred input)."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(floor * b.numel() ** 0.5)).item()
+def rel(a, b) -> float:
+    """:func:`equivalence.rel` with a floor of 1e-6 per element: the supernet's running means
+    of already centred inputs are noise around 0."""
+    return relative_difference(a, b, floor=1e-6)
 
 
 def assert_same(fast_out, plain_out, tol=1e-9):
     (lf, gf, bf), (lp, gp, bp) = fast_out, plain_out
     assert lf.shape == lp.shape
     assert rel(lf, lp) < tol, rel(lf, lp)
-    assert gf.keys() == gp.keys()
-    bad = {n: rel(gf[n], gp[n]) for n in gp if rel(gf[n], gp[n]) > tol}
-    assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:5]
-    assert bf.keys() == bp.keys()
-    for n in bp:
-        if n.endswith("num_batches_tracked"):
-            assert torch.equal(bf[n], bp[n]), n
-        else:
-            assert rel(bf[n], bp[n]) < tol, (n, rel(bf[n], bp[n]))
-
-
-def data(n, c, size, dtype=torch.float64, seed=0, classes=10):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, size, size, generator=g).to(dtype), torch.randint(0, classes, (n,), generator=g)
+    assert_same_gradients_and_buffers((gf, bf), (gp, bp), tol, floor=1e-6)
 
 
 def random_switches(k, seed, with_none):
@@ -100,7 +89,7 @@ def test_parameter_count_and_names_match_plain():
 
 def test_state_dict_interchangeable_both_ways():
     plain, fast = pair(torch.float32, channels=4, layers=3, in_channels=3)
-    x, y = data(4, 3, 8, torch.float32)
+    x, y = random_batch(4, 3, 8, torch.float32)
     fast2 = FastSuperNet(channels=4, layers=3, in_channels=3, seed=99)
     fast2.load_state_dict(plain.state_dict())
     plain2 = SuperNet(channels=4, layers=3, in_channels=3, seed=99)
@@ -155,7 +144,7 @@ def c_kernels(request, monkeypatch):
 def test_same_logits_gradients_and_running_stats_float64(name, c_kernels):
     case = CASES[name]
     plain, fast = pair(**case["kw"])
-    x, y = data(*case["x"])
+    x, y = random_batch(*case["x"])
     assert_same(run(fast, x, y), run(plain, x, y))
     # a second step, from the updated running stats, in eval mode (BN uses them)
     assert_same(run(fast, x, y, train=False), run(plain, x, y, train=False))
@@ -163,7 +152,7 @@ def test_same_logits_gradients_and_running_stats_float64(name, c_kernels):
 
 def test_skip_dropout_zero_and_eval_mode_match():
     plain, fast = pair(channels=4, layers=3, in_channels=3, skip_dropout=0.3)
-    x, y = data(4, 3, 8)
+    x, y = random_batch(4, 3, 8)
     for m in (plain, fast):
         m.set_skip_dropout(0.0)
     assert_same(run(fast, x, y), run(plain, x, y))
@@ -174,7 +163,7 @@ def test_skip_dropout_zero_and_eval_mode_match():
 
 def test_dropout_only_on_identity_skips_in_train_mode():
     plain, fast = pair(channels=4, layers=3, in_channels=3, skip_dropout=0.5)
-    x, y = data(4, 3, 8)
+    x, y = random_batch(4, 3, 8)
     drops = [m for m in fast.modules() if isinstance(m, nn.Dropout)]
     identity_skips = sum(
         1 for cell in fast.cells for e in cell.edges
@@ -202,7 +191,7 @@ def test_dropout_only_on_identity_skips_in_train_mode():
 
 def test_arch_only_backward_gives_alpha_gradients_and_no_weight_gradients():
     plain, fast = pair(channels=4, layers=3, in_channels=3)
-    x, y = data(4, 3, 8)
+    x, y = random_batch(4, 3, 8)
     gf = run(fast, x, y, inputs=fast.arch_parameters())[1]
     gp = run(plain, x, y, inputs=plain.arch_parameters())[1]
     assert set(gf) == set(gp) == {"alpha_normal", "alpha_reduce"}
@@ -222,9 +211,9 @@ def test_arch_only_backward_gives_alpha_gradients_and_no_weight_gradients():
                       switches_normal=random_switches(5, 7, True), switches_reduce=random_switches(5, 8, True))),
 ])
 def test_float32_as_accurate_as_plain(shape, kw, c_kernels):
-    ref64 = run(*pair(torch.float64, **kw)[:1], *data(*shape))
+    ref64 = run(*pair(torch.float64, **kw)[:1], *random_batch(*shape))
     plain, fast = pair(torch.float32, **kw)
-    x, y = data(*shape, dtype=torch.float32)
+    x, y = random_batch(*shape, dtype=torch.float32)
     outs = {"fast": run(fast, x, y), "plain": run(plain, x, y)}
     for part in (0, 1, 2):
         ref = {"": ref64[0]} if part == 0 else ref64[part]
@@ -259,7 +248,7 @@ def test_depthwise_conv_gradgradcheck(k, stride, dilation, size):
 def test_second_order_hessian_vector_products_match():
     """d/dw of (d L / d alpha . v): what an exact second-order architect would differentiate."""
     plain, fast = pair(channels=2, layers=3, in_channels=1)
-    x, y = data(2, 1, 8)
+    x, y = random_batch(2, 1, 8)
     v = [torch.randn_like(a) for a in plain.arch_parameters()]
     results = []
     for m in (plain, fast):
@@ -282,7 +271,7 @@ def test_second_order_hessian_vector_products_match():
 
 def test_functional_call_with_plain_parameters():
     plain, fast = pair(channels=4, layers=3, in_channels=3)
-    x, y = data(4, 3, 8)
+    x, y = random_batch(4, 3, 8)
     params = {n: p.detach().clone().requires_grad_() for n, p in plain.named_parameters()}
     buffers = {n: b.clone() for n, b in plain.named_buffers()}
     outs = []
@@ -302,7 +291,7 @@ def test_gradients_wrt_non_leaf_unrolled_weights_match():
     """The unrolled (second-order) architect differentiates w.r.t. w' = w - lr * g, non-leaf
     tensors fed through functional_call with copies of the BN buffers."""
     plain, fast = pair(channels=4, layers=3, in_channels=1)
-    x, y = data(4, 1, 8)
+    x, y = random_batch(4, 1, 8)
     outs = []
     for m in (plain, fast):
         m.train()
@@ -357,5 +346,5 @@ def test_running_stats_with_cumulative_momentum():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = None
     for seed in (0, 1):
-        x, y = data(4, 3, 8, seed=seed)
+        x, y = random_batch(4, 3, 8, seed=seed)
         assert_same(run(fast, x, y), run(plain, x, y))
