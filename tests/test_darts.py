@@ -366,13 +366,17 @@ def test_retrain_channels_last_is_the_same_training():
 def test_warmup_epochs_train_the_weights_only():
     """Alpha stays at its initial value through the warm-up epochs (no architecture step, no
     validation figures) and moves from the first epoch after; the weights train throughout."""
-    found = darts_search(toy(8, seed=1), toy(8, seed=2), tiny_config(epochs=3, warmup_epochs=2), seed=0, device=CPU)
+    found = darts_search(toy(20, seed=1), toy(20, seed=2), tiny_config(epochs=3, warmup_epochs=2), seed=0, device=CPU)
     start = toy_supernet().alphas_numpy()
     for epoch in (0, 1):
         assert np.array_equal(found.arrays["alpha_normal"][epoch], start["alpha_normal"])
         assert found.history[epoch]["val_acc"] is None
     assert not np.array_equal(found.arrays["alpha_normal"][2], start["alpha_normal"])
     assert found.history[2]["val_acc"] is not None
+    # a search's length in steps: ceil(20 / batch) = 3 weight steps per epoch, architecture steps after the warm-up
+    per_epoch = math.ceil(20 / tiny_config().batch_size)
+    assert [row["weight_steps"] for row in found.history] == [per_epoch] * 3
+    assert [row["arch_steps"] for row in found.history] == [0, 0, per_epoch]
 
 
 def test_warmup_must_leave_an_architecture_epoch():

@@ -115,7 +115,8 @@ def test_findings_say_what_was_found_and_what_was_not(results):
     frame = pd.concat(rows, ignore_index=True)
     table = report.results_table(frame[frame.study == "main"])
     found = report.findings(table)
-    assert len(found) == 3   # RLF, noise, anti-search; not the clean conditions
+    # clean DARTS against random sampling, then the tested cells: RLF, noise, anti-search
+    assert len(found) == 4 and found[0].startswith("**Beats random sampling**: DARTS on clean data")
     rlf, = [s for s in found if "RLF 50%" in s]
     assert rlf.startswith("**Found**") and f"{np.mean(RLF):.2f}% against {np.mean(CLEAN):.2f}%" in rlf
     noise, = [s for s in found if "Noise 50%" in s]

@@ -261,12 +261,14 @@ def train_epoch(
     is off) on the next batch of the architecture half, then a weight step.
 
     Returns the mean training loss and accuracy of the weight steps and the mean validation
-    loss and accuracy of the architecture steps (None without architecture steps). With
+    loss and accuracy of the architecture steps (None without architecture steps), and the
+    number of each kind of step (a search's length is its steps, not its epochs). With
     ``order=2`` the validation figures are at the unrolled weights, the objective of that step.
     Raises :class:`SearchDiverged` (naming ``where``) on a non-finite loss or alpha.
     """
     model.train()
-    sums = {"train_loss": 0.0, "train_correct": 0, "train_n": 0, "val_loss": 0.0, "val_correct": 0, "val_n": 0}
+    sums = {"train_loss": 0.0, "train_correct": 0, "train_n": 0, "val_loss": 0.0, "val_correct": 0, "val_n": 0,
+            "weight_steps": 0, "arch_steps": 0}
     arch_batches = iter(arch_loader) if rule.arch_step else None
     for x, y in train_loader:
         loss_val = None
@@ -280,6 +282,8 @@ def train_epoch(
         loss, logits = weight_step(model, w_opt, (x, y), rule.grad_clip, precision)
         _check_finite(loss, loss_val, model, where)
 
+        sums["weight_steps"] += 1
+        sums["arch_steps"] += loss_val is not None
         sums["train_loss"] += loss.item() * len(y)
         sums["train_correct"] += (logits.argmax(1) == y).sum().item()
         sums["train_n"] += len(y)
@@ -293,6 +297,8 @@ def train_epoch(
         "train_acc": sums["train_correct"] / sums["train_n"],
         "val_loss": sums["val_loss"] / sums["val_n"] if has_val else None,
         "val_acc": sums["val_correct"] / sums["val_n"] if has_val else None,
+        "weight_steps": sums["weight_steps"],
+        "arch_steps": sums["arch_steps"],
     }
 
 

@@ -63,6 +63,7 @@ REPORT_HTML = "report.html"
 #: the results as data, written by the report notebook beside its page (outputs/README.md)
 TRIALS_CSV = "trials.csv"
 CELLS_CSV = "cells.csv"
+EPOCHS_CSV = "epochs.csv"
 
 
 

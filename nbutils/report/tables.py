@@ -257,11 +257,19 @@ def _effect(row) -> str:
 
 
 def findings(table: pd.DataFrame) -> list[str]:
-    """One plain sentence per tested cell of a :func:`results_table`: whether this run found the
-    papers' effect (a significant drop), and if not, how large a drop its trials could have
-    detected, or that they point the other way."""
+    """One plain sentence per clean cell of a :func:`results_table` on whether it beats random
+    sampling (dImp's 95% confidence interval above 0), then one per tested cell: whether this run
+    found the papers' effect (a significant drop), and if not, how large a drop its trials could
+    have detected, or that they point the other way."""
     reference_means = {r.algorithm: r.acc_mean for r in table[table.attack == "none"].itertuples()}
     sentences = []
+    for row in table[(table.attack == "none") & ~table.algorithm.isin(list(TESTED_AGAINST))].itertuples():
+        if math.isnan(row.dimp_low):
+            continue
+        verdict = ("**Beats random sampling**" if row.dimp_low > 0 else
+                   "**Below random sampling**" if row.dimp_high < 0 else "**Not distinguishable from random sampling**")
+        sentences.append(f"{verdict}: {algorithm_name(row.algorithm)} on clean data, dImp {row.dimp:+.2f} pp "
+                         f"(95% CI [{row.dimp_low:+.2f}, {row.dimp_high:+.2f}], n={row.n}).")
     for row in table[table.p.notna()].itertuples():
         reference = reference_means[TESTED_AGAINST.get(row.algorithm, row.algorithm)]
         change = row.acc_mean - reference
