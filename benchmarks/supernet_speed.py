@@ -2,12 +2,14 @@
 
     python benchmarks/supernet_speed.py            # both configurations (several minutes)
     python benchmarks/supernet_speed.py --quick    # the quick preset's configuration only
-    python benchmarks/supernet_speed.py --quick --without c_kernels polyphase   # an A/B of pieces
+    python benchmarks/supernet_speed.py --quick --without c_kernels polyphase   # plain against fast without pieces
+    python benchmarks/supernet_speed.py --quick --without matmul_pointwise --baseline without   # a piece's own gain
+    python benchmarks/supernet_speed.py --quick --threads 1 --clock cpu   # steadier on a loaded machine
 
 Two configurations:
 
 * ``darts``: DARTS' search setting, C=16, 8 cells, batch 64, 3x32x32 inputs, 10 classes;
-* ``quick``: the quick preset's search, C=8, 5 cells, batch 64, 1x16x16 inputs, 10 classes.
+* ``quick``: the quick preset's search, C=8, 5 cells, batch 32, 1x16x16 inputs, 10 classes.
 
 Two steps, as ``nbutils.nas.darts.darts_search`` runs them:
 
@@ -58,7 +60,7 @@ from pathlib import Path
 
 CONFIGS = {
     "darts": dict(channels=16, layers=8, batch=64, in_channels=3, size=32, num_classes=10),
-    "quick": dict(channels=8, layers=5, batch=64, in_channels=1, size=16, num_classes=10),
+    "quick": dict(channels=8, layers=5, batch=32, in_channels=1, size=16, num_classes=10),
 }
 IMPLS = ("plain", "fast")
 #: the pieces of FastSuperNet that ``--without`` can replace by the plain computation
@@ -69,6 +71,7 @@ PIECES = {
     "split5x5": "the weight gradient of a 5x5 kernel computed directly, not as four 3x3 ones",
     "flip_input_grad": "the input gradient of a stride-1 depthwise convolution as a transposed convolution",
     "channels_last": "NCHW activations (the centring for PyTorch's batch norm then runs on them too)",
+    "matmul_pointwise": "1x1 convolutions by oneDNN instead of matrix products of the channels_last pixels",
 }
 
 
@@ -108,6 +111,10 @@ def _without(pieces: list[str]) -> None:
                 return fs._native_grads(grad, x.x, probe, stride, padding, dilation, [False, True, False])[1]
             return split(x, grad, k, stride, padding, dilation, polyphase)
         fs._weight_grad = weight_grad_5x5
+    if "matmul_pointwise" in pieces:
+        def pointwise(x, weight, bias=None):
+            return F.conv2d(x, weight, bias)
+        fs._pointwise = pointwise
     if "custom_dw" in pieces:
         def depthwise(x, w, stride=1, padding=0, dilation=1, polyphase=True):
             return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
@@ -128,7 +135,7 @@ def _maxrss_mb() -> float:
 class _Bench:
     """One network with its optimisers and batches, and its two timed steps."""
 
-    def __init__(self, config: str, impl: str, n: int):
+    def __init__(self, config: str, impl: str, n: int, clock: str = "wall"):
         import torch
         import torch.nn.functional as F
 
@@ -137,6 +144,7 @@ class _Bench:
         from nbutils.space.supernet import SuperNet
 
         self.torch, self.F = torch, F
+        self.clock = time.perf_counter if clock == "wall" else time.process_time
         cfg = CONFIGS[config]
         cls = FastSuperNet if impl == "fast" else SuperNet
         torch.manual_seed(0)
@@ -153,25 +161,25 @@ class _Bench:
         self.ys = [torch.randint(0, cfg["num_classes"], (cfg["batch"],), generator=g) for _ in range(2 * n)]
 
     def weight_step(self, i: int) -> float:
-        t = time.perf_counter()
+        t = self.clock()
         self.w_opt.zero_grad(set_to_none=True)
         loss = self.F.cross_entropy(self.model(self.xs[i]), self.ys[i])
         loss.backward(inputs=self.weights)
         self.torch.nn.utils.clip_grad_norm_(self.weights, 5.0)
         self.w_opt.step()
-        return time.perf_counter() - t
+        return self.clock() - t
 
     def arch_step(self, i: int) -> float:
-        t = time.perf_counter()
+        t = self.clock()
         self.a_opt.zero_grad(set_to_none=True)
         loss = self.F.cross_entropy(self.model(self.xs[self.n + i]), self.ys[self.n + i])
         loss.backward(inputs=self.model.arch_parameters())
         self.a_opt.step()
-        return time.perf_counter() - t
+        return self.clock() - t
 
 
 def child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc: str,
-          without: list[str] = ()) -> dict:
+          without: list[str] = (), clock: str = "wall") -> dict:
     """Seconds per step and the peak memory the steps add, in a fresh process."""
     import torch
 
@@ -184,7 +192,7 @@ def child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc:
         if not keep_freed_memory():
             raise SystemExit("--malloc keep needs glibc; use --malloc default")
     torch.set_num_threads(threads)
-    b = _Bench(config, impl, warmup + iters)
+    b = _Bench(config, impl, warmup + iters, clock)
     rss_before = _maxrss_mb()
     times = {"weight": [], "arch": []}
     for i in range(warmup + iters):   # as in the search: architecture step, then weight step
@@ -198,8 +206,8 @@ def child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc:
 
 
 def run_child(config: str, impl: str, warmup: int, iters: int, threads: int, malloc: str,
-              without: list[str] = ()) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", config, impl,
+              without: list[str] = (), clock: str = "wall") -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", config, impl, "--clock", clock,
            "--warmup", str(warmup), "--iters", str(iters), "--threads", str(threads), "--malloc", malloc]
     if without:
         cmd += ["--without", *without]
@@ -220,6 +228,12 @@ def main() -> None:
     parser.add_argument("--without", nargs="+", default=[], choices=sorted(PIECES), metavar="PIECE",
                         help="run FastSuperNet with these pieces replaced by the plain computation: "
                              + "; ".join(f"{k}: {v}" for k, v in PIECES.items()))
+    parser.add_argument("--baseline", choices=("plain", "without"), default="plain",
+                        help="what the fast network is compared with: the plain SuperNet (default), or, with "
+                             "--without, FastSuperNet without those pieces (an A/B of the pieces, side by side)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time (default), or the process's CPU time, steadier on a machine loaded by "
+                             "other work (with --threads 1 it is the step's own compute)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     for name, least in (("warmup", 0), ("iters", 1), ("rounds", 1), ("threads", 1)):
@@ -230,8 +244,14 @@ def main() -> None:
     if args.child:
         config, impl = args.child
         warmup = 1 if args.warmup is None else args.warmup
-        print(json.dumps(child(config, impl, warmup, args.iters or 3, args.threads, args.malloc, args.without)))
+        print(json.dumps(child(config, impl, warmup, args.iters or 3, args.threads, args.malloc, args.without,
+                               args.clock)))
         return
+    if args.baseline == "without" and not args.without:
+        parser.error("--baseline without needs --without PIECE ...")
+    # (network, pieces left out) per name: the baseline is "plain" in the tables either way
+    runs = ({"plain": ("plain", []), "fast": ("fast", args.without)} if args.baseline == "plain" else
+            {"plain": ("fast", args.without), "fast": ("fast", [])})
 
     configs = args.configs or (["quick"] if args.quick else ["darts", "quick"])
     rows = []
@@ -244,7 +264,8 @@ def main() -> None:
         for r in range(args.rounds):
             for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):
                 t0 = time.perf_counter()
-                out = run_child(config, impl, warmup, iters, args.threads, args.malloc, args.without)
+                network, left_out = runs[impl]
+                out = run_child(config, network, warmup, iters, args.threads, args.malloc, left_out, args.clock)
                 for kind in times[impl]:
                     times[impl][kind] += out["times"][kind]
                 memory[impl].append((out["rss_delta_mb"], out["rss_peak_mb"]))
@@ -260,8 +281,11 @@ def main() -> None:
     print()
     cfg_text = {k: f"C={v['channels']}, {v['layers']} cells, batch {v['batch']}, {v['in_channels']}x{v['size']}x{v['size']}"
                 for k, v in CONFIGS.items()}
-    if args.without:
+    if args.without and args.baseline == "plain":
         print(f"fast network without: {', '.join(args.without)}")
+    elif args.without:
+        print(f"baseline ('plain' below): the fast network without {', '.join(args.without)}")
+    print(f"clock: {args.clock}")
     print(f"threads: {args.threads}; malloc: {args.malloc}; images/s from the median timed iteration over {args.rounds} alternating child pairs; "
           "memory: peak RSS added by the steps")
     header = f"{'config':<7} {'network':<7} {'weight img/s':>12} {'arch img/s':>11} {'speed-up w/a':>13} {'peak +MB':>9} {'peak MB':>8}"

@@ -392,18 +392,31 @@ class _DenseGrad(torch.autograd.Function):
         return grad.contiguous(memory_format=ctx.layout)
 
 
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1x1 kernel at stride 1. On a channels_last ``x`` it
+    is one matrix product of the pixels' channel vectors, ``x``'s ``(N*H*W, C)`` view, with the
+    kernel's ``(out, in)`` matrix, and so are its two gradients: oneDNN's 1x1 convolution pays a
+    fixed cost per call that dominates at the small widths of a CPU search."""
+    if _layout(x) != _CL:
+        return F.conv2d(x, weight, bias)
+    n, c, h, w = x.shape
+    rows, matrix = x.permute(0, 2, 3, 1).reshape(n * h * w, c), weight.view(weight.shape[0], c).t()
+    out = rows @ matrix if bias is None else torch.addmm(bias, rows, matrix)
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 def _centred_pointwise(x: torch.Tensor, weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``F.conv2d(x, weight)`` for a 1x1 kernel that ``bn`` normalises next, and the shift
-    it was given: when ``bn`` normalises with batch statistics and ``x`` is channels_last,
-    the convolution's bias subtracts (an estimate of) its output's per-channel mean,
-    ``weight @ mean(x)``. Batch norm ignores the shift, and its channels_last kernel gets the
-    centred input it needs for accurate sums (see :func:`_batch_norm`) without a
+    """``F.conv2d(x, weight)`` for a 1x1 kernel that ``bn`` normalises next (:func:`_pointwise`),
+    and the shift it was given: when ``bn`` normalises with batch statistics and ``x`` is
+    channels_last, the convolution's bias subtracts (an estimate of) its output's per-channel
+    mean, ``weight @ mean(x)``. Batch norm ignores the shift, and its channels_last kernel gets
+    the centred input it needs for accurate sums (see :func:`_batch_norm`) without a
     subtraction pass of its own."""
     if (bn.training or bn.running_mean is None) and _layout(x) == _CL and not _c_kernel(x):
         with torch.no_grad():
             centre = weight.flatten(1) @ _centre(x)
-        return F.conv2d(x, weight, -centre), centre
-    return F.conv2d(x, weight), None
+        return _pointwise(x, weight, -centre), centre
+    return _pointwise(x, weight), None
 
 
 def _pointwise_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, stats: _RunningStats,
