@@ -163,7 +163,8 @@ def test_longest_chains_first():
     assert length["genotype gallery"] == 1
 
 
-@pytest.mark.parametrize("preset", ["params/quick", "params/tour", "params/cpu", "params/paper", "tests/presets/tiny_attacks"])
+@pytest.mark.parametrize("preset", ["params/quick", "params/short", "params/tour", "params/cpu", "params/paper",
+                                    "tests/presets/tiny_attacks"])
 def test_every_stage_reads_data_its_step_accepts(preset):
     """The steps validate a stage's ``data`` again (in the notebook): every stage of a shipped
     preset, the out-of-distribution searches among them, must pass."""

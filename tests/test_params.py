@@ -107,6 +107,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("preset, kinds", [
     ("quick", {"poison", "search", "retrain", "gallery", "report"}),   # DARTS' effects, powered
+    ("short", {"search", "retrain", "gallery", "report"}),   # anti-search only
     ("tour", {"surrogate", "poison", "search", "retrain", "sensitivity", "defend", "gallery", "report"}),
     ("cpu", {"surrogate", "poison", "search", "retrain", "sensitivity", "report"}),
     ("paper", {"surrogate", "poison", "search", "retrain", "sensitivity", "defend", "report"}),

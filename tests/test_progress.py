@@ -9,7 +9,8 @@ import pytest
 
 from nbutils.core.store import ArtifactStore
 from nbutils.pipeline import runner
-from nbutils.pipeline.cost_model import CostModel, cost_class, format_duration, work_units
+from nbutils.pipeline.cost_model import (ARCH_STEP_SHARE, STEP_OVERHEAD_PER_CELL, CostModel, cost_class, format_duration,
+                                         work_units)
 from nbutils.pipeline.execution import Outcome
 from nbutils.pipeline.params import load_preset
 from nbutils.pipeline.progress import Plan, Progress, makespan
@@ -42,9 +43,15 @@ def test_work_units_scale_with_images_epochs_and_network():
     base = work_units("search", spec)
     spec["config"]["epochs"] *= 3
     assert work_units("search", spec) == pytest.approx(3 * base)
-    spec["data"]["search_size"] *= 2
-    spec["config"]["channels"] *= 2   # channels squared
-    assert work_units("search", spec) == pytest.approx(3 * 2 * 4 * base)
+    spec["data"]["search_size"] = spec["config"]["batch_size"] * 2 * 5   # 5 batches per half
+    spec["data"]["search_image_size"] = 8
+    config = spec["config"]
+    step = STEP_OVERHEAD_PER_CELL * config["layers"] + config["batch_size"] * (
+        config["channels"] ** 2 * config["layers"] * spec["data"]["search_image_size"] ** 2 / 1e6)
+    assert work_units("search", spec) == pytest.approx(config["epochs"] * 5 * (1 + ARCH_STEP_SHARE[1]) * step)
+    spec["config"]["warmup_epochs"] = 1   # one epoch without architecture steps
+    assert work_units("search", spec) == pytest.approx(5 * ((config["epochs"] + ARCH_STEP_SHARE[1] * (config["epochs"] - 1))
+                                                            * step))
     retrain = next(s for s in tiny_stages() if s.kind == "retrain")
     spec = json.loads(json.dumps(retrain.spec))
     spec["data"]["test_size"] = 0

@@ -107,3 +107,17 @@ def test_findings_say_whether_the_clean_search_beats_random_sampling():
     rows = [r | {"acc": r["acc"] - 3.3} if r["algorithm"] == "darts" else r for r in rows]
     assert report.findings(report.results_table(pd.DataFrame(rows)))[0].startswith(
         "**Not distinguishable from random sampling**")
+
+
+@pytest.mark.parametrize("train_acc, memorised", [(0.38, False), (0.7, True)])
+def test_memorisation_is_judged_against_the_clean_share(tmp_path, train_acc, memorised):
+    folder = tmp_path / "rlf"
+    search_artifact(folder, [(8, 0), (6, 0)], warmup=1)
+    record = json.loads((folder / report.RESULT_FILE).read_text())
+    record["history"][-1]["train_acc"] = train_acc
+    (folder / report.RESULT_FILE).write_text(json.dumps(record))
+    results = pd.DataFrame([{"algorithm": "darts", "attack": "rlf", "budget": 0.5, "trial": 0, "study": "main",
+                             "search_dataset": None, "dataset": "d", "search": str(folder)}])
+    sentence, = trajectories.memorisation_sentences(trajectories.epochs_csv(results))
+    assert f"was {train_acc:.2f}" in sentence and "2.0 skip connections" in sentence
+    assert ("had begun to memorise" in sentence) == memorised

@@ -46,8 +46,8 @@ SPLIT_IMAGES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "mnist": 
 #: CPU preset runs, take ``defend sanitise``'s value. Refit with
 #: ``python -m nbutils.pipeline.cost_model OUTPUTS``.
 MODELLED_SECONDS_PER_UNIT: dict[str, float] = {
-    "search darts": 0.102,
-    "search pdarts": 0.0527,
+    "search darts": 0.14,
+    "search pdarts": 0.09,   # the earlier fit (0.0527 per image-epoch unit) converted to step units
     "search tenas": 41.98,
     "search robot": 0.031,
     "search nsganetv2": 0.01535,
@@ -72,6 +72,30 @@ MODELLED_SECONDS_PER_UNIT: dict[str, float] = {
 def _network(channels: int, cells: int, side: int) -> float:
     """The convolution cost proxy of a cell network: channels² x cells x pixels, in millions."""
     return channels * channels * cells * side * side / 1e6
+
+
+#: a supernet step's cost that does not grow with the batch or the image, per cell, in the units of
+#: ``batch x`` :func:`_network`: on the CPU a small supernet's step is bound by the overhead of its
+#: thousands of small operations (C=8, 5 cells, 16 px: ~0.36 s of a 0.79 s weight step at batch 32,
+#: fitted on batch 16/32/64 and 8/12/16 px; benchmarks/README.md)
+STEP_OVERHEAD_PER_CELL = 0.44
+#: a first-order architecture step (a forward and a backward to alpha only) against a weight step,
+#: measured at the quick preset's search (0.41 s against 0.79 s); a second-order one computes a
+#: weight gradient, the validation gradient and two alpha gradients, about four weight steps
+ARCH_STEP_SHARE = {1: 0.52, 2: 4.0}
+
+
+def _darts_units(images: int, config: dict, side: int) -> float:
+    """A DARTS search's work (or one P-DARTS stage's): its weight steps (every epoch, a batch of
+    one half each) and its architecture steps (after the warm-up epochs, one per weight step),
+    each step at the overhead plus arithmetic proxy of a supernet step
+    (:data:`STEP_OVERHEAD_PER_CELL`)."""
+    per_epoch = math.ceil(images / 2 / config["batch_size"])
+    weight_steps = config["epochs"] * per_epoch
+    arch_steps = (config["epochs"] - config.get("warmup_epochs", 0)) * per_epoch
+    step = STEP_OVERHEAD_PER_CELL * config["layers"] + config["batch_size"] * _network(
+        config["channels"], config["layers"], side)
+    return (weight_steps + ARCH_STEP_SHARE[config.get("order", 1)] * arch_steps) * step
 
 
 def _side(data: dict, search: bool) -> int:
@@ -109,10 +133,12 @@ def work_units(kind: str, spec: dict, reads: int = 0) -> float:
     if kind == "search":
         algorithm = spec.get("algorithm")
         images, side = _images(data, "search_size"), _side(data, search=True)
-        if algorithm in ("darts", "darts_anti"):   # every epoch: a weight step per image of one half, an alpha step per image of the other
-            return images * config["epochs"] * config.get("order", 1) * _network(config["channels"], config["layers"], side)
-        if algorithm == "pdarts":   # a search per stage, of growing depth
-            return images * config["epochs"] * sum(_network(config["channels"], cells, side) for cells in config["layers"])
+        if algorithm in ("darts", "darts_anti"):
+            return _darts_units(images, config, side)
+        if algorithm == "pdarts":   # a search per stage, of growing depth and fewer operations per edge
+            alive = [8, *config.get("num_to_keep", (5, 3, 1))]
+            return sum(_darts_units(images, {**config, "layers": cells}, side) * alive[stage] / 8
+                       for stage, cells in enumerate(config["layers"]))
         if algorithm == "robot":    # the metrics of the pool, then the trained queries
             net = _network(config["channels"], config["layers"], side)
             return (config["pool_size"] * config["metric_batch_size"] * 6
