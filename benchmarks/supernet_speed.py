@@ -209,6 +209,8 @@ def run_child(config: str, impl: str, warmup: int, iters: int, threads: int, mal
               without: list[str] = (), clock: str = "wall") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", config, impl, "--clock", clock,
            "--warmup", str(warmup), "--iters", str(iters), "--threads", str(threads), "--malloc", malloc]
+    if "," in config:   # a --size configuration
+        cmd += ["--size", config]
     if without:
         cmd += ["--without", *without]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
@@ -234,8 +236,16 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time (default), or the process's CPU time, steadier on a machine loaded by "
                              "other work (with --threads 1 it is the step's own compute)")
+    parser.add_argument("--size", action="append", default=[], metavar="C,CELLS,BATCH,PIXELS",
+                        help="a configuration of one-channel images, e.g. 8,5,32,12 (repeatable; runs these only)")
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for text in args.size:
+        try:
+            channels, layers, batch, size = (int(v) for v in text.split(","))
+        except ValueError:
+            parser.error(f"--size takes C,CELLS,BATCH,PIXELS, e.g. 8,5,32,12; got {text!r}")
+        CONFIGS[text] = dict(channels=channels, layers=layers, batch=batch, in_channels=1, size=size, num_classes=10)
     for name, least in (("warmup", 0), ("iters", 1), ("rounds", 1), ("threads", 1)):
         value = getattr(args, name)
         if value is not None and value < least:
@@ -253,7 +263,7 @@ def main() -> None:
     runs = ({"plain": ("plain", []), "fast": ("fast", args.without)} if args.baseline == "plain" else
             {"plain": ("fast", args.without), "fast": ("fast", [])})
 
-    configs = args.configs or (["quick"] if args.quick else ["darts", "quick"])
+    configs = args.size or args.configs or (["quick"] if args.quick else ["darts", "quick"])
     rows = []
     fastest = {}
     for config in configs:
