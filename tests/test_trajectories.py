@@ -82,7 +82,7 @@ def test_last_epoch_cells_and_settling(results):
     # anti-search: 5.5, 2.5, 0.5, 0 -> within one of 0 from epoch 3
     assert cells.loc["darts_anti", "conv_settled"] == 3
     sentences = trajectories.regime_sentences(trajectories.epochs_csv(results))
-    assert len(sentences) == 2 and "40 weight steps, 30 of them" in sentences[0] and "7.5 convolutions" in sentences[0]
+    assert len(sentences) == 2 and "40 weight steps, 30 of them with an architecture step (from epoch 2)" in sentences[0] and "7.5 convolutions" in sentences[0]
 
 
 def test_trajectory_figure_one_panel_per_condition(results):

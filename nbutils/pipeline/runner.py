@@ -20,8 +20,8 @@ from . import params
 from .code_versions import NOTEBOOK_OF, PROJECT_ROOT
 from . import warm_kernel
 from .cost_model import CostModel
-from .execution import (CELLS_CSV, EPOCHS_CSV, REPORT_HTML, STAGE_BASE, TRIALS_CSV, Outcome, default_workers, kernel_name,
-                        run_execution)
+from .execution import (CELLS_CSV, EPOCHS_CSV, REPORT_HTML, STAGE_BASE, TRIALS_CSV, Outcome, default_workers,
+                        kernel_name, run_execution)
 from .progress import Plan, Progress
 from .stages import Stage, expand, mark_reruns, needed_by
 
@@ -56,8 +56,8 @@ def preflight(preset: params.Preset) -> None:
 
 def publish_report(stage: Path, outputs: Path) -> Path:
     """The report stage's page as ``outputs/report.html``, its links relative to ``outputs``,
-    with the results as data beside it (``trials.csv``, ``cells.csv``, ``epochs.csv``, and ``README.md``, which
-    describes them, when the folder has none)."""
+    with the results as data beside it (``trials.csv``, ``cells.csv``, ``epochs.csv``, and
+    ``README.md``, which describes them, when the folder has none)."""
     outputs = Path(outputs)
     target = outputs / REPORT_HTML
     atomic_write_bytes(target, (stage / REPORT_HTML).read_text().replace(STAGE_BASE, "", 1).encode())

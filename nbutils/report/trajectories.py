@@ -150,13 +150,13 @@ def regime_sentences(epochs: pd.DataFrame) -> list[str]:
         condition = trial_condition(pd.Series({"algorithm": row.algorithm, "attack": row.attack, "budget": row.budget,
                                                "study": "main"}))
         steps = ("" if pd.isna(row.weight_steps) else
-                 f"{int(row.weight_steps)} weight steps, {int(row.arch_steps)} of them after an architecture step "
-                 f"(from epoch {row.first_arch_epoch}), ")
+                 f"{int(row.weight_steps)} weight steps, {int(row.arch_steps)} of them with an architecture step "
+                 f"(from epoch {row.first_arch_epoch}), in ")
         sentences.append(
             f"{algorithm_name(row.algorithm)}, {condition}{f' ({row.dataset})' if several else ''}: {steps}"
-            f"{row.epochs} epochs; the normal cell at the last epoch holds {row.conv:.1f} convolutions, "
-            f"{row.pool:.1f} pools and {row.skip:.1f} skip connections (mean of {row.trials} trials; "
-            f"its convolution count within one of that from epoch {row.conv_settled}).")
+            f"{row.epochs} epochs; at the last epoch the normal cell holds {row.conv:.1f} convolutions, "
+            f"{row.pool:.1f} pools and {row.skip:.1f} skip connections (mean of {row.trials} trials), and the "
+            f"mean convolution count was within one of that from epoch {row.conv_settled} on.")
     return sentences
 
 
