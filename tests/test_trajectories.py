@@ -81,6 +81,10 @@ def test_last_epoch_cells_and_settling(results):
     assert cells.loc["darts", "conv_settled"] == 3
     # anti-search: 5.5, 2.5, 0.5, 0 -> within one of 0 from epoch 3
     assert cells.loc["darts_anti", "conv_settled"] == 3
+    # the warm-up's cell is alpha's initial one: it does not count as settled, however close
+    epochs = trajectories.epochs_csv(results)
+    flat = epochs.assign(normal_conv=np.where(epochs.epoch == 1, 7, np.where(epochs.trial == 0, 8, 7)))
+    assert trajectories.settled_epoch(flat[flat.algorithm == "darts"]) == 2   # means 7 (warm-up), 7.5, 7.5, 7.5
     sentences = trajectories.regime_sentences(trajectories.epochs_csv(results))
     assert len(sentences) == 2 and "40 weight steps, 30 of them with an architecture step (from epoch 2)" in sentences[0] and "7.5 convolutions" in sentences[0]
 

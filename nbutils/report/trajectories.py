@@ -70,7 +70,10 @@ def first_architecture_epoch(epochs: pd.DataFrame) -> int | None:
 def settled_epoch(epochs: pd.DataFrame, kind: str = "conv") -> int | None:
     """The first epoch from which the mean count of ``kind`` in the normal cell stays within
     one operation of its final value; None without epochs. A coarse, readable summary of when
-    the search stopped changing its mind."""
+    the search stopped changing its mind. Only epochs with architecture steps count: in the
+    weight-only warm-up the cell is alpha's initial one, whatever it resembles."""
+    start = first_architecture_epoch(epochs)
+    epochs = epochs if start is None else epochs[epochs.epoch >= start]
     if epochs.empty:
         return None
     mean = epochs.groupby("epoch")[f"normal_{kind}"].mean().sort_index()
