@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, config, number
+from ..core.config import NonNegativeNumber, PositiveInt, PositiveNumber, Seed, config, number
 from ..core.data import ImageDataset, channel_stats
 from ..core.poison_set import PoisonSet, publish
 from ..space.supernet import SuperNet
@@ -53,7 +53,7 @@ class AttackConfig:
 
     name: Literal[ATTACKS]  # type: ignore[valid-type]
     budget: number(gt=0, le=1)   # fraction of the training set poisoned
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     eps: number(ge=0, le=255) = 16.0   # l_inf bound, pixel units (clean-label attacks)
     sigma: NonNegativeNumber = 16.0    # Gaussian noise standard deviation, pixel units
     # crafted attacks (gc, alpha): the optimisation of the perturbations

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 T = TypeVar("T", bound=type)
@@ -96,6 +96,47 @@ def number(**bounds: float) -> Any:
 
 PositiveInt = integer(1)
 NonNegativeInt = integer(0)
+#: a random seed: stages derive theirs by adding a trial or sample number (at most
+#: :data:`MAX_REPEATS`), and scikit-learn and NumPy's legacy generators take 32-bit seeds, so a
+#: seed stays below 2**31 and every derived one below 2**32
+MAX_SEED = 2**31 - 1
+#: trials per condition, random architectures, ...: far beyond any study (the papers run 3-10),
+#: low enough that a typo (``trials: 10000000``) is refused before the grid expands
+MAX_REPEATS = 1000
+
+
+def integer_within(minimum: int, maximum: int | None, why: str) -> Any:
+    """The type of an int in ``minimum..maximum`` (no maximum: None) whose error says ``why``."""
+    allowed = f"{minimum}..{maximum}" if maximum is not None else f"{minimum} or more"
+
+    def check(value: int) -> int:
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"allowed: {allowed} ({why})")
+        return value
+
+    return Annotated[int, NOT_BOOLEAN, AfterValidator(check)]
+
+
+Seed = integer_within(0, MAX_SEED, "stages add the trial number to a seed, and some libraries take 32-bit seeds")
+Repeats = integer_within(1, MAX_REPEATS, "far beyond any study; the papers run 3 to 10")
+
+
+def _each_once(values: list) -> list:
+    """Refuse a list with a repeated entry, naming both positions: a repeated algorithm or
+    attack would run no new stage but count its trials twice in the report's tests."""
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        shown = value.model_dump(exclude_defaults=True) if hasattr(value, "model_dump") else value
+        key = repr(value.model_dump() if hasattr(value, "model_dump") else value)
+        if key in seen:
+            raise ValueError(f"entry {shown!r} is repeated at positions {seen[key]} and {i}; "
+                             "each entry may appear once")
+        seen[key] = i
+    return values
+
+
+#: a list whose entries must be distinct (:func:`_each_once`)
+EachOnce = AfterValidator(_each_once)
 #: channels of a DARTS-space network: the reduction cells' factorized reductions halve them
 Channels = integer(2, multiple_of=2)
 #: cells of a DARTS-space network: at least a normal cell and the two reduction cells

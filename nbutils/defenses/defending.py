@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import Field, StrictBool
 
-from ..core.config import NonNegativeInt, PositiveInt, PositiveNumber, config, integer, number
+from ..core.config import PositiveInt, PositiveNumber, Seed, config, integer, number
 from ..core.data import ImageDataset, seeded_subset
 from ..core.device import DEVICES, resolve_device
 from .relabelling import EXTRACTORS, PRETRAINED_EXTRACTOR
@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 
 DEFENSES = ("sanitise", "relabel", "denoise")
 
+
+#: the settings of each defence (the fields of :class:`DefenseConfig` besides ``name`` and ``seed``)
+DEFENSE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "sanitise": ("fraction", "surrogate_epochs", "surrogate_batch_size", "surrogate_lr", "surrogate_augment"),
+    "relabel": ("extractor", "extractor_weights", "extractor_image_size", "allow_fallback", "kmeans_restarts"),
+    "denoise": ("sigma", "ddpm_path", "ddpm_trusted_size", "ddpm_epochs", "ddpm_batch_size", "ddpm_lr", "ddpm_width",
+                "ddpm_timesteps", "ddpm_train_near_sigma", "denoise_batch_size"),
+}
 
 #: a path to a local file or folder (``None``: not given)
 LocalPath = Optional[Annotated[str, Field(min_length=1)]]
@@ -56,7 +64,7 @@ class DefenseConfig:
     """
 
     name: Literal[DEFENSES]  # type: ignore[valid-type]
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     # sanitise: the defender's ResNet-18 and the share of each class to drop
     fraction: number(gt=0, lt=1) = 0.5
     surrogate_epochs: PositiveInt = 40

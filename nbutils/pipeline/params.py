@@ -24,9 +24,10 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, FieldSerializ
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ..attacks.poisoning import CRAFTING_FIELDS, AttackConfig
-from ..core.config import CONFIG_RULES, Cells, Channels, NonNegativeInt, PositiveInt, PositiveNumber, integer, number
+from ..core.config import (CONFIG_RULES, Cells, Channels, EachOnce, MAX_REPEATS, NonNegativeInt, PositiveInt,
+                           PositiveNumber, Repeats, Seed, integer, integer_within, number)
 from ..core.data import DATASETS, SPLIT_SIZES
-from ..defenses.defending import DefenseConfig
+from ..defenses.defending import DEFENSE_SETTINGS, DefenseConfig
 from ..nas.darts import DartsConfig
 from ..nas.nsganetv2 import Nsganetv2Config
 from ..nas.pdarts import PdartsConfig
@@ -38,11 +39,14 @@ DatasetName = Literal[DATASETS]  # type: ignore[valid-type]
 Device = Literal["auto", "cpu", "cuda"]
 Budget = Annotated[number(gt=0, le=1), Field(description="fraction of the search data, in (0, 1]")]
 ImageSide = integer(8)
+SearchSize = integer_within(2, None, "the search splits its images into two halves: weights and architecture")
 
 # darts_anti: the workshop paper's anti-search (DARTS maximising the loss), Table 1
 NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts", "tenas", "robot", "nsganetv2")
 LABEL_FREE = ("tenas",)    # never read labels: label flipping cannot change what they find
 ATTACK_NAMES = ("none", "rlf", "clf", "gaussian", "gc", "alpha")
+#: NAS algorithms named in a list, each once
+Algorithms = Annotated[list[Literal[NAS_ALGORITHMS]], EachOnce]  # type: ignore[valid-type]
 
 PRESET_FILES = {
     "grid": "grid.yaml",
@@ -71,8 +75,8 @@ class DataParams(Params):
     dataset: DatasetName = "fashion_mnist"
     data_root: Optional[str] = None
     download: bool = False
-    subset_seed: NonNegativeInt = 0   # which images the subsets below take
-    search_size: Optional[PositiveInt] = None   # training images the search sees (None: all)
+    subset_seed: Seed = 0   # which images the subsets below take
+    search_size: Optional[SearchSize] = None   # training images the search sees (None: all)
     search_image_size: Optional[ImageSide] = None
     train_size: Optional[PositiveInt] = None    # clean training images for retraining (None: all)
     test_size: Optional[PositiveInt] = None     # test images for the final accuracy (None: all)
@@ -108,16 +112,17 @@ def check_sizes_fit(dataset: str, sizes: dict[str, tuple[str, Optional[int]]]) -
 #: from error paths by :func:`_format_errors`)
 DATA_TAGS = ("one", "several")
 DataChoice = Annotated[
-    Union[Annotated[DataParams, Tag("one")], Annotated[Annotated[list[DataParams], Field(min_length=1)], Tag("several")]],
+    Union[Annotated[DataParams, Tag("one")],
+          Annotated[Annotated[list[DataParams], Field(min_length=1), EachOnce], Tag("several")]],
     Discriminator(lambda value: "several" if isinstance(value, list) else "one"),
 ]
 
 
 class AttackEntry(Params):
     name: Literal[ATTACK_NAMES]  # type: ignore[valid-type]
-    budgets: list[Budget] = []
+    budgets: Annotated[list[Budget], EachOnce] = []
     ensemble: Optional[PositiveInt] = None   # alpha only: supernets in the ensemble (workshop: e=1 or 6)
-    algorithms: Optional[list[Literal[NAS_ALGORITHMS]]] = None   # type: ignore[valid-type]  # default: every one
+    algorithms: Optional[Algorithms] = None   # default: every one
 
     @model_validator(mode="after")
     def _budgets_match_name(self) -> "AttackEntry":
@@ -139,9 +144,9 @@ class OodEntry(Params):
     """Search on another dataset, retrain on the grid's (TMLR Table 3)."""
 
     dataset: DatasetName    # the search data (noise: pure random images)
-    search_size: Optional[PositiveInt] = None
+    search_size: Optional[SearchSize] = None
     search_image_size: Optional[ImageSide] = None
-    algorithms: Optional[list[Literal[NAS_ALGORITHMS]]] = None   # type: ignore[valid-type]  # default: every one
+    algorithms: Optional[Algorithms] = None   # default: every one
 
     @model_validator(mode="after")
     def _size_fits_the_split(self) -> "OodEntry":
@@ -153,9 +158,9 @@ class DefenseEntry(Params):
     """One defence applied to poisoned search data before the search (TMLR Table 4)."""
 
     name: Literal["sanitise", "relabel", "denoise"]
-    attacks: Annotated[list[str], Field(min_length=1)]   # the conditions it defends (e.g. rlf, gc)
-    algorithms: Optional[list[Literal[NAS_ALGORITHMS]]] = None   # type: ignore[valid-type]  # default: every one
-    budgets: Optional[list[Budget]] = None   # default: every budget of those attacks (TMLR Table 4: 50% only)
+    attacks: Annotated[list[str], Field(min_length=1), EachOnce]   # the conditions it defends (e.g. rlf, gc)
+    algorithms: Optional[Algorithms] = None   # default: every one
+    budgets: Optional[Annotated[list[Budget], EachOnce]] = None   # default: every budget of those attacks (TMLR Table 4: 50% only)
 
 
 class GridParams(Params):
@@ -168,14 +173,14 @@ class GridParams(Params):
     Tables 2-4 and 6 on CIFAR-10 only."""
 
     data: DataChoice = DataParams()
-    defenses: list[DefenseEntry] = []
-    ood: list[OodEntry] = []                  # out-of-distribution searches, clean, per algorithm
-    augmentation_ablation: list[Literal[NAS_ALGORITHMS]] = []  # type: ignore[valid-type]  # TMLR Table 6
-    trials: PositiveInt = 2
-    seed: NonNegativeInt = 0
-    nas_algorithms: Annotated[list[Literal[NAS_ALGORITHMS]], Field(min_length=1)] = ["darts"]  # type: ignore[valid-type]
-    attacks: Annotated[list[AttackEntry], Field(min_length=1)] = [AttackEntry(name="none")]
-    random_samples: NonNegativeInt = 10
+    defenses: Annotated[list[DefenseEntry], EachOnce] = []
+    ood: Annotated[list[OodEntry], EachOnce] = []   # out-of-distribution searches, clean, per algorithm
+    augmentation_ablation: Algorithms = []   # TMLR Table 6
+    trials: Repeats = 2
+    seed: Seed = 0
+    nas_algorithms: Annotated[Algorithms, Field(min_length=1)] = ["darts"]
+    attacks: Annotated[list[AttackEntry], Field(min_length=1), EachOnce] = [AttackEntry(name="none")]
+    random_samples: integer_within(0, MAX_REPEATS, "far beyond any study; the papers sample 10 to 100") = 10
 
     @field_validator("data")
     @classmethod
@@ -219,6 +224,38 @@ class GridParams(Params):
                         raise ValueError(f"attack {entry.condition!r} at budget {budget:g} on {algorithm} is in entries "
                                          f"{owner[cell]} and {i}: give each budget of an algorithm once")
                     owner[cell] = i
+        return self
+
+    @model_validator(mode="after")
+    def _each_ood_search_once(self) -> "GridParams":
+        """Each (search dataset, algorithm) comes from one ``ood`` entry: the report has one cell
+        per pair, and two entries would count its trials twice."""
+        owner: dict[tuple[str, str], int] = {}
+        for i, entry in enumerate(self.ood):
+            for algorithm in entry.algorithms or self.nas_algorithms:
+                if (entry.dataset, algorithm) in owner:
+                    raise ValueError(f"ood: the search of {algorithm} on {entry.dataset} is in entries "
+                                     f"{owner[entry.dataset, algorithm]} and {i}; give it once")
+                owner[entry.dataset, algorithm] = i
+        return self
+
+    @model_validator(mode="after")
+    def _each_defended_cell_once(self) -> "GridParams":
+        """Each (defence, attack, budget, algorithm) comes from one ``defenses`` entry."""
+        owner: dict[tuple, int] = {}
+        for i, entry in enumerate(self.defenses):
+            for attack in self.attacks:
+                if attack.condition not in entry.attacks:
+                    continue
+                for budget in [b for b in attack.budgets if entry.budgets is None or b in entry.budgets]:
+                    for algorithm in self.attacked(attack):
+                        if entry.algorithms is not None and algorithm not in entry.algorithms:
+                            continue
+                        cell = (entry.name, attack.condition, budget, algorithm)
+                        if cell in owner:
+                            raise ValueError(f"defense {entry.name!r} of attack {attack.condition!r} at budget {budget:g} "
+                                             f"on {algorithm} is in entries {owner[cell]} and {i}; give it once")
+                        owner[cell] = i
         return self
 
     @model_validator(mode="after")
@@ -448,17 +485,10 @@ class MetricSensitivityParams(Params):
     batch_size: integer(2) = 64
     channels: Channels = 16
     layers: Cells = 5
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     device: Device = "auto"
-    algorithms: Annotated[list[Literal[SENSITIVITY_ALGORITHMS]], Field(min_length=1)] = list(SENSITIVITY_ALGORITHMS)  # type: ignore[valid-type]
+    algorithms: Annotated[list[Literal[SENSITIVITY_ALGORITHMS]], Field(min_length=1), EachOnce] = list(SENSITIVITY_ALGORITHMS)  # type: ignore[valid-type]
     tenas_network: Literal["architecture", "supernet"] = "architecture"   # supernet: as sample_metrics.py
-
-    @field_validator("algorithms")
-    @classmethod
-    def _distinct_algorithms(cls, algorithms: list[str]) -> list[str]:
-        if len(set(algorithms)) != len(algorithms):
-            raise ValueError(f"each algorithm may appear once, got {algorithms}")
-        return algorithms
 
     @model_serializer(mode="wrap")
     def _new_settings_when_changed(self, handler: SerializerFunctionWrapHandler) -> dict:
@@ -482,7 +512,7 @@ class DefendParams(Params):
     grid.yaml says which run."""
 
     run: bool = True
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     device: Device = "auto"
     sanitise: dict = {}
     relabel: dict = {}
@@ -499,6 +529,12 @@ class DefendParams(Params):
     @model_validator(mode="after")
     def _settings_valid(self) -> "DefendParams":
         for name in ("sanitise", "relabel", "denoise"):
+            for key in getattr(self, name):
+                owner = next((d for d, keys in DEFENSE_SETTINGS.items() if key in keys), None)
+                if owner != name and key not in ("name", "seed"):
+                    where = f"a setting of {owner}, not of {name}" if owner else "not a setting of any defence"
+                    raise ValueError(f"{name}.{key} = {getattr(self, name)[key]!r}: {where}; {name}'s settings: "
+                                     + ", ".join(DEFENSE_SETTINGS[name]))
             try:
                 DefenseConfig(name=name, seed=self.seed, **getattr(self, name))
             except (TypeError, ValueError) as e:
