@@ -7,20 +7,42 @@ A stage is written in a temporary folder and renamed into place only once comple
 interrupted run leaves nothing that counts as done; a failed attempt is kept beside it as
 ``<key>.failed/`` for inspection, and replaced by the next attempt. Formats are safe: JSON,
 ``.npz`` without pickle, ``torch.load(weights_only=True)``.
+
+Several writers may share one folder (two runs, or Dask workers on several hosts):
+
+* one writer computes a stage at a time (:mod:`nbutils.core.stage_lock`, :meth:`ArtifactStore.lock`);
+* committing is atomic and idempotent: an artifact completed meanwhile by another writer is
+  kept, and the new one dropped, never an error;
+* replacing an artifact (``--rerun``) swaps the two folders in one step where the file system
+  can (``renameat2(RENAME_EXCHANGE)``), so a reader finds the old artifact or the new one,
+  never none;
+* every file is flushed to disk (``fsync``) before the rename that makes it count.
+
+An artifact's ``spec.json`` records the SHA-256 of each of its files, and :meth:`ArtifactStore.damage`
+checks them, so a truncated or edited file is found before the artifact is reused or read.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
+import io
 import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .stage_lock import StageLock, is_stale, read_holder
+
 SPEC_FILE = "spec.json"
+#: the key of ``spec.json`` that maps each other file of the artifact (its path in the folder) to its SHA-256
+FILES = "files"
 #: Spec entries, at any depth, that choose where or how fast to compute or where the data is
 #: read from, not what is computed: left out of keys.
 NOT_IN_KEY = frozenset({"device", "data_root", "download"})
@@ -76,6 +98,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -104,8 +128,6 @@ def read_json(path: Path) -> Any:
 
 def save_arrays(path: Path, **arrays: np.ndarray) -> None:
     """``.npz`` of plain numeric arrays (object arrays are refused, so loading never unpickles)."""
-    import io
-
     for name, array in arrays.items():
         if np.asarray(array).dtype == object:
             raise TypeError(f"array {name!r} has dtype object; only numeric arrays are stored")
@@ -119,12 +141,61 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
         return {name: f[name] for name in f.files}
 
 
+def file_digests(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file under ``folder`` but ``spec.json``, by path in the folder; each
+    file is flushed to disk as it is read (the folder is about to be renamed into place)."""
+    folder = Path(folder)
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SPEC_FILE):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+            os.fsync(f.fileno())
+        digests[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return digests
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it, a new file) to disk, where the system allows."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux's ``renameat2`` with ``RENAME_EXCHANGE``);
+    False where the system or the file system cannot (then nothing was moved)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a))
+
+
 class ArtifactStore:
     """Artifacts under ``root``, always an absolute path: the folders it hands out cross into
     notebook kernels, which run in another working directory (``notebooks/``)."""
 
     def __init__(self, root: Path | str):
         self.root = Path(root).resolve()
+        self._sound: set[tuple[str, str, int]] = set()   # artifacts checked sound, with their spec's mtime
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -132,32 +203,92 @@ class ArtifactStore:
     def exists(self, stage: str, key: str) -> bool:
         return (self.path(stage, key) / SPEC_FILE).is_file()
 
+    def lock(self, stage: str, key: str) -> StageLock:
+        """The lock a writer holds while it computes the artifact (:mod:`nbutils.core.stage_lock`)."""
+        return StageLock(self.root / stage / f".{key}.lock")
+
+    def damage(self, stage: str, key: str) -> str | None:
+        """What is wrong with an existing artifact, naming the file (None: it is sound).
+
+        Its files must match the SHA-256 digests its ``spec.json`` records. An artifact written
+        before digests were recorded is checked as far as it can be (every JSON file parses),
+        then given its digests, so that later damage is found."""
+        folder = self.path(stage, key)
+        try:
+            mtime = (folder / SPEC_FILE).stat().st_mtime_ns
+            spec = read_json(folder / SPEC_FILE)
+        except FileNotFoundError:
+            return f"{stage}/{key}/{SPEC_FILE} is missing"
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{stage}/{key}/{SPEC_FILE} is not valid JSON"
+        if (stage, key, mtime) in self._sound:
+            return None
+        recorded = spec.get(FILES) if isinstance(spec, dict) else None
+        if recorded is None:
+            for path in sorted(folder.rglob("*.json")):
+                try:
+                    read_json(path)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return f"{stage}/{key}/{path.relative_to(folder).as_posix()} is not valid JSON"
+            atomic_write_json(folder / SPEC_FILE, {**spec, FILES: file_digests(folder)})
+            mtime = (folder / SPEC_FILE).stat().st_mtime_ns
+        else:
+            for name, digest in recorded.items():
+                path = folder / name
+                if not path.is_file():
+                    return f"{stage}/{key}/{name} is missing"
+                if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                    return f"{stage}/{key}/{name} does not match its recorded SHA-256 (truncated or edited)"
+        self._sound.add((stage, key, mtime))
+        return None
+
     def begin(self, stage: str, key: str) -> Path:
-        """A fresh private folder to write the stage's results into."""
+        """A fresh private folder to write the stage's results into, readable by others as a
+        folder made under the process's umask is (``mkdtemp`` alone gives 0700)."""
         parent = self.root / stage
         parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{key}-{os.getpid()}-"))
+        work = Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-"))
+        os.chmod(work, 0o777 & ~_umask())
+        return work
 
     def commit(self, work: Path, stage: str, key: str, record: dict, replace: bool = False) -> Path:
-        """Write ``spec.json`` last and move the folder into place in one rename.
+        """Record the digest of every file, write ``spec.json`` last, flush, and move the folder
+        into place in one rename.
 
-        An artifact that exists already (completed meanwhile by another worker) is kept, unless
-        ``replace``: then the new one takes its place (the old one is removed only after)."""
-        atomic_write_json(work / SPEC_FILE, record)
+        An artifact that exists already (completed meanwhile by another writer) is kept and
+        ``work`` dropped: committing twice is a success, never an error. With ``replace`` the
+        new artifact takes the old one's place in one step where the file system can swap
+        folders (:func:`exchange`), else in two renames a moment apart."""
+        work = Path(work)
+        atomic_write_json(work / SPEC_FILE, {**record, FILES: file_digests(work)})
+        fsync_folder(work)
         final = self.path(stage, key)
         shutil.rmtree(self.failed_path(stage, key), ignore_errors=True)
-        if self.exists(stage, key) and replace:
-            old = final.with_name(f".tmp-{key}-{os.getpid()}-replaced")
-            os.rename(final, old)
-            os.rename(work, final)
-            shutil.rmtree(old, ignore_errors=True)
-            return final
-        if self.exists(stage, key):
-            shutil.rmtree(work, ignore_errors=True)
-            return final
-        if final.exists():  # a folder without spec.json never counted as done
-            shutil.rmtree(final)
-        os.rename(work, final)
+        if replace and self.exists(stage, key):
+            if not exchange(work, final):
+                aside = self._aside(final, "replaced")
+                os.rename(final, aside)
+                os.rename(work, final)
+                work = aside
+            shutil.rmtree(work, ignore_errors=True)   # the old artifact: no longer reachable by its path
+        else:
+            while True:
+                try:
+                    os.rename(work, final)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                if self.exists(stage, key):   # completed elsewhere meanwhile
+                    shutil.rmtree(work, ignore_errors=True)
+                    return final
+                aside = self._aside(final, "incomplete")   # a folder without spec.json never counted
+                try:
+                    os.rename(final, aside)
+                except FileNotFoundError:
+                    continue
+                shutil.rmtree(aside, ignore_errors=True)
+        fsync_folder(final.parent)
         return final
 
     def failed_path(self, stage: str, key: str) -> Path:
@@ -171,22 +302,20 @@ class ArtifactStore:
         return failed
 
     def clean_partial(self) -> int:
-        """Remove temporary folders left by interrupted runs (whose process is gone)."""
+        """Remove temporary folders left by interrupted writers: those of a stage whose lock is
+        free or stale (a live writer holds its stage's lock while its folder exists)."""
         removed = 0
         for tmp in self.root.glob("*/.tmp-*"):
-            pid = tmp.name.split("-")[2]
-            if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            key = tmp.name.split("-")[1]
+            lock = tmp.parent / f".{key}.lock"
+            if lock.exists() and not is_stale(lock, read_holder(lock)):
                 continue
             shutil.rmtree(tmp, ignore_errors=True)
             removed += 1
         return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    @staticmethod
+    def _aside(final: Path, why: str) -> Path:
+        """A name beside ``final`` for moving it out of the way (:meth:`clean_partial` removes
+        what an interrupted writer leaves there)."""
+        return final.with_name(f".tmp-{final.name}-{why}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")

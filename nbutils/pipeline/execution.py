@@ -15,6 +15,7 @@ report shows their cells as missing with the reason.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
+from ..core.device import environment
 from ..core.malloc import MALLOC_ENV
+from ..core.stage_lock import describe
 from ..core.store import ArtifactStore, atomic_write_bytes
 from .batches import COMPLETED_FILE, FAILED_FILE, run_trials
 from .code_versions import NOTEBOOK_OF, NOTEBOOKS
@@ -123,7 +126,8 @@ def executions(stages: list[Stage], batched: bool = True) -> list[list[Stage]]:
 
 
 
-def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh_kernel: bool = False) -> list[Outcome]:
+def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh_kernel: bool = False,
+            timeout: float | None = None) -> list[Outcome]:
     """Run stages of one kind in one execution, each into a private folder; commit each one
     that completed, keep each other one as failed.
 
@@ -134,7 +138,10 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
     started for it and stopped after it.
     Kinds in :data:`BATCHED` take the list ``trials`` and mark each trial that completed
     (:func:`nbutils.pipeline.batches.run_trials`); the others take one stage's ``spec``, ``inputs`` and
-    ``out_dir``."""
+    ``out_dir``. ``timeout``: seconds a notebook cell may run before the execution fails (None:
+    no limit; the steps run in this process, ``kernel=None``, are never interrupted).
+
+    Each committed artifact records where it ran (:func:`nbutils.core.device.environment`)."""
     kind = stages[0].kind
     if any(s.kind != kind for s in stages) or (len(stages) > 1 and kind not in BATCHED):
         raise ValueError(f"one execution runs stages of one kind in {BATCHED}, got {[s.kind for s in stages]}")
@@ -156,7 +163,7 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
             os.environ.update(MALLOC_ENV)
             notebook_in = NOTEBOOKS / NOTEBOOK_OF[kind]
             options = dict(parameters={"trials": trials} if kind in BATCHED else trials[0], progress_bar=False,
-                           log_output=False)
+                           log_output=False, execution_timeout=timeout)
             if fresh_kernel:
                 import papermill
 
@@ -184,6 +191,7 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
     # the notebook failed although no trial did (its display cells, say): nothing counts as done
     trial_failed = any((work / FAILED_FILE).is_file() for work in works)
     outcomes = []
+    where = None
     for stage, work in zip(stages, works):
         marked = (work / COMPLETED_FILE).is_file()
         completed = (marked and (error is None or trial_failed)) if kind in BATCHED else error is None
@@ -192,10 +200,19 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
             failed = store.fail(work, stage.kind, stage.key)
             outcomes.append(Outcome(stage, "failed", seconds, _failure_reason(failed, error), failed / EXECUTED_NOTEBOOK))
             continue
-        record = {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
-                  "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
-                  "seconds": seconds / len(stages), "execution": {"stages": len(stages), "seconds": seconds}}
-        final = store.commit(work, stage.kind, stage.key, record, replace=stage.rerun)
+        try:
+            where = where or environment(stage.spec.get("device", "auto"))
+            record = {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
+                      "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
+                      "seconds": seconds / len(stages), "execution": {"stages": len(stages), "seconds": seconds},
+                      "environment": where}
+            final = store.commit(work, stage.kind, stage.key, record, replace=stage.rerun)
+        except Exception as e:   # the artifact is complete but could not be stored: this stage fails, not the run
+            log.exception("committing %s failed", stage.label)
+            failed = store.fail(work, stage.kind, stage.key) if work.exists() else store.failed_path(stage.kind, stage.key)
+            outcomes.append(Outcome(stage, "failed", seconds, f"could not store the result: {type(e).__name__}: {e}",
+                                    failed / EXECUTED_NOTEBOOK))
+            continue
         outcomes.append(Outcome(stage, "ran", seconds / len(stages), notebook=final / EXECUTED_NOTEBOOK))
     return outcomes
 
@@ -263,29 +280,70 @@ def default_workers() -> int:
 
 
 def run_execution(stages: list[Stage], store: ArtifactStore, kernel: str | None, inputs: Sequence[Outcome] = (),
-                  threads: int | None = None, fresh_kernel: bool = False) -> list[Outcome]:
+                  threads: int | None = None, fresh_kernel: bool = False, timeout: float | None = None) -> list[Outcome]:
     """One execution's stages, given the outcomes of the stages they read: a stage is skipped
     when one of its inputs failed (a summary instead shows what exists), reused when its
-    artifact exists, else executed (all of those together, see :func:`execute`)."""
+    artifact exists and is sound, else executed (all of those together, see :func:`execute`)
+    under its lock, and recomputed when its artifact is damaged.
+
+    Another writer may be computing the same stages (a second run on this outputs folder, a
+    worker on another host): each stage's lock (:meth:`~nbutils.core.store.ArtifactStore.lock`)
+    is taken before it runs, waiting while the other writer holds it, and a stage that writer
+    completed meanwhile is reused. The inputs a stage reads are checked against their recorded
+    digests first: a damaged input fails the stage, naming the file."""
     if threads:
         limit_threads(threads)
     broken_inputs = {(o.stage.kind, o.stage.key): o for o in inputs if o.status in ("failed", "skipped")}
-    outcomes: list[Outcome | None] = []
-    todo = []
+    listed: list[Stage] = []
+    decided: dict[int, Outcome] = {}   # id(stage) -> its outcome
+    damaged: dict[int, str] = {}       # id(stage) -> what is wrong with its existing artifact
     for stage in stages:
         broken = {k: o for k, o in broken_inputs.items() if k in {(s.kind, s.key) for s in stage.inputs.values()}}
         if broken and stage.kind in SUMMARIES:
             stage, broken = report_without(stage, broken), {}
+        listed.append(stage)
         if broken:
-            outcomes.append(Outcome(stage, "skipped", detail="needs " + ", ".join(o.stage.label for o in broken.values())))
-        elif store.exists(stage.kind, stage.key) and not stage.rerun:
-            outcomes.append(Outcome(stage, "reused", notebook=store.path(stage.kind, stage.key) / EXECUTED_NOTEBOOK))
-        else:
-            outcomes.append(None)
-            todo.append(stage)
-    ran = iter(execute(todo, store, kernel, fresh_kernel) if todo else [])
-    return [outcome if outcome is not None else next(ran) for outcome in outcomes]
+            decided[id(stage)] = Outcome(stage, "skipped", detail="needs " + ", ".join(o.stage.label for o in broken.values()))
+        elif (reuse := _reusable(store, stage, damaged)) is not None:
+            decided[id(stage)] = reuse
+    todo = [s for s in listed if id(s) not in decided]
+    locks = []
+    try:
+        for stage in sorted(todo, key=lambda s: (s.kind, s.key)):   # one order for every writer: no deadlock
+            lock = store.lock(stage.kind, stage.key)
+            lock.acquire(waiting=lambda holder, stage=stage: print(
+                f"{stage.label}: waiting for {describe(holder)}, which is computing it", file=sys.stderr, flush=True))
+            locks.append(lock)
+            if (reuse := _reusable(store, stage, damaged)) is not None:   # the other writer completed it meanwhile
+                decided[id(stage)] = reuse
+                continue
+            problem = next(filter(None, (store.damage(s.kind, s.key) for s in stage.inputs.values())), None)
+            if problem:
+                decided[id(stage)] = Outcome(stage, "failed", detail=f"an input is damaged: {problem}")
+        runnable = [s for s in todo if id(s) not in decided]
+        if runnable:
+            copies = [dataclasses.replace(s, rerun=True) if id(s) in damaged else s for s in runnable]
+            for stage, outcome in zip(runnable, execute(copies, store, kernel, fresh_kernel, timeout)):
+                outcome.stage = stage
+                if outcome.status == "ran" and id(stage) in damaged:
+                    outcome.detail = "recomputed: " + damaged[id(stage)]
+                decided[id(stage)] = outcome
+    finally:
+        for lock in locks:
+            lock.release()
+    return [decided[id(s)] for s in listed]
 
+
+def _reusable(store: ArtifactStore, stage: Stage, damaged: dict[int, str]) -> Outcome | None:
+    """The stage's "reused" outcome if its artifact exists and is sound (unless it is to be run
+    again); None if it is to run, noting in ``damaged`` why an existing artifact cannot be used."""
+    if stage.rerun or not store.exists(stage.kind, stage.key):
+        return None
+    problem = store.damage(stage.kind, stage.key)
+    if problem is None:
+        return Outcome(stage, "reused", notebook=store.path(stage.kind, stage.key) / EXECUTED_NOTEBOOK)
+    damaged[id(stage)] = problem
+    return None
 
 
 def limit_threads(threads: int) -> None:
@@ -300,7 +358,8 @@ def limit_threads(threads: int) -> None:
 
 def report_line(i: int, total: int, outcome: Outcome) -> str:
     if outcome.status == "ran":
-        return f"[{i}/{total}] {outcome.stage.label}: ran in {outcome.seconds:.1f} s"
+        return (f"[{i}/{total}] {outcome.stage.label}: ran in {outcome.seconds:.1f} s"
+                + (f" ({outcome.detail})" if outcome.detail else ""))
     return f"[{i}/{total}] {outcome.stage.label}: {outcome.status}" + (f" ({outcome.detail})" if outcome.detail else "")
 
 

@@ -53,8 +53,10 @@ from IPython.display import display
 from nbutils.pipeline import batches, examples, steps
 from nbutils.report import figures
 from nbutils.pipeline import kernel_state
+from nbutils.core.device import deterministic_cuda
+deterministic_cuda()
 kernel_state.record()
-del logging, matplotlib, pandas, torch, display, batches, examples, steps, figures, kernel_state
+del logging, matplotlib, pandas, torch, display, batches, examples, steps, figures, kernel_state, deterministic_cuda
 """
 
 #: evaluated (as a user expression) before each notebook: the problems that make a fresh kernel necessary
@@ -202,13 +204,14 @@ class WarmKernel:
             raise
 
     def _restore(self) -> list[str]:
+        import ast
         import json
 
         reply = self._run_code("", {"problems": RESTORE})
         result = reply["content"]["user_expressions"]["problems"]
         if result.get("status") != "ok":
             return [f"restore failed: {result.get('ename')}: {result.get('evalue')}"]
-        return json.loads(eval(result["data"]["text/plain"]))   # the repr of a JSON string
+        return json.loads(ast.literal_eval(result["data"]["text/plain"]))   # the repr of a JSON string
 
     def _run_code(self, code: str, expressions: dict, timeout: float = RESTORE_SECONDS) -> dict:
         """Execute ``code`` silently (no history, no execution count) on the kernel's own client:
