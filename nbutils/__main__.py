@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="run the stages of this kind again, and every stage that reads them (repeatable)")
     run.add_argument("--fresh-kernels", action="store_true",
                      help="a fresh kernel for every notebook instead of one warm kernel per worker")
+    run.add_argument("--timeout", action="append", default=[], metavar="[KIND=]SECONDS",
+                     help="fail a notebook cell that runs longer (default: ten times its estimate, at least "
+                          "15 min; 0: no limit); KIND=SECONDS for one kind of stage (repeatable)")
     sub.add_parser("install-kernel", help="register the 'nbutils' Jupyter kernel inside this environment")
     digests = sub.add_parser("code-digests", help="print (or --write) each stage kind's code version and digest")
     digests.add_argument("--write", action="store_true", help=f"record them in {DIGESTS_FILE}")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcomes = run_preset(args.preset, args.outputs, only=args.only, dry_run=args.dry_run, inline=args.inline,
                               workers=args.workers, scheduler=args.scheduler, rerun=args.rerun,
-                              fresh_kernels=args.fresh_kernels)
+                              fresh_kernels=args.fresh_kernels, timeouts=args.timeout)
     except (ParamsError, DatasetNotFound, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

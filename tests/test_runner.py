@@ -191,7 +191,7 @@ def test_killing_a_worker_loses_only_its_task(tmp_path):
 
     def kill_the_first_search_worker():
         while not stop.is_set():
-            for work in (outputs / "search").glob(".tmp-*"):   # .tmp-<key>-<pid of the worker>-...
+            for work in (outputs / "search").glob(".tmp-*"):   # .tmp-<key>-<pid of the worker>-<host>-...
                 _, key, pid, _ = work.name.split("-", 3)
                 if int(pid) != os.getpid():
                     os.kill(int(pid), signal.SIGKILL)

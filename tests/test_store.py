@@ -48,10 +48,10 @@ def test_clean_partial_removes_only_folders_without_a_live_writer(tmp_path):
     held = store.lock("search", "bbbb")
     assert held.try_acquire()
     busy = store.begin("search", "bbbb")
-    elsewhere = tmp_path / "search" / ".tmp-cccc-otherhost-1-x"   # another host's writer, lock fresh
+    elsewhere = tmp_path / "search" / ".tmp-cccc-1-otherhost-x"   # another host's writer, lock fresh
     elsewhere.mkdir()
     (tmp_path / "search" / ".cccc.lock").write_text('{"host": "otherhost", "pid": 1, "since": 0, "token": "t"}')
-    gone = tmp_path / "search" / ".tmp-dddd-otherhost-2-x"   # another host's writer, lock stale
+    gone = tmp_path / "search" / ".tmp-dddd-2-otherhost-x"   # another host's writer, lock stale
     gone.mkdir()
     stale = tmp_path / "search" / ".dddd.lock"
     stale.write_text('{"host": "otherhost", "pid": 2, "since": 0, "token": "t"}')

@@ -247,7 +247,7 @@ class ArtifactStore:
         folder made under the process's umask is (``mkdtemp`` alone gives 0700)."""
         parent = self.root / stage
         parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{key}-{socket.gethostname()}-{os.getpid()}-"))
+        work = Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{key}-{os.getpid()}-{socket.gethostname()}-"))
         os.chmod(work, 0o777 & ~_umask())
         return work
 
@@ -318,4 +318,4 @@ class ArtifactStore:
     def _aside(final: Path, why: str) -> Path:
         """A name beside ``final`` for moving it out of the way (:meth:`clean_partial` removes
         what an interrupted writer leaves there)."""
-        return final.with_name(f".tmp-{final.name}-{why}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+        return final.with_name(f".tmp-{final.name}-{os.getpid()}-{why}-{secrets.token_hex(4)}")

@@ -41,16 +41,18 @@ log = logging.getLogger(__name__)
 WORKER_ENVIRON = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, **MALLOC_ENV}
 
 
-def _run_execution(group, store, kernel, needs, threads, fresh_kernel=False):
+def _run_execution(group, store, kernel, needs, threads, fresh_kernel=False, timeout=None):
     """The task of one execution: ``needs`` are the outcome lists of the executions it reads."""
-    return run_execution(group, store, kernel, [o for outcomes in needs for o in outcomes], threads, fresh_kernel)
+    return run_execution(group, store, kernel, [o for outcomes in needs for o in outcomes], threads, fresh_kernel,
+                         timeout)
 
 
 def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | None, *, workers: int,
                 progress: Progress, scheduler: str | None = None, fresh_kernel: bool = False,
-                out=sys.stdout) -> list["Outcome"]:
+                timeouts: list[float | None] | None = None, out=sys.stdout) -> list["Outcome"]:
     """Submit every execution as a task after the tasks it reads; report each stage's outcome
-    to ``progress`` as it arrives; return the outcomes in stage order."""
+    to ``progress`` as it arrives; return the outcomes in stage order. ``timeouts``: each
+    execution's (in ``progress.plan.groups`` order; None: no limit)."""
     import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -74,9 +76,10 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
         groups, priority = progress.plan.groups, progress.plan.priority
         future_of: dict[int, object] = {}   # id(stage) -> the future of its execution
         futures = []
-        for group, chain in zip(groups, priority):
+        for group, chain, timeout in zip(groups, priority, timeouts or [None] * len(groups)):
             needs = list({id(f): f for f in (future_of[id(i)] for s in group for i in s.inputs.values())}.values())
-            future = client.submit(_run_execution, group, store, kernel, needs, threads, fresh_kernel, priority=chain,
+            future = client.submit(_run_execution, group, store, kernel, needs, threads, fresh_kernel, timeout,
+                                   priority=chain,
                                    key=f"{group[0].kind}-{group[0].key}", pure=False)
             futures.append(future)
             future_of.update({id(s): future for s in group})

@@ -241,6 +241,9 @@ def _failure_reason(folder: Path, error: Exception | None) -> str:
     """The last line of the trial's own traceback, else of the execution's error."""
     if (folder / FAILED_FILE).is_file():
         lines = (folder / FAILED_FILE).read_text().strip().splitlines()
+    elif isinstance(error, TimeoutError):   # nbclient's CellTimeoutError: the message's first line says it
+        first = (str(error).strip().splitlines() or ["a cell timed out"])[0].rstrip(".")
+        lines = [f"not completed: {first[0].lower() + first[1:]} (a longer limit: --timeout KIND=SECONDS)"]
     elif error is not None:
         lines = str(error).strip().splitlines() or [type(error).__name__]
         lines = ["not completed: the execution stopped (" + lines[-1] + ")"]

@@ -69,9 +69,45 @@ def publish_report(stage: Path, outputs: Path) -> Path:
     return target
 
 
+#: a notebook cell may run this many times its estimate (:mod:`~nbutils.pipeline.cost_model`)
+#: before its execution fails: estimates can be several times off on a busy or slower machine
+TIMEOUT_MARGIN = 10.0
+#: and never less than this (seconds): short stages' estimates are the least certain
+MIN_TIMEOUT = 900.0
+
+
+def parse_timeouts(values: Sequence[str]) -> dict[str | None, float | None]:
+    """``--timeout`` values: ``SECONDS`` for every kind (key None) or ``KIND=SECONDS``; 0 is no
+    limit (None). Refused before any compute, naming the value and what is allowed."""
+    timeouts: dict[str | None, float | None] = {}
+    for value in values:
+        kind, _, seconds = value.rpartition("=")
+        if kind and kind not in NOTEBOOK_OF:
+            raise params.ParamsError(f"--timeout {value!r}: {kind!r} is not a kind of stage; allowed: {', '.join(NOTEBOOK_OF)}")
+        try:
+            limit = float(seconds)
+        except ValueError:
+            limit = -1.0
+        if not limit >= 0 or limit == float("inf"):
+            raise params.ParamsError(f"--timeout {value!r}: allowed: [KIND=]SECONDS with SECONDS a number >= 0 (0: no limit)")
+        timeouts[kind or None] = limit or None
+    return timeouts
+
+
+def execution_timeout(group: Sequence[Stage], plan: Plan, timeouts: dict[str | None, float | None]) -> float | None:
+    """Seconds one cell of this execution may run: ``--timeout`` for its kind or for all, else
+    :data:`TIMEOUT_MARGIN` times the estimate of its stages, at least :data:`MIN_TIMEOUT`."""
+    kind = group[0].kind
+    for given in (kind, None):
+        if given in timeouts:
+            return timeouts[given]
+    return max(MIN_TIMEOUT, TIMEOUT_MARGIN * sum(plan.estimate(s).seconds for s in group))
+
+
 def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | None = None,
         dry_run: bool = False, inline: bool = False, workers: int | None = None, scheduler: str | None = None,
-        rerun: Sequence[str] = (), fresh_kernels: bool = False, out=sys.stdout) -> list[Outcome]:
+        rerun: Sequence[str] = (), fresh_kernels: bool = False, timeouts: Sequence[str] = (),
+        out=sys.stdout) -> list[Outcome]:
     """Validate, check, then execute every stage not already in the store.
 
     ``workers``: stages run at once on a local Dask cluster (default: one per CPU core; 1 runs
@@ -80,7 +116,8 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
     process instead of their notebooks, see :func:`execute`. ``rerun``: kinds of stage to run
     again although their artifacts exist, with every stage that reads them (each new artifact
     replaces the old one once complete). ``fresh_kernels``: a kernel started for each notebook
-    instead of one warm kernel per worker (:mod:`~nbutils.pipeline.warm_kernel`).
+    instead of one warm kernel per worker (:mod:`~nbutils.pipeline.warm_kernel`). ``timeouts``:
+    ``--timeout`` values (:func:`parse_timeouts`, :func:`execution_timeout`).
 
     ``dry_run`` lists the stages and prints what the run would cost (per kind: stages, CPU
     hours, and whether each estimate is recorded, measured or modelled; the wall time on the
@@ -105,6 +142,7 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
     unknown = sorted(set(rerun) - set(NOTEBOOK_OF))
     if unknown:
         raise params.ParamsError(f"--rerun {', '.join(unknown)}: not a kind of stage; allowed: {', '.join(NOTEBOOK_OF)}")
+    limits = parse_timeouts(timeouts)
     mark_reruns(stages, set(rerun))
     store = ArtifactStore(outputs)
     workers = workers or default_workers()
@@ -126,14 +164,15 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
     print(progress.header(), file=out, flush=True)
     if scheduler is None and workers == 1:
         try:
-            outcomes = _run_here(stages, store, kernel, progress, fresh_kernels, out)
+            outcomes = _run_here(stages, store, kernel, progress, fresh_kernels, limits, out)
         finally:
             warm_kernel.shutdown()
     else:
         from .cluster import run_on_dask   # dask, only when it is used
 
         outcomes = run_on_dask(stages, store, kernel, workers=workers, progress=progress, scheduler=scheduler,
-                               fresh_kernel=fresh_kernels, out=out)
+                               fresh_kernel=fresh_kernels, timeouts=[execution_timeout(g, plan, limits) for g in plan.groups],
+                               out=out)
     for outcome in outcomes:
         if outcome.stage.kind == "report" and outcome.status in ("ran", "reused"):
             publish_report(store.path("report", outcome.stage.key), outputs)
@@ -142,7 +181,7 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
 
 
 def _run_here(stages: list[Stage], store: ArtifactStore, kernel: str | None, progress: Progress,
-              fresh_kernel: bool, out) -> list[Outcome]:
+              fresh_kernel: bool, timeouts: dict[str | None, float | None], out) -> list[Outcome]:
     """Every execution in order, in this process; outcomes in stage order."""
     outcomes: dict[int, Outcome] = {}
     for group in progress.plan.groups:
@@ -150,7 +189,9 @@ def _run_here(stages: list[Stage], store: ArtifactStore, kernel: str | None, pro
         if todo:
             print(f"[{progress.done + 1}/{len(stages)}] {'; '.join(todo)} ...", file=out, flush=True)
         inputs = [outcomes[id(s)] for stage in group for s in stage.inputs.values()]
-        for stage, outcome in zip(group, run_execution(group, store, kernel, inputs, fresh_kernel=fresh_kernel)):
+        timeout = execution_timeout(group, progress.plan, timeouts)
+        for stage, outcome in zip(group, run_execution(group, store, kernel, inputs, fresh_kernel=fresh_kernel,
+                                                       timeout=timeout)):
             outcomes[id(stage)] = outcome
             progress.finished(stage, outcome)
     return [outcomes[id(s)] for s in stages]
