@@ -99,3 +99,63 @@ def test_poison_set_refuses_another_dataset(tmp_path):
     poison(ten_classes(seed=0), AttackConfig("rlf", 0.05)).save(tmp_path)
     with pytest.raises(PoisonSetMismatch, match="crafted on dataset"):
         PoisonSet.load(tmp_path, ten_classes(seed=1))
+
+
+def _recompute_checksum(folder, **header_changes):
+    """What a careful tamperer does: edit the arrays, then recompute the checksum in the header."""
+    import json
+
+    loaded = np.load(folder / "poison.npz")
+    arrays = {name: loaded[name] for name in loaded.files}
+    digest = PoisonSet(*(torch.from_numpy(arrays[k]) for k in ("indices", "labels")),
+                       images=torch.from_numpy(arrays["images"]) if "images" in arrays else None).arrays_checksum()
+    header = json.loads((folder / "poison.json").read_text())
+    header.update(arrays_sha256=digest, **header_changes)
+    (folder / "poison.json").write_text(json.dumps(header))
+
+
+def _fully_poisoned(folder, ds):
+    everything = poison(ds, AttackConfig("rlf", 1.0))
+    np.savez(folder / "poison.npz", indices=everything.indices.numpy(), labels=everything.labels.numpy())
+    return len(everything)
+
+
+def test_a_set_swapped_for_a_more_poisoned_one_is_refused_by_its_budget(tmp_path):
+    """The issue's probe: arrays of a 100 % poisoned set, checksum recomputed, header still
+    saying budget 0.05 (and even its count made to agree)."""
+    ds = ten_classes()
+    poison(ds, AttackConfig("rlf", 0.05)).save(tmp_path)
+    count = _fully_poisoned(tmp_path, ds)
+    _recompute_checksum(tmp_path, count=count)
+    with pytest.raises(PoisonSetMismatch, match="1000 poisoned samples, but budget 0.05 of 1000 images poisons 50"):
+        PoisonSet.load(tmp_path, ds)
+
+
+def test_a_set_swapped_with_a_consistent_header_is_refused_by_its_stage_record(tmp_path):
+    """Arrays, checksum, count and budget all rewritten to agree: the record of the stage that
+    crafted the set (its spec.json, with the SHA-256 of each file and the attack's config) says
+    otherwise."""
+    from nbutils.core.store import ArtifactStore
+
+    ds = ten_classes()
+    store = ArtifactStore(tmp_path)
+    work = store.begin("poison", "k")
+    poison(ds, AttackConfig("rlf", 0.05)).save(work)
+    folder = store.commit(work, "poison", "k", {"spec": {"attack": {"name": "rlf", "budget": 0.05, "seed": 0}}})
+    PoisonSet.load(folder, ds)   # sound
+    count = _fully_poisoned(folder, ds)
+    _recompute_checksum(folder, count=count, budget=1.0)
+    with pytest.raises(PoisonSetMismatch, match="does not match the SHA-256 its stage recorded"):
+        PoisonSet.load(folder, ds)
+
+
+def test_a_set_without_its_source_checksum_is_refused(tmp_path):
+    import json
+
+    ds = ten_classes()
+    poison(ds, AttackConfig("rlf", 0.05)).save(tmp_path)
+    header = json.loads((tmp_path / "poison.json").read_text())
+    del header["source_checksum"]
+    (tmp_path / "poison.json").write_text(json.dumps(header))
+    with pytest.raises(PoisonSetMismatch, match="no source_checksum"):
+        PoisonSet.load(tmp_path, ten_classes(seed=1))

@@ -4,6 +4,7 @@ resumption, reuse, and errors before compute."""
 import json
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,8 @@ def test_report_html_is_self_contained_and_matches_the_artifacts(runs):
     # normal and reduction cells of each of the 6 architectures, plus best clean and worst poisoned
     assert html.count("<svg") == 2 * (6 + 2)
     assert "import nbutils" not in html and "steps.search(" not in html  # no code cells
+    assert "tiny &lt;i&gt;run&lt;/i&gt; &amp;" in html and "<i>run</i>" not in html   # report.yaml's title is text
+    assert "Where this ran" in html and f"<td>{socket.gethostname()}</td>" in html   # the environment, listed
     outputs = runs["outputs"]
     accs = [read_json(outputs / "retrain" / s.key / "result.json")["test_acc"] * 100
             for s in runs["stages"] if s.kind == "retrain" and s.meta["algorithm"] == "darts" and s.meta["attack"] == "rlf"]

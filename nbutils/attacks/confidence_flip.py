@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..core.data import ImageDataset
-from ..core.poison_set import PoisonSet
+from ..core.poison_set import PoisonSet, poison_count
 
 
 def clf_flips(dataset: ImageDataset, logits: torch.Tensor, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +43,7 @@ def clf_flips(dataset: ImageDataset, logits: torch.Tensor, budget: float) -> tup
     z = logits.detach().cpu().double().numpy()
     if not np.isfinite(z).all():
         raise ValueError("logits must be finite")
-    count = int(round(budget * n))  # same rule as attacks.poisoning.poison_count
+    count = poison_count(n, budget)
     confidence = z.max(axis=1)
     order = np.lexsort((np.arange(n), -confidence))  # primary: confidence descending; then index
     chosen = np.sort(order[:count])

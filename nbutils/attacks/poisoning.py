@@ -29,7 +29,7 @@ from torch import nn
 
 from ..core.config import NonNegativeNumber, PositiveInt, PositiveNumber, Seed, config, number
 from ..core.data import ImageDataset, channel_stats
-from ..core.poison_set import PoisonSet, publish
+from ..core.poison_set import PoisonSet, poison_count, publish
 from ..space.supernet import SuperNet
 from ..training.surrogate import surrogate_logits
 from .alpha_attack import craft_alpha_attack
@@ -76,10 +76,6 @@ CRAFTING_FIELDS: dict[str, tuple[str, ...]] = {
     "gc": ("steps", "lr", "batch_size", "gradpc_epsilon", "gradpc_steps", "gradpc_step_size"),
     "alpha": ("steps", "lr", "batch_size", "cells", "augment"),
 }
-
-
-def poison_count(n: int, budget: float) -> int:
-    return int(round(budget * n))
 
 
 def choose_victims(n: int, budget: float, seed: int) -> torch.Tensor:

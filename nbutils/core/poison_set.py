@@ -5,6 +5,12 @@ quantisation an attacker's published images undergo is part of the attack) or No
 label-only attacks, their labels, and a header (attack, budget, eps, seed, source dataset
 and its checksum). On disk: ``poison.npz`` (no pickle) beside ``poison.json``. Loading
 checks shapes, ranges and the source checksum, and refuses a mismatch.
+
+The checksum in ``poison.json`` only proves that the arrays were not damaged by accident: whoever
+edits the arrays can recompute it. What anchors a set is the record of the stage that crafted it
+(``spec.json``, :mod:`nbutils.core.store`): the SHA-256 of both files and the attack's config.
+Loading a set from a stage folder checks the files against that record, and the header's
+attack, budget and count against the config, so a set swapped for a more poisoned one is refused.
 """
 from __future__ import annotations
 
@@ -21,6 +27,12 @@ from .store import atomic_write_bytes, atomic_write_json
 
 ARRAYS_FILE = "poison.npz"
 HEADER_FILE = "poison.json"
+STAGE_RECORD = "spec.json"   # :data:`nbutils.core.store.SPEC_FILE`, written by the stage that crafted the set
+
+
+def poison_count(n: int, budget: float) -> int:
+    """How many of ``n`` samples a budget poisons."""
+    return int(round(budget * n))
 
 
 class PoisonSetMismatch(ValueError):
@@ -40,7 +52,10 @@ class PoisonSet:
     def apply(self, clean: ImageDataset) -> ImageDataset:
         """The poisoned view of ``clean``: a new dataset; ``clean`` is never modified."""
         source = self.header.get("source_checksum")
-        if source is not None and source != clean.checksum():
+        if source is None:
+            raise PoisonSetMismatch("poison set has no source_checksum in its header, so nothing says which dataset "
+                                    "it was crafted on; it is refused")
+        if source != clean.checksum():
             raise PoisonSetMismatch(
                 f"poison set was crafted on dataset {self.header.get('dataset')!r} with checksum {source}, "
                 f"but is applied to {clean.name!r} with checksum {clean.checksum()}"
@@ -86,9 +101,32 @@ class PoisonSet:
             raise PoisonSetMismatch(f"{directory}: {len(indices)} indices but {len(labels)} labels / images")
         if images is not None and images.dtype != torch.uint8:
             raise PoisonSetMismatch(f"{directory}: images must be uint8, got {images.dtype}")
+        if len(indices) != header.get("count"):
+            raise PoisonSetMismatch(f"{directory}: {len(indices)} poisoned samples, but the header says {header.get('count')}")
+        if (directory / STAGE_RECORD).is_file():
+            check_against_record(directory, header)
         if clean is not None:
+            expected = poison_count(len(clean), header.get("budget", -1))
+            if len(indices) != expected:
+                raise PoisonSetMismatch(f"{directory}: {len(indices)} poisoned samples, but budget {header.get('budget')} "
+                                        f"of {len(clean)} images poisons {expected}")
             poison.apply(clean)  # raises on checksum, shape, index or label mismatch
         return poison
+
+
+def check_against_record(directory: Path, header: dict) -> None:
+    """The set's files and header against the record of the stage that crafted it (see the
+    module docstring); raises :class:`PoisonSetMismatch` naming what differs."""
+    record = json.loads((directory / STAGE_RECORD).read_text())
+    for name, digest in record.get("files", {}).items():
+        if name in (ARRAYS_FILE, HEADER_FILE) and hashlib.sha256((directory / name).read_bytes()).hexdigest() != digest:
+            raise PoisonSetMismatch(f"{directory / name} does not match the SHA-256 its stage recorded (altered file)")
+    attack = record.get("spec", {}).get("attack", {})
+    for field_name in ("name", "budget", "seed"):
+        said = header.get("attack" if field_name == "name" else field_name)
+        if field_name in attack and said != attack[field_name]:
+            raise PoisonSetMismatch(f"{directory}: the header's {field_name} {said!r} is not the {attack[field_name]!r} "
+                                    "its stage crafted")
 
 
 def publish(poisoned: torch.Tensor, clean: torch.Tensor, eps: float) -> torch.Tensor:
