@@ -186,7 +186,7 @@ def test_run_prints_a_plan_and_one_line_per_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "preflight", lambda preset: None)
     monkeypatch.setattr(runner, "print_summary", lambda *a, **k: None)
     monkeypatch.setattr(runner, "publish_report", lambda *a, **k: None)
-    monkeypatch.setattr(runner, "run_execution", lambda group, store, kernel, inputs, fresh_kernel=False:
+    monkeypatch.setattr(runner, "run_execution", lambda group, store, kernel, inputs, fresh_kernel=False, timeout=None:
                         [Outcome(s, "ran", 1.5) for s in group])
     out = io.StringIO()
     runner.run(TINY, tmp_path, workers=1, inline=True, out=out)
