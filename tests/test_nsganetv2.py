@@ -19,18 +19,10 @@ from nbutils.nas.accuracy_predictors import (
 from nbutils.nas.search_result import SearchResult
 from nbutils.space.genotype import Genotype, published, random_genotype
 from nbutils.space.network import EvalNetwork, count_parameters
-from nbutils.nas.nsganetv2 import (
-    ArchitectureCost,
-    Nsganetv2Config,
-    _count_macs,
-    choose_retrained,
-    high_tradeoff_points,
-    non_dominated,
-    nsganetv2_search,
-    pareto_figure,
-    propose_candidates,
-    select_candidates,
-)
+from nbutils.nas.architecture_cost import ArchitectureCost, count_macs
+from nbutils.nas.nsganetv2 import Nsganetv2Config, nsganetv2_search, pareto_figure
+from nbutils.nas.pareto import (choose_retrained, high_tradeoff_points, non_dominated, propose_candidates,
+                                select_candidates)
 from nbutils.core.data import BatchLoader
 from nbutils.nas.one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, recalibrate_batch_norm, train_one_shot
 
@@ -208,7 +200,7 @@ def test_cost_equals_counting_on_the_built_network(kind, size):
     for _ in range(4):
         genotype = random_genotype(rng)
         network = EvalNetwork(genotype, channels=4, num_classes=3, layers=5, in_channels=1, input_size=size)
-        expected = count_parameters(network) if kind == "params" else _count_macs(network, torch.zeros(1, 1, size, size))
+        expected = count_parameters(network) if kind == "params" else count_macs(network, torch.zeros(1, 1, size, size))
         assert cost(genotype) == expected
         values.add(expected)
     assert len(values) > 1   # the genotypes differ in cost, so the sum is really per operation

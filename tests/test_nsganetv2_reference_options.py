@@ -16,16 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nbutils.core.data import BatchLoader
 from nbutils.nas.accuracy_predictors import RbfPredictor
-from nbutils.nas.nsganetv2 import (
-    ArchitectureCost,
-    FinetunedPathEvaluator,
-    Nsganetv2Config,
-    _count_macs,
-    _spread_after,
-    nsganetv2_search,
-    select_by_spread,
-    select_candidates,
-)
+from nbutils.nas.architecture_cost import ArchitectureCost, count_macs
+from nbutils.nas.nsganetv2 import FinetunedPathEvaluator, Nsganetv2Config, nsganetv2_search
+from nbutils.nas.pareto import select_by_spread, select_candidates, spread_after
 from nbutils.nas.one_shot import OneShotSupernet
 from nbutils.space import encoding
 from nbutils.space.genotype import random_genotype
@@ -39,13 +32,13 @@ CPU = torch.device("cpu")
 # --------------------------------------------------------------------------- 1. the cost: multiply-accumulates
 
 
-def test_count_macs_known_answer():
+def testcount_macs_known_answer():
     """Worked by hand: a 3x3 conv 1->2 on 4x4 (padding 1) gives 2*4*4 outputs of 1*9 products
     (288); a depthwise 3x3 conv with stride 2 gives 2*2*2 outputs of 1*9 (72); a linear 8->3
     (24). Biases, batch norm and activations are not multiply-accumulates of convs/linears."""
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
                           nn.Conv2d(2, 2, 3, stride=2, padding=1, groups=2), nn.Flatten(), nn.Linear(8, 3))
-    assert _count_macs(model, torch.zeros(1, 1, 4, 4)) == 288 + 72 + 24
+    assert count_macs(model, torch.zeros(1, 1, 4, 4)) == 288 + 72 + 24
 
 
 @pytest.mark.parametrize("size", [8, 7])
@@ -111,8 +104,8 @@ def test_select_by_spread_is_the_exact_minimum():
             continue
         chosen = select_by_spread(costs, front, count)
         assert len(chosen) == min(count, n) and chosen == sorted(set(chosen))
-        best = min(_spread_after(front, costs[list(s)].tolist()) for s in itertools.combinations(range(n), count))
-        assert _spread_after(front, costs[chosen].tolist()) == pytest.approx(best, abs=1e-9)
+        best = min(spread_after(front, costs[list(s)].tolist()) for s in itertools.combinations(range(n), count))
+        assert spread_after(front, costs[chosen].tolist()) == pytest.approx(best, abs=1e-9)
 
 
 def test_select_by_spread_at_the_papers_sizes():
@@ -122,8 +115,8 @@ def test_select_by_spread_at_the_papers_sizes():
     costs, front = rng.random(40) * 1e6, np.sort(rng.random(15) * 1e6)
     chosen = select_by_spread(costs, front, 8)
     assert len(set(chosen)) == 8 and all(0 <= i < 40 for i in chosen)
-    spread = _spread_after(front, costs[chosen].tolist())
-    assert all(spread <= _spread_after(front, costs[rng.choice(40, 8, replace=False)].tolist()) + 1e-9
+    spread = spread_after(front, costs[chosen].tolist())
+    assert all(spread <= spread_after(front, costs[rng.choice(40, 8, replace=False)].tolist()) + 1e-9
                for _ in range(500))
 
 

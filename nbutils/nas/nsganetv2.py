@@ -4,7 +4,7 @@ After Lu et al. (2020), "NSGANetV2: Evolutionary Multi-Objective Surrogate-Assis
 Architecture Search" (reference code ``mikelzc1990/nsganetv2``: ``msunas.py``,
 ``post_search.py``), as the TMLR audit runs it (Appendix A). Two objectives are minimised:
 the validation error of an architecture and its cost, the parameters (or multiply-accumulates)
-of the network that would be retrained (:class:`ArchitectureCost`).
+of the network that would be retrained (:class:`~nbutils.nas.architecture_cost.ArchitectureCost`).
 
 1. **Lower level, a weight-sharing supernet** (:mod:`nbutils.nas.one_shot`) trained on the
    weight half of the (possibly poisoned) search data by uniform single-path sampling. An
@@ -27,17 +27,17 @@ of the network that would be retrained (:class:`ArchitectureCost`).
    keep the architectures not measured yet and take ``candidates_per_iteration`` of them.
    ``candidate_selection="rank"`` (the default): by predicted non-domination rank, and within
    the rank that does not fit whole, those that spread the cost along the archive's front most
-   evenly, chosen greedily (:func:`select_candidates`). ``"spread"``: the reference's subset
+   evenly, chosen greedily (:func:`~nbutils.nas.pareto.select_candidates`). ``"spread"``: the reference's subset
    selection (``msunas.py``, ``MSuNAS._subset_selection`` and ``SubsetProblem``), which ignores
    the predicted error and takes, out of the whole new population, the subset of exactly that
    size whose costs, with the costs of the archive's front, leave the most even gaps (least
-   standard deviation of the gaps between the sorted costs) (:func:`select_by_spread`).
+   standard deviation of the gaps between the sorted costs) (:func:`~nbutils.nas.pareto.select_by_spread`).
    Measure them, add them to the archive.
 4. **Output**: the archive's Pareto front (measured error vs cost) and the architecture the
    papers retrain. The audit "samples the four best architectures from each search run's
    Pareto front ... [and evaluates] only the architecture with the third-highest FLOP count".
    Its scripts call the reference's ``post_search.py -n 3``: the three points of the front
-   with the highest trade-off (:func:`high_tradeoff_points`) plus the most accurate one.
+   with the highest trade-off (:func:`~nbutils.nas.pareto.high_tradeoff_points`) plus the most accurate one.
    Those are the "four best" here too (fewer when the most accurate is also a trade-off
    point, or the front is short), and the chosen one is the third by decreasing cost (the
    cheapest of them when there are fewer than three). The cost is the second objective, so
@@ -60,19 +60,16 @@ from ..space import encoding
 from .accuracy_predictors import CHOICES, MIN_POINTS, FittedPredictor, fit_predictor, kendall_tau
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype
-from ..space.network import EvalNetwork, count_parameters
 from .one_shot import (OneShotSupernet, OneShotTraining, PathEvaluator, calibration_batches, recalibrate_batch_norm,
                        train_one_shot)
+from .architecture_cost import COSTS, ArchitectureCost
+from .pareto import SELECTIONS, choose_retrained, non_dominated, propose_candidates
 from .search_result import SearchResult
-from ..space.ops import build_op
 from ..core.progress import progress
 from ..training.loop import TrainingRecipe, train_supervised
 
 log = logging.getLogger(__name__)
 
-COSTS: tuple[str, ...] = ("params", "macs")
-#: how the candidates to measure are chosen from NSGA-II's final population (see :func:`propose_candidates`)
-SELECTIONS: tuple[str, ...] = ("rank", "spread")
 #: SGD momentum of the candidates' fine-tuning: the reference's (OFA ``RunConfig.build_optimizer``)
 FINETUNE_MOMENTUM = 0.9
 
@@ -143,336 +140,6 @@ class Nsganetv2Config:
         return TrainingRecipe(epochs=self.finetune_epochs, lr=self.finetune_lr, lr_min=0.0,
                               momentum=FINETUNE_MOMENTUM, weight_decay=self.finetune_weight_decay, grad_clip=None,
                               divergence="warn")
-
-
-# --------------------------------------------------------------------------- the cost objective
-
-
-def _count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of the convolutions and linear layers of one forward of ``x`` (batch 1)."""
-    total = 0
-
-    def conv_hook(module: torch.nn.Conv2d, _inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        kh, kw = module.kernel_size
-        total += output[0].numel() * (module.in_channels // module.groups) * kh * kw
-
-    def linear_hook(module: torch.nn.Linear, _inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        total += module.in_features * module.out_features
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, torch.nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
-
-
-class ArchitectureCost:
-    """Parameters (``"params"``, auxiliary head excluded, as the papers count) or
-    multiply-accumulates of convolutions and linear layers (``"macs"``) of the
-    :class:`~nbutils.space.network.EvalNetwork` a genotype builds.
-
-    Computed without building the network: the cost of the network with pools on every edge
-    (pools have neither weights nor multiply-accumulates) plus, cell by cell, the cost of
-    each chosen operation at that cell's channels, stride and input size, each measured once
-    and cached. Equal to counting on the built network (tested).
-    """
-
-    def __init__(self, kind: str = "params", *, channels: int = 36, layers: int = 20, num_classes: int = 10,
-                 in_channels: int = 3, input_size: int = 32):
-        if kind not in COSTS:
-            raise ValueError(f"kind must be one of {', '.join(COSTS)}, got {kind!r}")
-        self.kind = kind
-        cheapest = encoding.decode(np.zeros(encoding.ENCODING_LENGTH, dtype=np.int64))   # max_pool_3x3 everywhere
-        network = EvalNetwork(cheapest, channels=channels, num_classes=num_classes, layers=layers,
-                              auxiliary=False, in_channels=in_channels, input_size=input_size)
-        if kind == "params":
-            self.base = count_parameters(network)
-        else:
-            self.base = _count_macs(network, torch.zeros(1, in_channels, input_size, input_size))
-        # (reduction, channels, input size) of every cell, as EvalNetwork lays them out
-        self._cells: list[tuple[bool, int, int]] = []
-        c, size = channels, input_size
-        for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
-            if reduction:
-                c *= 2
-            self._cells.append((reduction, c, size))
-            if reduction:
-                size = (size + 1) // 2
-        self._op_costs: dict[tuple[str, int, int, int], int] = {}
-
-    def _op_cost(self, op: str, channels: int, stride: int, size: int) -> int:
-        key = (op, channels, stride, size if self.kind == "macs" else 0)
-        if key not in self._op_costs:
-            module = build_op(op, channels, stride, affine=True)
-            if self.kind == "params":
-                self._op_costs[key] = count_parameters(module)
-            else:
-                self._op_costs[key] = _count_macs(module, torch.zeros(1, channels, size, size))
-        return self._op_costs[key]
-
-    def __call__(self, genotype: Genotype) -> float:
-        total = self.base
-        for reduction, channels, size in self._cells:
-            gene = genotype.reduce if reduction else genotype.normal
-            for op, src in gene:
-                strided = reduction and src < 2
-                # edges from the cell's inputs see the input size; in a reduction cell the
-                # intermediate nodes are already halved
-                in_size = (size + 1) // 2 if reduction and not strided else size
-                total += self._op_cost(op, channels, 2 if strided else 1, in_size)
-        return float(total)
-
-
-# --------------------------------------------------------------------------- Pareto fronts
-
-
-def non_dominated(objectives: np.ndarray) -> np.ndarray:
-    """Indices (ascending) of the rows of ``objectives`` (n x m, minimised) that no other row
-    dominates (at most as large everywhere and smaller somewhere)."""
-    F = np.asarray(objectives, dtype=np.float64)
-    if F.ndim != 2 or len(F) == 0:
-        raise ValueError(f"objectives must be a non-empty n x m array, got shape {F.shape}")
-    dominated = np.zeros(len(F), dtype=bool)
-    for i in range(len(F)):
-        no_worse = np.all(F <= F[i], axis=1)
-        better = np.any(F < F[i], axis=1)
-        dominated[i] = bool(np.any(no_worse & better))
-    return np.flatnonzero(~dominated)
-
-
-def high_tradeoff_points(front: np.ndarray, count: int, epsilon: float = 0.125) -> np.ndarray:
-    """Indices of the ``count`` points of a non-dominated set with the highest trade-off.
-
-    The reference's ``HighTradeoffPoints`` (``post_search.py``, after pymoo's decision making):
-    objectives normalised to [0, 1] over the set; for each point, its neighbours within
-    ``epsilon`` (at least ``min(2m, n-1)`` nearest ones); the trade-off of a point is the least,
-    over its neighbours, of (what moving there loses) / (what it gains), both summed over
-    objectives. A high trade-off is a knee: leaving it costs much for little. Returned in
-    decreasing trade-off; all points when there are at most ``count``.
-    """
-    from scipy.spatial import cKDTree
-
-    F = np.asarray(front, dtype=np.float64)
-    n, m = F.shape
-    if count >= n:
-        return np.arange(n)
-    span = F.max(axis=0) - F.min(axis=0)
-    F = (F - F.min(axis=0)) / np.where(span > 0, span, 1.0)
-    tree = cKDTree(F)
-    least = min(2 * m, n - 1)
-    trade_off = np.full(n, -np.inf)
-    for i in range(n):
-        neighbours = tree.query_ball_point(F[i], epsilon)
-        if len(neighbours) < least:
-            neighbours = list(tree.query(F[i], k=least + 1)[1])
-        diff = F[neighbours] - F[i]
-        sacrifice, gain = np.maximum(0, diff).sum(axis=1), np.maximum(0, -diff).sum(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = sacrifice / gain
-        ratios = ratios[~np.isnan(ratios)]   # the point itself and exact duplicates
-        if ratios.size:
-            trade_off[i] = ratios.min()
-    return np.argsort(-trade_off, kind="stable")[:count]
-
-
-def choose_retrained(errors: np.ndarray, costs: np.ndarray, front: np.ndarray, tradeoff_points: int = 3
-                     ) -> tuple[list[int], int]:
-    """The "four best" of a front and the one retrained (see the module docstring).
-
-    ``front`` indexes ``errors``/``costs``. Returns the chosen indices sorted by decreasing
-    cost (ties: lower error first) and the retrained one: the third of them, or the last when
-    there are fewer than three.
-    """
-    front = np.asarray(front)
-    F = np.column_stack([np.asarray(errors, dtype=float)[front], np.asarray(costs, dtype=float)[front]])
-    picked = set(int(front[i]) for i in high_tradeoff_points(F, tradeoff_points))
-    most_accurate = min(front.tolist(), key=lambda i: (errors[i], costs[i]))
-    picked.add(int(most_accurate))
-    best = sorted(picked, key=lambda i: (-costs[i], errors[i], i))
-    return best, best[min(2, len(best) - 1)]
-
-
-# --------------------------------------------------------------------------- candidate proposal
-
-
-def _spread_after(front_costs: np.ndarray, chosen: list[float]) -> float:
-    """The reference's subset-selection objective: std of the gaps between sorted costs."""
-    values = np.sort(np.concatenate([front_costs, np.asarray(chosen, dtype=float)]))
-    return float(np.std(np.diff(values))) if len(values) > 1 else 0.0
-
-
-def select_candidates(predicted: np.ndarray, front_costs: np.ndarray, count: int) -> list[int]:
-    """Up to ``count`` rows of ``predicted`` (n x 2: predicted error, cost) to measure next.
-
-    Whole non-domination ranks first; the rank that does not fit whole is thinned greedily,
-    each step adding the row that keeps the gaps between the sorted costs of ``front_costs``
-    plus the chosen rows most even (ties: lower predicted error, then lower index).
-    """
-    predicted = np.asarray(predicted, dtype=np.float64)
-    remaining = list(range(len(predicted)))
-    chosen: list[int] = []
-    while remaining and len(chosen) < count:
-        rank = [remaining[i] for i in non_dominated(predicted[remaining])]
-        if len(chosen) + len(rank) <= count:
-            chosen += rank
-            remaining = [i for i in remaining if i not in rank]
-            continue
-        while len(chosen) < count:
-            chosen_costs = [predicted[i, 1] for i in chosen]
-            best = min(rank, key=lambda i: (_spread_after(front_costs, chosen_costs + [predicted[i, 1]]),
-                                            predicted[i, 0], i))
-            chosen.append(best)
-            rank.remove(best)
-    return chosen
-
-
-def select_by_spread(costs: np.ndarray, front_costs: np.ndarray, count: int) -> list[int]:
-    """The reference's subset selection: the ``count`` entries of ``costs`` (all of them when
-    there are no more) that, with ``front_costs``, leave the most even gaps, i.e. minimise the
-    standard deviation of the gaps between the sorted costs (:func:`_spread_after`). Predicted
-    errors play no part. Returns the chosen indices in ascending order (the reference's boolean
-    mask read in order).
-
-    The reference searches the subsets with a genetic algorithm (population 100, 60
-    generations, a penalty unless exactly ``count`` are chosen), a heuristic; here the minimum
-    is exact. Once the first and the last of the sorted costs kept are fixed, the number of
-    gaps ``m`` and their sum (last - first) are fixed, so the variance
-    ``sum(g^2) / m - (sum(g) / m)^2`` is least when the sum of the squared gaps is: a shortest
-    path through the sorted costs that passes every front cost and exactly ``count`` of the
-    others, found by dynamic programming for each possible first cost (a front cost cannot be
-    skipped, so the first is at or before the lowest front cost, the last at or after the
-    highest). Ties: the first start, then the first path found, in sorted order.
-    """
-    costs = np.asarray(costs, dtype=np.float64).reshape(-1)
-    front_costs = np.asarray(front_costs, dtype=np.float64).reshape(-1)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"count must be an int >= 0, got {count!r}")
-    if not (np.all(np.isfinite(costs)) and np.all(np.isfinite(front_costs))):
-        raise ValueError("costs and front_costs must be finite")
-    n, f = len(costs), len(front_costs)
-    if count >= n:
-        return list(range(n))
-    if count == 0:
-        return []
-    gaps = f + count - 1
-    if gaps == 0:
-        return [0]   # one cost alone: no gaps, every choice alike
-    values = np.concatenate([front_costs, costs])
-    order = np.lexsort((np.arange(f + n), values))
-    x, forced = values[order], order < f
-    size = len(x)
-    forced_at = np.flatnonzero(forced)
-    lowest_forced = int(forced_at[0]) if f else size - 1
-    highest_forced = int(forced_at[-1]) if f else 0
-    # the next front cost after each position: a path may not step over it
-    next_forced = np.full(size, size - 1)
-    for i in range(size - 2, -1, -1):
-        next_forced[i] = i + 1 if forced[i + 1] else next_forced[i + 1]
-    best_value, best_path = np.inf, None
-    for first in range(lowest_forced + 1):
-        # squared[j, k]: least sum of squared gaps of a path from `first` to j with k costs chosen
-        squared = np.full((size, count + 1), np.inf)
-        previous = np.full((size, count + 1), -1, dtype=np.int64)
-        squared[first, 0 if forced[first] else 1] = 0.0
-        for i in range(first, size - 1):
-            if not np.isfinite(squared[i]).any():
-                continue
-            js = np.arange(i + 1, next_forced[i] + 1)
-            step = (x[js] - x[i])[:, None] ** 2
-            reached = np.full((len(js), count + 1), np.inf)
-            reached[forced[js]] = squared[i] + step[forced[js]]
-            reached[~forced[js], 1:] = squared[i, :-1] + step[~forced[js]]
-            better = reached < squared[js]
-            squared[js] = np.where(better, reached, squared[js])
-            previous[js] = np.where(better, i, previous[js])
-        for last in range(max(first, highest_forced), size):
-            if np.isfinite(squared[last, count]):
-                variance = squared[last, count] / gaps - ((x[last] - x[first]) / gaps) ** 2
-                if variance < best_value:
-                    best_value, best_path = variance, (first, last, previous.copy())
-    first, last, previous = best_path
-    chosen, j, k = [], last, count
-    while True:
-        if not forced[j]:
-            chosen.append(int(order[j]) - f)
-        if j == first:
-            break
-        j, k = int(previous[j, k]), k - (0 if forced[j] else 1)
-    return sorted(chosen)
-
-
-def propose_candidates(
-    archive: np.ndarray,
-    objectives: np.ndarray,
-    predictor: FittedPredictor,
-    cost: Callable[[Genotype], float],
-    count: int,
-    config: Nsganetv2Config,
-    *,
-    seed: int,
-) -> np.ndarray:
-    """NSGA-II on (predicted error, cost) from the archive's non-dominated set; returns up to
-    ``count`` encodings (rows) not in ``archive``, chosen by :func:`select_candidates`
-    (``config.candidate_selection == "rank"``) or :func:`select_by_spread` (``"spread"``)."""
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-    from pymoo.core.problem import Problem
-    from pymoo.operators.crossover.pntx import TwoPointCrossover
-    from pymoo.operators.mutation.pm import PM
-    from pymoo.operators.repair.rounding import RoundingRepair
-    from pymoo.optimize import minimize
-
-    upper = encoding.upper_bounds()
-    cost_cache: dict[tuple[int, ...], float] = {}
-
-    def vector_cost(vector: np.ndarray) -> float:
-        k = encoding.key(vector)
-        if k not in cost_cache:
-            cost_cache[k] = cost(encoding.decode(vector))
-        return cost_cache[k]
-
-    class SurrogateProblem(Problem):
-        def __init__(self) -> None:
-            super().__init__(n_var=encoding.ENCODING_LENGTH, n_obj=2, xl=np.zeros_like(upper), xu=upper, vtype=int)
-
-        def _evaluate(self, X, out, *args, **kwargs):
-            X = np.round(X).astype(np.int64)
-            out["F"] = np.column_stack([predictor.predict(X / upper), [vector_cost(x) for x in X]])
-
-    front = non_dominated(objectives)
-    algorithm = NSGA2(
-        pop_size=config.population,
-        sampling=archive[front].astype(np.int64),
-        crossover=TwoPointCrossover(prob=config.crossover_prob),
-        mutation=PM(prob=1.0, eta=config.mutation_eta, vtype=float, repair=RoundingRepair()),
-        eliminate_duplicates=True,
-    )
-    result = minimize(SurrogateProblem(), algorithm, ("n_gen", config.generations), seed=seed, verbose=False)
-    X = np.round(result.pop.get("X")).astype(np.int64)
-    F = result.pop.get("F")
-    seen = {encoding.key(x) for x in archive}
-    fresh = []
-    for i, x in enumerate(X):
-        k = encoding.key(x)
-        if k not in seen:
-            seen.add(k)
-            fresh.append(i)
-    if config.candidate_selection == "spread":
-        picked = select_by_spread(F[fresh, 1], objectives[front, 1], count)
-    else:
-        picked = select_candidates(F[fresh], objectives[front, 1], count)
-    return X[[fresh[i] for i in picked]].reshape(-1, encoding.ENCODING_LENGTH)
 
 
 # --------------------------------------------------------------------------- fine-tuned measurement
