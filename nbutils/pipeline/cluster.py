@@ -95,6 +95,20 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
                 progress.finished(stage, outcome)
         return [outcomes[id(s)] for s in stages]
     finally:
+        if cluster is not None:   # our own workers: their shutdown is not the user's concern
+            try:
+                client.run(quiet_shutdown)
+            except Exception:
+                pass
+            logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def quiet_shutdown() -> None:
+    """In a local worker: stay silent while the cluster shuts down. A worker slow to exit on a
+    busy machine otherwise logs its heartbeat's failure to reach the closed scheduler, with a
+    traceback, after a run that went well."""
+    for name in ("distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
