@@ -48,19 +48,21 @@ def alpha_heatmaps(alphas: np.ndarray, title: str = "normal cell", columns: int 
     rows = math.ceil(epochs / columns)
     fig = Figure(figsize=(3.1 * columns + 1.2, 3.6 * rows), layout="constrained")
     axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
-    top = float(weights.max())
+    # diverging around the uniform weight 1/8 (undecided): blue edges lose an operation, red ones choose it
+    uniform = 1.0 / weights.shape[-1]
+    spread_ = max(float(np.abs(weights - uniform).max()), 1e-6)
     image = None
     for i, ax in enumerate(axes.flat):
         if i >= epochs:
             ax.set_visible(False)
             continue
-        image = ax.imshow(weights[i], cmap="viridis", vmin=0.0, vmax=top, aspect="auto")
+        image = ax.imshow(weights[i], cmap="RdBu_r", vmin=uniform - spread_, vmax=uniform + spread_, aspect="auto")
         ax.set_title(f"after epoch {shown[i] + 1}", fontsize=9)
         ax.set_xticks(range(len(PRIMITIVES)), PRIMITIVES, rotation=90, fontsize=7)
         ax.set_yticks(range(weights.shape[1]), edge_names() if i % columns == 0 else [""] * weights.shape[1],
                       fontsize=7)
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.6, label="softmax(alpha)")
+        fig.colorbar(image, ax=axes, shrink=0.6, label=f"softmax(alpha); white = 1/{weights.shape[-1]}, undecided")
     fig.suptitle(f"{title}: the mixed operation's weights, epoch by epoch")
     return fig
 
@@ -149,47 +151,50 @@ def metric_scatter(table: pd.DataFrame, columns: int = 3) -> Figure:
     return fig
 
 
+def worked_row(table: pd.DataFrame):
+    """The report cell to work by hand: the first poisoned cell of a :func:`~nbutils.report.tables.results_table`
+    whose Welch test is defined (its p-value finite), or None."""
+    tested = table[(table.attack != "none") & table.p.notna()]
+    return None if tested.empty else tested.iloc[0]
+
+
 def worked_cell(results: pd.DataFrame, algorithm: str, attack: str, budget, alpha: float = 0.05) -> dict:
     """One cell of the robustness table worked by hand, number by number: the clean and the
     poisoned trials' accuracies, their means and sample standard deviations, Welch's t and its
     Welch-Satterthwaite degrees of freedom, the one-sided p-value, its Benjamini-Hochberg
     adjustment among the algorithm's poisoned cells, and dImp against random sampling.
-    ``results``: :func:`nbutils.report.tables.load_results`'s frame (accuracies in percent).
-    The same functions as the report's (:mod:`nbutils.report.stats`), so the numbers agree."""
-    main = results[results["study"] == "main"]
-    clean = main[(main.algorithm == algorithm) & (main.attack == "none")]["acc"].to_numpy(float)
-    poisoned_rows = main[(main.algorithm == algorithm) & (main.attack == attack)]
-    if budget is not None:
-        poisoned_rows = poisoned_rows[np.isclose(poisoned_rows.budget.astype(float), float(budget))]
-    poisoned = poisoned_rows["acc"].to_numpy(float)
-    random = main[main.algorithm == "random"]["acc"].to_numpy(float)
+
+    ``results``: :func:`nbutils.report.tables.load_results`'s rows of the table's dataset and
+    study (accuracies in percent), as :func:`~nbutils.report.tables.results_table` reads them.
+    The p-values come from the report's own functions (:mod:`nbutils.report.stats`), so they
+    agree with the table; t and the degrees of freedom are spelled out here."""
+    ours = results[results.algorithm == algorithm]
+    clean = ours.loc[ours.attack == "none", "acc"].to_numpy(float)
+    random = results.loc[results.algorithm == "random", "acc"].to_numpy(float)
+
+    def rows(a, b) -> np.ndarray:
+        same = ours.budget.isna() if b is None or (isinstance(b, float) and math.isnan(b)) else ours.budget == b
+        return ours.loc[(ours.attack == a) & same, "acc"].to_numpy(float)
+
+    poisoned = rows(attack, budget)
     m_c, m_p = clean.mean(), poisoned.mean()
     s_c, s_p = clean.std(ddof=1), poisoned.std(ddof=1)
     v_c, v_p = s_c**2 / len(clean), s_p**2 / len(poisoned)
     se = math.sqrt(v_c + v_p)
     t = (m_p - m_c) / se if se > 0 else math.nan
     df = (v_c + v_p) ** 2 / (v_c**2 / (len(clean) - 1) + v_p**2 / (len(poisoned) - 1)) if se > 0 else math.nan
-    p = welch_less(poisoned, clean)
-    # BH over every poisoned condition of this algorithm (as the report does)
-    conditions = main[(main.algorithm == algorithm) & (main.attack != "none")][["attack", "budget"]] \
-        .drop_duplicates().itertuples(index=False)
-    pvalues, ours = [], None
-    for a, b in conditions:
-        rows = main[(main.algorithm == algorithm) & (main.attack == a)]
-        if b is not None and not (isinstance(b, float) and math.isnan(b)):
-            rows = rows[np.isclose(rows.budget.astype(float), float(b))]
-        if a == attack and (budget is None or (b is not None and np.isclose(float(b), float(budget)))):
-            ours = len(pvalues)
-        pvalues.append(welch_less(rows["acc"].to_numpy(float), clean))
+    # Benjamini-Hochberg over every poisoned condition of this algorithm, as the report does
+    conditions = [(a, None if (isinstance(b, float) and math.isnan(b)) else b)
+                  for a, b in ours.loc[ours.attack != "none", ["attack", "budget"]].drop_duplicates().itertuples(index=False)]
+    pvalues = [welch_less(rows(a, b), clean) for a, b in conditions]
     reject, adjusted = benjamini_hochberg(pvalues, alpha)
+    mine = next(i for i, (a, b) in enumerate(conditions) if a == attack and (b == budget or (b is None and budget is None)))
+    random_mean = random.mean() if len(random) else math.nan
     return {
-        "clean accuracies": clean.round(2).tolist(), "poisoned accuracies": poisoned.round(2).tolist(),
+        "clean accuracies (%)": clean.round(2).tolist(), "poisoned accuracies (%)": poisoned.round(2).tolist(),
         "clean mean": m_c, "clean std": s_c, "poisoned mean": m_p, "poisoned std": s_p,
-        "standard error": se, "t": t, "Welch df": df, "one-sided p": p,
-        "p-values of the algorithm's cells": [round(x, 4) for x in pvalues],
-        "BH-adjusted p": float(adjusted[ours]) if ours is not None else math.nan,
-        "significant drop": bool(reject[ours]) if ours is not None else False,
-        "random mean": random.mean() if len(random) else math.nan,
-        "dImp (poisoned)": delta_improvement(m_p, random.mean()) if len(random) else math.nan,
-        "dImp (clean)": delta_improvement(m_c, random.mean()) if len(random) else math.nan,
+        "standard error": se, "Welch t": t, "Welch df": df, "one-sided p": pvalues[mine],
+        "cells in the BH family": len(pvalues), "rank of this p": int(1 + sum(p < pvalues[mine] for p in pvalues if np.isfinite(p))),
+        "BH-adjusted p": float(adjusted[mine]), "significant drop": bool(reject[mine]),
+        "random mean": random_mean, "dImp": delta_improvement(m_p, random_mean),
     }
