@@ -149,6 +149,22 @@ def ensure_inputs(stage: Stage, outputs: str | Path | None = None, log=print) ->
     return {role: str(store.path(s.kind, s.key)) for role, s in stage.inputs.items()}
 
 
+def stage_artifact(stage: Stage, outputs: str | Path | None = None, log=print) -> Path:
+    """The artifact folder of ``stage`` itself, for a notebook that walks several stages (the
+    tour): the user's when a run computed it in ``outputs``, else the scratch store's, computed
+    there (after the stages it reads, :func:`ensure_inputs`) if need be."""
+    user = ArtifactStore(user_outputs(outputs))
+    if user.exists(stage.kind, stage.key):
+        return user.path(stage.kind, stage.key)
+    store = ArtifactStore(scratch_folder() / "store")
+    if not store.exists(stage.kind, stage.key):
+        inputs = ensure_inputs(stage, outputs, log)
+        start = time.perf_counter()
+        compute_stage(stage, store, inputs)
+        log(f"{stage.label}: {time.perf_counter() - start:.1f} s")
+    return store.path(stage.kind, stage.key)
+
+
 def example_stage(kind: str, preset: str | Path | None = None, outputs: str | Path | None = None,
                   prefer: dict | None = None, log=print) -> tuple[dict, dict, str]:
     """A stage of ``kind`` for a notebook run by hand: its spec, its inputs (computed if need
