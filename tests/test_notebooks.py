@@ -74,3 +74,34 @@ def test_notebook_runs_standalone(notebook, fresh_clone):
     shown = sum(1 for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
                 if o["output_type"] in ("display_data", "execute_result"))
     assert shown >= 2, f"{notebook.name} showed {shown} results"
+
+
+def test_a_stage_by_hand_is_chosen_from_the_lesson_preset(tmp_path):
+    """Run by hand, a notebook's stage is one that reads inputs, with the fewest to compute; the
+    lesson preset has every kind but the CLF surrogate and the defences, taken from the tour."""
+    from nbutils.core.store import ArtifactStore
+
+    stages = examples.preset_stages(examples.LESSON_PRESET)
+    kinds = {s.kind for s in stages}
+    assert kinds == set(code_versions.NOTEBOOK_OF) - {"surrogate", "defend"}
+    assert {s.kind for s in examples.preset_stages(examples.FALLBACK_PRESET)} >= {"surrogate", "defend"}
+    empty = (ArtifactStore(tmp_path),)
+    search = examples.choose_stage(stages, "search", stores=empty)
+    assert search.meta["attack"] == "rlf" and len(examples.upstream(search)) == 1   # its poison only
+    poison = examples.choose_stage(stages, "poison", {"attack": "gc"}, stores=empty)
+    assert poison.meta["attack"] == "gc" and {s.kind for s in examples.upstream(poison)} == {"search", "retrain"}
+    retrain = examples.choose_stage(stages, "retrain", stores=empty)
+    assert [s.kind for s in examples.upstream(retrain)] == ["search"] and not retrain.inputs["search"].inputs
+    report = examples.choose_stage(stages, "report", stores=empty)
+    order = examples.upstream(report)
+    assert all(examples.upstream(s) == [] or set(map(id, examples.upstream(s))) <= set(map(id, order[:i]))
+               for i, s in enumerate(order))   # each after the stages it reads
+
+
+def test_scratch_and_outputs_follow_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(examples.SCRATCH_ENV, str(tmp_path / "scratch"))
+    monkeypatch.setenv(examples.OUTPUTS_ENV, str(tmp_path / "outputs"))
+    assert examples.scratch_folder() == tmp_path / "scratch" and examples.scratch_folder().is_dir()
+    assert examples.user_outputs() == tmp_path / "outputs"
+    monkeypatch.delenv(examples.OUTPUTS_ENV)
+    assert examples.user_outputs() == code_versions.PROJECT_ROOT / "outputs"
