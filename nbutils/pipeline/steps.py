@@ -3,7 +3,8 @@ compute, write the results into the stage's folder, return what the notebook sho
 
 A notebook cell reads like a sentence: ``result = steps.search(spec, inputs, out_dir)``.
 The runner fills ``spec``, ``inputs`` (role -> artifact folder) and ``out_dir``; run by hand,
-``example_stage`` gives the first stage of a preset's kind with its inputs found in the store.
+:func:`nbutils.pipeline.examples.example_stage` gives a stage of the notebook's ``preset`` (the lesson's
+by default), computing its inputs into a scratch folder if no run has computed them.
 The search and retrain notebooks take the trials of one condition at once (``trials``, a list
 of those three) and run them with :func:`run_trials`.
 """
