@@ -59,7 +59,7 @@ def test_digest_follows_the_code_a_kind_runs(package_copy):
 
 def test_digest_sees_the_notebook_and_the_c_sources(package_copy):
     before = code_versions.current_digests()
-    edit(package_copy / "notebooks" / "04_retrain.ipynb", "steps.retrain", "steps.retrain ")
+    edit(package_copy / "notebooks" / "04_retrain.ipynb", "run_trials(steps.retrain", "run_trials(steps.retrain ")   # a code cell
     assert code_versions.code_digest("retrain") != before["retrain"]["digest"]
     edit(package_copy / "nbutils" / "accel" / "channels_last_kernels.c", "\n", "\n/* edited */\n")
     assert code_versions.code_digest("search") != before["search"]["digest"]

@@ -3,7 +3,8 @@ compute, write the results into the stage's folder, return what the notebook sho
 
 A notebook cell reads like a sentence: ``result = steps.search(spec, inputs, out_dir)``.
 The runner fills ``spec``, ``inputs`` (role -> artifact folder) and ``out_dir``; run by hand,
-``example_stage`` gives the first stage of a preset's kind with its inputs found in the store.
+:func:`nbutils.pipeline.examples.example_stage` gives a stage of the notebook's ``preset`` (the lesson's
+by default), computing its inputs into a scratch folder if no run has computed them.
 The search and retrain notebooks take the trials of one condition at once (``trials``, a list
 of those three) and run them with :func:`run_trials`.
 """
@@ -48,7 +49,10 @@ WEIGHTS_FILE = "weights.pt"
 RESULT_FILE = "result.json"
 
 
-def _data(spec: dict) -> params.DataParams:
+def data_params(spec: dict) -> params.DataParams:
+    """A stage spec's ``data`` section, validated: which dataset, how many images, what size
+    (what :func:`search_pool` and :func:`retrain_sets` take). Public for the notebooks, which
+    show the clean images a stage started from."""
     return params.DataParams.model_validate(spec["data"])
 
 
@@ -80,7 +84,7 @@ def surrogate(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     seed = int(spec["seed"])
     seed_everything(seed)
     device = resolve_device(spec.get("device", "auto"))
-    pool = search_pool(_data(spec))
+    pool = search_pool(data_params(spec))
     mean, std = channel_stats(pool)
     start = time.perf_counter()
     model = train_surrogate(pool, **spec["config"], seed=seed, device=device, mean=mean, std=std)
@@ -107,7 +111,7 @@ def craft_poisons(spec: dict, inputs: dict, out_dir: str | Path) -> PoisonSet:
     """Craft one poison set against the clean search data and save it as the attacker publishes it."""
     attack = AttackConfig(**spec["attack"])   # a bad spec fails here, before any data is read
     device = resolve_device(spec.get("device", "auto"))
-    pool = search_pool(_data(spec))
+    pool = search_pool(data_params(spec))
     models = attacker_models(spec, inputs)
     seed_everything(attack.seed)
     poison_set = poison(pool, attack, models=models, device=device, normalisation=channel_stats(pool))
@@ -185,7 +189,7 @@ def defend(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     defense = DefenseConfig(**spec["defense"])   # a bad spec fails here, before any data is read
     device = resolve_device(spec.get("device", "auto"))
     seed_everything(defense.seed)
-    data = _data(spec)
+    data = data_params(spec)
     clean = search_pool(data)
     poison_set = PoisonSet.load(inputs["poison"], clean)
     poisoned = poison_set.apply(clean)
@@ -269,7 +273,7 @@ def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
         device = torch.device("cpu")
     else:
         device = resolve_device(spec.get("device", "auto"))
-        pool = search_pool(_data(spec))
+        pool = search_pool(data_params(spec))
         normalisation = channel_stats(pool)  # from the clean images, so poisons cannot shift it
         if "poison" in inputs:
             pool = PoisonSet.load(inputs["poison"], pool).apply(pool)
@@ -324,7 +328,7 @@ def retrain(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     seed_everything(seed)
     device = resolve_device(spec.get("device", "auto"))
     genotype = load_genotype(inputs["search"])
-    train_set, test_set = retrain_sets(_data(spec))
+    train_set, test_set = retrain_sets(data_params(spec))
     result = retrain_network(genotype, train_set, test_set, RetrainConfig(**spec["config"]), seed=seed, device=device)
     model = result.pop("model")
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
@@ -347,7 +351,7 @@ def metric_sensitivity(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     config = dict(spec["config"])
     seed = int(config.pop("seed"))
     device = resolve_device(spec.get("device", "auto"))
-    clean = search_pool(_data(spec))
+    clean = search_pool(data_params(spec))
     poisoned = PoisonSet.load(inputs["poison"], clean).apply(clean)
     config["samples"] = min(config["samples"], len(clean))
     start = time.perf_counter()
