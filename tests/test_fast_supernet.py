@@ -225,6 +225,23 @@ def test_float32_as_accurate_as_plain(shape, kw, c_kernels):
             assert e_fast <= 10 * e_plain + 1e-5, (n or "logits", e_fast, e_plain)
 
 
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_activations_channels_last_also_for_one_input_channel(in_channels, monkeypatch):
+    """Every batch norm sees a channels_last tensor, also for grey images, whose input is NCHW
+    and channels_last at once (the stem must not hand NCHW on to the cells)."""
+    from nbutils.accel import fast_supernet
+    layouts = []
+    batch_norm = fast_supernet._batch_norm
+
+    def recording(x, *args, **kw):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return batch_norm(x, *args, **kw)
+    monkeypatch.setattr(fast_supernet, "_batch_norm", recording)
+    _, fast = pair(torch.float32, channels=4, layers=3, in_channels=in_channels)
+    run(fast, *random_batch(4, in_channels, 8, dtype=torch.float32))
+    assert layouts and all(layouts)
+
+
 # --------------------------------------------------------------------------- autograd: second order, functional_call
 
 

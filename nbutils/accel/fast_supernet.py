@@ -689,7 +689,11 @@ class FastSuperNet(SuperNet):
         conv, bn = self.stem
         x = x.contiguous(memory_format=_CL)
         stats = _RunningStats()
-        out = _batch_norm(conv(x), bn, stats)
+        # With one input channel (grey images) the input's channels_last and NCHW layouts are
+        # the same strides, PyTorch takes it for NCHW and the stem's convolution returns NCHW:
+        # made channels_last here, every later tensor is too (else the whole network would run
+        # in NCHW, on none of the channels_last kernels)
+        out = _batch_norm(conv(x).contiguous(memory_format=_CL), bn, stats)
         relu_s0 = relu_s1 = F.relu(out)
         last = len(self.cells) - 1
         for i, cell in enumerate(self.cells):
