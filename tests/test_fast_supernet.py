@@ -249,9 +249,11 @@ def test_activations_channels_last_also_for_one_input_channel(in_channels, monke
     (3, 1, 1, 6), (5, 1, 1, 6), (3, 1, 2, 6), (5, 1, 2, 8), (3, 1, 2, 5),
     (3, 2, 1, 6), (5, 2, 1, 5), (3, 2, 2, 6), (5, 2, 2, 7),
 ])
-def test_depthwise_conv_gradgradcheck(k, stride, dilation, size):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])   # oneDNN's, the C kernels
+def test_depthwise_conv_gradgradcheck(k, stride, dilation, size, layout):
     g = torch.Generator().manual_seed(k * 10 + stride + dilation)
-    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64).contiguous(memory_format=layout)
+    x.requires_grad_()
     w = torch.randn(3, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
     pad = dilation * (k - 1) // 2
     ref = F.conv2d(x, w, None, stride, pad, dilation, 3)

@@ -40,10 +40,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "scaled_add_backward"]
+__all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "scaled_add_backward", "depthwise_applies",
+           "depthwise_forward", "depthwise_input_grad", "depthwise_weight_grad"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("channels_last_kernels.c", "channels_last_kernels.h")]
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("channels_last_kernels.c", "channels_last_kernels.h", "channels_last_depthwise.h")]
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 _DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
@@ -111,6 +113,12 @@ def _library() -> ctypes.CDLL | None:
         scaled = getattr(lib, "scaled_add_backward" + suffix)
         scaled.argtypes = [p, p, i64, i64, p, p, p]
         scaled.restype = None
+        for name, args in (("dw_forward", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p, i64, i64]),
+                           ("dw_input_grad", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_int, p]),
+                           ("dw_weight_grad", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, p])):
+            function = getattr(lib, name + suffix)
+            function.argtypes = args
+            function.restype = None
     return lib
 
 
@@ -218,3 +226,60 @@ def scaled_add_backward(grad: torch.Tensor, value: torch.Tensor, scale: torch.Te
             _pointer(grad), _pointer(value), value.numel() // c, c, _pointer(s), _pointer(grad_value),
             _pointer(grad_scale))
     return grad_value, _like(grad_scale, scale)
+
+
+# --------------------------------------------------------------------------- depthwise convolution
+
+
+def depthwise_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the C depthwise convolution takes input ``x`` and weight ``w`` (C x 1 x K x K):
+    ``x`` as :func:`applies` wants it, ``w`` dense, of its dtype, without autograd history
+    being needed inside the kernel (callers pass detached tensors through their own Function)."""
+    return (applies(x) and w.dtype == x.dtype and w.device == x.device and w.dim() == 4 and w.shape[1] == 1
+            and w.shape[0] == x.shape[1] and w.shape[2] == w.shape[3])
+
+
+def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def depthwise_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """``F.conv2d(x, w, None, stride, padding, dilation, groups=C)`` (no autograd) for ``x``, ``w``
+    that :func:`depthwise_applies` takes; the output is channels_last."""
+    n, c, h, wd = x.shape
+    k = w.shape[-1]
+    oh, ow = _out_size(h, k, stride, padding, dilation), _out_size(wd, k, stride, padding, dilation)
+    out = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    w = w.detach().contiguous()
+    getattr(_library(), "dw_forward" + _DTYPES[x.dtype])(
+        _pointer(x), n, h, wd, c, _pointer(w), k, stride, padding, dilation, _pointer(out), oh, ow)
+    return out
+
+
+def depthwise_input_grad(grad: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, dilation: int,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """d loss / d input of :func:`depthwise_forward` given ``grad`` (made channels_last), a
+    channels_last tensor of shape ``x_shape``; added into ``out`` (channels_last) if given."""
+    n, c, h, wd = x_shape
+    k = w.shape[-1]
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(tuple(x_shape), dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last)
+    w = w.detach().contiguous()
+    getattr(_library(), "dw_input_grad" + _DTYPES[grad.dtype])(
+        _pointer(grad), n, h, wd, c, _pointer(w), k, stride, padding, dilation, grad.shape[2], grad.shape[3],
+        int(accumulate), _pointer(out))
+    return out
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, stride: int, padding: int,
+                          dilation: int) -> torch.Tensor:
+    """d loss / d weight (C x 1 x k x k) of :func:`depthwise_forward` of ``x`` given ``grad``."""
+    n, c, h, wd = x.shape
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    gw = x.new_empty((c, 1, k, k))
+    getattr(_library(), "dw_weight_grad" + _DTYPES[x.dtype])(
+        _pointer(x), n, h, wd, c, _pointer(grad), k, stride, padding, dilation, grad.shape[2], grad.shape[3],
+        _pointer(gw))
+    return gw

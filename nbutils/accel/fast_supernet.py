@@ -198,6 +198,22 @@ def _engine_will_need(t: torch.Tensor) -> bool:
         return True
 
 
+def _dw_c_kernels(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a depthwise convolution of ``x`` by ``w`` runs on the C kernels
+    (:func:`channels_last_kernels.depthwise_forward` and its gradients): a channels_last
+    CPU tensor, and not while a graph of the backward is being recorded (double backward
+    differentiates the PyTorch operations instead)."""
+    return not torch.is_grad_enabled() and channels_last_kernels.depthwise_applies(x, w)
+
+
+def _dw_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """``F.conv2d(x, w, None, stride, padding, dilation, groups=C)`` inside an autograd
+    Function's forward (grad mode off): on the C kernels where they apply."""
+    if _dw_c_kernels(x, w):
+        return channels_last_kernels.depthwise_forward(x, w, stride, padding, dilation)
+    return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
+
+
 class _DepthwiseConv(torch.autograd.Function):
     """Depthwise 2-D convolution (groups = channels, no bias) with a faster CPU backward.
 
@@ -208,18 +224,21 @@ class _DepthwiseConv(torch.autograd.Function):
     def forward(ctx, x, w, stride: int, padding: int, dilation: int, polyphase: bool):
         ctx.save_for_backward(x, w)
         ctx.conf = (stride, padding, dilation, polyphase)
-        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
+        return _dw_forward(x, w, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         stride, padding, dilation, polyphase = ctx.conf
         grad = grad.contiguous(memory_format=_layout(x))
+        in_c = _dw_c_kernels(x, w)
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = depthwise_input_grad(grad, w, x.shape, stride, padding, dilation)
+            gx = (channels_last_kernels.depthwise_input_grad(grad, w, x.shape, stride, padding, dilation) if in_c else
+                  depthwise_input_grad(grad, w, x.shape, stride, padding, dilation))
         if ctx.needs_input_grad[1] and _engine_will_need(w):
-            gw = _weight_grad(_Prepared(x), grad, w.shape[-1], stride, padding, dilation, polyphase)
+            gw = (channels_last_kernels.depthwise_weight_grad(x, grad, w.shape[-1], stride, padding, dilation) if in_c
+                  else _weight_grad(_Prepared(x), grad, w.shape[-1], stride, padding, dilation, polyphase))
         return gx, gw, None, None, None, None
 
 
@@ -231,7 +250,7 @@ def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding:
     computes a dilated kernel's weight gradient directly (faster for few channels and small
     batches, e.g. :mod:`nbutils.nas.ntk_replicas`)."""
     k = w.shape[-1]
-    if stride == 2 and dilation == 2 and padding == k - 1:
+    if stride == 2 and dilation == 2 and padding == k - 1 and not channels_last_kernels.depthwise_applies(x, w):
         return _DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1, polyphase)
     return _DepthwiseConv.apply(x, w, stride, padding, dilation, polyphase)
 
@@ -252,7 +271,7 @@ class _DepthwiseFanout(torch.autograd.Function):
         ctx.save_for_backward(x, *weights)
         ctx.confs = confs
         ctx.set_materialize_grads(False)
-        return tuple(F.conv2d(x, w, None, 1, padding, dilation, x.shape[1]) for (padding, dilation), w in zip(confs, weights))
+        return tuple(_dw_forward(x, w, 1, padding, dilation) for (padding, dilation), w in zip(confs, weights))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -265,11 +284,16 @@ class _DepthwiseFanout(torch.autograd.Function):
             if grad is None:
                 continue
             grad = grad.contiguous(memory_format=layout)
+            in_c = _dw_c_kernels(x, w)
             if ctx.needs_input_grad[0]:
-                g = depthwise_input_grad(grad, w, x.shape, 1, padding, dilation)
-                gx = g if gx is None else gx.add_(g)
+                if in_c:   # summed into gx in the kernel
+                    gx = channels_last_kernels.depthwise_input_grad(grad, w, x.shape, 1, padding, dilation, out=gx)
+                else:
+                    g = depthwise_input_grad(grad, w, x.shape, 1, padding, dilation)
+                    gx = g if gx is None else gx.add_(g)
             if ctx.needs_input_grad[2 + i] and _engine_will_need(w):
-                gws[i] = _weight_grad(prepared, grad, w.shape[-1], 1, padding, dilation)
+                gws[i] = (channels_last_kernels.depthwise_weight_grad(x, grad, w.shape[-1], 1, padding, dilation)
+                          if in_c else _weight_grad(prepared, grad, w.shape[-1], 1, padding, dilation))
         return gx, None, *gws
 
 
