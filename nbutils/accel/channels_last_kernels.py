@@ -1,5 +1,6 @@
 """C kernels for the fast supernet's channels_last CPU tensors: training-mode batch norm
-(optionally followed by a ReLU), and the backward of a per-channel scaled add.
+(optionally followed by a ReLU), the backward of a per-channel scaled add, and depthwise
+convolution with its two gradients.
 
 PyTorch's CPU batch norm on channels_last tensors is slow for the narrow tensors of a DARTS
 supernet (16-64 channels) and inaccurate in float32: it accumulates its sums in float32, with
@@ -16,9 +17,17 @@ The backward of ``total + value * scale`` (``scale`` per channel, the architectu
 an identity or a shared pool) makes ``grad * scale`` and the per-channel sums of
 ``grad * value`` in one pass; autograd's own makes two full-size products and a reduction.
 
+Depthwise convolution (``channels_last_depthwise.h``; any stride, padding, dilation, square
+kernel): at the supernet's sizes (8-64 channels, 4x4 to 32x32 pixels) oneDNN's depthwise
+convolution is dominated by its fixed cost per call, and its backward is slow for dilated and
+5x5 kernels. The C loops run over a row's pixels and channels as one contiguous span per
+kernel tap (the tap's weights repeated along the row), which the compiler vectorises; the
+weight gradient sums each image in the tensor's type and the images in double.
+
 The C source is compiled on first use with the system's C compiler (``cc``, ``-O3
--march=native -fopenmp``) into a per-user cache keyed by the source, the flags and the CPU;
-it calls no PyTorch API (``ctypes`` passes raw pointers), so it builds quickly and
+-march=native -mprefer-vector-width=512 -fopenmp``: 512-bit vectors where the CPU has them, a
+little faster for the convolutions' spans, the same arithmetic per channel) into a per-user
+cache keyed by the source, the flags and the CPU; it calls no PyTorch API (``ctypes`` passes raw pointers), so it builds quickly and
 shares PyTorch's OpenMP runtime (the same ``libgomp.so.1`` soname), whose thread count
 ``torch.set_num_threads`` sets. Without a compiler, or with ``NBUTILS_NO_C_KERNELS=1``,
 :func:`available` is false and callers use PyTorch's kernels.
@@ -45,7 +54,8 @@ __all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "scaled_ad
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("channels_last_kernels.c", "channels_last_kernels.h", "channels_last_depthwise.h")]
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
+          "-fPIC", "-shared"]
 _DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}
 
 

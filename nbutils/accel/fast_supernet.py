@@ -15,8 +15,15 @@ alternatives tried and dropped, are in ``benchmarks/README.md``):
   into both, statistics summed accurately enough that the input need not be centred (see
   Accuracy); the backward of the scaled adds (below) is one C pass too. Without a C
   compiler, PyTorch's kernels run instead, with the centring.
-* **depthwise convolution with a hand-written backward** (:class:`_DepthwiseConv`): oneDNN's
-  own backward is slow for most depthwise shapes (the input gradient of a dilated 3x3 and
+* **depthwise convolution in C** (:func:`channels_last_kernels.depthwise_forward` and its two
+  gradients, in :class:`_DepthwiseConv` and :class:`_DepthwiseFanout`) on channels_last CPU
+  tensors: at a CPU search's sizes oneDNN's depthwise convolution costs mostly its fixed
+  per-call overhead, and its backward is slow for most depthwise shapes (below); the C
+  kernels loop over each row's pixels and channels contiguously and accumulate the input
+  gradients of a fan-out in place. Double backward (``create_graph``) and tensors the kernels
+  do not take (no C compiler, NCHW) use oneDNN with the backward below.
+* **depthwise convolution with a hand-written backward** (:class:`_DepthwiseConv`, where the
+  C kernels do not apply): oneDNN's own backward is slow for most depthwise shapes (the input gradient of a dilated 3x3 and
   the weight gradient of a 5x5 cost many times their forward). The input gradient is
   computed as a forward depthwise convolution of the output gradient with the flipped kernel
   (stride 1) or as a transposed convolution (stride 2); the weight gradient of a dilation-2
