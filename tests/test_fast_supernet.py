@@ -367,3 +367,26 @@ def test_running_stats_with_cumulative_momentum():
     for seed in (0, 1):
         x, y = random_batch(4, 3, 8, seed=seed)
         assert_same(run(fast, x, y), run(plain, x, y))
+
+
+@pytest.mark.parametrize("relu,scaled", [(False, False), (True, True)])
+def test_pointwise_batch_norm_node_gradcheck(relu, scaled):
+    """The fused 1x1 convolution and batch norm (one autograd node) against autograd, to second order."""
+    from nbutils.accel.fast_supernet import _PointwiseBatchNorm
+    if not channels_last_kernels.available():
+        pytest.skip("no C kernels")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    conv = torch.randn(6, 4, 1, 1, generator=g, dtype=torch.float64)
+    scale = torch.rand(6, generator=g, dtype=torch.float64) + 0.5 if scaled else None
+    inputs = [x.requires_grad_(), conv.requires_grad_()] + ([scale.requires_grad_()] if scaled else [])
+
+    def f(x, conv, *scale):
+        return _PointwiseBatchNorm.apply(x, conv, scale[0] if scale else None, None, 1e-5, relu)[0]
+
+    def ref(x, conv, *scale):
+        out = F.batch_norm(F.conv2d(x, conv), None, None, scale[0] if scale else None, None, True, 0.0, 1e-5)
+        return out.relu() if relu else out
+    torch.testing.assert_close(f(*inputs), ref(*inputs))
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)

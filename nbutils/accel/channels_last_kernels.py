@@ -49,7 +49,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "scaled_add_backward", "depthwise_applies",
+__all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "bn_forward", "bn_backward",
+           "scaled_add_backward", "depthwise_applies",
            "depthwise_forward", "depthwise_input_grad", "depthwise_weight_grad"]
 
 _SOURCES = [Path(__file__).with_name(name)
@@ -151,7 +152,9 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 def _operand(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """A per-channel vector as the kernels read it: dense, of ``like``'s dtype, no autograd."""
-    return None if t is None else t.detach().to(like.dtype).contiguous()
+    if t is None or (t.dtype == like.dtype and t.is_contiguous()):   # data_ptr() reads it as it is
+        return t
+    return t.detach().to(like.dtype).contiguous()
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -162,13 +165,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, relu: bool):
-        c = x.shape[1]
-        w, b = _operand(weight, x), _operand(bias, x)
-        out = torch.empty_like(x, memory_format=torch.channels_last)
-        mean, invstd = x.new_empty(c), x.new_empty(c)
-        getattr(_library(), "bn_forward" + _DTYPES[x.dtype])(
-            _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), eps, int(relu), _pointer(out), _pointer(mean),
-            _pointer(invstd))
+        out, mean, invstd = bn_forward(x, weight, bias, eps, relu)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.relu = eps, relu
         ctx.mark_non_differentiable(mean, invstd)
@@ -180,28 +177,50 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         if grad is None:
             return None, None, None, None, None
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():   # create_graph: differentiable operations
-            return (*_differentiable_backward(grad, x, weight, bias, mean, invstd, ctx.eps, ctx.relu,
-                                              (need_x, need_w, need_b)), None, None)
-        c = x.shape[1]
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        w, b = _operand(weight, x), _operand(bias, x)
-        gx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
-        gw = x.new_empty(c) if need_w else None
-        gb = x.new_empty(c) if need_b else None
-        if need_x or need_w or need_b:
-            getattr(_library(), "bn_backward" + _DTYPES[x.dtype])(
-                _pointer(grad), _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), _pointer(mean),
-                _pointer(invstd), int(ctx.relu), _pointer(gx), _pointer(gw), _pointer(gb))
-        return gx, _like(gw, weight), _like(gb, bias), None, None
+            return (*differentiable_backward(grad, x, weight, bias, mean, invstd, ctx.eps, ctx.relu, need), None,
+                    None)
+        return (*bn_backward(grad, x, weight, bias, mean, invstd, ctx.relu, need), None, None)
+
+
+def bn_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of :class:`BatchNormFunction` without autograd: ``(out, mean, invstd)``."""
+    c = x.shape[1]
+    w, b = _operand(weight, x), _operand(bias, x)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    mean, invstd = x.new_empty(c), x.new_empty(c)
+    getattr(_library(), "bn_forward" + _DTYPES[x.dtype])(
+        _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), eps, int(relu), _pointer(out), _pointer(mean),
+        _pointer(invstd))
+    return out, mean, invstd
+
+
+def bn_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                mean: torch.Tensor, invstd: torch.Tensor, relu: bool, need) -> tuple:
+    """The backward of :func:`bn_forward` without autograd: the gradients of ``x``, ``weight``
+    and ``bias``, each only where ``need`` (three booleans) asks for it."""
+    need_x, need_w, need_b = need
+    c = x.shape[1]
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    w, b = _operand(weight, x), _operand(bias, x)
+    gx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
+    gw = x.new_empty(c) if need_w else None
+    gb = x.new_empty(c) if need_b else None
+    if need_x or need_w or need_b:
+        getattr(_library(), "bn_backward" + _DTYPES[x.dtype])(
+            _pointer(grad), _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), _pointer(mean),
+            _pointer(invstd), int(relu), _pointer(gx), _pointer(gw), _pointer(gb))
+    return gx, _like(gw, weight), _like(gb, bias)
 
 
 def _like(g: torch.Tensor | None, param: torch.Tensor | None) -> torch.Tensor | None:
     return None if g is None or param is None else g.to(param.dtype)
 
 
-def _differentiable_backward(grad, x, weight, bias, mean, invstd, eps, relu, mask):
+def differentiable_backward(grad, x, weight, bias, mean, invstd, eps, relu, mask):
+    """:func:`bn_backward` with PyTorch's differentiable operations (for double backward)."""
     if relu:
         out = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)[0]
         grad = grad * (out > 0)

@@ -61,6 +61,10 @@ alternatives tried and dropped, are in ``benchmarks/README.md``):
 * **dense node gradients** (:class:`_DenseGrad`): a node's gradient arrives partly as a
   channel slice of the cell output's gradient, on which PyTorch's batch-norm backward runs
   a slower generic kernel; it is made dense once per node.
+* **a pointwise convolution and its batch norm as one autograd node** (:class:`_PointwiseBatchNorm`,
+  on the C kernels): the matrix product and the batch norm of :func:`_pointwise` and
+  :func:`_batch_norm`, whose views, product and batch norm otherwise make seven nodes, each
+  with a fixed cost in the forward and in the backward.
 * **pointwise convolutions centred through their bias** (:func:`_centred_pointwise`, for
   PyTorch's batch-norm kernel only): its accurate use on channels_last needs a centred input
   (see Accuracy); for ``BN(W x)`` the mean is ``W mean(x)``, subtracted by the convolution's
@@ -450,11 +454,63 @@ def _centred_pointwise(x: torch.Tensor, weight: torch.Tensor, bn: nn.BatchNorm2d
     return _pointwise(x, weight), None
 
 
+class _PointwiseBatchNorm(torch.autograd.Function):
+    """Training-mode ``batch_norm(conv1x1(x), weight, bias)``, then ReLU if asked, as one autograd
+    node on the C kernels: returns ``(out, mean, invstd)`` like
+    :class:`channels_last_kernels.BatchNormFunction`. The same arithmetic as :func:`_pointwise`
+    followed by that Function (the same matrix product, the same kernels); one node instead of
+    the seven the two make (permutes, views, the product, the batch norm), whose fixed costs
+    add up over the hundreds of pointwise convolutions of a supernet step. The weight gradient
+    is skipped when the running backward pass does not need it. Double backward (``create_graph``)
+    recomputes the product with differentiable operations."""
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, weight, bias, eps: float, relu: bool):
+        y = _pointwise(x, conv_weight)
+        out, mean, invstd = channels_last_kernels.bn_forward(y, weight, bias, eps, relu)
+        ctx.save_for_backward(x, conv_weight, y, weight, bias, mean, invstd)
+        ctx.eps, ctx.relu = eps, relu
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _invstd):
+        x, conv_weight, y, weight, bias, mean, invstd = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None
+        need_x, need_conv, need_w, need_b = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():   # create_graph: y as a function of x and the kernel
+            y = _pointwise(x, conv_weight)
+            gy, gw, gb = channels_last_kernels.differentiable_backward(
+                grad, y, weight, bias, mean, invstd, ctx.eps, ctx.relu, (need_x or need_conv, need_w, need_b))
+        else:
+            gy, gw, gb = channels_last_kernels.bn_backward(grad, y, weight, bias, mean, invstd, ctx.relu,
+                                                           (need_x or need_conv, need_w, need_b))
+        gx = gconv = None
+        if need_x or need_conv:
+            n, c, h, wd = x.shape
+            rows_g = gy.permute(0, 2, 3, 1).reshape(n * h * wd, -1)
+            matrix = conv_weight.view(conv_weight.shape[0], c)
+            if need_x:
+                gx = (rows_g @ matrix).view(n, h, wd, c).permute(0, 3, 1, 2)
+            if need_conv and (torch.is_grad_enabled() or _engine_will_need(conv_weight)):
+                gconv = (rows_g.t() @ x.permute(0, 2, 3, 1).reshape(n * h * wd, c)).view(conv_weight.shape)
+        return gx, gconv, gw, gb, None, None
+
+
 def _pointwise_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, stats: _RunningStats,
                           scale: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """``bn(conv(x))`` for a 1x1 convolution (see :func:`_centred_pointwise`), times ``scale``,
-    then ReLU if ``relu``."""
-    if conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.kernel_size == (1, 1):
+    then ReLU if ``relu``: one :class:`_PointwiseBatchNorm` node on the C kernels in train mode."""
+    pointwise = conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.kernel_size == (1, 1)
+    if (pointwise and bn.training and _layout(x) == _CL and _c_kernel(x) and x.dtype == conv.weight.dtype
+            and conv.weight.is_contiguous()):
+        weight, bias = _scaled_affine(bn, scale)
+        out, mean, invstd = _PointwiseBatchNorm.apply(x, conv.weight, weight, bias, bn.eps, relu)
+        stats.add([bn], mean, invstd, out.numel() // out.shape[1])
+        return out
+    if pointwise:
         y, centre = _centred_pointwise(x, conv.weight, bn)
         return _batch_norm(y, bn, stats, scale=scale, centre=centre, relu=relu)
     return _batch_norm(conv(x), bn, stats, scale=scale, relu=relu)
@@ -572,10 +628,7 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, share
     as its weight gradient, the per-channel ``<grad, bn(x)>`` whose sum is d loss / d scale.
     A mixed operation's architecture weight multiplies its output this way for free.
     """
-    weight, bias = bn.weight, bn.bias
-    if scale is not None:
-        weight = scale if weight is None else weight * scale
-        bias = None if bias is None else bias * scale
+    weight, bias = _scaled_affine(bn, scale)
     if not bn.training and bn.track_running_stats:
         out = F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
         return out.relu_() if relu else out
@@ -593,6 +646,15 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, share
         mean = mean + centre
     stats.add([bn] + list(shared or ()), mean, invstd, x.numel() // x.shape[1])
     return out
+
+
+def _scaled_affine(bn: nn.BatchNorm2d, scale: torch.Tensor | None) -> tuple:
+    """``bn``'s affine weight and bias times ``scale`` (None where it has none)."""
+    weight, bias = bn.weight, bn.bias
+    if scale is not None:
+        weight = scale if weight is None else weight * scale
+        bias = None if bias is None else bias * scale
+    return weight, bias
 
 
 def _pool(x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
