@@ -217,3 +217,30 @@ def test_depthwise_takes_channels_last_only():
     assert cbn.depthwise_applies(x.contiguous(memory_format=CL), w)
     assert not cbn.depthwise_applies(x.contiguous(memory_format=CL), w.double())
     assert not cbn.depthwise_applies(x.contiguous(memory_format=CL), torch.randn(3, 1, 3, 5))
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_running_stats_update_matches_batch_norm(dtype, bound):
+    g = torch.Generator().manual_seed(3)
+    modules, refs, means, invstds, unbias = [], [], [], [], []
+    for c, momentum in ((4, 0.1), (6, 0.3), (4, 0.1)):
+        bn = torch.nn.BatchNorm2d(c, momentum=momentum).to(dtype)
+        with torch.no_grad():
+            bn.running_mean.normal_(generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+        ref = torch.nn.BatchNorm2d(c, momentum=momentum).to(dtype)
+        ref.load_state_dict(bn.state_dict())
+        x = torch.randn(5, c, 3, 3, generator=g, dtype=dtype).contiguous(memory_format=CL)
+        ref.train()(x)
+        _, mean, invstd = cbn.bn_forward(x, None, None, bn.eps, False)
+        modules.append(bn), refs.append(ref), means.append(mean), invstds.append(invstd)
+        unbias.append(45 / 44)
+    assert cbn.running_stats_update(modules, means, invstds, [bn.momentum for bn in modules], unbias)
+    for bn, ref in zip(modules, refs):
+        assert _relative(bn.running_mean, ref.running_mean.double()) < bound
+        assert _relative(bn.running_var, ref.running_var.double()) < bound
+        assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+    half = torch.nn.BatchNorm2d(4)   # float32 buffers against float64 statistics: left to the caller
+    before = half.running_mean.clone()
+    assert not cbn.running_stats_update([half], [means[0].double()], [invstds[0].double()], [0.1], [1.0])
+    assert torch.equal(half.running_mean, before) and half.num_batches_tracked.item() == 0

@@ -17,6 +17,10 @@ The backward of ``total + value * scale`` (``scale`` per channel, the architectu
 an identity or a shared pool) makes ``grad * scale`` and the per-channel sums of
 ``grad * value`` in one pass; autograd's own makes two full-size products and a reduction.
 
+The running statistics of all a forward's batch norms are updated in one call
+(:func:`running_stats_update`), from tables of pointers: PyTorch's per-tensor operations
+would cost a few microseconds each, thousands per forward.
+
 Depthwise convolution (``channels_last_depthwise.h``; any stride, padding, dilation, square
 kernel): at the supernet's sizes (8-64 channels, 4x4 to 32x32 pixels) oneDNN's depthwise
 convolution is dominated by its fixed cost per call, and its backward is slow for dilated and
@@ -50,7 +54,7 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "bn_forward", "bn_backward",
-           "scaled_add_backward", "depthwise_applies",
+           "scaled_add_backward", "running_stats_update", "depthwise_applies",
            "depthwise_forward", "depthwise_input_grad", "depthwise_weight_grad"]
 
 _SOURCES = [Path(__file__).with_name(name)
@@ -124,6 +128,9 @@ def _library() -> ctypes.CDLL | None:
         scaled = getattr(lib, "scaled_add_backward" + suffix)
         scaled.argtypes = [p, p, i64, i64, p, p, p]
         scaled.restype = None
+        update = getattr(lib, "running_stats_update" + suffix)
+        update.argtypes = [i64, p, p, p, p, p, p, p, p, p]
+        update.restype = None
         for name, args in (("dw_forward", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p, i64, i64]),
                            ("dw_input_grad", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_int, p]),
                            ("dw_weight_grad", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, p])):
@@ -312,3 +319,42 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, stride: i
         _pointer(x), n, h, wd, c, _pointer(grad), k, stride, padding, dilation, grad.shape[2], grad.shape[3],
         _pointer(gw))
     return gw
+
+
+# --------------------------------------------------------------------------- running statistics
+
+
+def _dense_cpu(t: torch.Tensor, dtype: torch.dtype, numel: int) -> bool:
+    return t.dtype == dtype and t.is_cpu and t.numel() == numel and t.is_contiguous()
+
+
+def running_stats_update(modules: list, means: list[torch.Tensor], invstds: list[torch.Tensor],
+                         momenta: list[float], unbias: list[float]) -> bool:
+    """``bn.running_mean = (1 - m) * bn.running_mean + m * mean`` and the same for the running
+    variance (made unbiased by the factor in ``unbias``, from ``invstd`` as :func:`bn_forward`
+    returns it), ``num_batches_tracked += 1``, for every BN module of ``modules`` in one C
+    call (thousands of small PyTorch operations otherwise). Returns False, changing nothing,
+    unless every buffer and statistic is a dense CPU tensor of one dtype the kernels take."""
+    if not modules or not available():
+        return False
+    dtype = means[0].dtype
+    if dtype not in _DTYPES:
+        return False
+    rows = []
+    for bn, mean, invstd in zip(modules, means, invstds):
+        running_mean, running_var, tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        c = mean.numel()
+        if not (_dense_cpu(running_mean, dtype, c) and _dense_cpu(running_var, dtype, c) and _dense_cpu(mean, dtype, c)
+                and _dense_cpu(invstd, dtype, c) and (tracked is None or _dense_cpu(tracked, torch.int64, 1))):
+            return False
+        rows.append((running_mean.data_ptr(), running_var.data_ptr(), 0 if tracked is None else tracked.data_ptr(),
+                     mean.data_ptr(), invstd.data_ptr(), c))
+    n = len(modules)
+    pointers = torch.tensor(rows, dtype=torch.int64).t().contiguous()
+    scalars = torch.tensor([momenta, [bn.eps for bn in modules], unbias], dtype=torch.float64)
+    base, row = pointers.data_ptr(), pointers.stride(0) * 8
+    fbase, frow = scalars.data_ptr(), scalars.stride(0) * 8
+    getattr(_library(), "running_stats_update" + _DTYPES[dtype])(
+        n, base + 5 * row, base, base + row, base + 2 * row, base + 3 * row, base + 4 * row, fbase, fbase + frow,
+        fbase + 2 * frow)
+    return True

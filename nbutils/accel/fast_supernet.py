@@ -70,8 +70,9 @@ alternatives tried and dropped, are in ``benchmarks/README.md``):
   (see Accuracy); for ``BN(W x)`` the mean is ``W mean(x)``, subtracted by the convolution's
   bias, with no subtraction pass.
 * **running statistics updated once per forward** (:class:`_RunningStats`): seven small
-  operations per BN module, thousands per forward, become a handful of ``torch._foreach_*``
-  calls on the statistics the kernel returns.
+  operations per BN module, thousands per forward, become one C call
+  (:func:`channels_last_kernels.running_stats_update`), or without it a handful of
+  ``torch._foreach_*`` calls, on the statistics the kernel returns.
 * **3x3 average pools as depthwise convolutions** with a kernel of ones, times 1 / count
   (:func:`_pool`): ``avg_pool2d`` and its backward are slow on channels_last.
 * the ReLU inside SepConv runs in place on its batch norm's output; the autograd Functions
@@ -575,6 +576,8 @@ class _RunningStats:
     def apply(self) -> None:
         if not self.bns:
             return
+        if self._apply_in_c():
+            return
         # unbiased variance from 1 / sqrt(biased var + eps); clamped: rounding near var = 0
         variances = torch._foreach_pow(self.invstds, -2.0)
         torch._foreach_sub_(variances, [group[0].eps for group in self.bns])
@@ -589,6 +592,25 @@ class _RunningStats:
             buffers = [getattr(bn, running) for bn in modules]
             torch._foreach_mul_(buffers, [1.0 - m for m in momenta])
             torch._foreach_add_(buffers, torch._foreach_mul(batch, momenta))
+        self._clear()
+
+    def _apply_in_c(self) -> bool:
+        """:meth:`apply` in one C call (:func:`channels_last_kernels.running_stats_update`),
+        the same arithmetic in double, when the kernels take the tensors and every module has
+        a momentum."""
+        modules = [bn for group in self.bns for bn in group]
+        if any(bn.momentum is None for bn in modules):
+            return False
+        means = [m for m, group in zip(self.means, self.bns) for _ in group]
+        invstds = [v for v, group in zip(self.invstds, self.bns) for _ in group]
+        unbias = [n / max(n - 1, 1) for n, group in zip(self.counts, self.bns) for _ in group]
+        if not channels_last_kernels.running_stats_update(modules, means, invstds, [bn.momentum for bn in modules],
+                                                          unbias):
+            return False
+        self._clear()
+        return True
+
+    def _clear(self) -> None:
         for collected in (self.bns, self.means, self.invstds, self.counts):
             collected.clear()
 
