@@ -21,8 +21,8 @@ The running statistics of all a forward's batch norms are updated in one call
 (:func:`running_stats_update`), from tables of pointers: PyTorch's per-tensor operations
 would cost a few microseconds each, thousands per forward.
 
-Depthwise convolution (``channels_last_depthwise.h``; any stride, padding, dilation, square
-kernel): at the supernet's sizes (8-64 channels, 4x4 to 32x32 pixels) oneDNN's depthwise
+Depthwise convolution (``channels_last_kernels_depthwise.h``; any stride, padding,
+dilation, square kernel): at the supernet's sizes (8-64 channels, 4x4 to 32x32 pixels) oneDNN's depthwise
 convolution is dominated by its fixed cost per call, and its backward is slow for dilated and
 5x5 kernels. The C loops run over a row's pixels and channels as one contiguous span per
 kernel tap (the tap's weights repeated along the row), which the compiler vectorises; the
@@ -57,8 +57,8 @@ __all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "bn_forwar
            "scaled_add_backward", "running_stats_update", "depthwise_applies",
            "depthwise_forward", "depthwise_input_grad", "depthwise_weight_grad"]
 
-_SOURCES = [Path(__file__).with_name(name)
-            for name in ("channels_last_kernels.c", "channels_last_kernels.h", "channels_last_depthwise.h")]
+_SOURCES = [Path(__file__).with_name(name) for name in
+            ("channels_last_kernels.c", "channels_last_kernels.h", "channels_last_kernels_depthwise.h")]
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
           "-fPIC", "-shared"]
 _DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}

@@ -218,10 +218,11 @@ def _dw_c_kernels(x: torch.Tensor, w: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and channels_last_kernels.depthwise_applies(x, w)
 
 
-def _dw_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+def _dw_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int,
+                c_kernels: bool = True) -> torch.Tensor:
     """``F.conv2d(x, w, None, stride, padding, dilation, groups=C)`` inside an autograd
-    Function's forward (grad mode off): on the C kernels where they apply."""
-    if _dw_c_kernels(x, w):
+    Function's forward (grad mode off): on the C kernels where they apply, if ``c_kernels``."""
+    if c_kernels and _dw_c_kernels(x, w):
         return channels_last_kernels.depthwise_forward(x, w, stride, padding, dilation)
     return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
 
@@ -233,17 +234,18 @@ class _DepthwiseConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, stride: int, padding: int, dilation: int, polyphase: bool):
+    def forward(ctx, x, w, stride: int, padding: int, dilation: int, polyphase: bool, c_kernels: bool):
         ctx.save_for_backward(x, w)
         ctx.conf = (stride, padding, dilation, polyphase)
-        return _dw_forward(x, w, stride, padding, dilation)
+        ctx.c_kernels = c_kernels
+        return _dw_forward(x, w, stride, padding, dilation, c_kernels)
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         stride, padding, dilation, polyphase = ctx.conf
         grad = grad.contiguous(memory_format=_layout(x))
-        in_c = _dw_c_kernels(x, w)
+        in_c = ctx.c_kernels and _dw_c_kernels(x, w)
         gx = gw = None
         if ctx.needs_input_grad[0]:
             gx = (channels_last_kernels.depthwise_input_grad(grad, w, x.shape, stride, padding, dilation) if in_c else
@@ -251,20 +253,23 @@ class _DepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[1] and _engine_will_need(w):
             gw = (channels_last_kernels.depthwise_weight_grad(x, grad, w.shape[-1], stride, padding, dilation) if in_c
                   else _weight_grad(_Prepared(x), grad, w.shape[-1], stride, padding, dilation, polyphase))
-        return gx, gw, None, None, None, None
+        return gx, gw, None, None, None, None, None
 
 
 def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0, dilation: int = 1,
-                     polyphase: bool = True) -> torch.Tensor:
+                     polyphase: bool = True, c_kernels: bool = True) -> torch.Tensor:
     """``F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=C)``, square
-    kernel, with the faster backward; a stride-2 dilation-2 "same" convolution is computed as a
-    stride-1 undilated one on the even pixels (the only ones it reads). ``polyphase=False``
+    kernel, on the C kernels where they apply (``c_kernels``), else oneDNN with the faster
+    backward: there a stride-2 dilation-2 "same" convolution is computed as a stride-1
+    undilated one on the even pixels (the only ones it reads), and ``polyphase=False``
     computes a dilated kernel's weight gradient directly (faster for few channels and small
-    batches, e.g. :mod:`nbutils.nas.ntk_replicas`)."""
+    batches). :mod:`nbutils.nas.ntk_replicas` passes ``c_kernels=False``: it is tuned on
+    oneDNN's convolutions, and its results stay those of that code."""
     k = w.shape[-1]
-    if stride == 2 and dilation == 2 and padding == k - 1 and not channels_last_kernels.depthwise_applies(x, w):
-        return _DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1, polyphase)
-    return _DepthwiseConv.apply(x, w, stride, padding, dilation, polyphase)
+    in_c = c_kernels and channels_last_kernels.depthwise_applies(x, w)
+    if stride == 2 and dilation == 2 and padding == k - 1 and not in_c:
+        return _DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1, polyphase, c_kernels)
+    return _DepthwiseConv.apply(x, w, stride, padding, dilation, polyphase, c_kernels)
 
 
 def _dw(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
