@@ -23,8 +23,9 @@ alternatives tried and dropped, are in ``benchmarks/README.md``):
   gradients of a fan-out in place. Double backward (``create_graph``) and tensors the kernels
   do not take (no C compiler, NCHW) use oneDNN with the backward below.
 * **depthwise convolution with a hand-written backward** (:class:`_DepthwiseConv`, where the
-  C kernels do not apply): oneDNN's own backward is slow for most depthwise shapes (the input gradient of a dilated 3x3 and
-  the weight gradient of a 5x5 cost many times their forward). The input gradient is
+  C kernels do not apply): oneDNN's own backward is slow for most depthwise shapes (the
+  input gradient of a dilated 3x3 and the weight gradient of a 5x5 cost many times their
+  forward). The input gradient is
   computed as a forward depthwise convolution of the output gradient with the flipped kernel
   (stride 1) or as a transposed convolution (stride 2); the weight gradient of a dilation-2
   kernel is computed on the four polyphase sub-images (where the kernel is undilated, a case
