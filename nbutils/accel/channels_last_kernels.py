@@ -59,8 +59,9 @@ __all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "bn_forwar
 
 _SOURCES = [Path(__file__).with_name(name) for name in
             ("channels_last_kernels.c", "channels_last_kernels.h", "channels_last_kernels_depthwise.h")]
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
-          "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+if platform.machine().lower() in ("x86_64", "amd64"):   # an x86 option: other compilers' targets refuse it
+    _FLAGS.insert(2, "-mprefer-vector-width=512")
 _DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
