@@ -65,7 +65,9 @@ CONFIGS = {
 IMPLS = ("plain", "fast")
 #: the pieces of FastSuperNet that ``--without`` can replace by the plain computation
 PIECES = {
-    "c_kernels": "batch norm and the scaled adds' backward on PyTorch's kernels instead of the C kernels",
+    "c_kernels": "batch norm, the scaled adds' backward, the depthwise convolutions and the running statistics on "
+                 "PyTorch's kernels instead of the C kernels",
+    "c_depthwise": "depthwise convolutions on oneDNN (with the hand-written backward) instead of the C kernels",
     "custom_dw": "depthwise convolutions with oneDNN's own backward (no _DepthwiseConv, no _DepthwiseFanout)",
     "polyphase": "the weight gradient of a dilation-2 kernel computed directly, not on the polyphase sub-images",
     "split5x5": "the weight gradient of a 5x5 kernel computed directly, not as four 3x3 ones",
@@ -87,6 +89,9 @@ def _without(pieces: list[str]) -> None:
         os.environ["NBUTILS_NO_C_KERNELS"] = "1"
         from nbutils.accel import channels_last_kernels
         channels_last_kernels._library.cache_clear()
+    if "c_depthwise" in pieces:
+        from nbutils.accel import channels_last_kernels
+        channels_last_kernels.depthwise_applies = lambda x, w: False
     if "channels_last" in pieces:
         # _layout() then never reports channels_last, and forward() leaves the input NCHW
         fs._CL = torch.contiguous_format

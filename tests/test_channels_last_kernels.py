@@ -1,4 +1,4 @@
-"""The C batch-norm kernels against PyTorch's batch norm computed in float64."""
+"""The C kernels (batch norm, scaled add, depthwise convolution) against PyTorch computed in float64."""
 from __future__ import annotations
 
 import os
@@ -162,3 +162,85 @@ def test_scaled_add_backward_matches_autograd(dtype, bound, need_value, need_sca
             assert _relative(grad_value, ref_value) < bound
         if need_scale:
             assert grad_scale.shape == scale.shape and _relative(grad_scale, ref_scale) < bound
+
+
+# --------------------------------------------------------------------------- depthwise convolution
+
+DEPTHWISE_CASES = [   # (N, C, H, W), k, stride, dilation: the supernet's kinds, odd sizes, generic widths
+    ((3, 8, 8, 8), 3, 1, 1), ((3, 8, 8, 8), 5, 1, 1), ((3, 8, 8, 8), 3, 1, 2), ((3, 8, 8, 8), 5, 1, 2),
+    ((2, 16, 7, 9), 3, 2, 1), ((2, 16, 7, 9), 5, 2, 1), ((2, 16, 6, 6), 3, 2, 2), ((2, 16, 7, 7), 5, 2, 2),
+    ((2, 5, 5, 4), 3, 1, 1), ((2, 32, 2, 2), 5, 1, 2), ((2, 64, 3, 3), 3, 1, 1), ((2, 3, 9, 9), 5, 2, 2),
+]
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape,k,stride,dilation", DEPTHWISE_CASES)
+def test_depthwise_forward_and_gradients_match_pytorch(shape, k, stride, dilation, dtype, bound):
+    g = torch.Generator().manual_seed(sum(shape) + 10 * k + stride + dilation)
+    x = torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=CL)
+    w = torch.randn(shape[1], 1, k, k, generator=g, dtype=dtype)
+    pad = dilation * (k - 1) // 2
+    assert cbn.depthwise_applies(x, w)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = torch.nn.functional.conv2d(x64, w64, None, stride, pad, dilation, shape[1])
+    grad = torch.randn(ref.shape, generator=g, dtype=dtype).contiguous(memory_format=CL)
+    ref_x, ref_w = torch.autograd.grad(ref, (x64, w64), grad.double())
+    out = cbn.depthwise_forward(x, w, stride, pad, dilation)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=CL)
+    assert _relative(out, ref) < bound
+    gx = cbn.depthwise_input_grad(grad, w, x.shape, stride, pad, dilation)
+    assert gx.is_contiguous(memory_format=CL) and _relative(gx, ref_x) < bound
+    assert _relative(cbn.depthwise_weight_grad(x, grad, k, stride, pad, dilation), ref_w) < bound
+    total = cbn.depthwise_input_grad(grad, w, x.shape, stride, pad, dilation, out=gx.clone())   # summed into out
+    assert _relative(total, 2 * ref_x) < bound
+
+
+def test_depthwise_weight_gradient_same_with_one_or_two_threads():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, 8, 8, generator=g).contiguous(memory_format=CL)
+    grad = torch.randn(5, 8, 8, 8, generator=g).contiguous(memory_format=CL)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(cbn.depthwise_weight_grad(x, grad, 5, 1, 2, 1))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_depthwise_takes_channels_last_only():
+    w = torch.randn(3, 1, 3, 3)
+    x = torch.randn(2, 3, 5, 5)
+    assert not cbn.depthwise_applies(x, w)
+    assert cbn.depthwise_applies(x.contiguous(memory_format=CL), w)
+    assert not cbn.depthwise_applies(x.contiguous(memory_format=CL), w.double())
+    assert not cbn.depthwise_applies(x.contiguous(memory_format=CL), torch.randn(3, 1, 3, 5))
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_running_stats_update_matches_batch_norm(dtype, bound):
+    g = torch.Generator().manual_seed(3)
+    modules, refs, means, invstds, unbias = [], [], [], [], []
+    for c, momentum in ((4, 0.1), (6, 0.3), (4, 0.1)):
+        bn = torch.nn.BatchNorm2d(c, momentum=momentum).to(dtype)
+        with torch.no_grad():
+            bn.running_mean.normal_(generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+        ref = torch.nn.BatchNorm2d(c, momentum=momentum).to(dtype)
+        ref.load_state_dict(bn.state_dict())
+        x = torch.randn(5, c, 3, 3, generator=g, dtype=dtype).contiguous(memory_format=CL)
+        ref.train()(x)
+        _, mean, invstd = cbn.bn_forward(x, None, None, bn.eps, False)
+        modules.append(bn), refs.append(ref), means.append(mean), invstds.append(invstd)
+        unbias.append(45 / 44)
+    assert cbn.running_stats_update(modules, means, invstds, [bn.momentum for bn in modules], unbias)
+    for bn, ref in zip(modules, refs):
+        assert _relative(bn.running_mean, ref.running_mean.double()) < bound
+        assert _relative(bn.running_var, ref.running_var.double()) < bound
+        assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+    half = torch.nn.BatchNorm2d(4)   # float32 buffers against float64 statistics: left to the caller
+    before = half.running_mean.clone()
+    assert not cbn.running_stats_update([half], [means[0].double()], [invstds[0].double()], [0.1], [1.0])
+    assert torch.equal(half.running_mean, before) and half.num_batches_tracked.item() == 0

@@ -225,6 +225,23 @@ def test_float32_as_accurate_as_plain(shape, kw, c_kernels):
             assert e_fast <= 10 * e_plain + 1e-5, (n or "logits", e_fast, e_plain)
 
 
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_activations_channels_last_also_for_one_input_channel(in_channels, monkeypatch):
+    """Every batch norm sees a channels_last tensor, also for grey images, whose input is NCHW
+    and channels_last at once (the stem must not hand NCHW on to the cells)."""
+    from nbutils.accel import fast_supernet
+    layouts = []
+    batch_norm = fast_supernet._batch_norm
+
+    def recording(x, *args, **kw):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return batch_norm(x, *args, **kw)
+    monkeypatch.setattr(fast_supernet, "_batch_norm", recording)
+    _, fast = pair(torch.float32, channels=4, layers=3, in_channels=in_channels)
+    run(fast, *random_batch(4, in_channels, 8, dtype=torch.float32))
+    assert layouts and all(layouts)
+
+
 # --------------------------------------------------------------------------- autograd: second order, functional_call
 
 
@@ -232,9 +249,11 @@ def test_float32_as_accurate_as_plain(shape, kw, c_kernels):
     (3, 1, 1, 6), (5, 1, 1, 6), (3, 1, 2, 6), (5, 1, 2, 8), (3, 1, 2, 5),
     (3, 2, 1, 6), (5, 2, 1, 5), (3, 2, 2, 6), (5, 2, 2, 7),
 ])
-def test_depthwise_conv_gradgradcheck(k, stride, dilation, size):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])   # oneDNN's, the C kernels
+def test_depthwise_conv_gradgradcheck(k, stride, dilation, size, layout):
     g = torch.Generator().manual_seed(k * 10 + stride + dilation)
-    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64).contiguous(memory_format=layout)
+    x.requires_grad_()
     w = torch.randn(3, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
     pad = dilation * (k - 1) // 2
     ref = F.conv2d(x, w, None, stride, pad, dilation, 3)
@@ -348,3 +367,26 @@ def test_running_stats_with_cumulative_momentum():
     for seed in (0, 1):
         x, y = random_batch(4, 3, 8, seed=seed)
         assert_same(run(fast, x, y), run(plain, x, y))
+
+
+@pytest.mark.parametrize("relu,scaled", [(False, False), (True, True)])
+def test_pointwise_batch_norm_node_gradcheck(relu, scaled):
+    """The fused 1x1 convolution and batch norm (one autograd node) against autograd, to second order."""
+    from nbutils.accel.fast_supernet import _PointwiseBatchNorm
+    if not channels_last_kernels.available():
+        pytest.skip("no C kernels")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    conv = torch.randn(6, 4, 1, 1, generator=g, dtype=torch.float64)
+    scale = torch.rand(6, generator=g, dtype=torch.float64) + 0.5 if scaled else None
+    inputs = [x.requires_grad_(), conv.requires_grad_()] + ([scale.requires_grad_()] if scaled else [])
+
+    def f(x, conv, *scale):
+        return _PointwiseBatchNorm.apply(x, conv, scale[0] if scale else None, None, 1e-5, relu)[0]
+
+    def ref(x, conv, *scale):
+        out = F.batch_norm(F.conv2d(x, conv), None, None, scale[0] if scale else None, None, True, 0.0, 1e-5)
+        return out.relu() if relu else out
+    torch.testing.assert_close(f(*inputs), ref(*inputs))
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)

@@ -1,6 +1,7 @@
 /* Kernels of the fast supernet for channels_last tensors, viewed as (M, C) row-major matrices
  * (M = N * H * W values per channel): training-mode batch norm with an optional ReLU after
- * it, forward and backward, and the backward of a per-channel scaled add.
+ * it, forward and backward, and the backward of a per-channel scaled add; and depthwise
+ * convolution, forward and both gradients (channels_last_kernels_depthwise.h).
  *
  * Compiled and loaded by nbutils/accel/channels_last_kernels.py; see there for why.
  * Per-channel sums are accumulated in SCALAR over blocks of rows and in double over blocks
@@ -33,14 +34,20 @@
         }                                                      \
     } while (0)
 
+/* The same for the depthwise convolutions, whose inner loops run over a pixel's channels:
+ * a constant count lets the compiler keep a pixel's channels in vector registers. */
+#define WITH_CONSTANT_C_DW(call) do { call; } while (0)
+
 #define SCALAR float
 #define SUFFIX _f32
 #include "channels_last_kernels.h"
+#include "channels_last_kernels_depthwise.h"
 #undef SCALAR
 #undef SUFFIX
 
 #define SCALAR double
 #define SUFFIX _f64
 #include "channels_last_kernels.h"
+#include "channels_last_kernels_depthwise.h"
 #undef SCALAR
 #undef SUFFIX

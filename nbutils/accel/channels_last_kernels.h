@@ -233,3 +233,26 @@ void CONCAT(scaled_add_backward, SUFFIX)(const SCALAR *restrict grad, const SCAL
         }
     free(partial);
 }
+
+/* The running-statistics updates of many batch-norm modules in one call. Module i has
+ * channels[i] channels, its batch statistics batch_mean[i] and batch_invstd[i] (pointers,
+ * as bn_forward writes them: invstd = 1 / sqrt(biased variance + eps[i])) and its buffers
+ * running_mean[i], running_var[i] and tracked[i] (int64): running = (1 - momentum[i]) *
+ * running + momentum[i] * batch, with the variance made unbiased by unbias[i] = n / (n - 1)
+ * and clamped at 0 (rounding near var = 0); tracked += 1. In double, rounded once. */
+void CONCAT(running_stats_update, SUFFIX)(int64_t count, const int64_t *channels, SCALAR *const *running_mean,
+                                          SCALAR *const *running_var, int64_t *const *tracked,
+                                          const SCALAR *const *batch_mean, const SCALAR *const *batch_invstd,
+                                          const double *momentum, const double *eps, const double *unbias) {
+    for (int64_t i = 0; i < count; ++i) {
+        double m = momentum[i];
+        for (int64_t j = 0; j < channels[i]; ++j) {
+            double invstd = (double)batch_invstd[i][j];
+            double var = (1.0 / (invstd * invstd) - eps[i]) * unbias[i];
+            if (var < 0.0) var = 0.0;
+            running_mean[i][j] = (SCALAR)((1.0 - m) * (double)running_mean[i][j] + m * (double)batch_mean[i][j]);
+            running_var[i][j] = (SCALAR)((1.0 - m) * (double)running_var[i][j] + m * var);
+        }
+        if (tracked[i]) *tracked[i] += 1;
+    }
+}

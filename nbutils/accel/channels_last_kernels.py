@@ -1,5 +1,6 @@
 """C kernels for the fast supernet's channels_last CPU tensors: training-mode batch norm
-(optionally followed by a ReLU), and the backward of a per-channel scaled add.
+(optionally followed by a ReLU), the backward of a per-channel scaled add, and depthwise
+convolution with its two gradients.
 
 PyTorch's CPU batch norm on channels_last tensors is slow for the narrow tensors of a DARTS
 supernet (16-64 channels) and inaccurate in float32: it accumulates its sums in float32, with
@@ -16,9 +17,21 @@ The backward of ``total + value * scale`` (``scale`` per channel, the architectu
 an identity or a shared pool) makes ``grad * scale`` and the per-channel sums of
 ``grad * value`` in one pass; autograd's own makes two full-size products and a reduction.
 
+The running statistics of all a forward's batch norms are updated in one call
+(:func:`running_stats_update`), from tables of pointers: PyTorch's per-tensor operations
+would cost a few microseconds each, thousands per forward.
+
+Depthwise convolution (``channels_last_kernels_depthwise.h``; any stride, padding,
+dilation, square kernel): at the supernet's sizes (8-64 channels, 4x4 to 32x32 pixels) oneDNN's depthwise
+convolution is dominated by its fixed cost per call, and its backward is slow for dilated and
+5x5 kernels. The C loops run over a row's pixels and channels as one contiguous span per
+kernel tap (the tap's weights repeated along the row), which the compiler vectorises; the
+weight gradient sums each image in the tensor's type and the images in double.
+
 The C source is compiled on first use with the system's C compiler (``cc``, ``-O3
--march=native -fopenmp``) into a per-user cache keyed by the source, the flags and the CPU;
-it calls no PyTorch API (``ctypes`` passes raw pointers), so it builds quickly and
+-march=native -mprefer-vector-width=512 -fopenmp``: 512-bit vectors where the CPU has them, a
+little faster for the convolutions' spans, the same arithmetic per channel) into a per-user
+cache keyed by the source, the flags and the CPU; it calls no PyTorch API (``ctypes`` passes raw pointers), so it builds quickly and
 shares PyTorch's OpenMP runtime (the same ``libgomp.so.1`` soname), whose thread count
 ``torch.set_num_threads`` sets. Without a compiler, or with ``NBUTILS_NO_C_KERNELS=1``,
 :func:`available` is false and callers use PyTorch's kernels.
@@ -40,10 +53,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "scaled_add_backward"]
+__all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "bn_forward", "bn_backward",
+           "scaled_add_backward", "running_stats_update", "depthwise_applies",
+           "depthwise_forward", "depthwise_input_grad", "depthwise_weight_grad"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("channels_last_kernels.c", "channels_last_kernels.h")]
+_SOURCES = [Path(__file__).with_name(name) for name in
+            ("channels_last_kernels.c", "channels_last_kernels.h", "channels_last_kernels_depthwise.h")]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
+if platform.machine().lower() in ("x86_64", "amd64"):   # an x86 option: other compilers' targets refuse it
+    _FLAGS.insert(2, "-mprefer-vector-width=512")
 _DTYPES = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
@@ -111,6 +129,15 @@ def _library() -> ctypes.CDLL | None:
         scaled = getattr(lib, "scaled_add_backward" + suffix)
         scaled.argtypes = [p, p, i64, i64, p, p, p]
         scaled.restype = None
+        update = getattr(lib, "running_stats_update" + suffix)
+        update.argtypes = [i64, p, p, p, p, p, p, p, p, p]
+        update.restype = None
+        for name, args in (("dw_forward", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p, i64, i64]),
+                           ("dw_input_grad", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_int, p]),
+                           ("dw_weight_grad", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, p])):
+            function = getattr(lib, name + suffix)
+            function.argtypes = args
+            function.restype = None
     return lib
 
 
@@ -133,7 +160,9 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 def _operand(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     """A per-channel vector as the kernels read it: dense, of ``like``'s dtype, no autograd."""
-    return None if t is None else t.detach().to(like.dtype).contiguous()
+    if t is None or (t.dtype == like.dtype and t.is_contiguous()):   # data_ptr() reads it as it is
+        return t
+    return t.detach().to(like.dtype).contiguous()
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -144,13 +173,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, relu: bool):
-        c = x.shape[1]
-        w, b = _operand(weight, x), _operand(bias, x)
-        out = torch.empty_like(x, memory_format=torch.channels_last)
-        mean, invstd = x.new_empty(c), x.new_empty(c)
-        getattr(_library(), "bn_forward" + _DTYPES[x.dtype])(
-            _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), eps, int(relu), _pointer(out), _pointer(mean),
-            _pointer(invstd))
+        out, mean, invstd = bn_forward(x, weight, bias, eps, relu)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.relu = eps, relu
         ctx.mark_non_differentiable(mean, invstd)
@@ -162,28 +185,50 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         if grad is None:
             return None, None, None, None, None
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():   # create_graph: differentiable operations
-            return (*_differentiable_backward(grad, x, weight, bias, mean, invstd, ctx.eps, ctx.relu,
-                                              (need_x, need_w, need_b)), None, None)
-        c = x.shape[1]
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        w, b = _operand(weight, x), _operand(bias, x)
-        gx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
-        gw = x.new_empty(c) if need_w else None
-        gb = x.new_empty(c) if need_b else None
-        if need_x or need_w or need_b:
-            getattr(_library(), "bn_backward" + _DTYPES[x.dtype])(
-                _pointer(grad), _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), _pointer(mean),
-                _pointer(invstd), int(ctx.relu), _pointer(gx), _pointer(gw), _pointer(gb))
-        return gx, _like(gw, weight), _like(gb, bias), None, None
+            return (*differentiable_backward(grad, x, weight, bias, mean, invstd, ctx.eps, ctx.relu, need), None,
+                    None)
+        return (*bn_backward(grad, x, weight, bias, mean, invstd, ctx.relu, need), None, None)
+
+
+def bn_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of :class:`BatchNormFunction` without autograd: ``(out, mean, invstd)``."""
+    c = x.shape[1]
+    w, b = _operand(weight, x), _operand(bias, x)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    mean, invstd = x.new_empty(c), x.new_empty(c)
+    getattr(_library(), "bn_forward" + _DTYPES[x.dtype])(
+        _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), eps, int(relu), _pointer(out), _pointer(mean),
+        _pointer(invstd))
+    return out, mean, invstd
+
+
+def bn_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                mean: torch.Tensor, invstd: torch.Tensor, relu: bool, need) -> tuple:
+    """The backward of :func:`bn_forward` without autograd: the gradients of ``x``, ``weight``
+    and ``bias``, each only where ``need`` (three booleans) asks for it."""
+    need_x, need_w, need_b = need
+    c = x.shape[1]
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    w, b = _operand(weight, x), _operand(bias, x)
+    gx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
+    gw = x.new_empty(c) if need_w else None
+    gb = x.new_empty(c) if need_b else None
+    if need_x or need_w or need_b:
+        getattr(_library(), "bn_backward" + _DTYPES[x.dtype])(
+            _pointer(grad), _pointer(x), x.numel() // c, c, _pointer(w), _pointer(b), _pointer(mean),
+            _pointer(invstd), int(relu), _pointer(gx), _pointer(gw), _pointer(gb))
+    return gx, _like(gw, weight), _like(gb, bias)
 
 
 def _like(g: torch.Tensor | None, param: torch.Tensor | None) -> torch.Tensor | None:
     return None if g is None or param is None else g.to(param.dtype)
 
 
-def _differentiable_backward(grad, x, weight, bias, mean, invstd, eps, relu, mask):
+def differentiable_backward(grad, x, weight, bias, mean, invstd, eps, relu, mask):
+    """:func:`bn_backward` with PyTorch's differentiable operations (for double backward)."""
     if relu:
         out = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)[0]
         grad = grad * (out > 0)
@@ -218,3 +263,99 @@ def scaled_add_backward(grad: torch.Tensor, value: torch.Tensor, scale: torch.Te
             _pointer(grad), _pointer(value), value.numel() // c, c, _pointer(s), _pointer(grad_value),
             _pointer(grad_scale))
     return grad_value, _like(grad_scale, scale)
+
+
+# --------------------------------------------------------------------------- depthwise convolution
+
+
+def depthwise_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the C depthwise convolution takes input ``x`` and weight ``w`` (C x 1 x K x K):
+    ``x`` as :func:`applies` wants it, ``w`` dense, of its dtype, without autograd history
+    being needed inside the kernel (callers pass detached tensors through their own Function)."""
+    return (applies(x) and w.dtype == x.dtype and w.device == x.device and w.dim() == 4 and w.shape[1] == 1
+            and w.shape[0] == x.shape[1] and w.shape[2] == w.shape[3])
+
+
+def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def depthwise_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """``F.conv2d(x, w, None, stride, padding, dilation, groups=C)`` (no autograd) for ``x``, ``w``
+    that :func:`depthwise_applies` takes; the output is channels_last."""
+    n, c, h, wd = x.shape
+    k = w.shape[-1]
+    oh, ow = _out_size(h, k, stride, padding, dilation), _out_size(wd, k, stride, padding, dilation)
+    out = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    w = w.detach().contiguous()
+    getattr(_library(), "dw_forward" + _DTYPES[x.dtype])(
+        _pointer(x), n, h, wd, c, _pointer(w), k, stride, padding, dilation, _pointer(out), oh, ow)
+    return out
+
+
+def depthwise_input_grad(grad: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, dilation: int,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """d loss / d input of :func:`depthwise_forward` given ``grad`` (made channels_last), a
+    channels_last tensor of shape ``x_shape``; added into ``out`` (channels_last) if given."""
+    n, c, h, wd = x_shape
+    k = w.shape[-1]
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(tuple(x_shape), dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last)
+    w = w.detach().contiguous()
+    getattr(_library(), "dw_input_grad" + _DTYPES[grad.dtype])(
+        _pointer(grad), n, h, wd, c, _pointer(w), k, stride, padding, dilation, grad.shape[2], grad.shape[3],
+        int(accumulate), _pointer(out))
+    return out
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, stride: int, padding: int,
+                          dilation: int) -> torch.Tensor:
+    """d loss / d weight (C x 1 x k x k) of :func:`depthwise_forward` of ``x`` given ``grad``."""
+    n, c, h, wd = x.shape
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    gw = x.new_empty((c, 1, k, k))
+    getattr(_library(), "dw_weight_grad" + _DTYPES[x.dtype])(
+        _pointer(x), n, h, wd, c, _pointer(grad), k, stride, padding, dilation, grad.shape[2], grad.shape[3],
+        _pointer(gw))
+    return gw
+
+
+# --------------------------------------------------------------------------- running statistics
+
+
+def _dense_cpu(t: torch.Tensor, dtype: torch.dtype, numel: int) -> bool:
+    return t.dtype == dtype and t.is_cpu and t.numel() == numel and t.is_contiguous()
+
+
+def running_stats_update(modules: list, means: list[torch.Tensor], invstds: list[torch.Tensor],
+                         momenta: list[float], unbias: list[float]) -> bool:
+    """``bn.running_mean = (1 - m) * bn.running_mean + m * mean`` and the same for the running
+    variance (made unbiased by the factor in ``unbias``, from ``invstd`` as :func:`bn_forward`
+    returns it), ``num_batches_tracked += 1``, for every BN module of ``modules`` in one C
+    call (thousands of small PyTorch operations otherwise). Returns False, changing nothing,
+    unless every buffer and statistic is a dense CPU tensor of one dtype the kernels take."""
+    if not modules or not available():
+        return False
+    dtype = means[0].dtype
+    if dtype not in _DTYPES:
+        return False
+    rows = []
+    for bn, mean, invstd in zip(modules, means, invstds):
+        running_mean, running_var, tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        c = mean.numel()
+        if not (_dense_cpu(running_mean, dtype, c) and _dense_cpu(running_var, dtype, c) and _dense_cpu(mean, dtype, c)
+                and _dense_cpu(invstd, dtype, c) and (tracked is None or _dense_cpu(tracked, torch.int64, 1))):
+            return False
+        rows.append((running_mean.data_ptr(), running_var.data_ptr(), 0 if tracked is None else tracked.data_ptr(),
+                     mean.data_ptr(), invstd.data_ptr(), c))
+    n = len(modules)
+    pointers = torch.tensor(rows, dtype=torch.int64).t().contiguous()
+    scalars = torch.tensor([momenta, [bn.eps for bn in modules], unbias], dtype=torch.float64)
+    base, row = pointers.data_ptr(), pointers.stride(0) * 8
+    fbase, frow = scalars.data_ptr(), scalars.stride(0) * 8
+    getattr(_library(), "running_stats_update" + _DTYPES[dtype])(
+        n, base + 5 * row, base, base + row, base + 2 * row, base + 3 * row, base + 4 * row, fbase, fbase + frow,
+        fbase + 2 * frow)
+    return True

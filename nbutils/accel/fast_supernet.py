@@ -15,9 +15,17 @@ alternatives tried and dropped, are in ``benchmarks/README.md``):
   into both, statistics summed accurately enough that the input need not be centred (see
   Accuracy); the backward of the scaled adds (below) is one C pass too. Without a C
   compiler, PyTorch's kernels run instead, with the centring.
-* **depthwise convolution with a hand-written backward** (:class:`_DepthwiseConv`): oneDNN's
-  own backward is slow for most depthwise shapes (the input gradient of a dilated 3x3 and
-  the weight gradient of a 5x5 cost many times their forward). The input gradient is
+* **depthwise convolution in C** (:func:`channels_last_kernels.depthwise_forward` and its two
+  gradients, in :class:`_DepthwiseConv` and :class:`_DepthwiseFanout`) on channels_last CPU
+  tensors: at a CPU search's sizes oneDNN's depthwise convolution costs mostly its fixed
+  per-call overhead, and its backward is slow for most depthwise shapes (below); the C
+  kernels loop over each row's pixels and channels contiguously and accumulate the input
+  gradients of a fan-out in place. Double backward (``create_graph``) and tensors the kernels
+  do not take (no C compiler, NCHW) use oneDNN with the backward below.
+* **depthwise convolution with a hand-written backward** (:class:`_DepthwiseConv`, where the
+  C kernels do not apply): oneDNN's own backward is slow for most depthwise shapes (the
+  input gradient of a dilated 3x3 and the weight gradient of a 5x5 cost many times their
+  forward). The input gradient is
   computed as a forward depthwise convolution of the output gradient with the flipped kernel
   (stride 1) or as a transposed convolution (stride 2); the weight gradient of a dilation-2
   kernel is computed on the four polyphase sub-images (where the kernel is undilated, a case
@@ -54,13 +62,18 @@ alternatives tried and dropped, are in ``benchmarks/README.md``):
 * **dense node gradients** (:class:`_DenseGrad`): a node's gradient arrives partly as a
   channel slice of the cell output's gradient, on which PyTorch's batch-norm backward runs
   a slower generic kernel; it is made dense once per node.
+* **a pointwise convolution and its batch norm as one autograd node** (:class:`_PointwiseBatchNorm`,
+  on the C kernels): the matrix product and the batch norm of :func:`_pointwise` and
+  :func:`_batch_norm`, whose views, product and batch norm otherwise make seven nodes, each
+  with a fixed cost in the forward and in the backward.
 * **pointwise convolutions centred through their bias** (:func:`_centred_pointwise`, for
   PyTorch's batch-norm kernel only): its accurate use on channels_last needs a centred input
   (see Accuracy); for ``BN(W x)`` the mean is ``W mean(x)``, subtracted by the convolution's
   bias, with no subtraction pass.
 * **running statistics updated once per forward** (:class:`_RunningStats`): seven small
-  operations per BN module, thousands per forward, become a handful of ``torch._foreach_*``
-  calls on the statistics the kernel returns.
+  operations per BN module, thousands per forward, become one C call
+  (:func:`channels_last_kernels.running_stats_update`), or without it a handful of
+  ``torch._foreach_*`` calls, on the statistics the kernel returns.
 * **3x3 average pools as depthwise convolutions** with a kernel of ones, times 1 / count
   (:func:`_pool`): ``avg_pool2d`` and its backward are slow on channels_last.
 * the ReLU inside SepConv runs in place on its batch norm's output; the autograd Functions
@@ -198,6 +211,23 @@ def _engine_will_need(t: torch.Tensor) -> bool:
         return True
 
 
+def _dw_c_kernels(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a depthwise convolution of ``x`` by ``w`` runs on the C kernels
+    (:func:`channels_last_kernels.depthwise_forward` and its gradients): a channels_last
+    CPU tensor, and not while a graph of the backward is being recorded (double backward
+    differentiates the PyTorch operations instead)."""
+    return not torch.is_grad_enabled() and channels_last_kernels.depthwise_applies(x, w)
+
+
+def _dw_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int,
+                c_kernels: bool = True) -> torch.Tensor:
+    """``F.conv2d(x, w, None, stride, padding, dilation, groups=C)`` inside an autograd
+    Function's forward (grad mode off): on the C kernels where they apply, if ``c_kernels``."""
+    if c_kernels and _dw_c_kernels(x, w):
+        return channels_last_kernels.depthwise_forward(x, w, stride, padding, dilation)
+    return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
+
+
 class _DepthwiseConv(torch.autograd.Function):
     """Depthwise 2-D convolution (groups = channels, no bias) with a faster CPU backward.
 
@@ -205,35 +235,42 @@ class _DepthwiseConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, stride: int, padding: int, dilation: int, polyphase: bool):
+    def forward(ctx, x, w, stride: int, padding: int, dilation: int, polyphase: bool, c_kernels: bool):
         ctx.save_for_backward(x, w)
         ctx.conf = (stride, padding, dilation, polyphase)
-        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
+        ctx.c_kernels = c_kernels
+        return _dw_forward(x, w, stride, padding, dilation, c_kernels)
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         stride, padding, dilation, polyphase = ctx.conf
         grad = grad.contiguous(memory_format=_layout(x))
+        in_c = ctx.c_kernels and _dw_c_kernels(x, w)
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = depthwise_input_grad(grad, w, x.shape, stride, padding, dilation)
+            gx = (channels_last_kernels.depthwise_input_grad(grad, w, x.shape, stride, padding, dilation) if in_c else
+                  depthwise_input_grad(grad, w, x.shape, stride, padding, dilation))
         if ctx.needs_input_grad[1] and _engine_will_need(w):
-            gw = _weight_grad(_Prepared(x), grad, w.shape[-1], stride, padding, dilation, polyphase)
-        return gx, gw, None, None, None, None
+            gw = (channels_last_kernels.depthwise_weight_grad(x, grad, w.shape[-1], stride, padding, dilation) if in_c
+                  else _weight_grad(_Prepared(x), grad, w.shape[-1], stride, padding, dilation, polyphase))
+        return gx, gw, None, None, None, None, None
 
 
 def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0, dilation: int = 1,
-                     polyphase: bool = True) -> torch.Tensor:
+                     polyphase: bool = True, c_kernels: bool = True) -> torch.Tensor:
     """``F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=C)``, square
-    kernel, with the faster backward; a stride-2 dilation-2 "same" convolution is computed as a
-    stride-1 undilated one on the even pixels (the only ones it reads). ``polyphase=False``
+    kernel, on the C kernels where they apply (``c_kernels``), else oneDNN with the faster
+    backward: there a stride-2 dilation-2 "same" convolution is computed as a stride-1
+    undilated one on the even pixels (the only ones it reads), and ``polyphase=False``
     computes a dilated kernel's weight gradient directly (faster for few channels and small
-    batches, e.g. :mod:`nbutils.nas.ntk_replicas`)."""
+    batches). :mod:`nbutils.nas.ntk_replicas` passes ``c_kernels=False``: it is tuned on
+    oneDNN's convolutions, and its results stay those of that code."""
     k = w.shape[-1]
-    if stride == 2 and dilation == 2 and padding == k - 1:
-        return _DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1, polyphase)
-    return _DepthwiseConv.apply(x, w, stride, padding, dilation, polyphase)
+    in_c = c_kernels and channels_last_kernels.depthwise_applies(x, w)
+    if stride == 2 and dilation == 2 and padding == k - 1 and not in_c:
+        return _DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1, polyphase, c_kernels)
+    return _DepthwiseConv.apply(x, w, stride, padding, dilation, polyphase, c_kernels)
 
 
 def _dw(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -252,7 +289,7 @@ class _DepthwiseFanout(torch.autograd.Function):
         ctx.save_for_backward(x, *weights)
         ctx.confs = confs
         ctx.set_materialize_grads(False)
-        return tuple(F.conv2d(x, w, None, 1, padding, dilation, x.shape[1]) for (padding, dilation), w in zip(confs, weights))
+        return tuple(_dw_forward(x, w, 1, padding, dilation) for (padding, dilation), w in zip(confs, weights))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -265,11 +302,16 @@ class _DepthwiseFanout(torch.autograd.Function):
             if grad is None:
                 continue
             grad = grad.contiguous(memory_format=layout)
+            in_c = _dw_c_kernels(x, w)
             if ctx.needs_input_grad[0]:
-                g = depthwise_input_grad(grad, w, x.shape, 1, padding, dilation)
-                gx = g if gx is None else gx.add_(g)
+                if in_c:   # summed into gx in the kernel
+                    gx = channels_last_kernels.depthwise_input_grad(grad, w, x.shape, 1, padding, dilation, out=gx)
+                else:
+                    g = depthwise_input_grad(grad, w, x.shape, 1, padding, dilation)
+                    gx = g if gx is None else gx.add_(g)
             if ctx.needs_input_grad[2 + i] and _engine_will_need(w):
-                gws[i] = _weight_grad(prepared, grad, w.shape[-1], 1, padding, dilation)
+                gws[i] = (channels_last_kernels.depthwise_weight_grad(x, grad, w.shape[-1], 1, padding, dilation)
+                          if in_c else _weight_grad(prepared, grad, w.shape[-1], 1, padding, dilation))
         return gx, None, *gws
 
 
@@ -419,11 +461,63 @@ def _centred_pointwise(x: torch.Tensor, weight: torch.Tensor, bn: nn.BatchNorm2d
     return _pointwise(x, weight), None
 
 
+class _PointwiseBatchNorm(torch.autograd.Function):
+    """Training-mode ``batch_norm(conv1x1(x), weight, bias)``, then ReLU if asked, as one autograd
+    node on the C kernels: returns ``(out, mean, invstd)`` like
+    :class:`channels_last_kernels.BatchNormFunction`. The same arithmetic as :func:`_pointwise`
+    followed by that Function (the same matrix product, the same kernels); one node instead of
+    the seven the two make (permutes, views, the product, the batch norm), whose fixed costs
+    add up over the hundreds of pointwise convolutions of a supernet step. The weight gradient
+    is skipped when the running backward pass does not need it. Double backward (``create_graph``)
+    recomputes the product with differentiable operations."""
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, weight, bias, eps: float, relu: bool):
+        y = _pointwise(x, conv_weight)
+        out, mean, invstd = channels_last_kernels.bn_forward(y, weight, bias, eps, relu)
+        ctx.save_for_backward(x, conv_weight, y, weight, bias, mean, invstd)
+        ctx.eps, ctx.relu = eps, relu
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _invstd):
+        x, conv_weight, y, weight, bias, mean, invstd = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None
+        need_x, need_conv, need_w, need_b = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():   # create_graph: y as a function of x and the kernel
+            y = _pointwise(x, conv_weight)
+            gy, gw, gb = channels_last_kernels.differentiable_backward(
+                grad, y, weight, bias, mean, invstd, ctx.eps, ctx.relu, (need_x or need_conv, need_w, need_b))
+        else:
+            gy, gw, gb = channels_last_kernels.bn_backward(grad, y, weight, bias, mean, invstd, ctx.relu,
+                                                           (need_x or need_conv, need_w, need_b))
+        gx = gconv = None
+        if need_x or need_conv:
+            n, c, h, wd = x.shape
+            rows_g = gy.permute(0, 2, 3, 1).reshape(n * h * wd, -1)
+            matrix = conv_weight.view(conv_weight.shape[0], c)
+            if need_x:
+                gx = (rows_g @ matrix).view(n, h, wd, c).permute(0, 3, 1, 2)
+            if need_conv and (torch.is_grad_enabled() or _engine_will_need(conv_weight)):
+                gconv = (rows_g.t() @ x.permute(0, 2, 3, 1).reshape(n * h * wd, c)).view(conv_weight.shape)
+        return gx, gconv, gw, gb, None, None
+
+
 def _pointwise_batch_norm(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, stats: _RunningStats,
                           scale: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """``bn(conv(x))`` for a 1x1 convolution (see :func:`_centred_pointwise`), times ``scale``,
-    then ReLU if ``relu``."""
-    if conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.kernel_size == (1, 1):
+    then ReLU if ``relu``: one :class:`_PointwiseBatchNorm` node on the C kernels in train mode."""
+    pointwise = conv.bias is None and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.kernel_size == (1, 1)
+    if (pointwise and bn.training and _layout(x) == _CL and _c_kernel(x) and x.dtype == conv.weight.dtype
+            and conv.weight.is_contiguous()):
+        weight, bias = _scaled_affine(bn, scale)
+        out, mean, invstd = _PointwiseBatchNorm.apply(x, conv.weight, weight, bias, bn.eps, relu)
+        stats.add([bn], mean, invstd, out.numel() // out.shape[1])
+        return out
+    if pointwise:
         y, centre = _centred_pointwise(x, conv.weight, bn)
         return _batch_norm(y, bn, stats, scale=scale, centre=centre, relu=relu)
     return _batch_norm(conv(x), bn, stats, scale=scale, relu=relu)
@@ -488,6 +582,8 @@ class _RunningStats:
     def apply(self) -> None:
         if not self.bns:
             return
+        if self._apply_in_c():
+            return
         # unbiased variance from 1 / sqrt(biased var + eps); clamped: rounding near var = 0
         variances = torch._foreach_pow(self.invstds, -2.0)
         torch._foreach_sub_(variances, [group[0].eps for group in self.bns])
@@ -502,6 +598,25 @@ class _RunningStats:
             buffers = [getattr(bn, running) for bn in modules]
             torch._foreach_mul_(buffers, [1.0 - m for m in momenta])
             torch._foreach_add_(buffers, torch._foreach_mul(batch, momenta))
+        self._clear()
+
+    def _apply_in_c(self) -> bool:
+        """:meth:`apply` in one C call (:func:`channels_last_kernels.running_stats_update`),
+        the same arithmetic in double, when the kernels take the tensors and every module has
+        a momentum."""
+        modules = [bn for group in self.bns for bn in group]
+        if any(bn.momentum is None for bn in modules):
+            return False
+        means = [m for m, group in zip(self.means, self.bns) for _ in group]
+        invstds = [v for v, group in zip(self.invstds, self.bns) for _ in group]
+        unbias = [n / max(n - 1, 1) for n, group in zip(self.counts, self.bns) for _ in group]
+        if not channels_last_kernels.running_stats_update(modules, means, invstds, [bn.momentum for bn in modules],
+                                                          unbias):
+            return False
+        self._clear()
+        return True
+
+    def _clear(self) -> None:
         for collected in (self.bns, self.means, self.invstds, self.counts):
             collected.clear()
 
@@ -541,10 +656,7 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, share
     as its weight gradient, the per-channel ``<grad, bn(x)>`` whose sum is d loss / d scale.
     A mixed operation's architecture weight multiplies its output this way for free.
     """
-    weight, bias = bn.weight, bn.bias
-    if scale is not None:
-        weight = scale if weight is None else weight * scale
-        bias = None if bias is None else bias * scale
+    weight, bias = _scaled_affine(bn, scale)
     if not bn.training and bn.track_running_stats:
         out = F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
         return out.relu_() if relu else out
@@ -562,6 +674,15 @@ def _batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d, stats: _RunningStats, share
         mean = mean + centre
     stats.add([bn] + list(shared or ()), mean, invstd, x.numel() // x.shape[1])
     return out
+
+
+def _scaled_affine(bn: nn.BatchNorm2d, scale: torch.Tensor | None) -> tuple:
+    """``bn``'s affine weight and bias times ``scale`` (None where it has none)."""
+    weight, bias = bn.weight, bn.bias
+    if scale is not None:
+        weight = scale if weight is None else weight * scale
+        bias = None if bias is None else bias * scale
+    return weight, bias
 
 
 def _pool(x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
@@ -689,7 +810,11 @@ class FastSuperNet(SuperNet):
         conv, bn = self.stem
         x = x.contiguous(memory_format=_CL)
         stats = _RunningStats()
-        out = _batch_norm(conv(x), bn, stats)
+        # With one input channel (grey images) the input's channels_last and NCHW layouts are
+        # the same strides, PyTorch takes it for NCHW and the stem's convolution returns NCHW:
+        # made channels_last here, every later tensor is too (else the whole network would run
+        # in NCHW, on none of the channels_last kernels)
+        out = _batch_norm(conv(x).contiguous(memory_format=_CL), bn, stats)
         relu_s0 = relu_s1 = F.relu(out)
         last = len(self.cells) - 1
         for i, cell in enumerate(self.cells):

@@ -233,7 +233,7 @@ class _Replicas:
                 return _ReplicaDepthwise.apply(x, ww, stride, padding, dilation, r)
             if dilation == 1:
                 return F.conv2d(x, ww, None, stride, padding, dilation, r * groups)
-            return depthwise_conv2d(x, ww, stride, padding, dilation, polyphase=False)
+            return depthwise_conv2d(x, ww, stride, padding, dilation, polyphase=False, c_kernels=False)
         return F.conv2d(x, ww, None, stride, padding, dilation, r * groups)
 
     def _pointwise(self, x: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:

@@ -28,10 +28,10 @@ NOTEBOOKS = PROJECT_ROOT / "notebooks"
 #: bump a kind's number when a change alters what its stages compute
 CODE_VERSIONS: dict[str, int] = {
     "surrogate": 1,
-    "poison": 2,
+    "poison": 3,
     "defend": 1,
-    "search": 2,
-    "retrain": 2,
+    "search": 3,
+    "retrain": 3,
     "sensitivity": 1,
     "gallery": 2,
     "report": 8,   # 8: one cell's statistics worked by hand (issue 26), where each stage ran (issue 27)
@@ -170,7 +170,8 @@ def _without_docstrings(tree: ast.AST) -> str:
 
 def code_digest(kind: str) -> str:
     """A hash of the code the stages of ``kind`` run: their notebook's code cells, the units of
-    :func:`code_units` without docstrings, and the C sources beside a module that is used."""
+    :func:`code_units` without docstrings, and the C sources beside a module that is used
+    (``module.c``, ``module.h`` and ``module_*.[ch]``)."""
     digest = hashlib.sha256()
     for source in _code_cells(NOTEBOOK_OF[kind]):
         digest.update(source.encode())
@@ -187,6 +188,7 @@ def code_digest(kind: str) -> str:
             digest.update(_without_docstrings(node).encode())
         path = module_path(module)
         natives.update(path.parent.glob(path.stem + ".[ch]"))
+        natives.update(path.parent.glob(path.stem + "_*.[ch]"))   # the headers it includes
     for native in sorted(natives):
         digest.update(native.name.encode() + native.read_bytes())
     return digest.hexdigest()[:16]

@@ -43,11 +43,14 @@ SPLIT_IMAGES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "mnist": 
 #: fitted on its run; the others fitted on a run of the tour preset under heavy load from other
 #: jobs and scaled by the ratio the DARTS search showed between the two runs (0.275). A run
 #: rescales them by the speed it measures. ``defend relabel`` and ``defend denoise``, which no
-#: CPU preset runs, take ``defend sanitise``'s value. Refit with
+#: CPU preset runs, take ``defend sanitise``'s value. The DARTS and P-DARTS searches' values
+#: were then scaled by 0.65, the CPU time of a quick-preset search with the fast supernet's C
+#: depthwise kernels against the one before (``benchmarks/search_time.py``; benchmarks/README.md),
+#: until a run refits them. Refit with
 #: ``python -m nbutils.pipeline.cost_model OUTPUTS``.
 MODELLED_SECONDS_PER_UNIT: dict[str, float] = {
-    "search darts": 0.14,
-    "search pdarts": 0.09,   # the earlier fit (0.0527 per image-epoch unit) converted to step units
+    "search darts": 0.088,   # 0.14 before the fast supernet's C depthwise kernels, scaled by a search's CPU time
+    "search pdarts": 0.058,  # the earlier fit (0.0527 per image-epoch unit) in step units, scaled as DARTS
     "search tenas": 41.98,
     "search robot": 0.031,
     "search nsganetv2": 0.01535,
@@ -76,13 +79,13 @@ def _network(channels: int, cells: int, side: int) -> float:
 
 #: a supernet step's cost that does not grow with the batch or the image, per cell, in the units of
 #: ``batch x`` :func:`_network`: on the CPU a small supernet's step is bound by the overhead of its
-#: thousands of small operations (C=8, 5 cells, 16 px: ~0.36 s of a 0.79 s weight step at batch 32,
+#: thousands of small operations (C=8, 5 cells, 16 px: ~0.16 s of a 0.35 s weight step at batch 32,
 #: fitted on batch 16/32/64 and 8/12/16 px; benchmarks/README.md)
-STEP_OVERHEAD_PER_CELL = 0.44
+STEP_OVERHEAD_PER_CELL = 0.40
 #: a first-order architecture step (a forward and a backward to alpha only) against a weight step,
-#: measured at the quick preset's search (0.41 s against 0.79 s); a second-order one computes a
+#: measured at the quick preset's search (0.24 s against 0.33 s); a second-order one computes a
 #: weight gradient, the validation gradient and two alpha gradients, about four weight steps
-ARCH_STEP_SHARE = {1: 0.52, 2: 4.0}
+ARCH_STEP_SHARE = {1: 0.75, 2: 4.0}
 
 
 def _darts_units(images: int, config: dict, side: int) -> float:
