@@ -1,6 +1,7 @@
 """One outputs folder shared safely: two runs at once, damaged artifacts, execution timeouts
 (the tiny preset, end to end)."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -74,12 +75,14 @@ def test_a_damaged_input_fails_the_stage_that_reads_it_naming_the_file(tiny_run)
 
 
 @pytest.mark.parametrize("values, limits", [
-    (["600"], {None: 600.0}),
-    (["search=7200", "0"], {"search": 7200.0, None: None}),
+    (["600"], {None: 600}),
+    (["search=7200", "0"], {"search": 7200, None: None}),
     (["report=0"], {"report": None}),
+    (["retrain=90.2"], {"retrain": 91}),   # whole seconds: papermill takes no fraction
 ])
 def test_timeouts_are_parsed(values, limits):
-    assert runner.parse_timeouts(values) == limits
+    parsed = runner.parse_timeouts(values)
+    assert parsed == limits and all(v is None or type(v) is int for v in parsed.values())
 
 
 @pytest.mark.parametrize("value, words", [("searc=10", "'searc' is not a kind of stage"), ("-1", "a number >= 0"),
@@ -98,7 +101,20 @@ def test_the_default_timeout_is_a_generous_multiple_of_the_estimate(tmp_path):
     plan = Plan(stages, ArtifactStore(tmp_path), CostModel(), workers=1)
     search = next(g for g in plan.groups if g[0].kind == "search")
     estimate = sum(plan.estimate(s).seconds for s in search)
-    assert runner.execution_timeout(search, plan, {}) == max(runner.MIN_TIMEOUT, runner.TIMEOUT_MARGIN * estimate)
-    assert runner.execution_timeout(search, plan, {}) >= 10 * estimate > 0
+    timeout = runner.execution_timeout(search, plan, {})
+    assert type(timeout) is int and timeout == math.ceil(max(runner.MIN_TIMEOUT, runner.TIMEOUT_MARGIN * estimate))
+    assert timeout >= 10 * estimate > 0 and timeout != 10 * estimate   # the quick search's estimate is fractional
     assert runner.execution_timeout(search, plan, {"search": 60.0, None: 5.0}) == 60.0
     assert runner.execution_timeout(search, plan, {"retrain": 60.0, None: None}) is None
+
+
+@pytest.mark.e2e
+def test_a_timeout_with_a_fraction_reaches_papermill_as_whole_seconds(tiny_run):
+    """The cost model's estimates are fractional; papermill's client takes whole seconds only
+    (a fractional one failed every notebook of a quick run before any cell ran)."""
+    from nbutils.pipeline.execution import kernel_name
+
+    sample = next(s for s in expand(load_preset(TINY)) if s.kind == "search" and s.spec.get("algorithm") == "random")
+    sample.rerun = True
+    [outcome] = run_execution([sample], ArtifactStore(tiny_run), kernel=kernel_name(), timeout=1919.56)
+    assert outcome.status == "ran", outcome.detail

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import shutil
@@ -163,7 +164,7 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
             os.environ.update(MALLOC_ENV)
             notebook_in = NOTEBOOKS / NOTEBOOK_OF[kind]
             options = dict(parameters={"trials": trials} if kind in BATCHED else trials[0], progress_bar=False,
-                           log_output=False, execution_timeout=timeout)
+                           log_output=False, execution_timeout=None if timeout is None else math.ceil(timeout))
             if fresh_kernel:
                 import papermill
 

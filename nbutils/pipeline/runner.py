@@ -6,6 +6,7 @@ exist yet (:mod:`~nbutils.pipeline.execution`: in order in this process, or on D
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -76,10 +77,11 @@ TIMEOUT_MARGIN = 10.0
 MIN_TIMEOUT = 900.0
 
 
-def parse_timeouts(values: Sequence[str]) -> dict[str | None, float | None]:
-    """``--timeout`` values: ``SECONDS`` for every kind (key None) or ``KIND=SECONDS``; 0 is no
-    limit (None). Refused before any compute, naming the value and what is allowed."""
-    timeouts: dict[str | None, float | None] = {}
+def parse_timeouts(values: Sequence[str]) -> dict[str | None, int | None]:
+    """``--timeout`` values: ``SECONDS`` for every kind (key None) or ``KIND=SECONDS``, rounded up
+    to whole seconds; 0 is no limit (None). Refused before any compute, naming the value and
+    what is allowed."""
+    timeouts: dict[str | None, int | None] = {}
     for value in values:
         kind, _, seconds = value.rpartition("=")
         if kind and kind not in NOTEBOOK_OF:
@@ -90,18 +92,19 @@ def parse_timeouts(values: Sequence[str]) -> dict[str | None, float | None]:
             limit = -1.0
         if not limit >= 0 or limit == float("inf"):
             raise params.ParamsError(f"--timeout {value!r}: allowed: [KIND=]SECONDS with SECONDS a number >= 0 (0: no limit)")
-        timeouts[kind or None] = limit or None
+        timeouts[kind or None] = math.ceil(limit) or None
     return timeouts
 
 
-def execution_timeout(group: Sequence[Stage], plan: Plan, timeouts: dict[str | None, float | None]) -> float | None:
-    """Seconds one cell of this execution may run: ``--timeout`` for its kind or for all, else
-    :data:`TIMEOUT_MARGIN` times the estimate of its stages, at least :data:`MIN_TIMEOUT`."""
+def execution_timeout(group: Sequence[Stage], plan: Plan, timeouts: dict[str | None, int | None]) -> int | None:
+    """Whole seconds (papermill takes no fraction) one cell of this execution may run:
+    ``--timeout`` for its kind or for all, else :data:`TIMEOUT_MARGIN` times the estimate of its
+    stages, at least :data:`MIN_TIMEOUT`."""
     kind = group[0].kind
     for given in (kind, None):
         if given in timeouts:
             return timeouts[given]
-    return max(MIN_TIMEOUT, TIMEOUT_MARGIN * sum(plan.estimate(s).seconds for s in group))
+    return math.ceil(max(MIN_TIMEOUT, TIMEOUT_MARGIN * sum(plan.estimate(s).seconds for s in group)))
 
 
 def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | None = None,
