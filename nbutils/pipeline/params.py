@@ -24,10 +24,11 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, FieldSerializ
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ..attacks.poisoning import CRAFTING_FIELDS, AttackConfig
-from ..core.config import (CONFIG_RULES, Cells, Channels, EachOnce, MAX_REPEATS, NonNegativeInt, PositiveInt,
+from ..core.config import (CONFIG_RULES, Cells, Channels, EachOnce, MAX_REPEATS, PositiveInt,
                            PositiveNumber, Repeats, Seed, integer, integer_within, number)
 from ..core.data import DATASETS, SPLIT_SIZES
 from ..defenses.defending import DEFENSE_SETTINGS, DefenseConfig
+from ..nas import registry
 from ..nas.darts import DartsConfig
 from ..nas.nsganetv2 import Nsganetv2Config
 from ..nas.pdarts import PdartsConfig
@@ -39,11 +40,11 @@ DatasetName = Literal[DATASETS]  # type: ignore[valid-type]
 Device = Literal["auto", "cpu", "cuda"]
 Budget = Annotated[number(gt=0, le=1), Field(description="fraction of the search data, in (0, 1]")]
 ImageSide = integer(8)
+RandomSamples = integer_within(0, MAX_REPEATS, "far beyond any study; the papers sample 10 to 100")
 SearchSize = integer_within(2, None, "the search splits its images into two halves: weights and architecture")
 
-# darts_anti: the workshop paper's anti-search (DARTS maximising the loss), Table 1
-NAS_ALGORITHMS = ("darts", "darts_anti", "pdarts", "tenas", "robot", "nsganetv2")
-LABEL_FREE = ("tenas",)    # never read labels: label flipping cannot change what they find
+NAS_ALGORITHMS = tuple(registry.ALGORITHMS)   # darts_anti: the workshop paper's anti-search, Table 1
+LABEL_FREE = registry.names(label_free=True)    # never read labels: label flipping cannot change what they find
 ATTACK_NAMES = ("none", "rlf", "clf", "gaussian", "gc", "alpha")
 #: NAS algorithms named in a list, each once
 Algorithms = Annotated[list[Literal[NAS_ALGORITHMS]], EachOnce]  # type: ignore[valid-type]
@@ -180,7 +181,7 @@ class GridParams(Params):
     seed: Seed = 0
     nas_algorithms: Annotated[Algorithms, Field(min_length=1)] = ["darts"]
     attacks: Annotated[list[AttackEntry], Field(min_length=1), EachOnce] = [AttackEntry(name="none")]
-    random_samples: integer_within(0, MAX_REPEATS, "far beyond any study; the papers sample 10 to 100") = 10
+    random_samples: RandomSamples = 10
 
     @field_validator("data")
     @classmethod
@@ -375,8 +376,7 @@ class CraftPoisonsParams(config_fields(AttackConfig, "seed", "eps", "sigma")):
 
 # --- search.yaml -------------------------------------------------------------------------------
 #: the engine config each algorithm section of search.yaml is (``darts_anti`` shares DARTS')
-SEARCH_CONFIGS: dict[str, type] = {"darts": DartsConfig, "pdarts": PdartsConfig, "tenas": TenasConfig,
-                                   "robot": RobotConfig, "nsganetv2": Nsganetv2Config}
+SEARCH_CONFIGS: dict[str, type] = registry.SECTIONS
 
 #: config fields the run sets for each search, so no section may: search.yaml's own ``augment``,
 #: ``fast`` and ``mixed_precision`` (for every algorithm), ``anti`` (the darts_anti algorithm) and
@@ -385,15 +385,8 @@ SET_BY_THE_RUN = ("augment", "anti", "fast", "keep_epochs", "mixed_precision")
 
 #: settings the sections gained when they became the engines' configs: a stage's key holds one
 #: only when it differs from its default, so that every artifact made before keeps its key
-KEYED_WHEN_CHANGED: dict[str, tuple[str, ...]] = {
-    "darts": ("warmup_epochs",),
-    "tenas": ("stem_multiplier", "region_crop", "precision", "operations"),
-    "robot": ("momentum", "weight_decay", "grad_clip", "drop_path", "metrics", "kappa"),
-    "nsganetv2": ("cv_folds", "cart_trees", "crossover_prob", "mutation_eta", "cost_input_size", "lr_min",
-                  "momentum", "weight_decay", "grad_clip", "eval_batch_size", "tradeoff_points",
-                  "candidate_selection", "finetune_epochs", "finetune_lr", "finetune_weight_decay",
-                  "finetune_batch_size"),
-}
+KEYED_WHEN_CHANGED: dict[str, tuple[str, ...]] = {a.section: a.keyed_when_changed for a in registry.ALGORITHMS.values()
+                                                  if a.keyed_when_changed}
 
 
 def section_settings(algorithm: str, config: Any) -> dict:
@@ -448,9 +441,9 @@ class SearchParams(Params):
 
     def config_of(self, algorithm: str) -> dict:
         """The settings a search stage of ``algorithm`` runs with (:func:`section_settings`)."""
-        family = {"darts_anti": "darts"}.get(algorithm, algorithm)
-        if family == "random":
+        if algorithm == "random":
             return {}
+        family = registry.ALGORITHMS[algorithm].section
         return section_settings(family, getattr(self, family))
 
 

@@ -25,13 +25,14 @@ from functools import cached_property
 
 from . import params
 from ..core.data import search_augmentation
+from ..nas import registry
 from ..core.store import stage_key
 from ..studies.tenas_indicators import TENAS_METRICS, TENAS_SETTINGS
 from .code_versions import CODE_VERSIONS
 
 
 #: the searches that ``search.mixed_precision`` applies to (the others train in float32)
-MIXED_PRECISION_ALGORITHMS = ("darts", "darts_anti", "pdarts")
+MIXED_PRECISION_ALGORITHMS = registry.names(mixed_precision=True)
 
 
 @dataclass(eq=False)
@@ -63,11 +64,11 @@ def _percent(budget: float) -> str:
 
 #: the algorithms whose gradient-canceling target is the converged supernet's alpha (NAS-specific
 #: GC, TMLR §3.2); every other algorithm's target is the weights of its best clean architecture
-SUPERNET_ALGORITHMS = ("darts", "darts_anti", "pdarts")
+SUPERNET_ALGORITHMS = registry.names(supernet=True)
 
 
 #: searched on clean data only: anti-search is the workshop paper's worst-case reference (Table 1)
-CLEAN_ONLY = ("darts_anti",)
+CLEAN_ONLY = registry.names(clean_only=True)
 
 
 def expand(preset: params.Preset) -> list[Stage]:

@@ -20,18 +20,15 @@ import torch
 
 from . import params
 from ..attacks.poisoning import AttackConfig, poison
-from ..nas.darts import DartsConfig, SearchDiverged, darts_search, snapshot_epochs
+from ..nas import registry
+from ..nas.darts import SearchDiverged, snapshot_epochs
 from ..nas.search_result import SearchResult
-from ..core.data import (ImageDataset, channel_stats, concatenate, load_dataset, search_split, seeded_subset,
+from ..core.data import (ImageDataset, channel_stats, load_dataset, search_split, seeded_subset,
                          seeded_subset_indices)
 from ..core.device import resolve_device, seed_everything
 from ..accel.supernet_choice import supernet_class
 from ..space.genotype import Genotype, random_genotype
 from ..space.network import EvalNetwork
-from ..nas.nsganetv2 import Nsganetv2Config, nsganetv2_search
-from ..nas.pdarts import PdartsConfig, pdarts_search
-from ..nas.robot import RobotConfig, robot_search
-from ..nas.tenas import TenasConfig, tenas_search
 from ..core.poison_set import PoisonSet
 from ..core.store import atomic_write_json, load_arrays, read_json, save_arrays
 from ..space.supernet import supernet_from_checkpoint
@@ -222,39 +219,8 @@ def trusted_pool(data: params.DataParams, size: int) -> ImageDataset:
 
 
 # --- 03 search -----------------------------------------------------------------------------------
-def _darts(weight_part, arch_part, spec, **common) -> SearchResult:
-    keep = set(spec.get("keep_supernets", ()))
-    if "keep_supernets" in spec:
-        keep.add(spec["config"]["epochs"])   # the converged supernet, always
-    config = DartsConfig(**spec["config"], augment=spec["augment"], fast=spec.get("fast", True),
-                         anti=spec["algorithm"] == "darts_anti", keep_epochs=tuple(sorted(keep)),
-                         mixed_precision=spec.get("mixed_precision", False))
-    return darts_search(weight_part, arch_part, config, **common)
-
-
-def _pdarts(weight_part, arch_part, spec, **common) -> SearchResult:
-    config = PdartsConfig(**spec["config"], augment=spec["augment"], fast=spec.get("fast", True),
-                          mixed_precision=spec.get("mixed_precision", False))
-    return pdarts_search(weight_part, arch_part, config, **common)
-
-
-def _robot(weight_part, arch_part, spec, **common) -> SearchResult:
-    return robot_search(weight_part, arch_part, RobotConfig(**spec["config"]), **common)
-
-
-def _nsganetv2(weight_part, arch_part, spec, **common) -> SearchResult:
-    return nsganetv2_search(weight_part, arch_part, Nsganetv2Config(**spec["config"], augment=spec["augment"]), **common)
-
-
-def _tenas(weight_part, arch_part, spec, **common) -> SearchResult:
-    # training-free: TE-NAS reads the whole search data, both halves
-    config = TenasConfig(**spec["config"], augment=spec["augment"])
-    return tenas_search(concatenate(weight_part, arch_part), config, **common)
-
-
 #: algorithm -> search on (weight half, architecture half) of the search data
-SEARCHES = {"darts": _darts, "darts_anti": _darts, "pdarts": _pdarts, "tenas": _tenas, "robot": _robot,
-            "nsganetv2": _nsganetv2}
+SEARCHES = {name: algorithm.search for name, algorithm in registry.ALGORITHMS.items()}
 
 
 def search(spec: dict, inputs: dict, out_dir: str | Path) -> dict:

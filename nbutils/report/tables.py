@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..nas import registry
 from ..space.genotype import Genotype
 from .stats import CellSummary, benjamini_hochberg, delta_improvement, detectable_drop, dimp_interval, welch_less
 from ..core.store import read_json
@@ -86,8 +87,7 @@ def no_budget(budget) -> bool:
 
 
 ATTACK_NAMES = {"none": "None", "rlf": "RLF", "clf": "CLF", "gaussian": "Noise", "gc": "GC"}
-ALGORITHM_NAMES = {"darts": "DARTS", "darts_anti": "DARTS anti-search", "pdarts": "P-DARTS", "tenas": "TE-NAS",
-                   "robot": "RoBoT", "nsganetv2": "NSGANetV2", "random": "Random"}
+ALGORITHM_NAMES = {**{name: a.display_name for name, a in registry.ALGORITHMS.items()}, "random": "Random"}
 
 
 def attack_name(attack: str) -> str:
@@ -334,9 +334,7 @@ def _fmt(mean: float, std: float) -> str:
 
 
 def not_run_reason(algorithm: str, attack: str) -> str:
-    from ..pipeline.params import LABEL_FREE
-
-    if algorithm in LABEL_FREE and attack in ("rlf", "clf"):
+    if algorithm in registry.names(label_free=True) and attack in ("rlf", "clf"):
         return f"{algorithm_name(algorithm)} never reads labels: label flipping cannot change its search"
     return "not in this run's grid, or its trials did not finish"
 
