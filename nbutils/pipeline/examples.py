@@ -111,7 +111,7 @@ def compute_stage(stage: Stage, store: ArtifactStore, inputs: dict[str, str]) ->
     recorded as the runner records it (``spec.json``), so that the steps reading it find what
     they expect (a crafted attack reads its target's retrain record, the report its cells')."""
     from . import steps   # torch and every algorithm: only when something is computed
-    from .execution import STEP_OF
+    from .execution import STEP_OF, stage_record
 
     work = store.begin(stage.kind, stage.key)
     start = time.perf_counter()
@@ -121,10 +121,7 @@ def compute_stage(stage: Stage, store: ArtifactStore, inputs: dict[str, str]) ->
         store.fail(work, stage.kind, stage.key)
         raise
     seconds = time.perf_counter() - start
-    record = {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
-              "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
-              "seconds": seconds, "execution": {"stages": 1, "seconds": seconds, "by_hand": True}}
-    return store.commit(work, stage.kind, stage.key, record)
+    return store.commit(work, stage.kind, stage.key, stage_record(stage, seconds, stages=1, seconds=seconds, by_hand=True))
 
 
 def ensure_inputs(stage: Stage, outputs: str | Path | None = None, log=print) -> dict[str, str]:

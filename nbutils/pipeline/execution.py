@@ -192,7 +192,6 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
     # the notebook failed although no trial did (its display cells, say): nothing counts as done
     trial_failed = any((work / FAILED_FILE).is_file() for work in works)
     outcomes = []
-    where = None
     for stage, work in zip(stages, works):
         marked = (work / COMPLETED_FILE).is_file()
         completed = (marked and (error is None or trial_failed)) if kind in BATCHED else error is None
@@ -202,11 +201,7 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
             outcomes.append(Outcome(stage, "failed", seconds, _failure_reason(failed, error), failed / EXECUTED_NOTEBOOK))
             continue
         try:
-            where = where or environment(stage.spec.get("device", "auto"))
-            record = {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
-                      "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
-                      "seconds": seconds / len(stages), "execution": {"stages": len(stages), "seconds": seconds},
-                      "environment": where}
+            record = stage_record(stage, seconds / len(stages), stages=len(stages), seconds=seconds)
             final = store.commit(work, stage.kind, stage.key, record, replace=stage.rerun)
         except Exception as e:   # the artifact is complete but could not be stored: this stage fails, not the run
             log.exception("committing %s failed", stage.label)
@@ -217,6 +212,15 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
         outcomes.append(Outcome(stage, "ran", seconds / len(stages), notebook=final / EXECUTED_NOTEBOOK))
     return outcomes
 
+
+
+def stage_record(stage: Stage, seconds: float, **execution: object) -> dict:
+    """What a stage's ``spec.json`` records beside its results: what it ran and read, its
+    seconds, its execution's (``execution``: the stages that shared it and their seconds, ...)
+    and where it ran (:func:`nbutils.core.device.environment`); the store adds the files' digests."""
+    return {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
+            "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
+            "seconds": seconds, "execution": execution, "environment": environment(stage.spec.get("device", "auto"))}
 
 
 def kernel_manager_logging_to(log: IO[str]) -> type:
