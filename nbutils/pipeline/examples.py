@@ -121,7 +121,7 @@ def compute_stage(stage: Stage, store: ArtifactStore, inputs: dict[str, str]) ->
         store.fail(work, stage.kind, stage.key)
         raise
     seconds = time.perf_counter() - start
-    return store.commit(work, stage.kind, stage.key, stage_record(stage, seconds, stages=1, seconds=seconds, by_hand=True))
+    return store.commit(work, stage.kind, stage.key, stage_record(stage, seconds, {"stages": 1, "seconds": seconds, "by_hand": True}))
 
 
 def ensure_inputs(stage: Stage, outputs: str | Path | None = None, log=print) -> dict[str, str]:

@@ -201,7 +201,7 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
             outcomes.append(Outcome(stage, "failed", seconds, _failure_reason(failed, error), failed / EXECUTED_NOTEBOOK))
             continue
         try:
-            record = stage_record(stage, seconds / len(stages), stages=len(stages), seconds=seconds)
+            record = stage_record(stage, seconds / len(stages), {"stages": len(stages), "seconds": seconds})
             final = store.commit(work, stage.kind, stage.key, record, replace=stage.rerun)
         except Exception as e:   # the artifact is complete but could not be stored: this stage fails, not the run
             log.exception("committing %s failed", stage.label)
@@ -214,10 +214,10 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
 
 
 
-def stage_record(stage: Stage, seconds: float, **execution: object) -> dict:
+def stage_record(stage: Stage, seconds: float, execution: dict) -> dict:
     """What a stage's ``spec.json`` records beside its results: what it ran and read, its
-    seconds, its execution's (``execution``: the stages that shared it and their seconds, ...)
-    and where it ran (:func:`nbutils.core.device.environment`); the store adds the files' digests."""
+    seconds, its execution's (``execution``: the stages that shared it, their seconds, ...) and
+    where it ran (:func:`nbutils.core.device.environment`); the store adds the files' digests."""
     return {"kind": stage.kind, "label": stage.label, "spec": stage.spec, "meta": stage.meta,
             "inputs": {role: {"kind": s.kind, "key": s.key} for role, s in stage.inputs.items()},
             "seconds": seconds, "execution": execution, "environment": environment(stage.spec.get("device", "auto"))}
