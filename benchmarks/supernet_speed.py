@@ -36,8 +36,9 @@ each step faults its large tensors in again (the fast network loses more to that
 
 ``--without PIECE ...`` measures ``FastSuperNet`` with some of its pieces replaced by the
 plain computation (an A/B of one piece: run with and without it). The pieces are patched into
-:mod:`nbutils.accel.fast_supernet` in the fast network's child processes only (see
-:data:`PIECES`); the production code has no such switch. Each patch computes the same function.
+the modules FastSuperNet is built from (:data:`MODULES`: every binding of the patched name) in
+the fast network's child processes only (see :data:`PIECES`); the production code has no such
+switch. Each patch computes the same function.
 
 Peak memory: PyTorch's CPU allocations are invisible to ``tracemalloc``, so each child reads
 its peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) once the model,
@@ -50,6 +51,7 @@ The script prints every iteration's time as well as the median.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -63,12 +65,15 @@ CONFIGS = {
     "quick": dict(channels=8, layers=5, batch=32, in_channels=1, size=16, num_classes=10),
 }
 IMPLS = ("plain", "fast")
+#: the modules FastSuperNet is built from, which ``--without`` patches
+MODULES = ("nbutils.accel.channels_last", "nbutils.accel.depthwise", "nbutils.accel.batch_norm",
+           "nbutils.accel.operations", "nbutils.accel.fast_supernet")
 #: the pieces of FastSuperNet that ``--without`` can replace by the plain computation
 PIECES = {
     "c_kernels": "batch norm, the scaled adds' backward, the depthwise convolutions and the running statistics on "
                  "PyTorch's kernels instead of the C kernels",
     "c_depthwise": "depthwise convolutions on oneDNN (with the hand-written backward) instead of the C kernels",
-    "custom_dw": "depthwise convolutions with oneDNN's own backward (no _DepthwiseConv, no _DepthwiseFanout)",
+    "custom_dw": "depthwise convolutions with oneDNN's own backward (no DepthwiseConv, no DepthwiseFanout)",
     "polyphase": "the weight gradient of a dilation-2 kernel computed directly, not on the polyphase sub-images",
     "split5x5": "the weight gradient of a 5x5 kernel computed directly, not as four 3x3 ones",
     "flip_input_grad": "the input gradient of a stride-1 depthwise convolution as a transposed convolution",
@@ -77,59 +82,65 @@ PIECES = {
 }
 
 
+def _patch(name: str, value) -> None:
+    """Bind ``name`` to ``value`` in every module of :data:`MODULES` that binds it (those that
+    import it by name hold their own binding)."""
+    for module in (importlib.import_module(m) for m in MODULES):
+        if hasattr(module, name):
+            setattr(module, name, value)
+
+
 def _without(pieces: list[str]) -> None:
-    """Patch :mod:`nbutils.accel.fast_supernet` in this process: ``pieces`` (of :data:`PIECES`)
+    """Patch the modules of :data:`MODULES` in this process: ``pieces`` (of :data:`PIECES`)
     replaced by the plain computation."""
     import torch
     import torch.nn.functional as F
 
-    from nbutils.accel import fast_supernet as fs
+    from nbutils.accel import channels_last_kernels, depthwise
 
     if "c_kernels" in pieces:   # the production switch for machines without a C compiler
         os.environ["NBUTILS_NO_C_KERNELS"] = "1"
-        from nbutils.accel import channels_last_kernels
         channels_last_kernels._library.cache_clear()
     if "c_depthwise" in pieces:
-        from nbutils.accel import channels_last_kernels
         channels_last_kernels.depthwise_applies = lambda x, w: False
     if "channels_last" in pieces:
-        # _layout() then never reports channels_last, and forward() leaves the input NCHW
-        fs._CL = torch.contiguous_format
+        # layout() then never reports channels_last, and forward() leaves the input NCHW
+        _patch("CHANNELS_LAST", torch.contiguous_format)
     if "flip_input_grad" in pieces:
         def input_grad(grad, w, x_shape, stride, padding, dilation):
             c, k = w.shape[0], w.shape[-1]
             extra = [x_shape[i] - ((grad.shape[i] - 1) * stride - 2 * padding + dilation * (k - 1) + 1) for i in (2, 3)]
             return F.conv_transpose2d(grad, w, None, stride, padding, extra, c, dilation)
-        fs.depthwise_input_grad = input_grad
+        _patch("depthwise_input_grad", input_grad)
     if "polyphase" in pieces:
-        direct = fs._weight_grad
+        direct = depthwise.weight_grad
 
-        def weight_grad(x, grad, k, stride, padding, dilation, polyphase=True):
+        def weight_grad(x, grad, k, stride, padding, dilation, use_polyphase=True):
             return direct(x, grad, k, stride, padding, dilation, False)
-        fs._weight_grad = weight_grad
+        _patch("weight_grad", weight_grad)
     if "split5x5" in pieces:
-        split = fs._weight_grad
+        split = depthwise.weight_grad
 
-        def weight_grad_5x5(x, grad, k, stride, padding, dilation, polyphase=True):
+        def weight_grad_5x5(x, grad, k, stride, padding, dilation, use_polyphase=True):
             if k == 5 and dilation == 1:
                 probe = grad.new_empty(x.x.shape[1], 1, k, k)
-                return fs._native_grads(grad, x.x, probe, stride, padding, dilation, [False, True, False])[1]
-            return split(x, grad, k, stride, padding, dilation, polyphase)
-        fs._weight_grad = weight_grad_5x5
+                return depthwise.native_grads(grad, x.x, probe, stride, padding, dilation, [False, True, False])[1]
+            return split(x, grad, k, stride, padding, dilation, use_polyphase)
+        _patch("weight_grad", weight_grad_5x5)
     if "matmul_pointwise" in pieces:
         def pointwise(x, weight, bias=None):
             return F.conv2d(x, weight, bias)
-        fs._pointwise = pointwise
+        _patch("pointwise", pointwise)
     if "custom_dw" in pieces:
-        def depthwise(x, w, stride=1, padding=0, dilation=1, polyphase=True):
+        def depthwise_conv2d(x, w, stride=1, padding=0, dilation=1, polyphase=True):
             return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
 
         def fanout(x, convs, on_even=False):
             if on_even:   # x holds the even pixels: stride-1 undilated convolutions of them
-                return [depthwise(x, c.weight, 1, c.padding[0] // 2, 1) for c in convs]
-            return [depthwise(x, c.weight, c.stride[0], c.padding[0], c.dilation[0]) for c in convs]
-        fs.depthwise_conv2d = depthwise
-        fs._depthwise_fanout = fanout
+                return [depthwise_conv2d(x, c.weight, 1, c.padding[0] // 2, 1) for c in convs]
+            return [depthwise_conv2d(x, c.weight, c.stride[0], c.padding[0], c.dilation[0]) for c in convs]
+        _patch("depthwise_conv2d", depthwise_conv2d)
+        _patch("depthwise_fanout", fanout)
 
 
 def _maxrss_mb() -> float:

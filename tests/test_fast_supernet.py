@@ -19,8 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbutils.accel import channels_last_kernels
-from nbutils.accel.fast_supernet import FastSuperNet, depthwise_conv2d
+from nbutils.accel import batch_norm as accel_batch_norm
+from nbutils.accel import channels_last_kernels, fast_supernet, operations
+from nbutils.accel.batch_norm import PointwiseBatchNorm
+from nbutils.accel.channels_last import EvenOdd
+from nbutils.accel.depthwise import depthwise_conv2d
+from nbutils.accel.fast_supernet import FastSuperNet
+from nbutils.accel.operations import pool as pool_op
 from nbutils.space.genotype import NUM_EDGES
 from nbutils.space.ops import PRIMITIVES
 from nbutils.space.supernet import SuperNet
@@ -229,14 +234,14 @@ def test_float32_as_accurate_as_plain(shape, kw, c_kernels):
 def test_activations_channels_last_also_for_one_input_channel(in_channels, monkeypatch):
     """Every batch norm sees a channels_last tensor, also for grey images, whose input is NCHW
     and channels_last at once (the stem must not hand NCHW on to the cells)."""
-    from nbutils.accel import fast_supernet
     layouts = []
-    batch_norm = fast_supernet._batch_norm
+    batch_norm = accel_batch_norm.batch_norm
 
     def recording(x, *args, **kw):
         layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
         return batch_norm(x, *args, **kw)
-    monkeypatch.setattr(fast_supernet, "_batch_norm", recording)
+    for module in (accel_batch_norm, operations, fast_supernet):   # every module that calls it
+        monkeypatch.setattr(module, "batch_norm", recording)
     _, fast = pair(torch.float32, channels=4, layers=3, in_channels=in_channels)
     run(fast, *random_batch(4, in_channels, 8, dtype=torch.float32))
     assert layouts and all(layouts)
@@ -328,15 +333,14 @@ def test_gradients_wrt_non_leaf_unrolled_weights_match():
 
 @pytest.mark.parametrize("size", [(6, 6), (7, 5)])
 def test_even_odd_pixels_gradgradcheck(size):
-    from nbutils.accel.fast_supernet import _EvenOdd
     g = torch.Generator().manual_seed(sum(size))
     x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    even, odd = _EvenOdd.apply(x)
+    even, odd = EvenOdd.apply(x)
     assert torch.equal(even, x[:, :, ::2, ::2]) and torch.equal(odd, x[:, :, 1::2, 1::2])
     assert even.is_contiguous(memory_format=torch.channels_last)
-    assert torch.autograd.gradcheck(_EvenOdd.apply, (x,))
-    assert torch.autograd.gradgradcheck(_EvenOdd.apply, (x,))
+    assert torch.autograd.gradcheck(EvenOdd.apply, (x,))
+    assert torch.autograd.gradgradcheck(EvenOdd.apply, (x,))
     # only one of the two outputs used: the other's pixels get a zero gradient
     (grad,) = torch.autograd.grad(odd.sum(), x)
     assert grad.is_contiguous(memory_format=torch.channels_last)
@@ -345,12 +349,11 @@ def test_even_odd_pixels_gradgradcheck(size):
 
 @pytest.mark.parametrize("stride,size", [(1, (6, 6)), (1, (5, 7)), (2, (6, 6)), (2, (7, 5))])
 def test_average_pool_as_depthwise_convolution(stride, size):
-    from nbutils.accel.fast_supernet import _pool
     pool = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
     g = torch.Generator().manual_seed(stride * 100 + size[0])
     x = torch.randn(2, 3, *size, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    ours, ref = _pool(x, pool), pool(x)
+    ours, ref = pool_op(x, pool), pool(x)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     v = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     (g_ours,), (g_ref,) = torch.autograd.grad((ours * v).sum(), x), torch.autograd.grad((ref * v).sum(), x)
@@ -372,7 +375,6 @@ def test_running_stats_with_cumulative_momentum():
 @pytest.mark.parametrize("relu,scaled", [(False, False), (True, True)])
 def test_pointwise_batch_norm_node_gradcheck(relu, scaled):
     """The fused 1x1 convolution and batch norm (one autograd node) against autograd, to second order."""
-    from nbutils.accel.fast_supernet import _PointwiseBatchNorm
     if not channels_last_kernels.available():
         pytest.skip("no C kernels")
     g = torch.Generator().manual_seed(1)
@@ -382,7 +384,7 @@ def test_pointwise_batch_norm_node_gradcheck(relu, scaled):
     inputs = [x.requires_grad_(), conv.requires_grad_()] + ([scale.requires_grad_()] if scaled else [])
 
     def f(x, conv, *scale):
-        return _PointwiseBatchNorm.apply(x, conv, scale[0] if scale else None, None, 1e-5, relu)[0]
+        return PointwiseBatchNorm.apply(x, conv, scale[0] if scale else None, None, 1e-5, relu)[0]
 
     def ref(x, conv, *scale):
         out = F.batch_norm(F.conv2d(x, conv), None, None, scale[0] if scale else None, None, True, 0.0, 1e-5)

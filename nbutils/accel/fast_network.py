@@ -4,7 +4,9 @@
 ``FastEvalNetwork`` subclasses :class:`nbutils.space.network.EvalNetwork` and keeps every
 module, parameter and buffer of it (``state_dict`` is interchangeable both ways; the same
 constructor under the same seed initialises the same weights); only the forward computation
-is rewritten, from the pieces of :mod:`nbutils.accel.fast_supernet`. :func:`accelerate` turns a
+is rewritten, from the pieces the supernet is built from
+(:mod:`nbutils.accel.channels_last`, :mod:`~nbutils.accel.depthwise`, :mod:`~nbutils.accel.batch_norm`,
+:mod:`~nbutils.accel.operations`). :func:`accelerate` turns a
 built network into one (sharing its modules) where :func:`applies` says the fast path runs, and
 is the single entry point for a training loop.
 
@@ -55,22 +57,10 @@ from torch import nn
 
 from ..space.network import EvalCell, EvalNetwork
 from ..space.ops import DilConv, FactorizedReduce, Identity, SepConv
-from .fast_supernet import (
-    _CL,
-    _DenseGrad,
-    _EvenOdd,
-    _RunningStats,
-    _batch_norm,
-    _c_kernel,
-    _depthwise_fanout,
-    _dil_conv,
-    _factorized_reduce,
-    _pointwise_batch_norm,
-    _pool,
-    _preprocess,
-    _reads_even_pixels,
-    _sep_conv,
-)
+from .batch_norm import RunningStats, batch_norm, pointwise_batch_norm
+from .channels_last import CHANNELS_LAST, DenseGrad, EvenOdd, on_c_kernels
+from .depthwise import depthwise_fanout, reads_even_pixels
+from .operations import dil_conv, factorized_reduce, pool, preprocess, sep_conv
 
 __all__ = ["FastEvalNetwork", "accelerate", "applies"]
 
@@ -127,7 +117,7 @@ class _Node:
 
     def state(self, dense_grad: bool) -> torch.Tensor:
         """The node's tensor; ``dense_grad``: hand its gradient on densely laid out."""
-        return _DenseGrad.apply(self.total) if dense_grad and self.total.requires_grad else self.total
+        return DenseGrad.apply(self.total) if dense_grad and self.total.requires_grad else self.total
 
 
 def _drop_factors(cell: EvalCell, like: torch.Tensor, drop_prob: float) -> list[torch.Tensor | None]:
@@ -147,7 +137,7 @@ def _drop_factors(cell: EvalCell, like: torch.Tensor, drop_prob: float) -> list[
 
 
 def _state_forward(cell: EvalCell, h: torch.Tensor, readers: list[int],
-                   stats: _RunningStats) -> list[tuple[int, torch.Tensor, bool]]:
+                   stats: RunningStats) -> list[tuple[int, torch.Tensor, bool]]:
     """The outputs of the operations ``readers`` (indices into ``cell.ops``), which all read the
     state ``h``: ``(index, output, owned)``."""
     outputs: list[tuple[int, torch.Tensor, bool]] = []
@@ -168,28 +158,28 @@ def _state_forward(cell: EvalCell, h: torch.Tensor, readers: list[int],
             outputs.append((k, op(h), True))
     if convs or reduces:
         relu_h = F.relu(h)
-        on_even = [i for i, (_, op) in enumerate(convs) if _reads_even_pixels(op[1])]
+        on_even = [i for i, (_, op) in enumerate(convs) if reads_even_pixels(op[1])]
         on_all = [i for i in range(len(convs)) if i not in on_even]
-        halves = _EvenOdd.apply(relu_h) if on_even or reduces else None
-        firsts = dict(zip(on_all, _depthwise_fanout(relu_h, [convs[i][1][1] for i in on_all])))
+        halves = EvenOdd.apply(relu_h) if on_even or reduces else None
+        firsts = dict(zip(on_all, depthwise_fanout(relu_h, [convs[i][1][1] for i in on_all])))
         if on_even:
-            firsts.update(zip(on_even, _depthwise_fanout(halves[0], [convs[i][1][1] for i in on_even], on_even=True)))
+            firsts.update(zip(on_even, depthwise_fanout(halves[0], [convs[i][1][1] for i in on_even], on_even=True)))
         for i, (k, op) in enumerate(convs):
-            outputs.append((k, (_sep_conv if isinstance(op, SepConv) else _dil_conv)(firsts[i], op, stats), True))
+            outputs.append((k, (sep_conv if isinstance(op, SepConv) else dil_conv)(firsts[i], op, stats), True))
         for k, op in reduces:
-            outputs.append((k, _factorized_reduce(halves, op, stats), True))
+            outputs.append((k, factorized_reduce(halves, op, stats), True))
     for uses in pools.values():
-        pooled = _pool(h, uses[0][1])
+        pooled = pool(h, uses[0][1])
         for k, _ in uses:
             outputs.append((k, pooled, len(uses) == 1))
     return outputs
 
 
 def _cell_forward(cell: EvalCell, relu_s0: torch.Tensor, relu_s1: torch.Tensor, drop_prob: float,
-                  stats: _RunningStats, dense_grads: bool = True) -> torch.Tensor:
+                  stats: RunningStats, dense_grads: bool = True) -> torch.Tensor:
     """One evaluation cell, from the ReLU of its two inputs; ``dense_grads``: see
-    :class:`nbutils.accel.fast_supernet._DenseGrad`."""
-    states = [_preprocess(cell.preprocess0, relu_s0, stats), _preprocess(cell.preprocess1, relu_s1, stats)]
+    :class:`nbutils.accel.channels_last.DenseGrad`."""
+    states = [preprocess(cell.preprocess0, relu_s0, stats), preprocess(cell.preprocess1, relu_s1, stats)]
     factors = _drop_factors(cell, states[1], drop_prob)
     steps = len(cell.ops) // 2
     nodes = [_Node() for _ in range(steps)]
@@ -207,20 +197,20 @@ def _whole_map_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     convolution of its 2x2 map, output 1x1), as a matrix product: oneDNN's backward of it is
     several times slower than the product's."""
     if (conv.bias is None and conv.groups == 1 and conv.padding == (0, 0) and conv.dilation == (1, 1)
-            and tuple(x.shape[-2:]) == tuple(conv.kernel_size) and x.is_contiguous(memory_format=_CL)):
+            and tuple(x.shape[-2:]) == tuple(conv.kernel_size) and x.is_contiguous(memory_format=CHANNELS_LAST)):
         n = x.shape[0]
         flat = x.permute(0, 2, 3, 1).reshape(n, -1)                       # (N, H * W * C), a view
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
         return F.linear(flat, weight).view(n, conv.out_channels, 1, 1)
-    return conv(x).contiguous(memory_format=_CL)
+    return conv(x).contiguous(memory_format=CHANNELS_LAST)
 
 
-def _auxiliary(head: nn.Module, relu_x: torch.Tensor, stats: _RunningStats) -> torch.Tensor:
+def _auxiliary(head: nn.Module, relu_x: torch.Tensor, stats: RunningStats) -> torch.Tensor:
     """The auxiliary head (ReLU, pool, 1x1 conv, BN, ReLU, 2x2 conv, BN, ReLU, linear) from the
     ReLU of its input, each ReLU fused into the batch norm before it."""
-    _, pool, conv1, bn1, _, conv2, bn2, _ = head.features
-    t = _pointwise_batch_norm(pool(relu_x).contiguous(memory_format=_CL), conv1, bn1, stats, relu=True)
-    t = _batch_norm(_whole_map_conv(t, conv2), bn2, stats, relu=True)
+    _, pool_module, conv1, bn1, _, conv2, bn2, _ = head.features
+    t = pointwise_batch_norm(pool_module(relu_x).contiguous(memory_format=CHANNELS_LAST), conv1, bn1, stats, relu=True)
+    t = batch_norm(_whole_map_conv(t, conv2), bn2, stats, relu=True)
     return head.classifier(t.flatten(1))
 
 
@@ -228,9 +218,9 @@ class FastEvalNetwork(EvalNetwork):
     """``EvalNetwork`` with a faster forward (same modules, parameters, buffers and function)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        stats = _RunningStats()
+        stats = RunningStats()
         conv, bn = self.stem
-        out = _batch_norm(conv(x.contiguous(memory_format=_CL)).contiguous(memory_format=_CL), bn, stats)
+        out = batch_norm(conv(x.contiguous(memory_format=CHANNELS_LAST)).contiguous(memory_format=CHANNELS_LAST), bn, stats)
         relu_s0 = relu_s1 = F.relu(out)
         drop_prob = self.drop_path_prob if self.training else 0.0
         with_aux = self.auxiliary_head is not None and self.training
@@ -239,7 +229,7 @@ class FastEvalNetwork(EvalNetwork):
         for i, cell in enumerate(self.cells):
             # the last cell's gradient, from the global average pool, stays strided on PyTorch's
             # batch-norm kernels (their channels_last backward is inaccurate on it; see FastSuperNet)
-            out = _cell_forward(cell, relu_s0, relu_s1, drop_prob, stats, dense_grads=i < last or _c_kernel(out))
+            out = _cell_forward(cell, relu_s0, relu_s1, drop_prob, stats, dense_grads=i < last or on_c_kernels(out))
             reads_relu = i < last or (with_aux and i == self.aux_position)
             relu_out = F.relu(out) if reads_relu else None
             if with_aux and i == self.aux_position:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..accel.fast_supernet import depthwise_conv2d, depthwise_input_grad
+from ..accel.depthwise import depthwise_conv2d, depthwise_input_grad
 from ..space.genotype import STEPS
 from ..space.ops import FactorizedReduce, Identity
 from .tenas_network import CELL_TYPES, TenasCell, TenasNetwork
@@ -162,7 +162,7 @@ class _ReplicaBatchNorm(torch.autograd.Function):
 
     Every replica holds the same values, so the batch statistics are computed on replica 0
     alone, accurately (a float32 channels_last batch norm sums with a large error, see
-    :func:`nbutils.accel.fast_supernet._batch_norm`), and the normalisation is one elementwise pass;
+    :func:`nbutils.accel.batch_norm.batch_norm`), and the normalisation is one elementwise pass;
     the backward is PyTorch's training-mode batch-norm backward with those statistics (it
     centres on the given mean, so its sums do not cancel), per replica and channel."""
 
