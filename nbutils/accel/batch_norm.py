@@ -212,8 +212,9 @@ class PointwiseBatchNorm(torch.autograd.Function):
     :class:`channels_last_kernels.BatchNormFunction`. The same arithmetic as :func:`pointwise`
     followed by that Function (the same matrix product, the same kernels); one node instead of
     the seven the two make (permutes, views, the product, the batch norm), whose fixed costs
-    add up over the hundreds of pointwise convolutions of a supernet step. The weight gradient
-    is skipped when the running backward pass does not need it. Double backward (``create_graph``)
+    add up over the hundreds of pointwise convolutions of a supernet step. The gradients of the
+    kernel and of ``x`` are skipped when the running backward pass does not need them (the
+    architecture step needs no kernel gradients, nor gradients of the first cell's inputs). Double backward (``create_graph``)
     recomputes the product with differentiable operations."""
 
     @staticmethod
@@ -232,6 +233,7 @@ class PointwiseBatchNorm(torch.autograd.Function):
         if grad is None:
             return None, None, None, None, None, None
         need_x, need_conv, need_w, need_b = ctx.needs_input_grad[:4]
+        need_x = need_x and engine_will_need(x)   # not when the running backward pass ends above x
         if torch.is_grad_enabled():   # create_graph: y as a function of x and the kernel
             y = pointwise(x, conv_weight)
             gy, gw, gb = channels_last_kernels.differentiable_backward(

@@ -149,7 +149,7 @@ def available() -> bool:
 def applies(x: torch.Tensor) -> bool:
     """Whether the C kernels take ``x``: a CPU float32/float64 tensor, 4-D, dense in
     channels_last, with more than one value per channel."""
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 4 and x.shape[1] > 0
+    return (x.is_cpu and x.dtype in _DTYPES and x.dim() == 4 and x.shape[1] > 0
             and x.numel() > x.shape[1] and x.is_contiguous(memory_format=torch.channels_last)
             and available())
 

@@ -113,18 +113,12 @@ def depthwise_input_grad(grad: torch.Tensor, w: torch.Tensor, x_shape, stride: i
     return F.conv_transpose2d(grad, w, None, stride, padding, extra, c, dilation)
 
 
-def _on_c_kernels(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether a depthwise convolution of ``x`` by ``w`` runs on the C kernels: a channels_last
-    CPU tensor, and not while a graph of the backward is being recorded (double backward
-    differentiates the PyTorch operations instead)."""
-    return not torch.is_grad_enabled() and channels_last_kernels.depthwise_applies(x, w)
-
-
-def _forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int,
-             c_kernels: bool = True) -> torch.Tensor:
+def _forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int, in_c: bool) -> torch.Tensor:
     """``F.conv2d(x, w, None, stride, padding, dilation, groups=C)`` inside an autograd
-    Function's forward (grad mode off): on the C kernels where they apply, if ``c_kernels``."""
-    if c_kernels and _on_c_kernels(x, w):
+    Function's forward (grad mode off): on the C kernels if ``in_c``
+    (:func:`channels_last_kernels.depthwise_applies`, decided once per convolution: the
+    Functions keep the answer for their backward, which runs on the same tensors)."""
+    if in_c:
         return channels_last_kernels.depthwise_forward(x, w, stride, padding, dilation)
     return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
 
@@ -135,18 +129,18 @@ class DepthwiseConv(torch.autograd.Function):
     backward works."""
 
     @staticmethod
-    def forward(ctx, x, w, stride: int, padding: int, dilation: int, use_polyphase: bool, c_kernels: bool):
+    def forward(ctx, x, w, stride: int, padding: int, dilation: int, use_polyphase: bool, in_c: bool):
         ctx.save_for_backward(x, w)
         ctx.conf = (stride, padding, dilation, use_polyphase)
-        ctx.c_kernels = c_kernels
-        return _forward(x, w, stride, padding, dilation, c_kernels)
+        ctx.in_c = in_c
+        return _forward(x, w, stride, padding, dilation, in_c)
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         stride, padding, dilation, use_polyphase = ctx.conf
         grad = grad.contiguous(memory_format=layout(x))
-        in_c = ctx.c_kernels and _on_c_kernels(x, w)
+        in_c = ctx.in_c and not torch.is_grad_enabled()   # double backward: differentiable operations
         gx = gw = None
         if ctx.needs_input_grad[0]:
             gx = (channels_last_kernels.depthwise_input_grad(grad, w, x.shape, stride, padding, dilation) if in_c else
@@ -169,8 +163,8 @@ def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding:
     k = w.shape[-1]
     in_c = c_kernels and channels_last_kernels.depthwise_applies(x, w)
     if stride == 2 and dilation == 2 and padding == k - 1 and not in_c:
-        return DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1, polyphase, c_kernels)
-    return DepthwiseConv.apply(x, w, stride, padding, dilation, polyphase, c_kernels)
+        return DepthwiseConv.apply(x[:, :, ::2, ::2], w, 1, padding // 2, 1, polyphase, False)
+    return DepthwiseConv.apply(x, w, stride, padding, dilation, polyphase, in_c)
 
 
 def conv_module(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -189,8 +183,10 @@ class DepthwiseFanout(torch.autograd.Function):
     def forward(ctx, x, confs, *weights):
         ctx.save_for_backward(x, *weights)
         ctx.confs = confs
+        ctx.in_c = [channels_last_kernels.depthwise_applies(x, w) for w in weights]
         ctx.set_materialize_grads(False)
-        return tuple(_forward(x, w, 1, padding, dilation) for (padding, dilation), w in zip(confs, weights))
+        return tuple(_forward(x, w, 1, padding, dilation, in_c)
+                     for (padding, dilation), w, in_c in zip(confs, weights, ctx.in_c))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -199,11 +195,12 @@ class DepthwiseFanout(torch.autograd.Function):
         prepared = Prepared(x)
         gx = None
         gws = [None] * len(weights)
+        grad_mode = torch.is_grad_enabled()   # double backward: differentiable operations
         for i, (grad, w, (padding, dilation)) in enumerate(zip(grads, weights, ctx.confs)):
             if grad is None:
                 continue
             grad = grad.contiguous(memory_format=dense)
-            in_c = _on_c_kernels(x, w)
+            in_c = ctx.in_c[i] and not grad_mode
             if ctx.needs_input_grad[0]:
                 if in_c:   # summed into gx in the kernel
                     gx = channels_last_kernels.depthwise_input_grad(grad, w, x.shape, 1, padding, dilation, out=gx)

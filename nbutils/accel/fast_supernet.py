@@ -62,7 +62,7 @@ from ..space.genotype import STEPS
 from ..space.ops import FactorizedReduce
 from ..space.supernet import SearchCell, SuperNet
 from .batch_norm import RunningStats, batch_norm
-from .channels_last import CHANNELS_LAST, DenseGrad, EvenOdd, on_c_kernels
+from .channels_last import CHANNELS_LAST, DenseGrad, EvenOdd, engine_will_need, on_c_kernels
 from .depthwise import depthwise_fanout, reads_even_pixels
 from .operations import dil_conv, factorized_reduce, pool, preprocess, sep_conv
 
@@ -112,6 +112,7 @@ class _AddScaled(torch.autograd.Function):
     def backward(ctx, grad):
         value, scale = ctx.saved_tensors
         need_value, need_scale = ctx.needs_input_grad[1:]
+        need_value = need_value and engine_will_need(value)   # see PointwiseBatchNorm
         if on_c_kernels(value) and not torch.is_grad_enabled():
             grad_value, grad_scale = channels_last_kernels.scaled_add_backward(grad, value, scale, need_value,
                                                                                 need_scale)
