@@ -207,6 +207,28 @@ def test_arch_only_backward_gives_alpha_gradients_and_no_weight_gradients():
     assert "alpha_normal" not in gw and len(gw) == len(weights)
 
 
+def test_arch_only_backward_skips_unused_input_gradients(monkeypatch):
+    """The architecture step's backward ends at the first cell's operations on its two inputs
+    (nothing below them leads to alpha): their batch norms compute no input gradient there,
+    and every one of them does in a backward to the weights."""
+    if not channels_last_kernels.available():
+        pytest.skip("no C compiler")
+    needs = []
+    backward = channels_last_kernels.bn_backward
+
+    def recording(grad, x, weight, bias, mean, invstd, relu, need):
+        needs.append(need[0])
+        return backward(grad, x, weight, bias, mean, invstd, relu, need)
+    monkeypatch.setattr(channels_last_kernels, "bn_backward", recording)
+    _, fast = pair(channels=4, layers=3, in_channels=3)
+    x, y = random_batch(4, 3, 8)
+    run(fast, x, y, inputs=fast.arch_parameters())
+    assert needs and not all(needs) and any(needs)
+    needs.clear()
+    run(fast, x, y, inputs=list(fast.weights()))
+    assert needs and all(needs)
+
+
 # --------------------------------------------------------------------------- float32 paths (oneDNN, channels_last)
 
 

@@ -233,8 +233,12 @@ class PointwiseBatchNorm(torch.autograd.Function):
         if grad is None:
             return None, None, None, None, None, None
         need_x, need_conv, need_w, need_b = ctx.needs_input_grad[:4]
-        need_x = need_x and engine_will_need(x)   # not when the running backward pass ends above x
-        if torch.is_grad_enabled():   # create_graph: y as a function of x and the kernel
+        grad_mode = torch.is_grad_enabled()   # create_graph: y as a function of x and the kernel
+        # the gradients the running backward pass will use: not the kernel's in the architecture
+        # step, nor x's where that pass ends above x (the first cell's inputs)
+        need_x = need_x and engine_will_need(x)
+        need_conv = need_conv and (grad_mode or engine_will_need(conv_weight))
+        if grad_mode:
             y = pointwise(x, conv_weight)
             gy, gw, gb = channels_last_kernels.differentiable_backward(
                 grad, y, weight, bias, mean, invstd, ctx.eps, ctx.relu, (need_x or need_conv, need_w, need_b))
@@ -248,7 +252,7 @@ class PointwiseBatchNorm(torch.autograd.Function):
             matrix = conv_weight.view(conv_weight.shape[0], c)
             if need_x:
                 gx = (rows_g @ matrix).view(n, h, wd, c).permute(0, 3, 1, 2)
-            if need_conv and (torch.is_grad_enabled() or engine_will_need(conv_weight)):
+            if need_conv:
                 gconv = (rows_g.t() @ x.permute(0, 2, 3, 1).reshape(n * h * wd, c)).view(conv_weight.shape)
         return gx, gconv, gw, gb, None, None
 
