@@ -1,6 +1,4 @@
 """One record per NAS algorithm (nbutils/nas/registry.py): every list of algorithms derives from it."""
-import dataclasses
-
 from nbutils.nas import registry
 from nbutils.pipeline import params, stages, steps
 from nbutils.report import tables
@@ -22,9 +20,3 @@ def test_every_list_of_algorithms_is_the_registry():
     assert set(tables.ALGORITHM_NAMES) == set(registry.ALGORITHMS) | {"random"}
     assert set(stages.SUPERNET_ALGORITHMS) == {"darts", "darts_anti", "pdarts"}
     assert set(params.LABEL_FREE) == {"tenas"} and stages.CLEAN_ONLY == ("darts_anti",)
-
-
-def test_settings_keyed_when_changed_are_fields_of_their_config():
-    for algorithm in registry.ALGORITHMS.values():
-        fields = {f.name for f in dataclasses.fields(algorithm.config)}
-        assert set(algorithm.keyed_when_changed) <= fields, algorithm.name

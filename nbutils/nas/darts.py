@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import ValidationInfo, field_validator
 
 from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, Order, PositiveInt, PositiveNumber, Rate,
-                           config)
+                           config, keyed, keyed_when_changed, set_by_run)
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..core.device import MixedPrecision
 from ..core.progress import progress
@@ -54,26 +54,28 @@ class DartsConfig:
     """DARTS' settings; the defaults are the reference's (``train_search.py``). The fields up to
     ``order`` are what search.yaml's ``darts:`` sets; the run sets the rest for each search."""
 
-    epochs: PositiveInt = 50
-    channels: Channels = 16
-    layers: Cells = 8
-    batch_size: PositiveInt = 64
-    lr: PositiveNumber = 0.025
-    lr_min: NonNegativeNumber = 0.001
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: PositiveNumber = 5.0
-    arch_lr: PositiveNumber = 3e-4
-    arch_betas: tuple[Rate, Rate] = (0.5, 0.999)
-    arch_weight_decay: NonNegativeNumber = 1e-3
-    order: Order = 1   # 1: first-order architecture gradient; 2: second order (unrolled)
-    warmup_epochs: NonNegativeInt = 0   # first epochs train the weights only (the reference: 0, see darts_search)
+    epochs: PositiveInt = keyed(50)
+    channels: Channels = keyed(16)
+    layers: Cells = keyed(8)
+    batch_size: PositiveInt = keyed(64)
+    lr: PositiveNumber = keyed(0.025)
+    lr_min: NonNegativeNumber = keyed(0.001)
+    momentum: Rate = keyed(0.9)
+    weight_decay: NonNegativeNumber = keyed(3e-4)
+    grad_clip: PositiveNumber = keyed(5.0)
+    arch_lr: PositiveNumber = keyed(3e-4)
+    arch_betas: tuple[Rate, Rate] = keyed((0.5, 0.999))
+    arch_weight_decay: NonNegativeNumber = keyed(1e-3)
+    order: Order = keyed(1)   # 1: first-order architecture gradient; 2: second order (unrolled)
+    # first epochs train the weights only (the reference: 0, see darts_search)
+    warmup_epochs: NonNegativeInt = keyed_when_changed(0)
     # set by the run
-    augment: bool = True
-    anti: bool = False
-    fast: bool = True   # the fast supernet (same function and parameters as the plain one), on the CPU only
-    keep_epochs: tuple[NonNegativeInt, ...] = ()   # keep the supernet after these epochs (0: before training)
-    mixed_precision: bool = False   # CUDA only: float16 autocast with gradient scaling (first order only)
+    augment: bool = set_by_run(True)
+    anti: bool = set_by_run(False)
+    fast: bool = set_by_run(True)   # the fast supernet (same function and parameters as the plain one), on the CPU only
+    # keep the supernet after these epochs (0: before training)
+    keep_epochs: tuple[NonNegativeInt, ...] = set_by_run(())
+    mixed_precision: bool = set_by_run(False)   # CUDA only: float16 autocast with gradient scaling (first order only)
 
     @field_validator("keep_epochs")
     @classmethod

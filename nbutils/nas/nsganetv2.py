@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from pydantic import ValidationInfo, field_validator
 
-from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate, config,
-                           integer, number)
+from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate,
+                           config, integer, keyed, keyed_when_changed, number, set_by_run)
 from ..space import encoding
 from .accuracy_predictors import CHOICES, MIN_POINTS, FittedPredictor, fit_predictor, kendall_tau
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
@@ -83,45 +83,45 @@ class Nsganetv2Config:
     ``augment`` is what search.yaml's ``nsganetv2:`` sets; the run sets ``augment`` for each search."""
 
     # the evolutionary search (reference: 100 initial, 30 iterations of 8, NSGA-II 40 x 20)
-    iterations: NonNegativeInt = 30
-    initial_design: PositiveInt = 100
-    candidates_per_iteration: PositiveInt = 8
-    predictor: Literal[CHOICES] = "adaptive"   # rbf, gp, cart, or adaptive (best cross-validated Kendall tau)
-    cv_folds: integer(2) = 10
-    cart_trees: PositiveInt = 100
-    population: integer(2) = 40
-    generations: PositiveInt = 20
-    crossover_prob: number(ge=0, le=1) = 0.9
-    mutation_eta: PositiveNumber = 1.0
+    iterations: NonNegativeInt = keyed(30)
+    initial_design: PositiveInt = keyed(100)
+    candidates_per_iteration: PositiveInt = keyed(8)
+    predictor: Literal[CHOICES] = keyed("adaptive")   # rbf, gp, cart, or adaptive (best cross-validated Kendall tau)
+    cv_folds: integer(2) = keyed_when_changed(10)
+    cart_trees: PositiveInt = keyed_when_changed(100)
+    population: integer(2) = keyed(40)
+    generations: PositiveInt = keyed(20)
+    crossover_prob: number(ge=0, le=1) = keyed_when_changed(0.9)
+    mutation_eta: PositiveNumber = keyed_when_changed(1.0)
     # "rank": non-domination ranks first, then even cost gaps; "spread": the reference's subset selection
-    candidate_selection: Literal[SELECTIONS] = "rank"
+    candidate_selection: Literal[SELECTIONS] = keyed_when_changed("rank")
     # the second objective: the retrained network's parameters or multiply-accumulates
-    cost: Literal[COSTS] = "params"
-    cost_channels: Channels = 36
-    cost_layers: Cells = 20
-    cost_input_size: integer(2) | None = None   # for "macs"; None: the search images' size
+    cost: Literal[COSTS] = keyed("params")
+    cost_channels: Channels = keyed(36)
+    cost_layers: Cells = keyed(20)
+    cost_input_size: integer(2) | None = keyed_when_changed(None)   # for "macs"; None: the search images' size
     # the weight-sharing supernet (DARTS search network sizes and weight recipe)
-    channels: Channels = 16
-    layers: Cells = 8
-    epochs: NonNegativeInt = 50
-    batch_size: integer(2) = 64
-    lr: PositiveNumber = 0.025
-    lr_min: NonNegativeNumber = 0.001
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: PositiveNumber = 5.0
-    calibration_batches: PositiveInt = 10        # batch-norm recalibration per candidate
-    eval_batch_size: PositiveInt = 256
+    channels: Channels = keyed(16)
+    layers: Cells = keyed(8)
+    epochs: NonNegativeInt = keyed(50)
+    batch_size: integer(2) = keyed(64)
+    lr: PositiveNumber = keyed(0.025)
+    lr_min: NonNegativeNumber = keyed_when_changed(0.001)
+    momentum: Rate = keyed_when_changed(0.9)
+    weight_decay: NonNegativeNumber = keyed_when_changed(3e-4)
+    grad_clip: PositiveNumber = keyed_when_changed(5.0)
+    calibration_batches: PositiveInt = keyed(10)   # batch-norm recalibration per candidate
+    eval_batch_size: PositiveInt = keyed_when_changed(256)
     # fine-tuning of each candidate before it is measured (0: none, the one-shot weights as they
     # are); the rest is the reference's recipe: SGD (momentum 0.9), cosine to 0, no clipping
-    finetune_epochs: NonNegativeInt = 0
-    finetune_lr: PositiveNumber = 0.01
-    finetune_weight_decay: NonNegativeNumber = 4e-5
-    finetune_batch_size: PositiveInt = 128
+    finetune_epochs: NonNegativeInt = keyed_when_changed(0)
+    finetune_lr: PositiveNumber = keyed_when_changed(0.01)
+    finetune_weight_decay: NonNegativeNumber = keyed_when_changed(4e-5)
+    finetune_batch_size: PositiveInt = keyed_when_changed(128)
     # which front member is retrained: the third by cost of the `tradeoff_points` + most accurate
-    tradeoff_points: PositiveInt = 3
+    tradeoff_points: PositiveInt = keyed_when_changed(3)
     # set by the run
-    augment: bool = True
+    augment: bool = set_by_run(True)
 
     @field_validator("initial_design")
     @classmethod

@@ -11,7 +11,7 @@ function, one :class:`NasAlgorithm` here, and a section of the same name in sear
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from ..core.data import ImageDataset, concatenate
@@ -42,9 +42,6 @@ class NasAlgorithm:
     mixed_precision: bool = False   #: ``search.mixed_precision`` applies to it (the others train in float32)
     label_free: bool = False        #: never reads labels: label flipping cannot change what it finds
     clean_only: bool = False        #: searched on clean data only (anti-search: a worst-case reference)
-    #: config fields the section gained after artifacts had been made: a stage's key holds one only
-    #: when it differs from its default, so that every artifact made before keeps its key
-    keyed_when_changed: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if not self.section:
@@ -83,21 +80,14 @@ def _tenas(weight_part: ImageDataset, arch_part: ImageDataset, spec: dict, **com
 
 #: every NAS algorithm, in the order grid.yaml lists them and the report shows them
 ALGORITHMS: dict[str, NasAlgorithm] = {a.name: a for a in (
-    NasAlgorithm("darts", "DARTS", DartsConfig, _darts, supernet=True, mixed_precision=True,
-                 keyed_when_changed=("warmup_epochs",)),
+    NasAlgorithm("darts", "DARTS", DartsConfig, _darts, supernet=True, mixed_precision=True),
     # the workshop paper's anti-search (DARTS maximising the loss), Table 1
     NasAlgorithm("darts_anti", "DARTS anti-search", DartsConfig, _darts, section="darts", supernet=True,
                  mixed_precision=True, clean_only=True),
     NasAlgorithm("pdarts", "P-DARTS", PdartsConfig, _pdarts, supernet=True, mixed_precision=True),
-    NasAlgorithm("tenas", "TE-NAS", TenasConfig, _tenas, label_free=True,
-                 keyed_when_changed=("stem_multiplier", "region_crop", "precision", "operations")),
-    NasAlgorithm("robot", "RoBoT", RobotConfig, _robot,
-                 keyed_when_changed=("momentum", "weight_decay", "grad_clip", "drop_path", "metrics", "kappa")),
-    NasAlgorithm("nsganetv2", "NSGANetV2", Nsganetv2Config, _nsganetv2,
-                 keyed_when_changed=("cv_folds", "cart_trees", "crossover_prob", "mutation_eta", "cost_input_size",
-                                     "lr_min", "momentum", "weight_decay", "grad_clip", "eval_batch_size",
-                                     "tradeoff_points", "candidate_selection", "finetune_epochs", "finetune_lr",
-                                     "finetune_weight_decay", "finetune_batch_size")),
+    NasAlgorithm("tenas", "TE-NAS", TenasConfig, _tenas, label_free=True),
+    NasAlgorithm("robot", "RoBoT", RobotConfig, _robot),
+    NasAlgorithm("nsganetv2", "NSGANetV2", Nsganetv2Config, _nsganetv2),
 )}
 
 

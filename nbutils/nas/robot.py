@@ -70,8 +70,8 @@ import numpy as np
 import torch
 from pydantic import ValidationInfo, field_validator
 
-from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate, config,
-                           integer)
+from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate,
+                           config, integer, keyed, keyed_when_changed)
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype, random_genotype
 from ..space.network import EvalNetwork
@@ -91,23 +91,23 @@ class RobotConfig:
     """RoBoT's settings, what search.yaml's ``robot:`` sets; the defaults are the reference's
     (``darts_space/search.py``)."""
 
-    pool_size: PositiveInt = 60000  # random architectures scored by the metrics
-    init_points: PositiveInt = 1    # random BO queries before the GP proposes
-    iterations: NonNegativeInt = 24   # BO proposals
-    budget: PositiveInt = 25        # distinct architectures trained in all (BO + exploitation)
-    train_epochs: PositiveInt = 10  # brief training of each queried architecture
-    train_batch_size: PositiveInt = 576
-    lr: PositiveNumber = 0.1
-    lr_min: NonNegativeNumber = 5e-3
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: PositiveNumber = 5.0
-    drop_path: Rate = 0.2           # final drop-path probability of the linear ramp
-    channels: Channels = 16         # the network scored and trained (the reference uses the same for both)
-    layers: Cells = 5
-    metric_batch_size: integer(2) = 64   # jacob_cov's correlation matrix needs two samples
-    metrics: tuple[str, ...] = METRICS
-    kappa: NonNegativeNumber = 2.576   # UCB exploration
+    pool_size: PositiveInt = keyed(60000)   # random architectures scored by the metrics
+    init_points: PositiveInt = keyed(1)   # random BO queries before the GP proposes
+    iterations: NonNegativeInt = keyed(24)   # BO proposals
+    budget: PositiveInt = keyed(25)   # distinct architectures trained in all (BO + exploitation)
+    train_epochs: PositiveInt = keyed(10)   # brief training of each queried architecture
+    train_batch_size: PositiveInt = keyed(576)
+    lr: PositiveNumber = keyed(0.1)
+    lr_min: NonNegativeNumber = keyed(5e-3)
+    momentum: Rate = keyed_when_changed(0.9)
+    weight_decay: NonNegativeNumber = keyed_when_changed(3e-4)
+    grad_clip: PositiveNumber = keyed_when_changed(5.0)
+    drop_path: Rate = keyed_when_changed(0.2)   # final drop-path probability of the linear ramp
+    channels: Channels = keyed(16)   # the network scored and trained (the reference uses the same for both)
+    layers: Cells = keyed(5)
+    metric_batch_size: integer(2) = keyed(64)   # jacob_cov's correlation matrix needs two samples
+    metrics: tuple[str, ...] = keyed_when_changed(METRICS)
+    kappa: NonNegativeNumber = keyed_when_changed(2.576)   # UCB exploration
 
     @field_validator("budget")
     @classmethod

@@ -88,7 +88,7 @@ import numpy as np
 import torch
 from pydantic import field_validator
 
-from ..core.config import NOT_BOOLEAN, PositiveInt, config, integer
+from ..core.config import NOT_BOOLEAN, PositiveInt, config, integer, keyed, keyed_when_changed, set_by_run
 from ..core.data import BatchLoader, ImageDataset, channel_stats, resized
 from ..space.genotype import NUM_EDGES, STEPS, Genotype, parse_alpha
 from .ntk import linear_regions, ntk_condition_number, region_inputs
@@ -110,21 +110,23 @@ class TenasConfig:
     CIFAR-10). Every field but ``augment`` is what search.yaml's ``tenas:`` sets; the run sets
     ``augment`` for each search."""
 
-    batch_size: integer(2) = 14   # images per NTK batch (an NTK of one image has no condition number)
-    channels: PositiveInt = 1     # C of the NTK and region networks
-    cells: Annotated[Literal[2, 3], NOT_BOOLEAN] = 2   # a normal cell, then a reduction cell (a third: another reduction)
-    stem_multiplier: PositiveInt = 1
-    repeats: PositiveInt = 3      # repetitions of both measurements per candidate
-    region_batches: PositiveInt = 3   # batches of crops per region count
-    region_batch_size: integer(2) = 1000   # crops per batch (one crop alone has a single region)
-    region_crop: PositiveInt = 3  # crop side, in pixels
-    prune_per_round: PositiveInt = 3   # operations removed per edge per round
-    precision: PositiveInt = 3    # decimals of each relative change; significant digits of the ranking key
-    fresh_batches: bool = True    # False: common NTK batches, crops and thin networks for a round
-    operations: tuple[str, ...] = SEARCH_OPERATIONS   # the operations every edge starts with
-    image_size: integer(8) | None = None   # resize the images to this side for both indicators (None: as given)
+    batch_size: integer(2) = keyed(14)   # images per NTK batch (an NTK of one image has no condition number)
+    channels: PositiveInt = keyed(1)   # C of the NTK and region networks
+    # a normal cell, then a reduction cell (a third: another reduction)
+    cells: Annotated[Literal[2, 3], NOT_BOOLEAN] = keyed(2)
+    stem_multiplier: PositiveInt = keyed_when_changed(1)
+    repeats: PositiveInt = keyed(3)   # repetitions of both measurements per candidate
+    region_batches: PositiveInt = keyed(3)   # batches of crops per region count
+    region_batch_size: integer(2) = keyed(1000)   # crops per batch (one crop alone has a single region)
+    region_crop: PositiveInt = keyed_when_changed(3)   # crop side, in pixels
+    prune_per_round: PositiveInt = keyed(3)   # operations removed per edge per round
+    # decimals of each relative change; significant digits of the ranking key
+    precision: PositiveInt = keyed_when_changed(3)
+    fresh_batches: bool = keyed(True)   # False: common NTK batches, crops and thin networks for a round
+    operations: tuple[str, ...] = keyed_when_changed(SEARCH_OPERATIONS)   # the operations every edge starts with
+    image_size: integer(8) | None = keyed(None)   # resize the images to this side for both indicators (None: as given)
     # set by the run
-    augment: bool = True          # NTK batches: random crop (padding 4) and flip, as the reference's loader
+    augment: bool = set_by_run(True)   # NTK batches: random crop (padding 4) and flip, as the reference's loader
 
     @field_validator("operations")
     @classmethod

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, FieldSerializationInfo, SerializerFunctionWrapHandler, TypeAdapter,
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SerializerFunctionWrapHandler, TypeAdapter,
                       ValidationError, create_model, field_serializer, field_validator, model_serializer,
                       model_validator, Tag)
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ..attacks.poisoning import CRAFTING_FIELDS, AttackConfig
-from ..core.config import (CONFIG_RULES, Cells, Channels, EachOnce, MAX_REPEATS, PositiveInt,
-                           PositiveNumber, Repeats, Seed, integer, integer_within, number)
+from ..core.config import (CONFIG_RULES, Cells, Channels, EachOnce, MAX_REPEATS, PositiveInt, PositiveNumber, Repeats,
+                           Seed, fields_with_role, integer, integer_within, key_settings, number)
 from ..core.data import DATASETS, SPLIT_SIZES
 from ..defenses.defending import DEFENSE_SETTINGS, DefenseConfig
 from ..nas import registry
@@ -378,24 +378,19 @@ class CraftPoisonsParams(config_fields(AttackConfig, "seed", "eps", "sigma")):
 #: the engine config each algorithm section of search.yaml is (``darts_anti`` shares DARTS')
 SEARCH_CONFIGS: dict[str, type] = registry.SECTIONS
 
-#: config fields the run sets for each search, so no section may: search.yaml's own ``augment``,
-#: ``fast`` and ``mixed_precision`` (for every algorithm), ``anti`` (the darts_anti algorithm) and
-#: ``keep_epochs`` (the supernets the crafted attacks read)
-SET_BY_THE_RUN = ("augment", "anti", "fast", "keep_epochs", "mixed_precision")
+#: config fields the run sets for each search, so no section may (each field says so,
+#: :func:`~nbutils.core.config.set_by_run`): search.yaml's own ``augment``, ``fast`` and
+#: ``mixed_precision`` (for every algorithm), ``anti`` (the darts_anti algorithm) and ``keep_epochs``
+#: (the supernets the crafted attacks read)
+SET_BY_THE_RUN: tuple[str, ...] = tuple(dict.fromkeys(
+    name for config in SEARCH_CONFIGS.values() for name in fields_with_role(config, "set_by_run")))
 
-#: settings the sections gained when they became the engines' configs: a stage's key holds one
-#: only when it differs from its default, so that every artifact made before keeps its key
-KEYED_WHEN_CHANGED: dict[str, tuple[str, ...]] = {a.section: a.keyed_when_changed for a in registry.ALGORITHMS.values()
-                                                  if a.keyed_when_changed}
-
-
-def section_settings(algorithm: str, config: Any) -> dict:
-    """The settings of a search section that a stage's spec carries (and its key hashes): every
-    field but those set by the run, and each of :data:`KEYED_WHEN_CHANGED` only when changed."""
-    defaults = type(config)()
-    later = KEYED_WHEN_CHANGED.get(algorithm, ())
-    return {name: value for name, value in TypeAdapter(type(config)).dump_python(config).items()
-            if name not in SET_BY_THE_RUN and not (name in later and value == getattr(defaults, name))}
+#: settings the sections gained when they became the engines' configs (each field says so,
+#: :func:`~nbutils.core.config.keyed_when_changed`): a stage's key holds one only when it differs
+#: from its default, so that every artifact made before keeps its key
+KEYED_WHEN_CHANGED: dict[str, tuple[str, ...]] = {
+    section: fields for section, config in SEARCH_CONFIGS.items()
+    if (fields := fields_with_role(config, "keyed_when_changed"))}
 
 
 class SearchParams(Params):
@@ -436,15 +431,14 @@ class SearchParams(Params):
         return self
 
     @field_serializer(*SEARCH_CONFIGS)
-    def _section_settings(self, config: Any, info: FieldSerializationInfo) -> dict:
-        return section_settings(info.field_name, config)
+    def _section_settings(self, config: Any) -> dict:
+        return key_settings(config)
 
     def config_of(self, algorithm: str) -> dict:
-        """The settings a search stage of ``algorithm`` runs with (:func:`section_settings`)."""
+        """The settings a search stage of ``algorithm`` runs with (:func:`~nbutils.core.config.key_settings`)."""
         if algorithm == "random":
             return {}
-        family = registry.ALGORITHMS[algorithm].section
-        return section_settings(family, getattr(self, family))
+        return key_settings(getattr(self, registry.ALGORITHMS[algorithm].section))
 
 
 # --- retrain.yaml ------------------------------------------------------------------------------

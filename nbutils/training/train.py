@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate,
-                           config)
+                           config, keyed)
 from ..core.data import BatchLoader, ImageDataset, channel_stats
 from ..space.genotype import Genotype
 from ..accel.fast_network import accelerate
@@ -26,23 +26,23 @@ class RetrainConfig:
     """The retraining's settings, what retrain.yaml sets; the defaults are P-DARTS'
     (``train_cifar.py``: 600 epochs of a 20-cell network with 36 channels)."""
 
-    epochs: PositiveInt = 600
-    channels: Channels = 36
-    layers: Cells = 20
-    batch_size: PositiveInt = 128
-    lr: PositiveNumber = 0.025
-    lr_min: NonNegativeNumber = 0.0
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: PositiveNumber = 5.0
-    auxiliary: bool = True
-    auxiliary_weight: NonNegativeNumber = 0.4
-    drop_path: Rate = 0.3
-    cutout: NonNegativeInt = 16     # side of the square cut out of each image; 0: none
-    augment: bool = True
-    mixed_precision: bool = False   # float16 autocast + gradient scaling, on CUDA only (ignored elsewhere)
-    channels_last: bool = False     # NHWC activations (faster convolutions on recent GPUs)
-    fast: bool = True               # on the CPU, the fast evaluation network (same function and parameters)
+    epochs: PositiveInt = keyed(600)
+    channels: Channels = keyed(36)
+    layers: Cells = keyed(20)
+    batch_size: PositiveInt = keyed(128)
+    lr: PositiveNumber = keyed(0.025)
+    lr_min: NonNegativeNumber = keyed(0.0)
+    momentum: Rate = keyed(0.9)
+    weight_decay: NonNegativeNumber = keyed(3e-4)
+    grad_clip: PositiveNumber = keyed(5.0)
+    auxiliary: bool = keyed(True)
+    auxiliary_weight: NonNegativeNumber = keyed(0.4)
+    drop_path: Rate = keyed(0.3)
+    cutout: NonNegativeInt = keyed(16)   # side of the square cut out of each image; 0: none
+    augment: bool = keyed(True)
+    mixed_precision: bool = keyed(False)   # float16 autocast + gradient scaling, on CUDA only (ignored elsewhere)
+    channels_last: bool = keyed(False)   # NHWC activations (faster convolutions on recent GPUs)
+    fast: bool = keyed(True)   # on the CPU, the fast evaluation network (same function and parameters)
 
 
 def retraining_recipe(config: RetrainConfig) -> TrainingRecipe:
