@@ -38,6 +38,7 @@ from ..core.device import MixedPrecision
 from ..core.progress import progress
 from ..accel.supernet_choice import supernet_class
 from ..space.supernet import SuperNet
+from ..training.recipe import SgdSettings
 from .search_result import SearchResult
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,16 @@ class SearchDiverged(RuntimeError):
 
 
 @config
-class DartsConfig:
-    """DARTS' settings; the defaults are the reference's (``train_search.py``). The fields up to
-    ``order`` are what search.yaml's ``darts:`` sets; the run sets the rest for each search."""
+class DartsConfig(SgdSettings):
+    """DARTS' settings; the defaults are the reference's (``train_search.py``). The weights' SGD
+    settings (:class:`~nbutils.training.recipe.SgdSettings`) and the fields up to ``warmup_epochs``
+    are what search.yaml's ``darts:`` sets; the run sets the rest for each search."""
 
     epochs: PositiveInt = keyed(50)
     channels: Channels = keyed(16)
     layers: Cells = keyed(8)
     batch_size: PositiveInt = keyed(64)
-    lr: PositiveNumber = keyed(0.025)
     lr_min: NonNegativeNumber = keyed(0.001)
-    momentum: Rate = keyed(0.9)
-    weight_decay: NonNegativeNumber = keyed(3e-4)
-    grad_clip: PositiveNumber = keyed(5.0)
     arch_lr: PositiveNumber = keyed(3e-4)
     arch_betas: tuple[Rate, Rate] = keyed((0.5, 0.999))
     arch_weight_decay: NonNegativeNumber = keyed(1e-3)

@@ -60,13 +60,14 @@ from ..space import encoding
 from .accuracy_predictors import CHOICES, MIN_POINTS, FittedPredictor, fit_predictor, kendall_tau
 from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype
-from .one_shot import (OneShotSupernet, OneShotTraining, PathEvaluator, calibration_batches, recalibrate_batch_norm,
+from .one_shot import (OneShotSupernet, PathEvaluator, calibration_batches, recalibrate_batch_norm,
                        train_one_shot)
 from .architecture_cost import COSTS, ArchitectureCost
 from .pareto import SELECTIONS, choose_retrained, non_dominated, propose_candidates
 from .search_result import SearchResult
 from ..core.progress import progress
-from ..training.loop import TrainingRecipe, train_supervised
+from ..training.loop import train_supervised
+from ..training.recipe import SgdSettings, TrainingRecipe
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ FINETUNE_MOMENTUM = 0.9
 
 
 @config
-class Nsganetv2Config:
+class Nsganetv2Config(SgdSettings):
     """Search settings; the defaults are the reference's where it has one. Every field but
     ``augment`` is what search.yaml's ``nsganetv2:`` sets; the run sets ``augment`` for each search."""
 
@@ -105,7 +106,6 @@ class Nsganetv2Config:
     layers: Cells = keyed(8)
     epochs: NonNegativeInt = keyed(50)
     batch_size: integer(2) = keyed(64)
-    lr: PositiveNumber = keyed(0.025)
     lr_min: NonNegativeNumber = keyed_when_changed(0.001)
     momentum: Rate = keyed_when_changed(0.9)
     weight_decay: NonNegativeNumber = keyed_when_changed(3e-4)
@@ -131,9 +131,9 @@ class Nsganetv2Config:
                              f"cross-validated) on the measured architectures")
         return initial_design
 
-    def training(self) -> OneShotTraining:
-        return OneShotTraining(epochs=self.epochs, lr=self.lr, lr_min=self.lr_min, momentum=self.momentum,
-                               weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+    def training(self) -> TrainingRecipe:
+        """The recipe the weight-sharing supernet is trained with (:func:`~.one_shot.train_one_shot`)."""
+        return self.recipe(self.epochs)
 
     def finetuning(self) -> TrainingRecipe:
         """The recipe each candidate is fine-tuned with (see :class:`FinetunedPathEvaluator`)."""

@@ -39,6 +39,7 @@ from ..space.genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
 from ..space.ops import PRIMITIVES
 from ..space.supernet import SuperNet
 from ..core.progress import progress
+from ..training.recipe import SgdSettings
 from .search_result import SearchResult
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ SKIP = "skip_connect"
 
 
 @config
-class PdartsConfig:
+class PdartsConfig(SgdSettings):
     """P-DARTS' settings; the defaults are the reference's, except the skip dropout rates: its code
-    defaults to 0.0, its README runs ``--dropout_rate 0.1 0.4 0.7``, used here. The fields up to
-    ``order`` are what search.yaml's ``pdarts:`` sets; the run sets the rest for each search."""
+    defaults to 0.0, its README runs ``--dropout_rate 0.1 0.4 0.7``, used here. The weights' SGD
+    settings (:class:`~nbutils.training.recipe.SgdSettings`; ``grad_clip`` clips alpha's gradient
+    too) and the fields up to ``order`` are what search.yaml's ``pdarts:`` sets; the run sets the
+    rest for each search."""
 
     layers: tuple[Cells, ...] = keyed((5, 11, 17))   # cells per stage (base 5, add_layers 0, 6, 12)
     num_to_keep: tuple[PositiveInt, ...] = keyed((5, 3, 1))   # operations per edge after each stage (drop 3, 2, 2)
@@ -61,11 +64,6 @@ class PdartsConfig:
     warmup_epochs: NonNegativeInt = keyed(10)   # per stage, weights only
     channels: Channels = keyed(16)
     batch_size: PositiveInt = keyed(96)
-    lr: PositiveNumber = keyed(0.025)
-    lr_min: NonNegativeNumber = keyed(0.0)
-    momentum: Rate = keyed(0.9)
-    weight_decay: NonNegativeNumber = keyed(3e-4)
-    grad_clip: PositiveNumber = keyed(5.0)   # weights and alpha
     arch_lr: PositiveNumber = keyed(6e-4)
     arch_betas: tuple[Rate, Rate] = keyed((0.5, 0.999))
     arch_weight_decay: NonNegativeNumber = keyed(1e-3)

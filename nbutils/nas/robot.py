@@ -76,7 +76,8 @@ from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype, random_genotype
 from ..space.network import EvalNetwork
 from ..core.progress import progress
-from ..training.loop import TrainingRecipe, evaluate, train_supervised
+from ..training.loop import evaluate, train_supervised
+from ..training.recipe import SgdSettings, TrainingRecipe
 from .search_result import SearchResult
 from .zero_cost import EXTRA_METRICS, METRICS, compute_metrics
 
@@ -87,7 +88,7 @@ _POOL, _INIT, _TRAIN, _METRIC_BATCH = 0, 1, 2, 3
 
 
 @config
-class RobotConfig:
+class RobotConfig(SgdSettings):
     """RoBoT's settings, what search.yaml's ``robot:`` sets; the defaults are the reference's
     (``darts_space/search.py``)."""
 
@@ -375,9 +376,7 @@ def brief_training_recipe(config: RobotConfig) -> TrainingRecipe:
     """The shared loop's recipe for RoBoT's brief training (module docstring). A candidate whose
     loss turns non-finite is still scored (the reference does not check): divergence is logged,
     not raised, so one candidate cannot end the search."""
-    return TrainingRecipe(epochs=config.train_epochs, lr=config.lr, lr_min=config.lr_min, momentum=config.momentum,
-                          weight_decay=config.weight_decay, grad_clip=config.grad_clip, drop_path=config.drop_path,
-                          divergence="warn")
+    return config.recipe(config.train_epochs, drop_path=config.drop_path, divergence="warn")
 
 
 def train_candidate(

@@ -3,7 +3,7 @@
 Retraining a found architecture (:mod:`.train`), CLF's surrogate and the sanitisation
 defender's classifier (:mod:`.surrogate`), RoBoT's brief training of candidates
 (:mod:`nbutils.nas.robot`) and the one-shot supernet (:mod:`nbutils.nas.one_shot`) all train
-with :func:`train_supervised`; each passes its own :class:`TrainingRecipe` and, where its
+with :func:`train_supervised`; each passes its own :class:`~.recipe.TrainingRecipe` and, where its
 batches really differ, a ``forward`` hook (the one-shot supernet draws a path per batch).
 
 One epoch ``t`` of ``E`` (counting from 0):
@@ -37,43 +37,20 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import NonNegativeInt, NonNegativeNumber, PositiveNumber, Rate, config
 from ..core.device import MixedPrecision
 from ..core.progress import progress
+from .recipe import TrainingRecipe
 
 log = logging.getLogger(__name__)
 
 Output = Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]
 """What a forward gives: logits, or ``(logits, aux)`` with ``aux`` the auxiliary head's logits or None."""
-
-
-@config
-class TrainingRecipe:
-    """How :func:`train_supervised` trains (a config, :mod:`nbutils.core.config`): SGD with
-    momentum and weight decay, cosine-annealed from ``lr`` to ``lr_min`` over ``epochs``, and the
-    optional parts (``grad_clip`` None: no clipping; ``auxiliary_weight``: the auxiliary loss's
-    weight when the network has a head; ``drop_path``: the ramp's final probability, 0 off;
-    ``cutout``: the square's side, 0 off). Each caller derives its recipe from its own config.
-    The defaults are DARTS' (momentum 0.9, weight decay 3e-4, clipping at 5, auxiliary weight 0.4)."""
-
-    epochs: NonNegativeInt
-    lr: PositiveNumber
-    lr_min: NonNegativeNumber = 0.0
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: Optional[PositiveNumber] = 5.0
-    auxiliary_weight: NonNegativeNumber = 0.4
-    drop_path: Rate = 0.0
-    cutout: NonNegativeInt = 0
-    mixed_precision: bool = False   # float16 autocast + gradient scaling, on CUDA only
-    channels_last: bool = False
-    divergence: Literal["raise", "warn"] = "raise"
 
 
 @dataclass

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..core.data import BatchLoader, ImageDataset, channel_stats
-from .loop import TrainingRecipe, train_supervised
+from .loop import train_supervised
+from .recipe import TrainingRecipe
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,17 @@ import time
 
 import torch
 
-from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate,
-                           config, keyed)
+from ..core.config import Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, Rate, config, keyed
 from ..core.data import BatchLoader, ImageDataset, channel_stats
 from ..space.genotype import Genotype
 from ..accel.fast_network import accelerate
 from ..space.network import EvalNetwork, count_parameters
-from .loop import TrainingRecipe, evaluate, train_supervised
+from .loop import evaluate, train_supervised
+from .recipe import SgdSettings, TrainingRecipe
 
 
 @config
-class RetrainConfig:
+class RetrainConfig(SgdSettings):
     """The retraining's settings, what retrain.yaml sets; the defaults are P-DARTS'
     (``train_cifar.py``: 600 epochs of a 20-cell network with 36 channels)."""
 
@@ -30,11 +30,6 @@ class RetrainConfig:
     channels: Channels = keyed(36)
     layers: Cells = keyed(20)
     batch_size: PositiveInt = keyed(128)
-    lr: PositiveNumber = keyed(0.025)
-    lr_min: NonNegativeNumber = keyed(0.0)
-    momentum: Rate = keyed(0.9)
-    weight_decay: NonNegativeNumber = keyed(3e-4)
-    grad_clip: PositiveNumber = keyed(5.0)
     auxiliary: bool = keyed(True)
     auxiliary_weight: NonNegativeNumber = keyed(0.4)
     drop_path: Rate = keyed(0.3)
@@ -46,13 +41,10 @@ class RetrainConfig:
 
 
 def retraining_recipe(config: RetrainConfig) -> TrainingRecipe:
-    """The loop's recipe from a retraining configuration."""
-    return TrainingRecipe(
-        epochs=config.epochs, lr=config.lr, lr_min=config.lr_min, momentum=config.momentum,
-        weight_decay=config.weight_decay, grad_clip=config.grad_clip, auxiliary_weight=config.auxiliary_weight,
-        drop_path=config.drop_path, cutout=config.cutout, mixed_precision=config.mixed_precision,
-        channels_last=config.channels_last,
-    )
+    """The loop's recipe from a retraining configuration: its SGD settings and the rest of P-DARTS' recipe."""
+    return config.recipe(config.epochs, auxiliary_weight=config.auxiliary_weight, drop_path=config.drop_path,
+                         cutout=config.cutout, mixed_precision=config.mixed_precision,
+                         channels_last=config.channels_last)
 
 
 def evaluation_network(genotype: Genotype, train_set: ImageDataset, config: RetrainConfig) -> torch.nn.Module:
