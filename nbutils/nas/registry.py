@@ -6,8 +6,8 @@ and the search.yaml sections (:mod:`nbutils.pipeline.params`), the stages the gr
 (:mod:`nbutils.pipeline.stages`: gradient canceling's target, mixed precision, the clean-only
 reference), the search step (:mod:`nbutils.pipeline.steps`) and the report's names
 (:mod:`nbutils.report.tables`). Adding an algorithm is a module with its config and search
-function, one :class:`NasAlgorithm` here, and a section of the same name in search.yaml's params
-(the README's "Adding an algorithm" shows it).
+function and one :class:`NasAlgorithm` here: search.yaml's section of the same name follows (the
+README's "Adding a NAS algorithm" shows it).
 """
 from __future__ import annotations
 

@@ -29,11 +29,6 @@ from ..core.config import (CONFIG_RULES, Cells, Channels, EachOnce, MAX_REPEATS,
 from ..core.data import DATASETS, SPLIT_SIZES
 from ..defenses.defending import DEFENSE_SETTINGS, DefenseConfig
 from ..nas import registry
-from ..nas.darts import DartsConfig
-from ..nas.nsganetv2 import Nsganetv2Config
-from ..nas.pdarts import PdartsConfig
-from ..nas.robot import RobotConfig
-from ..nas.tenas import TenasConfig
 from ..training.train import RetrainConfig
 
 DatasetName = Literal[DATASETS]  # type: ignore[valid-type]
@@ -393,9 +388,13 @@ KEYED_WHEN_CHANGED: dict[str, tuple[str, ...]] = {
     if (fields := fields_with_role(config, "keyed_when_changed"))}
 
 
-class SearchParams(Params):
-    """search.yaml: where and how every search runs, and one section per algorithm, each the
-    algorithm's engine config (its fields, ranges, defaults and checks are declared there)."""
+#: the sections whose searches ``mixed_precision`` applies to (DARTS' and P-DARTS')
+MIXED_PRECISION_SECTIONS = tuple(dict.fromkeys(a.section for a in registry.ALGORITHMS.values() if a.mixed_precision))
+
+
+class SearchRunParams(Params):
+    """search.yaml's settings for every search: where and how they run. :data:`SearchParams`
+    adds one section per algorithm; the checks of the sections are declared here."""
 
     device: Device = "auto"
     augment: bool = True     # random crop and flip during the search (TMLR Table 6 turns it off)
@@ -404,13 +403,8 @@ class SearchParams(Params):
     # the random baseline's sampler: distinct (each node reads two different states) or independent
     # (each input drawn on its own, so a node may read one state twice: the audit authors' sampler)
     random_sampler: Literal["distinct", "independent"] = "distinct"
-    darts: DartsConfig = DartsConfig()
-    pdarts: PdartsConfig = PdartsConfig()
-    tenas: TenasConfig = TenasConfig()
-    robot: RobotConfig = RobotConfig()
-    nsganetv2: Nsganetv2Config = Nsganetv2Config()
 
-    @field_validator(*SEARCH_CONFIGS, mode="before")
+    @field_validator(*SEARCH_CONFIGS, mode="before", check_fields=False)
     @classmethod
     def _no_run_settings(cls, section: Any) -> Any:
         if isinstance(section, dict):
@@ -422,15 +416,15 @@ class SearchParams(Params):
         return section
 
     @model_validator(mode="after")
-    def _mixed_precision_first_order(self) -> "SearchParams":
+    def _mixed_precision_first_order(self) -> "SearchRunParams":
         if self.mixed_precision:
-            second = [name for name in ("darts", "pdarts") if getattr(self, name).order == 2]
+            second = [name for name in MIXED_PRECISION_SECTIONS if getattr(self, name).order == 2]
             if second:
                 raise ValueError(f"mixed_precision supports the first-order search only: set order: 1 in "
                                  f"{' and '.join(second)}, or mixed_precision: false")
         return self
 
-    @field_serializer(*SEARCH_CONFIGS)
+    @field_serializer(*SEARCH_CONFIGS, check_fields=False)
     def _section_settings(self, config: Any) -> dict:
         return key_settings(config)
 
@@ -439,6 +433,15 @@ class SearchParams(Params):
         if algorithm == "random":
             return {}
         return key_settings(getattr(self, registry.ALGORITHMS[algorithm].section))
+
+
+SearchParams = create_model(
+    "SearchParams", __base__=SearchRunParams, __module__=__name__,
+    __doc__="""search.yaml: where and how every search runs (:class:`SearchRunParams`), and one
+    section per algorithm of the registry (:data:`~nbutils.nas.registry.SECTIONS`, so that the
+    registry is the one list), each the algorithm's engine config: its fields, ranges, defaults
+    and checks are declared there.""",
+    **{section: (config, config()) for section, config in SEARCH_CONFIGS.items()})
 
 
 # --- retrain.yaml ------------------------------------------------------------------------------
