@@ -170,35 +170,49 @@ def select_by_spread(costs: np.ndarray, front_costs: np.ndarray, count: int) -> 
         next_forced[i] = i + 1 if forced[i + 1] else next_forced[i + 1]
     best_value, best_path = np.inf, None
     for first in range(lowest_forced + 1):
-        # squared[j, k]: least sum of squared gaps of a path from `first` to j with k costs chosen
-        squared = np.full((size, count + 1), np.inf)
-        previous = np.full((size, count + 1), -1, dtype=np.int64)
-        squared[first, 0 if forced[first] else 1] = 0.0
-        for i in range(first, size - 1):
-            if not np.isfinite(squared[i]).any():
-                continue
-            js = np.arange(i + 1, next_forced[i] + 1)
-            step = (x[js] - x[i])[:, None] ** 2
-            reached = np.full((len(js), count + 1), np.inf)
-            reached[forced[js]] = squared[i] + step[forced[js]]
-            reached[~forced[js], 1:] = squared[i, :-1] + step[~forced[js]]
-            better = reached < squared[js]
-            squared[js] = np.where(better, reached, squared[js])
-            previous[js] = np.where(better, i, previous[js])
+        squared, previous = _least_squared_gaps(x, forced, next_forced, first, count)
         for last in range(max(first, highest_forced), size):
             if np.isfinite(squared[last, count]):
                 variance = squared[last, count] / gaps - ((x[last] - x[first]) / gaps) ** 2
                 if variance < best_value:
-                    best_value, best_path = variance, (first, last, previous.copy())
+                    best_value, best_path = variance, (first, last, previous)
     first, last, previous = best_path
-    chosen, j, k = [], last, count
+    return sorted(int(order[j]) - f for j in _path(previous, forced, first, last, count) if not forced[j])
+
+
+def _least_squared_gaps(x: np.ndarray, forced: np.ndarray, next_forced: np.ndarray, first: int,
+                        count: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`select_by_spread`'s dynamic programme for the paths from ``first`` through the sorted
+    costs ``x``: ``squared[j, k]``, the least sum of squared gaps of a path from ``first`` to ``j``
+    with ``k`` costs chosen (inf: none), and ``previous[j, k]``, the position before ``j`` on it.
+    A path passes every ``forced`` position (a front cost) and steps over none (``next_forced``)."""
+    size = len(x)
+    squared = np.full((size, count + 1), np.inf)
+    previous = np.full((size, count + 1), -1, dtype=np.int64)
+    squared[first, 0 if forced[first] else 1] = 0.0
+    for i in range(first, size - 1):
+        if not np.isfinite(squared[i]).any():
+            continue
+        js = np.arange(i + 1, next_forced[i] + 1)
+        step = (x[js] - x[i])[:, None] ** 2
+        reached = np.full((len(js), count + 1), np.inf)
+        reached[forced[js]] = squared[i] + step[forced[js]]
+        reached[~forced[js], 1:] = squared[i, :-1] + step[~forced[js]]
+        better = reached < squared[js]
+        squared[js] = np.where(better, reached, squared[js])
+        previous[js] = np.where(better, i, previous[js])
+    return squared, previous
+
+
+def _path(previous: np.ndarray, forced: np.ndarray, first: int, last: int, count: int) -> list[int]:
+    """The positions of the path :func:`_least_squared_gaps` found from ``first`` to ``last`` with
+    ``count`` costs chosen, read back from ``last``."""
+    path, j, k = [], last, count
     while True:
-        if not forced[j]:
-            chosen.append(int(order[j]) - f)
+        path.append(j)
         if j == first:
-            break
+            return path
         j, k = int(previous[j, k]), k - (0 if forced[j] else 1)
-    return sorted(chosen)
 
 
 def propose_candidates(
