@@ -132,6 +132,7 @@ class GpPredictor:
 
     @_one_blas_thread
     def fit(self, X: np.ndarray, y: np.ndarray) -> "GpPredictor":
+        # scikit-learn is imported where used too, for the same reason (see RbfPredictor.fit)
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import RBF, ConstantKernel
@@ -162,7 +163,7 @@ class CartPredictor:
 
     @_one_blas_thread
     def fit(self, X: np.ndarray, y: np.ndarray) -> "CartPredictor":
-        from sklearn.ensemble import RandomForestRegressor
+        from sklearn.ensemble import RandomForestRegressor   # see RbfPredictor.fit
 
         X, y = _check_xy(X, y)
         self._dims = X.shape[1]

@@ -50,7 +50,7 @@ def high_tradeoff_points(front: np.ndarray, count: int, epsilon: float = 0.125) 
     objectives. A high trade-off is a knee: leaving it costs much for little. Returned in
     decreasing trade-off; all points when there are at most ``count``.
     """
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree   # here, not above: slow to import, and every notebook imports this module
 
     F = np.asarray(front, dtype=np.float64)
     n, m = F.shape
@@ -228,6 +228,8 @@ def propose_candidates(
     """NSGA-II on (predicted error, cost) from the archive's non-dominated set; returns up to
     ``count`` encodings (rows) not in ``archive``, chosen by :func:`select_candidates`
     (``config.candidate_selection == "rank"``) or :func:`select_by_spread` (``"spread"``)."""
+    # pymoo is imported when the search runs, not with the module: it is slow to import, and every
+    # notebook imports this module (the registry imports NSGANetV2)
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.problem import Problem
     from pymoo.operators.crossover.pntx import TwoPointCrossover

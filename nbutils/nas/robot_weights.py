@@ -129,8 +129,8 @@ class _Trainings:
 def _bayesian_optimisation(normalised: np.ndarray, trainings: _Trainings, *, init_points: int, iterations: int,
                            seed: int, kappa: float, names: list[str]) -> np.ndarray | None:
     """Step 3: BO over the metric weights, a query's objective its top architecture's accuracy; the best weights."""
-    # imported here, when a search runs: bayes_opt loads scikit-learn's Gaussian processes (about
-    # 1 s), which every import of the algorithm registry would pay otherwise
+    # imported when a search runs, not with the module: bayes_opt loads scikit-learn, slow to import,
+    # and every notebook imports this module (through the registry)
     from bayes_opt import BayesianOptimization
     from bayes_opt.acquisition import UpperConfidenceBound
     from bayes_opt.exception import NotUniqueError

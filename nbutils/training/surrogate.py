@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def resnet18_small(num_classes: int, in_channels: int = 3) -> nn.Module:
     """torchvision's ResNet-18 for small inputs: ``conv1`` is 3x3, stride 1, padding 1 over
     ``in_channels`` channels, and the stem's max pool is an identity."""
-    import torchvision
+    import torchvision   # here, not above: importing it costs seconds, and every notebook imports this module
 
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
