@@ -265,6 +265,16 @@ def propose_candidates(
     result = minimize(SurrogateProblem(), algorithm, ("n_gen", config.generations), seed=seed, verbose=False)
     X = np.round(result.pop.get("X")).astype(np.int64)
     F = result.pop.get("F")
+    fresh = _new_rows(X, archive)
+    if config.candidate_selection == "spread":
+        picked = select_by_spread(F[fresh, 1], objectives[front, 1], count)
+    else:
+        picked = select_candidates(F[fresh], objectives[front, 1], count)
+    return X[[fresh[i] for i in picked]].reshape(-1, encoding.ENCODING_LENGTH)
+
+
+def _new_rows(X: np.ndarray, archive: np.ndarray) -> list[int]:
+    """The indices of the encodings of ``X`` that are not in ``archive``, the first of repeats only."""
     seen = {encoding.key(x) for x in archive}
     fresh = []
     for i, x in enumerate(X):
@@ -272,10 +282,6 @@ def propose_candidates(
         if k not in seen:
             seen.add(k)
             fresh.append(i)
-    if config.candidate_selection == "spread":
-        picked = select_by_spread(F[fresh, 1], objectives[front, 1], count)
-    else:
-        picked = select_candidates(F[fresh], objectives[front, 1], count)
-    return X[[fresh[i] for i in picked]].reshape(-1, encoding.ENCODING_LENGTH)
+    return fresh
 
 
