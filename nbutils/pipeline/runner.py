@@ -145,10 +145,7 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
     # pay ~7 s each: one per condition
     plan = Plan(stages, store, CostModel.from_store(outputs), workers, batched=fresh_kernels)
     if dry_run:
-        for s in stages:
-            state = "rerun" if s.rerun else "exists" if store.exists(s.kind, s.key) else "to run"
-            print(f"{s.kind:9s} {s.key}  {state:7s} {s.label}", file=out)
-        print("", *plan.summary_lines(), sep="\n", file=out)
+        print_dry_run(stages, store, plan, out)
         return []
     preflight(preset)
     store.clean_partial()
@@ -171,6 +168,14 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
             publish_report(store.path("report", outcome.stage.key), outputs)
     print_summary(outcomes, time.perf_counter() - started, outputs, out)
     return outcomes
+
+
+def print_dry_run(stages: list[Stage], store: ArtifactStore, plan: Plan, out) -> None:
+    """One line per stage (kind, key, whether it exists, label), then the run's estimated cost."""
+    for s in stages:
+        state = "rerun" if s.rerun else "exists" if store.exists(s.kind, s.key) else "to run"
+        print(f"{s.kind:9s} {s.key}  {state:7s} {s.label}", file=out)
+    print("", *plan.summary_lines(), sep="\n", file=out)
 
 
 def _stages_to_run(preset: params.Preset, only: str | None, rerun: Sequence[str]) -> list[Stage]:
