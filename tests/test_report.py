@@ -5,8 +5,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from nbutils.core.data import ImageDataset
+from nbutils.core.poison_set import PoisonSet
 from nbutils.report.charts import budget_figure, figure_image, trials_figure
+from nbutils.report.poison_figures import poison_figure
 from nbutils.report.results import TRIALS_CSV_COLUMNS, load_sensitivity, trials_anchor, trials_csv
 from nbutils.report.stats import CellSummary, benjamini_hochberg, welch_less
 from nbutils.report.table_cells import CELLS_CSV_COLUMNS, cells_csv, findings, results_table
@@ -212,8 +216,8 @@ def test_each_dataset_is_its_own_family_and_baseline(results):
     assert rows.groupby("dataset").size().to_dict() == {"cifar10": len(first), "cifar100": len(second)}
     # each dataset's table links to its own trials
     page = table_html(results_table(both[both.dataset == "cifar100"]), CellSummary.of([21.0]))
-    assert trials_anchor("darts", "rlf", 0.5, dataset="cifar100") != trials_anchor("darts", "rlf", 0.5,
-                                                                                                 dataset="cifar10")
+    assert (trials_anchor("darts", "rlf", 0.5, dataset="cifar100")
+            != trials_anchor("darts", "rlf", 0.5, dataset="cifar10"))
     assert f'href="#{trials_anchor("darts", "rlf", 0.5, dataset="cifar100")}"' in page
     assert "cifar10-" not in page.replace("cifar100", "")
 
@@ -225,3 +229,42 @@ def test_a_table_links_to_its_own_studys_trials(results):
     page = table_html(table, CellSummary.of(RANDOM))
     assert f'href="#{trials_anchor("darts", "gc", 0.5, "no_augment")}"' in page
     assert f'href="#{trials_anchor("darts", "gc", 0.5)}"' not in page
+
+
+def _poison_set(folder, pool, indices, budget, eps=None, images=True):
+    """A poison set on disk of ``pool``'s images ``indices`` (each shifted by one grey level)."""
+    indices = torch.tensor(sorted(indices), dtype=torch.int64)
+    PoisonSet(indices=indices, labels=pool.labels[indices].clone(),
+              images=(pool.images[indices] + 1) if images else None,
+              header={"budget": budget, "eps": eps, "source_checksum": pool.checksum()}).save(folder)
+    return str(folder)
+
+
+def test_poison_figure_shows_the_clean_label_poisons_at_the_largest_budget(tmp_path):
+    """TMLR Figure 2: one row per clean-label attack at the largest budget (named as the tables
+    name it, gradient canceling with its target), label flips and smaller budgets left out; the
+    clean images come from ``load_pool``, called once with the primary dataset."""
+    generator = torch.Generator().manual_seed(0)
+    pool = ImageDataset("toy", torch.randint(0, 250, (8, 1, 4, 4), dtype=torch.uint8, generator=generator),
+                        torch.arange(8) % 2, ("even", "odd"))
+    inputs = {"noise": _poison_set(tmp_path / "noise", pool, [1, 2, 3, 5], 0.5, eps=8.0),
+              "gc": _poison_set(tmp_path / "gc", pool, [2, 3, 5, 7], 0.5, eps=4.0),
+              "small": _poison_set(tmp_path / "small", pool, [2, 3], 0.25, eps=8.0),
+              "rlf": _poison_set(tmp_path / "rlf", pool, [0, 1, 2, 3], 0.5, images=False)}
+    data = {"dataset": "toy"}
+    spec = {"settings": {"grid": {"data": data}},
+            "poisons": [{"attack": "gaussian", "budget": 0.5, "role": "noise"},
+                        {"attack": "gc", "budget": 0.5, "role": "gc", "target": "darts"},
+                        {"attack": "gaussian", "budget": 0.25, "role": "small"},
+                        {"attack": "rlf", "budget": 0.5, "role": "rlf"}]}
+    asked = []
+    figure = poison_figure(spec, inputs, lambda d: asked.append(d) or pool, count=2)
+    assert asked == [data]
+    rows = [ax.get_ylabel() for ax in figure.axes if ax.get_ylabel()]
+    assert rows == ["Clean", "Noise", "GC vs DARTS", "Noise perturbation", "GC vs DARTS perturbation"]
+    assert len(figure.axes) == 5 * 2   # two of the three images both attacks poisoned
+    assert {ax.get_title() for ax in figure.axes if ax.get_title()} <= {"even", "odd"}
+
+    label_flips_only = {**spec, "poisons": [p for p in spec["poisons"] if p["attack"] == "rlf"]}
+    assert poison_figure(label_flips_only, inputs, lambda d: asked.append(d) or pool) is None
+    assert asked == [data]   # no clean-label poisons: the clean images are not even loaded

@@ -94,7 +94,8 @@ def cells_csv(results: pd.DataFrame, dataset: str | None = None, alpha: float = 
     defense_rows = []
     for (study, attack, budget, algorithm), group in defended.groupby(["study", "attack", "budget", "algorithm"],
                                                                        sort=False):
-        poisoned = results[(results.study == "main") & (results.algorithm == algorithm) & condition_rows(results, attack, budget)]
+        poisoned = results[(results.study == "main") & (results.algorithm == algorithm)
+                           & condition_rows(results, attack, budget)]
         row = _cell_row(algorithm, attack, budget, group, poisoned.acc.to_numpy(), random_acc, alpha)
         row["p"] = welch_less(poisoned.acc.to_numpy(), group.acc.to_numpy())
         defense_rows.append(row | {"study": study})

@@ -220,7 +220,8 @@ def defense_html(results: pd.DataFrame, random_acc: CellSummary, alpha: float = 
     rows = []
     for (defense, attack, budget, algorithm), group in defended.groupby(
             [defended.study.str.removeprefix("defense:"), "attack", "budget", "algorithm"], sort=False):
-        poisoned = results[(results.study == "main") & (results.algorithm == algorithm) & condition_rows(results, attack, budget)]
+        poisoned = results[(results.study == "main") & (results.algorithm == algorithm)
+                           & condition_rows(results, attack, budget)]
         s = CellSummary.of(group.acc)
         rows.append({"defense": defense, "attack": attack, "budget": budget, "algorithm": algorithm, "summary": s,
                      "href": "#" + group.anchor.iloc[0],
