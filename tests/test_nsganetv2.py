@@ -20,7 +20,8 @@ from nbutils.nas.search_result import SearchResult
 from nbutils.space.genotype import Genotype, published, random_genotype
 from nbutils.space.network import EvalNetwork, count_parameters
 from nbutils.nas.architecture_cost import ArchitectureCost, count_macs
-from nbutils.nas.nsganetv2 import Nsganetv2Config, nsganetv2_search, pareto_figure
+from nbutils.nas.nsganetv2 import Nsganetv2Config, nsganetv2_search
+from nbutils.report.charts import pareto_figure
 from nbutils.nas.pareto import (choose_retrained, high_tradeoff_points, non_dominated, propose_candidates,
                                 select_candidates)
 from nbutils.core.data import BatchLoader

@@ -3,7 +3,7 @@ import pytest
 
 from nbutils.nas import registry
 from nbutils.pipeline import params, stages, steps
-from nbutils.report import tables
+from nbutils.report import names
 
 
 def test_search_yaml_has_one_section_per_algorithm_with_its_config():
@@ -25,6 +25,6 @@ def test_search_yaml_has_one_section_per_algorithm_with_its_config():
 def test_every_list_of_algorithms_is_the_registry():
     assert params.NAS_ALGORITHMS == tuple(registry.ALGORITHMS)
     assert set(steps.SEARCHES) == set(registry.ALGORITHMS)
-    assert set(tables.ALGORITHM_NAMES) == set(registry.ALGORITHMS) | {"random"}
+    assert set(names.ALGORITHM_NAMES) == set(registry.ALGORITHMS) | {"random"}
     assert set(stages.SUPERNET_ALGORITHMS) == {"darts", "darts_anti", "pdarts"}
     assert set(params.LABEL_FREE) == {"tenas"} and stages.CLEAN_ONLY == ("darts_anti",)

@@ -5,7 +5,7 @@ Everything that lists algorithms derives from :data:`ALGORITHMS`: the names grid
 and the search.yaml sections (:mod:`nbutils.pipeline.params`), the stages the grid expands to
 (:mod:`nbutils.pipeline.stages`: gradient canceling's target, mixed precision, the clean-only
 reference), the search step (:mod:`nbutils.pipeline.steps`) and the report's names
-(:mod:`nbutils.report.tables`). Adding an algorithm is a module with its config and search
+(:mod:`nbutils.report.names`). Adding an algorithm is a module with its config and search
 function and one :class:`NasAlgorithm` here: search.yaml's section of the same name follows (the
 README's "Adding a NAS algorithm" shows it).
 """

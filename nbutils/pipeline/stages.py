@@ -26,6 +26,7 @@ from functools import cached_property
 from . import params
 from ..core.data import search_augmentation
 from ..nas import registry
+from ..nas.darts import snapshot_epochs
 from ..core.store import stage_key
 from ..studies.tenas_indicators import TENAS_METRICS, TENAS_SETTINGS
 from .code_versions import CODE_VERSIONS
@@ -320,8 +321,6 @@ def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None
     NAS-specific gradient canceling needs the converged supernet (always saved once any epoch
     list is given); the alpha attack with an ensemble of e needs e snapshots evenly spaced
     over the search (workshop paper: e=6 is epochs 0, 10, ..., 50)."""
-    from ..nas.darts import snapshot_epochs
-
     names = {a.name for a in preset.grid.attacks}
     keep: set[int] = set()
     wanted = "gc" in names and algorithm in SUPERNET_ALGORITHMS
