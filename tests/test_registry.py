@@ -28,3 +28,42 @@ def test_every_list_of_algorithms_is_the_registry():
     assert set(names.ALGORITHM_NAMES) == set(registry.ALGORITHMS) | {"random"}
     assert set(stages.SUPERNET_ALGORITHMS) == {"darts", "darts_anti", "pdarts"}
     assert set(params.LABEL_FREE) == {"tenas"} and stages.CLEAN_ONLY == ("darts_anti",)
+
+
+def test_tested_against_and_metric_based_agree_with_what_the_stages_do():
+    """An algorithm tested against another is clean-only and shares that algorithm's section (it
+    inverts that search); the metric-based ones are exactly those whose metrics the metric
+    sensitivity study can measure, and the report's and the params' lists are the registry's."""
+    from nbutils.report import table_cells, tables
+    from nbutils.pipeline import stage_params
+
+    assert registry.TESTED_AGAINST == {"darts_anti": "darts"} and table_cells.TESTED_AGAINST is registry.TESTED_AGAINST
+    for name, reference in registry.TESTED_AGAINST.items():
+        assert registry.ALGORITHMS[name].clean_only and registry.ALGORITHMS[name].section == reference
+    assert registry.names(metric_based=True) == ("tenas", "robot")
+    assert tables.SENSITIVITY_GROUPS == stage_params.SENSITIVITY_ALGORITHMS == registry.names(metric_based=True)
+    preset = params.load_preset("params/tour")
+    data, poison = {"dataset": "digits"}, stages.Stage("poison", {}, "poison rlf 10%", {}, {})
+    for name in registry.names(metric_based=True):
+        assert stages.sensitivity_stage(preset, data, poison, name).meta["metrics_of"] == name
+    for name in registry.names(metric_based=False):
+        with pytest.raises(ValueError, match="no training-free metrics"):
+            stages.sensitivity_stage(preset, data, poison, name)
+
+
+def test_each_search_costs_what_its_record_says():
+    """The cost model reads a search's work from its record: more images or epochs, more units;
+    anti-search costs what DARTS costs, in DARTS' cost class."""
+    from nbutils.pipeline.cost_model import cost_class, work_units
+
+    defaults = params.validate("search", {})
+    for algorithm in registry.ALGORITHMS.values():
+        config = getattr(defaults, algorithm.section).__dict__ | {}
+        spec = {"algorithm": algorithm.name, "config": dict(config), "data": {"search_size": 1000, "search_image_size": 16}}
+        units = work_units("search", spec)
+        if algorithm.work_units is None:
+            assert units == 1.0
+            continue
+        larger = {**spec, "data": {"search_size": 2000, "search_image_size": 16}}
+        assert 0 < units < work_units("search", larger)
+        assert cost_class("search", spec) == "search " + algorithm.section

@@ -19,12 +19,15 @@ from .darts import DartsConfig, darts_search
 from .nsganetv2 import Nsganetv2Config, nsganetv2_search
 from .pdarts import PdartsConfig, pdarts_search
 from .robot import RobotConfig, robot_search
+from . import search_cost
 from .search_result import SearchResult
 from .tenas import TenasConfig, tenas_search
 
 #: a search stage's run of an algorithm: (weight half, architecture half of the search data, the
 #: stage's spec; seed, device, ...) -> what it found
 StageSearch = Callable[..., SearchResult]
+#: a search's work: (its config section as a dict, images of the search data, image side) -> units
+WorkUnits = Callable[[dict, int, int], float]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,15 @@ class NasAlgorithm:
     mixed_precision: bool = False   #: ``search.mixed_precision`` applies to it (the others train in float32)
     label_free: bool = False        #: never reads labels: label flipping cannot change what it finds
     clean_only: bool = False        #: searched on clean data only (anti-search: a worst-case reference)
+    #: the algorithm whose clean trials its own are tested against (anti-search: DARTS, the
+    #: workshop paper's Table 1); empty: its poisoned trials are tested against its clean ones
+    tested_against: str = ""
+    #: ranks architectures by training-free metrics, whose sensitivity to poisons the metric
+    #: sensitivity study measures (TMLR Table 2)
+    metric_based: bool = False
+    #: its search's work in the cost model's units (:mod:`nbutils.nas.search_cost`); None: one
+    #: unit per search
+    work_units: WorkUnits | None = None
 
     def __post_init__(self) -> None:
         if not self.section:
@@ -80,22 +92,28 @@ def _tenas(weight_part: ImageDataset, arch_part: ImageDataset, spec: dict, **com
 
 #: every NAS algorithm, in the order grid.yaml lists them and the report shows them
 ALGORITHMS: dict[str, NasAlgorithm] = {a.name: a for a in (
-    NasAlgorithm("darts", "DARTS", DartsConfig, _darts, supernet=True, mixed_precision=True),
+    NasAlgorithm("darts", "DARTS", DartsConfig, _darts, supernet=True, mixed_precision=True,
+                 work_units=search_cost.darts_units),
     # the workshop paper's anti-search (DARTS maximising the loss), Table 1
     NasAlgorithm("darts_anti", "DARTS anti-search", DartsConfig, _darts, section="darts", supernet=True,
-                 mixed_precision=True, clean_only=True),
-    NasAlgorithm("pdarts", "P-DARTS", PdartsConfig, _pdarts, supernet=True, mixed_precision=True),
-    NasAlgorithm("tenas", "TE-NAS", TenasConfig, _tenas, label_free=True),
-    NasAlgorithm("robot", "RoBoT", RobotConfig, _robot),
-    NasAlgorithm("nsganetv2", "NSGANetV2", Nsganetv2Config, _nsganetv2),
+                 mixed_precision=True, clean_only=True, tested_against="darts", work_units=search_cost.darts_units),
+    NasAlgorithm("pdarts", "P-DARTS", PdartsConfig, _pdarts, supernet=True, mixed_precision=True,
+                 work_units=search_cost.pdarts_units),
+    NasAlgorithm("tenas", "TE-NAS", TenasConfig, _tenas, label_free=True, metric_based=True),
+    NasAlgorithm("robot", "RoBoT", RobotConfig, _robot, metric_based=True, work_units=search_cost.robot_units),
+    NasAlgorithm("nsganetv2", "NSGANetV2", Nsganetv2Config, _nsganetv2, work_units=search_cost.nsganetv2_units),
 )}
 
 
 def names(**flags: bool) -> tuple[str, ...]:
     """The algorithms whose flags (``supernet``, ``mixed_precision``, ``label_free``,
-    ``clean_only``) have the given values, in :data:`ALGORITHMS` order."""
+    ``clean_only``, ``metric_based``) have the given values, in :data:`ALGORITHMS` order."""
     return tuple(a.name for a in ALGORITHMS.values() if all(getattr(a, f) == v for f, v in flags.items()))
 
 
 #: the search.yaml sections: each algorithm's own, in order (darts_anti has none)
 SECTIONS: dict[str, type] = {a.section: a.config for a in ALGORITHMS.values() if a.section == a.name}
+
+
+#: the algorithms tested against another's clean trials (:attr:`NasAlgorithm.tested_against`)
+TESTED_AGAINST: dict[str, str] = {a.name: a.tested_against for a in ALGORITHMS.values() if a.tested_against}

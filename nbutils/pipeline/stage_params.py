@@ -166,7 +166,7 @@ class RetrainParams(RetrainConfig):
 
 # --- metric_sensitivity.yaml (TMLR Table 2) -----------------------------------------------------
 #: the algorithms whose training-free metrics TMLR Table 2 measures
-SENSITIVITY_ALGORITHMS = ("tenas", "robot")
+SENSITIVITY_ALGORITHMS = registry.names(metric_based=True)
 
 
 class MetricSensitivityParams(Params):

@@ -260,7 +260,7 @@ class _GridBuilder:
                     continue
                 where = ("nas_algorithms does not search it" if measured not in grid.nas_algorithms
                          else f"attack gc's algorithms at {_percent(budget)} are {attacked}")
-                name = {"tenas": "TE-NAS", "robot": "RoBoT"}[measured]
+                name = registry.ALGORITHMS[measured].display_name
                 missing.append({"attack": "gc", "budget": budget, "metrics_of": measured,
                                 "reason": f"not run: the grid crafts no gradient-canceling poisons against "
                                           f"{name} ({where}), and {name}'s metrics are measured on the "

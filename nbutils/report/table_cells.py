@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..nas import registry
 from .names import algorithm_name, condition_label
 from .results import no_budget
 from .stats import CellSummary, benjamini_hochberg, delta_improvement, detectable_drop, dimp_interval, welch_less
@@ -29,7 +30,7 @@ TABLE_COLUMNS = ["algorithm", "dataset", "anchor", "attack", "budget", "conditio
 
 #: a search tested against another's clean trials (its own family): anti-search, the workshop
 #: paper's Table 1, finds worse cells than the DARTS search it inverts
-TESTED_AGAINST = {"darts_anti": "darts"}
+TESTED_AGAINST = registry.TESTED_AGAINST
 
 
 def results_table(results: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:

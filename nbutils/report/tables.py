@@ -77,7 +77,7 @@ def table_html(table: pd.DataFrame, random_acc: CellSummary, caption: str = "") 
 
 
 #: TMLR Table 2's column groups: the algorithm whose metrics, in the paper's order
-SENSITIVITY_GROUPS = ("tenas", "robot")
+SENSITIVITY_GROUPS = registry.names(metric_based=True)
 #: how Table 2 heads a metric's column (HTML)
 METRIC_HEADS = {"ntk_condition_number": "κ<sub>NTK</sub>", "linear_regions": "<i>R</i>"}
 
@@ -251,7 +251,9 @@ def reference_points_html(results: pd.DataFrame, random_acc: CellSummary) -> str
     sampling and anti-search (the worst cells DARTS can find), with the normal cell's make-up;
     the main study's trials only (not the searches on other data or without augmentation)."""
     rows = []
-    for algorithm, label in (("darts", "DARTS (clean)"), ("random", "Random sampling"), ("darts_anti", "DARTS anti-search")):
+    inverted = [name for name, reference in registry.TESTED_AGAINST.items() if reference == "darts"]
+    labels = [("darts", "DARTS (clean)"), ("random", "Random sampling"), *((a, algorithm_name(a)) for a in inverted)]
+    for algorithm, label in labels:
         group = results[(results.algorithm == algorithm) & (results.attack == "none") & (results.study == "main")]
         if group.empty:
             continue
