@@ -89,7 +89,8 @@ def retrain_job(job: dict) -> dict:
 def search_job(job: dict) -> dict:
     import torch
 
-    from nbutils.attacks.poisoning import AttackConfig, random_label_flip
+    from nbutils.attacks.data_only import random_label_flip
+    from nbutils.attacks.poisoning import AttackConfig
     from nbutils.core.data import channel_stats, load_dataset, search_split, seeded_subset
     from nbutils.nas.darts import DartsConfig, darts_search
 
