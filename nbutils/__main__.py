@@ -24,7 +24,7 @@ import argparse
 import logging
 import sys
 
-from .core.data import DatasetNotFound
+from .core.datasets import DatasetNotFound
 from .core.malloc import MALLOC_ENV
 from .pipeline.params import ParamsError
 

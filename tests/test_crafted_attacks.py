@@ -15,7 +15,8 @@ from nbutils.attacks import gradient_canceling as gc
 from nbutils.attacks.confidence_flip import clf_flips, clf_poison_set
 from nbutils.attacks.perturbation import batch_slices, optimise_perturbation, project_
 from nbutils.core.poison_set import publish
-from nbutils.core.data import BatchLoader, ImageDataset, channel_stats
+from nbutils.core.batches import BatchLoader
+from nbutils.core.image_dataset import ImageDataset, channel_stats
 from nbutils.core.diff_augment import differentiable_augment, translate_flip
 from nbutils.space.genotype import published
 from nbutils.space.network import EvalNetwork

@@ -23,7 +23,7 @@ from nbutils.nas.architecture_cost import ArchitectureCost, count_macs
 from nbutils.nas.nsganetv2 import Nsganetv2Config, nsganetv2_search, pareto_figure
 from nbutils.nas.pareto import (choose_retrained, high_tradeoff_points, non_dominated, propose_candidates,
                                 select_candidates)
-from nbutils.core.data import BatchLoader
+from nbutils.core.batches import BatchLoader
 from nbutils.nas.one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, recalibrate_batch_norm, train_one_shot
 
 from toys import tiny_nsganetv2_config as tiny_config, toy

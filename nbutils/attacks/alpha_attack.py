@@ -202,7 +202,7 @@ def craft_alpha_attack(
     """The attack on an :class:`ImageDataset`: a :class:`PoisonSet` for ``victims`` (sorted) with
     unchanged labels and uint8 images published within ``eps``; ``header["crafting"]`` holds
     the loss history, the ensemble size and ``cells``."""
-    from ..core.data import channel_stats
+    from ..core.image_dataset import channel_stats
 
     victims = torch.as_tensor(victims, dtype=torch.int64).sort().values
     if mean is None or std is None:

@@ -424,7 +424,8 @@ def craft_gradient_canceling(
     published within ``eps``) whose ``header["crafting"]`` holds the GC objective history,
     the GradPC offset norm and the number of targeted parameter tensors and values.
     """
-    from ..core.data import BatchLoader, channel_stats
+    from ..core.batches import BatchLoader
+    from ..core.image_dataset import channel_stats
 
     device = torch.device(device)
     victims = torch.as_tensor(victims, dtype=torch.int64).sort().values

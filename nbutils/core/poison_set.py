@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageDataset
+from .image_dataset import ImageDataset
 from .store import atomic_write_bytes, atomic_write_json
 
 ARRAYS_FILE = "poison.npz"

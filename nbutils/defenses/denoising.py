@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.data import ImageDataset, seeded_subset
+from ..core.image_dataset import ImageDataset, seeded_subset
 from ..core.progress import progress
 from .result import DefenseResult
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..core.data import ImageDataset
+from ..core.image_dataset import ImageDataset
 from .denoising import check_denoise, denoise_defense
 from .relabelling import check_relabel, relabel_defense
 from .result import DefenseResult

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.data import ImageDataset
+from ..core.image_dataset import ImageDataset
 
 
 @dataclass

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from ..training.surrogate import surrogate_logits, train_surrogate
 from .result import DefenseResult
 

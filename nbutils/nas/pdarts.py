@@ -40,7 +40,8 @@ from .darts import (
     train_epoch,
 )
 from ..accel.supernet_choice import supernet_class
-from ..core.data import BatchLoader, ImageDataset
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset
 from ..core.device import MixedPrecision
 from ..space.genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
 from ..space.ops import PRIMITIVES

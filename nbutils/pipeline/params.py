@@ -26,7 +26,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from ..attacks.poisoning import CRAFTING_FIELDS, AttackConfig
 from ..core.config import (CONFIG_RULES, Cells, Channels, EachOnce, MAX_REPEATS, PositiveInt,
                            PositiveNumber, Repeats, Seed, integer, integer_within, number)
-from ..core.data import DATASETS, SPLIT_SIZES
+from ..core.datasets import DATASETS, SPLIT_SIZES
 from ..defenses.defending import DEFENSE_SETTINGS, DefenseConfig
 from ..nas import registry
 from ..nas.darts import DartsConfig

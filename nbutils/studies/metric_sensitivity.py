@@ -50,7 +50,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from ..space.genotype import random_genotype
 from ..space.network import EvalNetwork
 from ..core.progress import progress

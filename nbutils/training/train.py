@@ -14,7 +14,8 @@ import torch
 
 from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate,
                            config)
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from ..space.genotype import Genotype
 from ..accel.fast_network import accelerate
 from ..space.network import EvalNetwork, count_parameters
