@@ -164,6 +164,29 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
 
 
+def _ddpm_epoch(unet, optimiser: torch.optim.Optimizer, data: torch.Tensor, abar: torch.Tensor, top: int,
+                batch_size: int, generator: torch.Generator) -> float:
+    """One epoch of DDPM training over ``data`` (in [-1, 1], on the UNet's device), in a random
+    order: per batch, timesteps uniform in ``0..top`` and Gaussian noise drawn from ``generator``,
+    ``x_t`` formed with the cumulative ``abar``, the noise regressed (MSE). Returns the mean loss."""
+    device = data.device
+    order = torch.randperm(len(data), generator=generator)
+    total, count = 0.0, 0
+    for first in range(0, len(order), batch_size):
+        x0 = data[order[first : first + batch_size].to(device)]
+        t = torch.randint(0, top + 1, (len(x0),), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+        loss = F.mse_loss(unet(x_t, t).sample, noise)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total += loss.item() * len(x0)
+        count += len(x0)
+    return total / count
+
+
 def train_ddpm(
     images: torch.Tensor,
     *,
@@ -208,21 +231,7 @@ def train_ddpm(
     start = time.perf_counter()
     unet.train()
     for epoch in progress(range(epochs), desc="DDPM epochs"):
-        order = torch.randperm(len(data), generator=generator)
-        total, count = 0.0, 0
-        for first in range(0, len(order), batch_size):
-            x0 = data[order[first : first + batch_size].to(device)]
-            t = torch.randint(0, top + 1, (len(x0),), generator=generator).to(device)
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            a = abar[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
-            loss = F.mse_loss(unet(x_t, t).sample, noise)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(x0)
-            count += len(x0)
-        history.append(total / count)
+        history.append(_ddpm_epoch(unet, optimiser, data, abar, top, batch_size, generator))
         log.info("DDPM epoch %d: noise MSE %.4f", epoch + 1, history[-1])
     log.info("DDPM trained on %d images for %d epochs in %.1f s", len(data), epochs, time.perf_counter() - start)
     return unet.eval(), scheduler, history
