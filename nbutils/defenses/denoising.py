@@ -80,7 +80,7 @@ def small_unet(image_size: int, channels: int, width: int = 32, seed: int = 0):
     """A small DDPM UNet for ``image_size`` x ``image_size`` images with ``channels`` channels:
     two resolutions (``width``, ``2 * width`` channels), one residual block per level, no
     attention. ``image_size`` must be even (one down-sampling)."""
-    from diffusers import UNet2DModel   # lazy: diffusers is needed only to denoise (heavy, and optional to the rest)
+    from diffusers import UNet2DModel   # lazy: ~3 s to import, only denoising needs it, and the CLI imports this module
 
     if image_size % 2:
         raise ValueError(f"image_size must be even for the small DDPM UNet (one down-sampling), got {image_size}")
