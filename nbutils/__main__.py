@@ -29,7 +29,7 @@ import tempfile
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 
-from .core.data import DatasetNotFound
+from .core.datasets import DatasetNotFound
 from .core.malloc import MALLOC_ENV
 from .pipeline.code_versions import PACKAGE_DIR, current_digests
 from .pipeline.params import ParamsError

@@ -24,7 +24,7 @@ from nbutils.nas.nsganetv2 import Nsganetv2Config, nsganetv2_search
 from nbutils.report.charts import pareto_figure
 from nbutils.nas.pareto import (choose_retrained, high_tradeoff_points, non_dominated, propose_candidates,
                                 select_candidates)
-from nbutils.core.data import BatchLoader
+from nbutils.core.batches import BatchLoader
 from nbutils.nas.one_shot import OneShotSupernet, PathEvaluator, recalibrate_batch_norm, train_one_shot
 from nbutils.training.recipe import TrainingRecipe
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nbutils.core.data import ImageDataset
+from nbutils.core.image_dataset import ImageDataset
 from nbutils.core.poison_set import PoisonSet
 from nbutils.report.charts import budget_figure, figure_image, trials_figure
 from nbutils.report.poison_figures import poison_figure

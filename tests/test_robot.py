@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from nbutils.core.data import ImageDataset
+from nbutils.core.image_dataset import ImageDataset
 from nbutils.space.genotype import Genotype
 from nbutils.space.ops import PRIMITIVES
 from nbutils.nas.robot import RobotConfig, normalise_pool, robot_search, sample_pool

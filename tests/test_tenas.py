@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.core.data import ImageDataset, channel_stats, resized
+from nbutils.core.image_dataset import ImageDataset, channel_stats, resized
 from nbutils.space.genotype import NUM_EDGES, STEPS, Genotype
 from nbutils.space.ops import PRIMITIVES
 from nbutils.nas import ntk as ntk_mod

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbutils.core.data import BatchLoader, channel_stats
+from nbutils.core.batches import BatchLoader
+from nbutils.core.image_dataset import channel_stats
 from nbutils.nas.one_shot import OneShotSupernet, train_one_shot
 from nbutils.nas.registry import SECTIONS
 from nbutils.nas.robot import RobotConfig, train_candidate

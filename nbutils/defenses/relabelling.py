@@ -43,8 +43,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from ..core.progress import progress
+from ..training.surrogate import resnet18_small
+from .result import DefenseResult
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def resnet152_weight_files(weights_path: str | os.PathLike[str] | None = None) -
     else torchvision's file names for both ImageNet weight versions in the torch hub cache."""
     if weights_path is not None and str(weights_path) != "":
         return [Path(weights_path).expanduser()]
-    from torchvision.models import ResNet152_Weights
+    from torchvision.models import ResNet152_Weights   # lazy: torchvision costs ~1 s, and the CLI imports this module
 
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     return [cache / Path(w.url).name for w in (ResNet152_Weights.IMAGENET1K_V2, ResNet152_Weights.IMAGENET1K_V1)]
@@ -83,7 +86,7 @@ def load_resnet152_imagenet(weights_path: str | os.PathLike[str] | None = None) 
     Raises :class:`ExtractorUnavailable` when no weight file exists in the places looked, and
     ValueError when a file exists but is not a ResNet-152 state dict.
     """
-    import torchvision
+    import torchvision   # lazy: ~1 s to import, and the CLI imports this module (through the defence config)
 
     places = resnet152_weight_files(weights_path)
     found = next((p for p in places if p.is_file()), None)
@@ -111,8 +114,6 @@ def load_resnet152_imagenet(weights_path: str | os.PathLike[str] | None = None) 
 def random_resnet18(in_channels: int, seed: int) -> torch.nn.Module:
     """The fallback extractor: an untrained small-image ResNet-18 with weights drawn from ``seed``,
     ``fc`` replaced by identity (512 features)."""
-    from ..training.surrogate import resnet18_small
-
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -160,7 +161,7 @@ def dataset_features(model: torch.nn.Module, dataset: ImageDataset, device: str 
 
 def kmeans_labels(features: np.ndarray, num_clusters: int, seed: int, n_init: int = 10) -> np.ndarray:
     """K-Means cluster ids (0..num_clusters-1) of the unit-length features."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans   # lazy: scikit-learn costs ~0.7 s, and the CLI imports this module
 
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < num_clusters:
@@ -176,7 +177,7 @@ def kmeans_labels(features: np.ndarray, num_clusters: int, seed: int, n_init: in
 def best_matching(cluster_ids: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """The one-to-one map cluster -> class that maximises agreement with ``labels`` (Hungarian
     method on the contingency table); ``mapping[c]`` is the class of cluster ``c``."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment   # lazy: SciPy costs ~0.2 s, and the CLI imports this module
 
     table = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(table, (np.asarray(cluster_ids), np.asarray(labels)), 1)
@@ -189,7 +190,7 @@ def best_matching(cluster_ids: np.ndarray, labels: np.ndarray, num_classes: int)
 def agreement(cluster_ids: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """How well clusters recover ``labels``: adjusted Rand index and the accuracy of the best
     one-to-one cluster-to-class matching."""
-    from sklearn.metrics import adjusted_rand_score
+    from sklearn.metrics import adjusted_rand_score   # lazy, as in kmeans_labels
 
     mapping = best_matching(cluster_ids, labels, num_classes)
     return {
@@ -247,3 +248,48 @@ def relabel(
         "extractor_source": source,
         "fallback_reason": fallback_reason,
     }
+
+
+# --------------------------------------------------------------------------- the defence
+
+
+def check_relabel(poisoned: ImageDataset, config, trusted: ImageDataset | None) -> None:
+    """Refuse, before any compute, a set K-Means cannot cluster into one cluster per class."""
+    if len(poisoned) < poisoned.num_classes:
+        raise ValueError(f"relabelling needs at least one sample per cluster ({poisoned.num_classes}), "
+                         f"got {len(poisoned)} samples")
+    if poisoned.num_classes < 2:
+        raise ValueError("relabelling needs at least two classes")
+
+
+def relabel_defense(poisoned: ImageDataset, config, device, clean_labels, clean_images, poison_indices,
+                    trusted) -> DefenseResult:
+    """The ``relabel`` defence of :func:`nbutils.defenses.defending.defend`: :func:`relabel` with
+    ``config``'s settings; the record scores the new labels against the clean ones."""
+    out = relabel(
+        poisoned, extractor=config.extractor, allow_fallback=config.allow_fallback, weights_path=config.extractor_weights,
+        image_size=config.extractor_image_size, seed=config.seed, device=device, n_init=config.kmeans_restarts,
+    )
+    new_labels = out["labels"]
+    k = poisoned.num_classes
+    record = {
+        "extractor": out["extractor"],
+        "extractor_source": out["extractor_source"],
+        "fallback_used": out["extractor"] != config.extractor,
+        "fallback_reason": out["fallback_reason"],
+        "features_dim": out["features_dim"],
+        "clusters": k,
+        "vs_given_labels": agreement(out["cluster_ids"], poisoned.labels.numpy(), k),
+        "labels_changed": int((new_labels != poisoned.labels.numpy()).sum()),
+    }
+    if clean_labels is not None:
+        # Scored up to the numbering of the clusters, which does not matter for training.
+        record["vs_clean_labels"] = agreement(out["cluster_ids"], clean_labels, k)
+        record["given_labels_vs_clean"] = float((poisoned.labels.numpy() == clean_labels).mean())
+        if poison_indices is not None and poison_indices.size:
+            as_clean = best_matching(out["cluster_ids"], clean_labels, k)[out["cluster_ids"]]
+            record["poisons_clean_class_recovered"] = float(
+                (as_clean[poison_indices] == clean_labels[poison_indices]).mean()
+            )
+    defended = ImageDataset(poisoned.name, poisoned.images, torch.from_numpy(new_labels), poisoned.classes)
+    return DefenseResult(defended, record, {"labels": new_labels, "cluster_ids": out["cluster_ids"]})

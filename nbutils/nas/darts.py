@@ -32,7 +32,8 @@ from pydantic import ValidationInfo, field_validator
 
 from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, Order, PositiveInt, PositiveNumber, Rate,
                            config, keyed, keyed_when_changed, set_by_run)
-from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats, concatenate
 from ..core.device import MixedPrecision
 from ..core.progress import progress
 from ..accel.supernet_choice import supernet_class

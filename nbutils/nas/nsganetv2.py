@@ -58,7 +58,8 @@ from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, P
                            config, integer, keyed, keyed_when_changed, number, set_by_run)
 from ..space import encoding
 from .accuracy_predictors import CHOICES, MIN_POINTS, FittedPredictor, fit_predictor, kendall_tau
-from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype
 from .one_shot import (OneShotSupernet, PathEvaluator, calibration_batches, recalibrate_batch_norm,
                        train_one_shot)

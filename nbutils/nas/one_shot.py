@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.data import BatchLoader
+from ..core.batches import BatchLoader
 from ..space.encoding import OPERATIONS
 from ..space.genotype import DEFAULT_CONCAT, STEPS, Genotype, random_genotype
 from ..space.supernet import SuperNet

@@ -33,7 +33,8 @@ from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, O
                            config, keyed, set_by_run)
 from .darts import Precision, StepRule, first_order_only, make_optimisers, search_loaders, train_epoch
 from ..accel.supernet_choice import supernet_class
-from ..core.data import BatchLoader, ImageDataset
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset
 from ..core.device import MixedPrecision
 from ..space.genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
 from ..space.ops import PRIMITIVES

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..core.data import ImageDataset, concatenate
+from ..core.image_dataset import ImageDataset, concatenate
 from .darts import DartsConfig, darts_search
 from .nsganetv2 import Nsganetv2Config, nsganetv2_search
 from .pdarts import PdartsConfig, pdarts_search

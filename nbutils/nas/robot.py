@@ -73,7 +73,8 @@ from pydantic import ValidationInfo, field_validator
 
 from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate,
                            config, integer, keyed, keyed_when_changed)
-from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype, random_genotype
 from ..space.network import EvalNetwork
 from ..core.progress import progress

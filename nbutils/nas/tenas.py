@@ -88,7 +88,8 @@ import torch
 from pydantic import field_validator
 
 from ..core.config import NOT_BOOLEAN, PositiveInt, config, integer, keyed, keyed_when_changed, set_by_run
-from ..core.data import BatchLoader, ImageDataset, channel_stats, resized
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats, resized
 from ..space.genotype import NUM_EDGES, STEPS, Genotype, parse_alpha
 from .ntk import linear_regions, ntk_condition_number, region_inputs
 from .search_result import SearchResult

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from ..core.config import EachOnce, MAX_REPEATS, PositiveInt, Repeats, Seed, integer, integer_within, number
-from ..core.data import DATASETS, SPLIT_SIZES
+from ..core.datasets import DATASETS, SPLIT_SIZES
 from ..nas import registry
 from .params_base import Params
 

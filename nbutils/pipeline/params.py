@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError, model_validator
 
-from ..core.data import SPLIT_SIZES
+from ..core.datasets import SPLIT_SIZES
 from ..defenses.defending import DefenseConfig
 from .grid_params import (DATA_TAGS, LABEL_FREE, NAS_ALGORITHMS, AttackEntry, DataParams, DefenseEntry, GridParams,
                           OodEntry, check_sizes_fit)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..core.data import DATA_ROOT_ENV, load_dataset
+from ..core.datasets import DATA_ROOT_ENV, load_dataset
 from ..defenses.denoising import ddpm_folders
 from ..core.store import ArtifactStore, atomic_write_bytes
 from . import params

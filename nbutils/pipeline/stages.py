@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from . import params
-from ..core.data import search_augmentation
+from ..core.datasets import search_augmentation
 from ..nas import registry
 from ..nas.darts import snapshot_epochs
 from ..core.store import stage_key

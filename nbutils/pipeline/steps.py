@@ -23,8 +23,8 @@ from ..attacks.poisoning import AttackConfig, poison
 from ..nas import registry
 from ..nas.darts import SearchDiverged, snapshot_epochs
 from ..nas.search_result import SearchResult
-from ..core.data import (ImageDataset, channel_stats, load_dataset, search_split, seeded_subset,
-                         seeded_subset_indices)
+from ..core.datasets import load_dataset
+from ..core.image_dataset import ImageDataset, channel_stats, search_split, seeded_subset, seeded_subset_indices
 from ..core.device import resolve_device, seed_everything
 from ..accel.supernet_choice import supernet_class
 from ..space.genotype import Genotype, random_genotype

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from ..core.data import ImageDataset
+from ..core.image_dataset import ImageDataset
 from ..core.poison_set import PoisonSet
 from .names import LABEL_FLIPS, algorithm_name, attack_name
 from .results import grid_datasets

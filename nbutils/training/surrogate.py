@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from .loop import train_supervised
 from .recipe import TrainingRecipe
 

@@ -13,7 +13,8 @@ import time
 import torch
 
 from ..core.config import Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, Rate, config, keyed
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from ..space.genotype import Genotype
 from ..accel.fast_network import accelerate
 from ..space.network import EvalNetwork, count_parameters
