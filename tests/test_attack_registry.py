@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from nbutils.attacks import registry
-from nbutils.attacks.poisoning import CRAFTING_FIELDS, AttackConfig, poison
-from nbutils.pipeline import params, stages
+from nbutils.attacks.poisoning import AttackConfig, poison
+from nbutils.attacks.registry import CRAFTING_FIELDS
+from nbutils.pipeline import grid_params, params, stages
 from nbutils.report import tables
 
 from toys import toy, toy_supernet
@@ -45,9 +46,10 @@ def test_fields_are_config_fields_and_each_crafted_attack_has_its_craft_poisons_
             assert set(attack.fields) <= set(sections[attack.name].annotation.model_fields), attack.name
 
 
-def test_the_hand_lists_elsewhere_agree_with_the_registry():
-    """Until pipeline/params.py and report/tables.py derive their lists from the registry."""
-    assert params.ATTACK_NAMES == ("none", *registry.ATTACKS)
+def test_grid_yaml_and_the_report_name_the_registry_attacks():
+    """grid.yaml accepts the registry's attacks, the report names them as their records do, and
+    label flipping skips the label-free algorithms exactly for the attacks that change labels."""
+    assert grid_params.ATTACK_NAMES == ("none", *registry.ATTACKS)
     for name, attack in registry.ATTACKS.items():
         if name == "alpha":   # a condition names its ensemble: alpha-e6
             assert tables.attack_name("alpha-e6") == f"{attack.display_name} (e=6)"

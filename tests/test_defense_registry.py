@@ -34,8 +34,8 @@ def test_settings_partition_the_config_fields():
     assert set(owned) == fields - {"name", "seed"}
 
 
-def test_the_hand_lists_elsewhere_agree_with_the_registry():
-    """Until pipeline/params.py derives its lists from the registry: defend.yaml's sections and grid.yaml's names."""
+def test_grid_yaml_and_defend_yaml_take_the_registry_defences():
+    """grid.yaml's defence names and defend.yaml's sections are the registry's."""
     assert typing.get_args(params.DefenseEntry.model_fields["name"].annotation) == tuple(registry.DEFENSES)
     assert set(registry.DEFENSES) <= set(params.DefendParams.model_fields)
 

@@ -31,7 +31,7 @@ from torch import nn
 from ..core.config import NonNegativeNumber, PositiveInt, PositiveNumber, Seed, config, number
 from ..core.image_dataset import ImageDataset, channel_stats
 from ..core.poison_set import PoisonSet
-from .registry import ATTACKS, CRAFTING_FIELDS, MODEL_NEEDED  # noqa: F401 - CRAFTING_FIELDS: beside the config it describes
+from .registry import ATTACKS, MODEL_NEEDED
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from pydantic import Field, StrictBool
 from ..core.config import PositiveInt, PositiveNumber, Seed, config, integer, number
 from ..core.image_dataset import ImageDataset
 from ..core.device import DEVICES, resolve_device
-from .registry import DEFENSE_SETTINGS, DEFENSES  # noqa: F401 - DEFENSE_SETTINGS: beside the config it describes
+from .registry import DEFENSES
 from .relabelling import EXTRACTORS, PRETRAINED_EXTRACTOR
 from .result import DefenseResult
 

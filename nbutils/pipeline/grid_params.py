@@ -8,8 +8,10 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from ..attacks import registry as attack_registry
 from ..core.config import EachOnce, MAX_REPEATS, PositiveInt, Repeats, Seed, integer, integer_within, number
 from ..core.datasets import DATASETS, SPLIT_SIZES
+from ..defenses import registry as defense_registry
 from ..nas import registry
 from .params_base import Params
 
@@ -21,7 +23,7 @@ SearchSize = integer_within(2, None, "the search splits its images into two halv
 
 NAS_ALGORITHMS = tuple(registry.ALGORITHMS)   # darts_anti: the workshop paper's anti-search, Table 1
 LABEL_FREE = registry.names(label_free=True)    # never read labels: label flipping cannot change what they find
-ATTACK_NAMES = ("none", "rlf", "clf", "gaussian", "gc", "alpha")
+ATTACK_NAMES = ("none", *attack_registry.ATTACKS)
 #: NAS algorithms named in a list, each once
 Algorithms = Annotated[list[Literal[NAS_ALGORITHMS]], EachOnce]  # type: ignore[valid-type]
 
@@ -113,7 +115,7 @@ class OodEntry(Params):
 class DefenseEntry(Params):
     """One defence applied to poisoned search data before the search (TMLR Table 4)."""
 
-    name: Literal["sanitise", "relabel", "denoise"]
+    name: Literal[tuple(defense_registry.DEFENSES)]  # type: ignore[valid-type]
     attacks: Annotated[list[str], Field(min_length=1), EachOnce]   # the conditions it defends (e.g. rlf, gc)
     algorithms: Optional[Algorithms] = None   # default: every one
     budgets: Optional[Annotated[list[Budget], EachOnce]] = None   # default: every budget of those attacks (TMLR Table 4: 50% only)
@@ -254,7 +256,7 @@ class GridParams(Params):
     def _label_attacks_need_labels(self) -> "GridParams":
         for a in self.attacks:
             named = sorted(set(a.algorithms or ()) & set(LABEL_FREE))
-            if a.name in ("rlf", "clf") and named:
+            if a.name in attack_registry.LABEL_ATTACKS and named:
                 raise ValueError(f"attack {a.name!r} only changes labels, which {named} never read (TMLR Table 1 "
                                  "marks these cells '-'); remove them from its algorithms")
         return self
@@ -263,11 +265,13 @@ class GridParams(Params):
         """The algorithms an attack runs against, in nas_algorithms order; label flipping
         skips the label-free algorithms (the report marks those cells '-' with the reason)."""
         return [a for a in self.nas_algorithms if (attack.algorithms is None or a in attack.algorithms)
-                and not (attack.name in ("rlf", "clf") and a in LABEL_FREE)]
+                and not (attack.name in attack_registry.LABEL_ATTACKS and a in LABEL_FREE)]
 
     @model_validator(mode="after")
     def _attack_targets_exist(self) -> "GridParams":
-        if any(a.name == "alpha" for a in self.attacks) and "darts" not in self.nas_algorithms:
-            raise ValueError("the alpha attack crafts its poisons on clean DARTS supernets: "
-                             "nas_algorithms must include darts")
+        for a in self.attacks:
+            on = a.name != "none" and attack_registry.ATTACKS[a.name].crafted_on
+            if on and on not in self.nas_algorithms:
+                raise ValueError(f"the {a.name} attack crafts its poisons on clean {registry.ALGORITHMS[on].display_name} "
+                                 f"supernets: nas_algorithms must include {on}")
         return self

@@ -11,10 +11,12 @@ from pydantic import (Field, SerializerFunctionWrapHandler, TypeAdapter, create_
                       field_validator, model_serializer, model_validator)
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from ..attacks.poisoning import CRAFTING_FIELDS, AttackConfig
+from ..attacks.poisoning import AttackConfig
+from ..attacks.registry import CRAFTING_FIELDS
 from ..core.config import (CONFIG_RULES, Cells, Channels, EachOnce, PositiveInt, PositiveNumber, Seed, fields_with_role,
                            integer, key_settings, number)
-from ..defenses.defending import DEFENSE_SETTINGS, DefenseConfig
+from ..defenses.defending import DefenseConfig
+from ..defenses.registry import DEFENSE_SETTINGS, DEFENSES
 from ..nas import registry
 from ..training.train import RetrainConfig
 from .params_base import Device, Params
@@ -215,7 +217,7 @@ class DefendParams(Params):
     relabel: dict = {}
     denoise: dict = {}
 
-    @field_validator("sanitise", "relabel", "denoise")
+    @field_validator(*DEFENSES)
     @classmethod
     def _absolute_paths(cls, settings: dict) -> dict:
         """Local files (``ddpm_path``, ``extractor_weights``) given relative to the working
@@ -225,7 +227,7 @@ class DefendParams(Params):
 
     @model_validator(mode="after")
     def _settings_valid(self) -> "DefendParams":
-        for name in ("sanitise", "relabel", "denoise"):
+        for name in DEFENSES:
             for key in getattr(self, name):
                 owner = next((d for d, keys in DEFENSE_SETTINGS.items() if key in keys), None)
                 if owner != name and key not in ("name", "seed"):

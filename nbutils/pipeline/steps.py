@@ -20,6 +20,7 @@ import torch
 
 from . import params
 from ..attacks.poisoning import AttackConfig, poison
+from ..attacks import registry as attack_registry
 from ..nas import registry
 from ..nas.darts import SearchDiverged, snapshot_epochs
 from ..nas.search_result import SearchResult
@@ -126,14 +127,14 @@ def attacker_models(spec: dict, inputs: dict) -> dict:
     the ``ensemble`` supernet snapshots of that DARTS run. The supernets are rebuilt as the
     searches ran them (``spec["fast"]``, as search.yaml's ``fast``; the fast one on the CPU
     only: :func:`nbutils.accel.supernet_choice.supernet_class`)."""
-    name = spec["attack"]["name"]
-    if name == "clf":
+    attack = attack_registry.ATTACKS[spec["attack"]["name"]]
+    if attack.needs_surrogate:
         return {"surrogate": load_surrogate(inputs["surrogate"])}
-    if name not in ("gc", "alpha"):
+    if not attack.against_nas:
         return {}
     best = best_clean_run(inputs)
     chosen = {"search": str(best["search"]), "retrain": str(best["retrain"]), "test_acc": best["test_acc"]}
-    if name == "alpha":
+    if attack.crafted_on:   # the alpha attack: an ensemble of the clean search's supernets
         cls = _attack_supernet_class(spec)
         checkpoints = load_supernets(best["search"])
         epochs = sorted(checkpoints)

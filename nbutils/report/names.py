@@ -2,12 +2,13 @@
 trial's condition as the tables, the figures and the listing of trials write it."""
 from __future__ import annotations
 
+from ..attacks import registry as attack_registry
 from ..nas import registry
 
 #: the papers' names of the attacks (:func:`attack_name`)
-ATTACK_NAMES = {"none": "None", "rlf": "RLF", "clf": "CLF", "gaussian": "Noise", "gc": "GC"}
+ATTACK_NAMES = {"none": "None", **{name: a.display_name for name, a in attack_registry.ATTACKS.items()}}
 #: the label-flipping attacks: they change labels only, never images (a label-free search cannot see them)
-LABEL_FLIPS = ("rlf", "clf")
+LABEL_FLIPS = attack_registry.LABEL_ATTACKS
 #: the papers' names of the NAS algorithms, from the registry, and of random sampling
 ALGORITHM_NAMES = {**{name: a.display_name for name, a in registry.ALGORITHMS.items()}, "random": "Random"}
 
@@ -15,7 +16,7 @@ ALGORITHM_NAMES = {**{name: a.display_name for name, a in registry.ALGORITHMS.it
 def attack_name(attack: str) -> str:
     """How the papers name a condition's attack (the alpha attack: the workshop paper's, with e)."""
     if attack.startswith("alpha-e"):
-        return f"α-gradient (e={attack[len('alpha-e'):]})"
+        return f"{ATTACK_NAMES['alpha']} (e={attack[len('alpha-e'):]})"
     return ATTACK_NAMES.get(attack, attack.upper())
 
 
