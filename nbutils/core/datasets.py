@@ -23,10 +23,15 @@ from pathlib import Path
 from typing import Callable
 from urllib.error import URLError
 
+import lazy_loader
 import numpy as np
 import torch
 
+from . import deferred_imports
 from .image_dataset import ImageDataset, resized
+
+#: imported on first use (lazy_loader): scikit-learn takes ~0.5 s to import, and the CLI imports this module
+sklearn = lazy_loader.load("sklearn")
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +176,7 @@ def _not_found(name: str, split: str, places: list[Path], download: bool, cause:
 
 
 def _torchvision_class(name: str) -> Callable[..., object]:
-    import torchvision.datasets as tvd   # lazy: ~1 s to import, and the CLI imports this module
-
+    tvd = deferred_imports.torchvision().datasets
     return {
         "cifar10": tvd.CIFAR10,
         "cifar100": tvd.CIFAR100,
@@ -287,13 +291,10 @@ def _read_idx(path: str | os.PathLike[str], expected_magic: int) -> np.ndarray:
 
 def _load_digits(train: bool) -> ImageDataset:
     """scikit-learn's bundled 8x8 digits, 0..16 scaled to 0..255, stratified 80/20 split (seed 0)."""
-    from sklearn.datasets import load_digits   # lazy: scikit-learn costs ~0.7 s, and the CLI imports this module
-    from sklearn.model_selection import train_test_split   # lazy, likewise
-
-    bunch = load_digits()
+    bunch = sklearn.datasets.load_digits()
     pixels = np.rint(bunch.images * 255.0 / 16.0).clip(0, 255).astype(np.uint8)  # N x 8 x 8
     targets = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
+    train_idx, test_idx = sklearn.model_selection.train_test_split(
         np.arange(len(targets)), test_size=0.2, stratify=targets, random_state=0
     )
     idx = np.sort(train_idx if train else test_idx)

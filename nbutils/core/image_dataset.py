@@ -14,9 +14,13 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+import lazy_loader
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+#: imported on first use (lazy_loader): scikit-learn takes ~0.5 s to import, and the CLI imports this module
+sklearn = lazy_loader.load("sklearn")
 
 logger = logging.getLogger(__name__)
 
@@ -250,16 +254,14 @@ def seeded_subset_indices(ds: ImageDataset, size: int | None, seed: int) -> np.n
     n = len(ds)
     if size >= n:
         return np.arange(n)
-    from sklearn.model_selection import train_test_split   # lazy: scikit-learn costs ~0.7 s, and the CLI imports this module
-
     everything = np.arange(n)
     try:
-        chosen = train_test_split(
+        chosen = sklearn.model_selection.train_test_split(
             everything, train_size=int(size), stratify=ds.labels.numpy(), random_state=seed
         )[0]
     except ValueError as err:
         logger.info("seeded_subset: stratified sampling impossible for size %d (%s); sampling at random", size, err)
-        chosen = train_test_split(everything, train_size=int(size), random_state=seed)[0]
+        chosen = sklearn.model_selection.train_test_split(everything, train_size=int(size), random_state=seed)[0]
     return np.sort(chosen)
 
 

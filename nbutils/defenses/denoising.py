@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core import deferred_imports
 from ..core.image_dataset import ImageDataset, seeded_subset
 from ..core.progress import progress
 from .result import DefenseResult
@@ -80,14 +81,12 @@ def small_unet(image_size: int, channels: int, width: int = 32, seed: int = 0):
     """A small DDPM UNet for ``image_size`` x ``image_size`` images with ``channels`` channels:
     two resolutions (``width``, ``2 * width`` channels), one residual block per level, no
     attention. ``image_size`` must be even (one down-sampling)."""
-    from diffusers import UNet2DModel   # lazy: ~3 s to import, only denoising needs it, and the CLI imports this module
-
     if image_size % 2:
         raise ValueError(f"image_size must be even for the small DDPM UNet (one down-sampling), got {image_size}")
     if width < 8 or width % 8:
         raise ValueError(f"ddpm_width must be a multiple of 8 (group norm of 8 groups), got {width}")
     torch.manual_seed(seed)
-    return UNet2DModel(
+    return deferred_imports.diffusers().UNet2DModel(
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,
@@ -102,9 +101,7 @@ def small_unet(image_size: int, channels: int, width: int = 32, seed: int = 0):
 
 def ddpm_scheduler(num_train_timesteps: int = 1000):
     """The DDPM noise schedule used for models trained here: linear betas 1e-4 .. 0.02 (Ho et al.)."""
-    from diffusers import DDPMScheduler   # lazy, as in small_unet
-
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon")
+    return deferred_imports.diffusers().DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon")
 
 
 def ddpm_folders(path: str | Path) -> tuple[Path, Path]:
@@ -131,11 +128,9 @@ def ddpm_folders(path: str | Path) -> tuple[Path, Path]:
 
 def load_pretrained_ddpm(path: str | Path):
     """A DDPM saved with ``diffusers`` in a local folder (:func:`ddpm_folders`): ``(unet, scheduler)``."""
-    from diffusers import DDPMScheduler, UNet2DModel   # lazy, as in small_unet
-
     unet_dir, scheduler_dir = ddpm_folders(path)
-    unet = UNet2DModel.from_pretrained(str(unet_dir))
-    scheduler = DDPMScheduler.from_pretrained(str(scheduler_dir))
+    unet = deferred_imports.diffusers().UNet2DModel.from_pretrained(str(unet_dir))
+    scheduler = deferred_imports.diffusers().DDPMScheduler.from_pretrained(str(scheduler_dir))
     log.info("loaded pretrained DDPM from %s (%d timesteps)", path, len(scheduler.alphas_cumprod))
     return unet.eval(), scheduler
 

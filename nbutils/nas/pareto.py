@@ -5,11 +5,22 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+import lazy_loader
 import numpy as np
 
 from ..space import encoding
 from ..space.genotype import Genotype
 from .accuracy_predictors import FittedPredictor
+
+# imported on first use (lazy_loader): SciPy's spatial module and pymoo's NSGA-II take ~0.4 s to
+# import, and every notebook imports this module (the registry imports NSGANetV2)
+scipy = lazy_loader.load("scipy")
+pymoo_nsga2 = lazy_loader.load("pymoo.algorithms.moo.nsga2", suppress_warning=True)
+pymoo_problem = lazy_loader.load("pymoo.core.problem", suppress_warning=True)
+pymoo_crossover = lazy_loader.load("pymoo.operators.crossover.pntx", suppress_warning=True)
+pymoo_mutation = lazy_loader.load("pymoo.operators.mutation.pm", suppress_warning=True)
+pymoo_repair = lazy_loader.load("pymoo.operators.repair.rounding", suppress_warning=True)
+pymoo_optimize = lazy_loader.load("pymoo.optimize", suppress_warning=True)
 
 #: how the candidates to measure are chosen from NSGA-II's final population (see :func:`propose_candidates`)
 SELECTIONS: tuple[str, ...] = ("rank", "spread")
@@ -50,15 +61,13 @@ def high_tradeoff_points(front: np.ndarray, count: int, epsilon: float = 0.125) 
     objectives. A high trade-off is a knee: leaving it costs much for little. Returned in
     decreasing trade-off; all points when there are at most ``count``.
     """
-    from scipy.spatial import cKDTree   # here, not above: slow to import, and every notebook imports this module
-
     F = np.asarray(front, dtype=np.float64)
     n, m = F.shape
     if count >= n:
         return np.arange(n)
     span = F.max(axis=0) - F.min(axis=0)
     F = (F - F.min(axis=0)) / np.where(span > 0, span, 1.0)
-    tree = cKDTree(F)
+    tree = scipy.spatial.cKDTree(F)
     least = min(2 * m, n - 1)
     trade_off = np.full(n, -np.inf)
     for i in range(n):
@@ -228,15 +237,6 @@ def propose_candidates(
     """NSGA-II on (predicted error, cost) from the archive's non-dominated set; returns up to
     ``count`` encodings (rows) not in ``archive``, chosen by :func:`select_candidates`
     (``config.candidate_selection == "rank"``) or :func:`select_by_spread` (``"spread"``)."""
-    # pymoo is imported when the search runs, not with the module: it is slow to import, and every
-    # notebook imports this module (the registry imports NSGANetV2)
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-    from pymoo.core.problem import Problem
-    from pymoo.operators.crossover.pntx import TwoPointCrossover
-    from pymoo.operators.mutation.pm import PM
-    from pymoo.operators.repair.rounding import RoundingRepair
-    from pymoo.optimize import minimize
-
     upper = encoding.upper_bounds()
     cost_cache: dict[tuple[int, ...], float] = {}
 
@@ -246,7 +246,7 @@ def propose_candidates(
             cost_cache[k] = cost(encoding.decode(vector))
         return cost_cache[k]
 
-    class SurrogateProblem(Problem):
+    class SurrogateProblem(pymoo_problem.Problem):
         def __init__(self) -> None:
             super().__init__(n_var=encoding.ENCODING_LENGTH, n_obj=2, xl=np.zeros_like(upper), xu=upper, vtype=int)
 
@@ -255,14 +255,14 @@ def propose_candidates(
             out["F"] = np.column_stack([predictor.predict(X / upper), [vector_cost(x) for x in X]])
 
     front = non_dominated(objectives)
-    algorithm = NSGA2(
+    algorithm = pymoo_nsga2.NSGA2(
         pop_size=config.population,
         sampling=archive[front].astype(np.int64),
-        crossover=TwoPointCrossover(prob=config.crossover_prob),
-        mutation=PM(prob=1.0, eta=config.mutation_eta, vtype=float, repair=RoundingRepair()),
+        crossover=pymoo_crossover.TwoPointCrossover(prob=config.crossover_prob),
+        mutation=pymoo_mutation.PM(prob=1.0, eta=config.mutation_eta, vtype=float, repair=pymoo_repair.RoundingRepair()),
         eliminate_duplicates=True,
     )
-    result = minimize(SurrogateProblem(), algorithm, ("n_gen", config.generations), seed=seed, verbose=False)
+    result = pymoo_optimize.minimize(SurrogateProblem(), algorithm, ("n_gen", config.generations), seed=seed, verbose=False)
     X = np.round(result.pop.get("X")).astype(np.int64)
     F = result.pop.get("F")
     fresh = _new_rows(X, archive)

@@ -14,11 +14,16 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import lazy_loader
 import numpy as np
 from threadpoolctl import threadpool_limits   # a dependency of scikit-learn
 
 from ..core.progress import progress
 from .zero_cost import METRICS
+
+#: imported on first use (lazy_loader): bayes_opt loads scikit-learn and SciPy, ~1.5 s, and every
+#: notebook imports this module (through the registry)
+bayes_opt = lazy_loader.load("bayes_opt")
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +134,9 @@ class _Trainings:
 def _bayesian_optimisation(normalised: np.ndarray, trainings: _Trainings, *, init_points: int, iterations: int,
                            seed: int, kappa: float, names: list[str]) -> np.ndarray | None:
     """Step 3: BO over the metric weights, a query's objective its top architecture's accuracy; the best weights."""
-    # imported when a search runs, not with the module: bayes_opt loads scikit-learn, slow to import,
-    # and every notebook imports this module (through the registry)
-    from bayes_opt import BayesianOptimization
-    from bayes_opt.acquisition import UpperConfidenceBound
-    from bayes_opt.exception import NotUniqueError
-
-    optimizer = BayesianOptimization(
+    optimizer = bayes_opt.BayesianOptimization(
         f=None, pbounds={name: (-1.0, 1.0) for name in names},
-        acquisition_function=UpperConfidenceBound(kappa=kappa),
+        acquisition_function=bayes_opt.acquisition.UpperConfidenceBound(kappa=kappa),
         random_state=int(seed) % 2**32, verbose=0,
     )
     best_objective, best_weights = -math.inf, None
@@ -154,7 +153,7 @@ def _bayesian_optimisation(normalised: np.ndarray, trainings: _Trainings, *, ini
         objective = trainings.accuracy[top] if cached else trainings.train(top, "bo", q + 1, weights)
         try:
             optimizer.register(params=params, target=objective)
-        except NotUniqueError:   # the same weights again: nothing new for the GP (as the reference)
+        except bayes_opt.exception.NotUniqueError:   # the same weights again: nothing new for the GP (as the reference)
             log.info("query %d repeats earlier weights", q + 1)
         if objective >= best_objective:
             best_objective, best_weights = objective, weights

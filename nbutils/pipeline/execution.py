@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
+import lazy_loader
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from traitlets.config import Config
@@ -40,6 +41,12 @@ from . import steps
 from .code_versions import NOTEBOOK_OF, NOTEBOOKS
 from .warm_kernel import kernel_for
 from .stages import Stage
+
+# imported on first use (lazy_loader): nbformat's schema checks take seconds to import (rfc3987-syntax
+# builds its grammar), which a --dry-run or a run refused for bad input need not pay
+papermill = lazy_loader.load("papermill")
+nbconvert = lazy_loader.load("nbconvert")
+nbformat = lazy_loader.load("nbformat")
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +194,6 @@ def _run_notebook(kind: str, trials: list[dict], notebook: Path, kernel: str, fr
     if not fresh_kernel:
         kernel_for(kernel, NOTEBOOKS).execute(notebook_in, notebook, kernel_log=kernel_log, **options)
         return
-    import papermill   # lazy: importing it (nbformat's schema checks) takes seconds that --dry-run and bad input need not pay
     with open(kernel_log, "w") as log_stream:
         papermill.execute_notebook(str(notebook_in), str(notebook), kernel_name=kernel, cwd=str(NOTEBOOKS),
                                    kernel_manager_class=kernel_manager_logging_to(log_stream), **options)
@@ -261,16 +267,13 @@ def _failure_reason(folder: Path, error: Exception | None) -> str:
 
 def render_html(notebook: Path, html: Path) -> None:
     """The executed report notebook as one self-contained HTML page, without code cells."""
-    from nbconvert import HTMLExporter   # lazy: nbconvert and nbformat take seconds to import (see _run_notebook)
-    from nbformat import read as read_notebook
-
     config = Config()
     config.TagRemovePreprocessor.remove_cell_tags = {"remove_cell"}  # notes for notebook readers only
     config.TagRemovePreprocessor.enabled = True
-    exporter = HTMLExporter(config=config, template_name="lab", exclude_input=True, exclude_input_prompt=True,
+    exporter = nbconvert.HTMLExporter(config=config, template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
     exporter.log.setLevel(logging.ERROR)
-    body, _ = exporter.from_notebook_node(read_notebook(notebook, as_version=4))
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
     # self-contained: the report needs no JavaScript, so drop the template's CDN scripts
     # (require.js for widgets, MathJax) rather than have the page reach the network
     body = re.sub(r'<script[^>]*src="https?://[^"]*"[^>]*>\s*</script>', "", body)

@@ -42,9 +42,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import lazy_loader
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 from jupyter_core.utils import run_sync
+
+#: imported on first use (lazy_loader): nbformat's schema checks take seconds to import (see
+#: :mod:`~nbutils.pipeline.execution`)
+papermill = lazy_loader.load("papermill")
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +140,6 @@ class WarmKernel:
 
     # --- on the kernel thread -------------------------------------------------------------------
     def _execute(self, notebook: str, output: str, parameters: dict, kernel_log: Path | None, options: dict) -> None:
-        import papermill   # lazy: importing it (nbformat's schema checks) takes seconds that --dry-run need not pay
-
         offset = os.fstat(self._log_fd).st_size
         notes = []
         try:
