@@ -62,7 +62,9 @@ def _project_attributes(module) -> dict[str, int]:
     found = {}
     for name, value in list(vars(module).items()):
         found[name] = id(value)
-        if isinstance(value, type) and value.__module__ == module.__name__:
+        # issubclass(type(...)), not isinstance: isinstance also asks the value for its __class__,
+        # which imports a module declared with lazy_loader (and changes the kernel's state)
+        if issubclass(type(value), type) and value.__module__ == module.__name__:
             for attribute, member in list(vars(value).items()):
                 found[f"{name}.{attribute}"] = id(member)
     return found
