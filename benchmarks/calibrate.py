@@ -52,7 +52,8 @@ def budget(text: str) -> tuple[int, int]:
 
 
 def _datasets(train_size: int, test_size: int):
-    from nbutils.core.data import load_dataset, seeded_subset
+    from nbutils.core.datasets import load_dataset
+    from nbutils.core.image_dataset import seeded_subset
 
     train = seeded_subset(load_dataset("fashion_mnist", "train", None, False, IMAGE_SIZE), train_size, 0)
     test = seeded_subset(load_dataset("fashion_mnist", "test", None, False, IMAGE_SIZE), test_size, 0)
@@ -89,8 +90,10 @@ def retrain_job(job: dict) -> dict:
 def search_job(job: dict) -> dict:
     import torch
 
-    from nbutils.attacks.poisoning import AttackConfig, random_label_flip
-    from nbutils.core.data import channel_stats, load_dataset, search_split, seeded_subset
+    from nbutils.attacks.data_only import random_label_flip
+    from nbutils.attacks.poisoning import AttackConfig
+    from nbutils.core.datasets import load_dataset
+    from nbutils.core.image_dataset import channel_stats, search_split, seeded_subset
     from nbutils.nas.darts import DartsConfig, darts_search
 
     torch.set_num_threads(1)

@@ -30,7 +30,8 @@ def main() -> None:
     import torch
     import yaml
 
-    from nbutils.core.data import channel_stats, load_dataset, search_split, seeded_subset
+    from nbutils.core.datasets import load_dataset
+    from nbutils.core.image_dataset import channel_stats, search_split, seeded_subset
     from nbutils.core.malloc import keep_freed_memory
     from nbutils.nas.darts import DartsConfig, darts_search
     from nbutils.pipeline.cost_model import work_units

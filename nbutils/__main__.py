@@ -21,12 +21,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import tempfile
 
-from .core.data import DatasetNotFound
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+
+from .core.datasets import DatasetNotFound
 from .core.malloc import MALLOC_ENV
+from .pipeline.code_versions import PACKAGE_DIR, current_digests
 from .pipeline.params import ParamsError
+from .pipeline.runner import run as run_preset
 
 
 def install_kernel() -> None:
@@ -34,11 +41,6 @@ def install_kernel() -> None:
     papermill and JupyterLab started from the venv find it. The kernel logs at ERROR level so
     headless runs are not cluttered by its start-up warnings, and starts with the malloc
     settings of :mod:`nbutils.core.malloc`."""
-    import tempfile
-
-    from ipykernel.kernelspec import write_kernel_spec
-    from jupyter_client.kernelspec import KernelSpecManager
-
     with tempfile.TemporaryDirectory() as tmp:
         path = write_kernel_spec(tmp + "/nbutils", overrides={"display_name": "Python (nbutils)", "env": MALLOC_ENV},
                                  extra_arguments=["--IPKernelApp.log_level=ERROR"])
@@ -52,9 +54,6 @@ DIGESTS_FILE = "tests/code_digests.json"
 def code_digests(write: bool) -> int:
     """Print each stage kind's code version and digest; with ``write``, record them for the test
     that catches a code change without a version bump (:mod:`nbutils.pipeline.code_versions`)."""
-    import json
-    from .pipeline.code_versions import PACKAGE_DIR, current_digests
-
     text = json.dumps(current_digests(), indent=2, sort_keys=True) + "\n"
     if write:
         path = PACKAGE_DIR.parent / DIGESTS_FILE
@@ -94,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "code-digests":
         return code_digests(args.write)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    from .pipeline.runner import run as run_preset
-
     try:
         outcomes = run_preset(args.preset, args.outputs, only=args.only, dry_run=args.dry_run, inline=args.inline,
                               workers=args.workers, scheduler=args.scheduler, rerun=args.rerun,

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.attacks.poisoning import AttackConfig, poison, poison_count
+from nbutils.attacks.poisoning import AttackConfig, poison
+from nbutils.core.poison_set import poison_count
 from nbutils.core.poison_set import PoisonSet, PoisonSetMismatch
 
 from toys import toy

@@ -12,10 +12,12 @@ matplotlib.use("Agg")
 from nbutils.accel.fast_supernet import FastSuperNet
 from nbutils.attacks import alpha_attack as aa
 from nbutils.attacks import gradient_canceling as gc
+from nbutils.attacks import gradpc
 from nbutils.attacks.confidence_flip import clf_flips, clf_poison_set
 from nbutils.attacks.perturbation import batch_slices, optimise_perturbation, project_
 from nbutils.core.poison_set import publish
-from nbutils.core.data import BatchLoader, ImageDataset, channel_stats
+from nbutils.core.batches import BatchLoader
+from nbutils.core.image_dataset import ImageDataset, channel_stats
 from nbutils.core.diff_augment import differentiable_augment, translate_flip
 from nbutils.space.genotype import published
 from nbutils.space.network import EvalNetwork
@@ -230,7 +232,7 @@ def trained_net(data):
     for _ in range(3):
         for x, y in loader:
             opt.zero_grad()
-            gc.classification_loss(net, x, y).backward()
+            gradpc.classification_loss(net, x, y).backward()
             opt.step()
     return net
 
@@ -245,7 +247,7 @@ def full_loss(model, ds, mean, std, values=None, names=None):
                 own[n].copy_(v)
     x = normalise(ds.images.float() / 255, mean, std)
     with torch.no_grad():
-        return gc.classification_loss(work, x, ds.labels).item()
+        return gradpc.classification_loss(work, x, ds.labels).item()
 
 
 @pytest.mark.parametrize("epsilon", [0.05, 0.5])
@@ -257,7 +259,7 @@ def test_gradpc_increases_the_training_loss_within_its_bound(trained_net, data, 
     named = dict(trained_net.named_parameters())
     params = [named[n] for n in names]
     loader = BatchLoader(ds, 24, shuffle=False, seed=0, mean=mean, std=std)
-    values = gc.gradpc_target(trained_net, params, None, loader, epsilon=epsilon, steps=4, step_size=0.2)
+    values = gradpc.gradpc_target(trained_net, params, None, loader, epsilon=epsilon, steps=4, step_size=0.2)
     offset = torch.sqrt(sum(((v - p.detach()) ** 2).sum() for v, p in zip(values, params)))
     assert offset <= epsilon * (1 + 1e-5)
     assert offset >= min(epsilon, 0.2) * 0.99  # it did move (bounded by the ball or by the steps)
@@ -286,8 +288,8 @@ def test_gc_batched_gradient_equals_the_unbatched_one(trained_net, data):
             own[n].copy_(v)
     theta = [own[n] for n in target]
     x_clean = normalise(ds.images[:16].float() / 255, mean, std)
-    g_clean = torch.autograd.grad(gc.classification_loss(work, x_clean, ds.labels[:16]), theta)
-    g_adv = torch.autograd.grad(gc.classification_loss(work, normalise(images, mean, std), labels), theta)
+    g_clean = torch.autograd.grad(gradpc.classification_loss(work, x_clean, ds.labels[:16]), theta)
+    g_adv = torch.autograd.grad(gradpc.classification_loss(work, normalise(images, mean, std), labels), theta)
     value = 0.5 * sum(((0.75 * a + 0.25 * b) ** 2).sum() for a, b in zip(g_clean, g_adv)).item()
     assert whole_value == pytest.approx(value, rel=1e-4)
 
@@ -322,7 +324,7 @@ def test_nas_specific_gc_on_supernet_alphas(tiny_supernet, data):
     names = gc.target_parameter_names(tiny_supernet, "alphas")
     assert names == ["alpha_normal", "alpha_reduce"]
     loader = BatchLoader(ds.subset(range(16)), 16, shuffle=False, seed=0, mean=mean, std=std)
-    values = gc.gradpc_target(tiny_supernet, tiny_supernet.arch_parameters(), None, loader, epsilon=1.0, steps=1)
+    values = gradpc.gradpc_target(tiny_supernet, tiny_supernet.arch_parameters(), None, loader, epsilon=1.0, steps=1)
     offset = torch.sqrt(sum(((v - a.detach()) ** 2).sum() for v, a in zip(values, tiny_supernet.arch_parameters())))
     assert 0.99 < offset <= 1.0 + 1e-5
     target = gc.named_targets(tiny_supernet, tiny_supernet.arch_parameters(), values)

@@ -13,7 +13,8 @@ from nbutils.nas import darts as darts_mod
 from nbutils.space import network as network_mod
 from nbutils.training import loop as loop_mod
 from nbutils.nas.darts import DartsConfig, SearchDiverged, darts_search
-from nbutils.core.data import BatchLoader, channel_stats
+from nbutils.core.batches import BatchLoader
+from nbutils.core.image_dataset import channel_stats
 from nbutils.space.genotype import Genotype, genotype_from_alpha, published
 from nbutils.space.network import EvalNetwork, count_parameters
 from nbutils.space.supernet import SuperNet

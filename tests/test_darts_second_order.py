@@ -19,9 +19,9 @@ from nbutils.nas.darts import (
     darts_search,
     first_order_alpha_grad,
     make_optimisers,
-    unrolled_alpha_grad,
     weight_step,
 )
+from nbutils.nas.darts_unrolled import unrolled_alpha_grad
 from nbutils.space.genotype import Genotype
 from nbutils.space.supernet import SuperNet
 

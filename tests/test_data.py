@@ -1,4 +1,4 @@
-"""Tests for nbutils.core.data: loaders on real-format fixtures, splits, the poisoned view, batches."""
+"""Tests for nbutils.core.datasets, image_dataset and batches: loaders on real-format fixtures, splits, the poisoned view, batches."""
 from __future__ import annotations
 
 import gzip
@@ -8,19 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.core import data
-from nbutils.core.data import (
-    DATA_ROOT_ENV,
-    DATASETS,
-    BatchLoader,
-    DatasetNotFound,
-    ImageDataset,
-    channel_stats,
-    load_dataset,
-    resolve_data_root,
-    search_split,
-    seeded_subset,
-)
+from nbutils.core import datasets, image_dataset
+from nbutils.core.batches import BatchLoader
+from nbutils.core.datasets import DATA_ROOT_ENV, DATASETS, DatasetNotFound, load_dataset, resolve_data_root
+from nbutils.core.image_dataset import ImageDataset, channel_stats, search_split, seeded_subset
 
 import dataset_fixtures as fx
 
@@ -28,11 +19,11 @@ import dataset_fixtures as fx
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):
     """No cached datasets, no data root from the environment, no real Debian files unless a test asks."""
-    data._load_cached.cache_clear()
+    datasets._load_cached.cache_clear()
     monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
     yield
-    data._load_cached.cache_clear()
+    datasets._load_cached.cache_clear()
 
 
 def make_ds(n: int = 40, num_classes: int = 4, chw: tuple[int, int, int] = (3, 8, 8), seed: int = 0) -> ImageDataset:
@@ -104,7 +95,7 @@ def test_cifar_integrity_check_still_runs(tmp_path, monkeypatch):
 def test_fashion_mnist_falls_back_to_debian_files(split, tmp_path, monkeypatch):
     debian = tmp_path / "debian"
     expected = fx.write_debian_fashion_mnist(debian)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", debian)
     ds = load_dataset("fashion_mnist", split, data_root=tmp_path / "empty-root")
     assert_matches(ds, expected, split, "fashion_mnist")
 
@@ -112,13 +103,13 @@ def test_fashion_mnist_falls_back_to_debian_files(split, tmp_path, monkeypatch):
 def test_fashion_mnist_class_names_are_torchvision_s():
     from torchvision.datasets import FashionMNIST
 
-    assert data.FASHION_MNIST_CLASSES == tuple(FashionMNIST.classes)   # kept without importing torchvision
+    assert datasets.FASHION_MNIST_CLASSES == tuple(FashionMNIST.classes)   # kept without importing torchvision
 
 
 def test_fashion_mnist_prefers_torchvision_layout_over_debian(tmp_path, monkeypatch):
     in_root = fx.write_fashion_mnist(tmp_path / "root", seed=1)
     fx.write_debian_fashion_mnist(tmp_path / "debian", seed=2)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
     ds = load_dataset("fashion_mnist", "train", data_root=tmp_path / "root")
     assert_matches(ds, in_root, "train", "fashion_mnist")
 
@@ -143,7 +134,7 @@ def test_missing_dataset_names_every_place_looked(name, place, tmp_path):
     assert str(root / place) in message
     assert DATA_ROOT_ENV in message and "download=True" in message
     if name == "fashion_mnist":
-        assert str(data.DEBIAN_FASHION_MNIST) in message
+        assert str(datasets.DEBIAN_FASHION_MNIST) in message
         assert "apt install dataset-fashion-mnist" in message
 
 
@@ -204,7 +195,7 @@ def test_digits_loads_and_splits_deterministically():
     assert int(train.images.max()) == 255 and train.images.dtype == torch.uint8
     assert set(test.labels.tolist()) == set(range(10))  # stratified: every class in the test split
     sums = train.checksum(), test.checksum()
-    data._load_cached.cache_clear()
+    datasets._load_cached.cache_clear()
     assert (load_dataset("digits", "train").checksum(), load_dataset("digits", "test").checksum()) == sums
 
 
@@ -226,7 +217,7 @@ def test_image_size_resizes_to_uint8_squares():
     assert load_dataset("digits", "test", image_size=8) is native  # same size: nothing to do
     # A constant image stays exactly constant through the float round trip.
     flat = ImageDataset("flat", torch.full((2, 3, 10, 10), 77, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), ("a",))
-    assert torch.equal(data._resize_uint8(flat.images, 24), torch.full((2, 3, 24, 24), 77, dtype=torch.uint8))
+    assert torch.equal(image_dataset._resize_uint8(flat.images, 24), torch.full((2, 3, 24, 24), 77, dtype=torch.uint8))
 
 
 def test_corrupt_idx_bad_magic_is_refused_clearly(tmp_path, monkeypatch):
@@ -234,7 +225,7 @@ def test_corrupt_idx_bad_magic_is_refused_clearly(tmp_path, monkeypatch):
     fx.write_debian_fashion_mnist(debian)
     images = np.zeros((3, 28, 28), dtype=np.uint8)
     fx.write_idx(debian / "t10k-images-idx3-ubyte.gz", images, magic=0x00000802)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", debian)
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", debian)
     with pytest.raises(ValueError, match=r"magic number must be 0x00000803, got 0x00000802"):
         load_dataset("fashion_mnist", "test", data_root=tmp_path / "empty")
 
@@ -244,16 +235,16 @@ def test_corrupt_idx_wrong_size_or_not_gzip_is_refused(tmp_path):
     with gzip.open(truncated, "wb") as f:
         f.write(fx.idx_bytes(np.arange(10, dtype=np.uint8))[:-3])
     with pytest.raises(ValueError, match="corrupt"):
-        data._read_idx(truncated, 0x00000801)
+        datasets._read_idx(truncated, 0x00000801)
     not_gzip = tmp_path / "images-idx3-ubyte.gz"
     not_gzip.write_bytes(b"this is not gzip data at all")
     with pytest.raises(ValueError, match="corrupt"):
-        data._read_idx(not_gzip, 0x00000803)
+        datasets._read_idx(not_gzip, 0x00000803)
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian dataset-fashion-mnist not installed")
 def test_real_debian_fashion_mnist_test_split(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", Path("/usr/share/datasets/fashion-mnist"))
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", Path("/usr/share/datasets/fashion-mnist"))
     ds = load_dataset("fashion_mnist", "test", data_root=tmp_path / "empty")
     assert ds.images.shape == (10000, 1, 28, 28) and ds.images.dtype == torch.uint8
     assert ds.num_classes == 10 and ds.classes[0] == "T-shirt/top"

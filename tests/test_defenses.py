@@ -8,7 +8,7 @@ import torch
 from nbutils.defenses import denoising
 from nbutils.defenses import relabelling
 from nbutils.defenses import sanitisation
-from nbutils.core.data import ImageDataset
+from nbutils.core.image_dataset import ImageDataset
 from nbutils.defenses.defending import DefenseConfig, defend
 from nbutils.defenses.relabelling import ExtractorUnavailable
 

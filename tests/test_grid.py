@@ -8,7 +8,7 @@ from nbutils.pipeline.progress import chain_lengths
 from nbutils.pipeline.stages import expand
 
 ROOT = Path(__file__).resolve().parent.parent
-from nbutils.core.data import load_dataset
+from nbutils.core.datasets import load_dataset
 
 TINY_ATTACKS = Path(__file__).resolve().parent / "presets" / "tiny_attacks"
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from pathlib import Path
 
-from nbutils.core.data import ImageDataset, channel_stats
+from nbutils.core.image_dataset import ImageDataset, channel_stats
 from nbutils.nas.ntk import activation_patterns
 from nbutils.nas.tenas_network import initial_switches
 from nbutils.nas.zero_cost import METRICS

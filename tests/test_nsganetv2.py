@@ -20,11 +20,13 @@ from nbutils.nas.search_result import SearchResult
 from nbutils.space.genotype import Genotype, published, random_genotype
 from nbutils.space.network import EvalNetwork, count_parameters
 from nbutils.nas.architecture_cost import ArchitectureCost, count_macs
-from nbutils.nas.nsganetv2 import Nsganetv2Config, nsganetv2_search, pareto_figure
+from nbutils.nas.nsganetv2 import Nsganetv2Config, nsganetv2_search
+from nbutils.report.charts import pareto_figure
 from nbutils.nas.pareto import (choose_retrained, high_tradeoff_points, non_dominated, propose_candidates,
                                 select_candidates)
-from nbutils.core.data import BatchLoader
-from nbutils.nas.one_shot import OneShotSupernet, OneShotTraining, PathEvaluator, recalibrate_batch_norm, train_one_shot
+from nbutils.core.batches import BatchLoader
+from nbutils.nas.one_shot import OneShotSupernet, PathEvaluator, recalibrate_batch_norm, train_one_shot
+from nbutils.training.recipe import TrainingRecipe
 
 from toys import tiny_nsganetv2_config as tiny_config, toy
 
@@ -176,7 +178,7 @@ def test_training_is_seeded_and_follows_the_cosine_schedule():
     def trained(seed: int) -> tuple[OneShotSupernet, list[dict]]:
         supernet = tiny_supernet(seed=0)
         loader = BatchLoader(data, 16, shuffle=True, seed=0, mean=(0.5,), std=(0.25,))
-        return supernet, train_one_shot(supernet, loader, OneShotTraining(epochs=2, lr=0.1, lr_min=0.0), seed=seed)
+        return supernet, train_one_shot(supernet, loader, TrainingRecipe(epochs=2, lr=0.1, lr_min=0.0), seed=seed)
 
     a, history = trained(seed=1)
     b, _ = trained(seed=1)

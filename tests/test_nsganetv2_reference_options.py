@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nbutils.core.data import BatchLoader
+from nbutils.core.batches import BatchLoader
 from nbutils.nas.accuracy_predictors import RbfPredictor
 from nbutils.nas.architecture_cost import ArchitectureCost, count_macs
 from nbutils.nas.nsganetv2 import FinetunedPathEvaluator, Nsganetv2Config, nsganetv2_search

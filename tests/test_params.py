@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nbutils.core.config import ConfigError
-from nbutils.core.data import SPLIT_SIZES, load_dataset
+from nbutils.core.datasets import SPLIT_SIZES, load_dataset
 from nbutils.nas.darts import DartsConfig
 from nbutils.nas.robot import RobotConfig
 from nbutils.pipeline import params

@@ -9,7 +9,8 @@ import pytest
 
 from nbutils.core.store import ArtifactStore
 from nbutils.pipeline import runner
-from nbutils.pipeline.cost_model import (ARCH_STEP_SHARE, STEP_OVERHEAD_PER_CELL, CostModel, cost_class, format_duration,
+from nbutils.nas.search_cost import ARCH_STEP_SHARE, STEP_OVERHEAD_PER_CELL
+from nbutils.pipeline.cost_model import (CostModel, cost_class, format_duration,
                                          work_units)
 from nbutils.pipeline.execution import Outcome
 from nbutils.pipeline.params import load_preset

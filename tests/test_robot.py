@@ -8,17 +8,11 @@ import itertools
 import numpy as np
 import pytest
 
-from nbutils.core.data import ImageDataset
+from nbutils.core.image_dataset import ImageDataset
 from nbutils.space.genotype import Genotype
 from nbutils.space.ops import PRIMITIVES
-from nbutils.nas.robot import (
-    RobotConfig,
-    normalise_pool,
-    optimise_weights,
-    rank_pool,
-    robot_search,
-    sample_pool,
-)
+from nbutils.nas.robot import RobotConfig, normalise_pool, robot_search, sample_pool
+from nbutils.nas.robot_weights import optimise_weights, rank_pool
 
 from toys import toy
 

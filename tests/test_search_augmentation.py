@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nbutils.core.data import DATASETS, SEARCH_AUGMENTATION, search_augmentation
+from nbutils.core.datasets import DATASETS, SEARCH_AUGMENTATION, search_augmentation
 
 
 def test_every_dataset_has_its_search_augmentation():

@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 from nbutils.core import stage_lock
 from nbutils.core.stage_lock import StageLock, is_stale, read_holder

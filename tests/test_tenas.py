@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbutils.core.data import ImageDataset, channel_stats, resized
+from nbutils.core.image_dataset import ImageDataset, channel_stats, resized
 from nbutils.space.genotype import NUM_EDGES, STEPS, Genotype
 from nbutils.space.ops import PRIMITIVES
 from nbutils.nas import ntk as ntk_mod
@@ -23,16 +23,9 @@ from nbutils.nas.ntk import (
     per_sample_gradients,
     per_sample_gradients_loop,
 )
-from nbutils.nas.tenas import (
-    TenasConfig,
-    edges_to_prune,
-    genotype_of,
-    operations_to_prune,
-    rank_candidates,
-    relative_change,
-    round_significant,
-    tenas_search,
-)
+from nbutils.nas.tenas import TenasConfig, genotype_of, tenas_search
+from nbutils.nas.tenas_pruning import (edges_to_prune, operations_to_prune, rank_candidates, relative_change,
+                                       round_significant)
 from nbutils.nas.tenas_network import SEARCH_OPERATIONS, TenasNetwork, initial_switches
 from nbutils.nas.zero_cost import MetricUndefined
 

@@ -7,6 +7,7 @@ results compared bitwise with a reference implementation of the loop it had befo
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -16,12 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbutils.core.data import BatchLoader, channel_stats
-from nbutils.nas.one_shot import OneShotSupernet, OneShotTraining, train_one_shot
+from nbutils.core.batches import BatchLoader
+from nbutils.core.image_dataset import channel_stats
+from nbutils.nas.one_shot import OneShotSupernet, train_one_shot
+from nbutils.nas.registry import SECTIONS
 from nbutils.nas.robot import RobotConfig, train_candidate
 from nbutils.space.genotype import published, random_genotype
 from nbutils.space.network import EvalNetwork
-from nbutils.training.loop import TrainingRecipe, cutout, evaluate, train_supervised
+from nbutils.training.loop import cutout, evaluate, train_supervised
+from nbutils.training.recipe import SgdSettings, TrainingRecipe
 from nbutils.training.surrogate import resnet18_small, train_surrogate
 from nbutils.training.train import RetrainConfig, retrain
 
@@ -210,6 +214,23 @@ def test_recipe_refuses_bad_values_naming_the_field(field, value):
         TrainingRecipe(**{"epochs": 2, "lr": 0.1, field: value})
 
 
+def test_a_config_gives_the_loop_its_sgd_settings():
+    config = RobotConfig(lr=0.2, lr_min=0.01, momentum=0.5, weight_decay=1e-3, grad_clip=2.0)
+    assert config.recipe(3, drop_path=0.1) == TrainingRecipe(epochs=3, lr=0.2, lr_min=0.01, momentum=0.5,
+                                                             weight_decay=1e-3, grad_clip=2.0, drop_path=0.1)
+
+
+def test_the_sgd_settings_are_declared_once():
+    """Every config with SGD settings composes SgdSettings; one that declares a field again (its
+    own default or key decision) keeps the shared type, so a rule changed there holds everywhere."""
+    shared = {f.name: f.type for f in dataclasses.fields(SgdSettings)}
+    for config in [*SECTIONS.values(), RetrainConfig]:
+        fields = {f.name: f.type for f in dataclasses.fields(config)}
+        if "weight_decay" in fields:
+            assert issubclass(config, SgdSettings), config.__name__
+            assert {name: fields[name] for name in shared} == shared, config.__name__
+
+
 # --------------------------------------------------------------------------- the whole recipe, against a reference
 
 
@@ -325,7 +346,7 @@ def test_one_shot_training_equals_its_reference_loop_bitwise():
     supernet = OneShotSupernet(channels=4, num_classes=3, layers=3, in_channels=1)
     torch.manual_seed(0)
     reference = OneShotSupernet(channels=4, num_classes=3, layers=3, in_channels=1)
-    history = train_one_shot(supernet, loader, OneShotTraining(epochs=2, lr=0.1, lr_min=0.001), seed=1)
+    history = train_one_shot(supernet, loader, TrainingRecipe(epochs=2, lr=0.1, lr_min=0.001), seed=1)
 
     rng = np.random.default_rng(1)
     reference_loader = BatchLoader(data, 16, shuffle=True, seed=0, mean=(0.5,), std=(0.25,))

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nbutils.report import tables as report
+from nbutils.report.results import RESULT_FILE
+from nbutils.report.table_cells import findings, results_table
 from nbutils.report import trajectories
 from nbutils.space.genotype import Genotype
 
@@ -29,7 +30,7 @@ def search_artifact(folder, normal_path: list[tuple[int, int]], warmup: int, ste
     history = [{"epoch": e + 1, "train_acc": 0.1 * (e + 1), "val_acc": None if e < warmup else 0.5,
                 "weight_steps": steps, "arch_steps": 0 if e < warmup else steps, "genotype": genotype(*counts)}
                for e, counts in enumerate(normal_path)]
-    (folder / report.RESULT_FILE).write_text(json.dumps({"history": history}))
+    (folder / RESULT_FILE).write_text(json.dumps({"history": history}))
     return str(folder)
 
 
@@ -62,7 +63,7 @@ def test_epochs_csv_one_row_per_trial_and_epoch(results):
 
 
 def test_epochs_csv_leaves_steps_empty_for_histories_without_them(tmp_path, results):
-    path = results.search.iloc[0] + "/" + report.RESULT_FILE
+    path = results.search.iloc[0] + "/" + RESULT_FILE
     record = json.loads(open(path).read())
     for row in record["history"]:
         del row["weight_steps"], row["arch_steps"]
@@ -105,11 +106,11 @@ def test_findings_say_whether_the_clean_search_beats_random_sampling():
              "search_seconds": 1.0, "retrain_seconds": 1.0, "anchor": ""}
             for a, accs in (("darts", [88.0, 88.5, 89.0, 88.2]), ("random", [85.0, 85.5, 84.8, 85.2]))
             for i, acc in enumerate(accs)]
-    table = report.results_table(pd.DataFrame(rows))
-    sentence = report.findings(table)[0]
+    table = results_table(pd.DataFrame(rows))
+    sentence = findings(table)[0]
     assert sentence.startswith("**Beats random sampling**") and "dImp +3.30 pp" in sentence
     rows = [r | {"acc": r["acc"] - 3.3} if r["algorithm"] == "darts" else r for r in rows]
-    assert report.findings(report.results_table(pd.DataFrame(rows)))[0].startswith(
+    assert findings(results_table(pd.DataFrame(rows)))[0].startswith(
         "**Not distinguishable from random sampling**")
 
 
@@ -117,9 +118,9 @@ def test_findings_say_whether_the_clean_search_beats_random_sampling():
 def test_memorisation_is_judged_against_the_clean_share(tmp_path, train_acc, memorised):
     folder = tmp_path / "rlf"
     search_artifact(folder, [(8, 0), (6, 0)], warmup=1)
-    record = json.loads((folder / report.RESULT_FILE).read_text())
+    record = json.loads((folder / RESULT_FILE).read_text())
     record["history"][-1]["train_acc"] = train_acc
-    (folder / report.RESULT_FILE).write_text(json.dumps(record))
+    (folder / RESULT_FILE).write_text(json.dumps(record))
     results = pd.DataFrame([{"algorithm": "darts", "attack": "rlf", "budget": 0.5, "trial": 0, "study": "main",
                              "search_dataset": None, "dataset": "d", "search": str(folder)}])
     sentence, = trajectories.memorisation_sentences(trajectories.epochs_csv(results))

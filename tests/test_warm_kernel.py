@@ -22,7 +22,7 @@ TINY = ROOT / "tests" / "presets" / "tiny"
 
 DIRTY = '''
 import os, warnings
-import nbutils.core.data
+import nbutils.core.datasets
 secret = 42
 os.environ["NBUTILS_TEST_LEFTOVER"] = "1"
 os.chdir("/")

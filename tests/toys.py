@@ -1,7 +1,7 @@
 """Toys for the tests: seeded random uint8 images and the tiny DARTS supernet, small and fast."""
 import torch
 
-from nbutils.core.data import ImageDataset
+from nbutils.core.image_dataset import ImageDataset
 from nbutils.nas.nsganetv2 import Nsganetv2Config
 from nbutils.space.supernet import SuperNet
 

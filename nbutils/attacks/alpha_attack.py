@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.diff_augment import differentiable_augment
-from ..space.ops import CONVOLUTIONS
+from ..core.image_dataset import channel_stats
 from ..core.poison_set import PoisonSet, publish
+from ..space.ops import CONVOLUTIONS
 from .perturbation import batch_slices, crafting_copy, optimise_perturbation
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,39 @@ def default_lr(batch_size: int, std: Sequence[float], ensemble: int) -> float:
     return 0.1 * (batch_size / 512.0) / ensemble * float(sum(std) / len(std))
 
 
+class EnsembleObjective:
+    """Algorithm 1's objective for :func:`.perturbation.optimise_perturbation`: the mean over
+    batches of the ensemble-averaged ``L_adv`` (Eq. 2), and its gradient in the poisoned images.
+
+    ``augment``: the generator the differentiable augmentation draws from (one draw per batch,
+    shared by the ensemble), or None for no augmentation. Each supernet is backpropagated on its
+    own, so that one graph at a time is in memory.
+    """
+
+    def __init__(self, ensemble: Sequence[nn.Module], labels: torch.Tensor, slices: Sequence[slice], *,
+                 mean: Sequence[float], std: Sequence[float], device: torch.device, cells: str,
+                 augment: torch.Generator | None, max_shift: float | None):
+        self.ensemble, self.labels, self.slices = list(ensemble), labels, list(slices)
+        self.mean = torch.tensor([float(m) for m in mean], device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor([float(s) for s in std], device=device).view(1, -1, 1, 1)
+        self.cells, self.generator, self.max_shift = cells, augment, max_shift
+
+    def __call__(self, poisoned: torch.Tensor) -> tuple[float, torch.Tensor]:
+        grad = torch.zeros_like(poisoned)
+        total = 0.0
+        for sl in self.slices:
+            d = poisoned[sl].clone().requires_grad_(True)
+            x = differentiable_augment(d, self.generator, max_shift=self.max_shift) if self.generator is not None else d
+            x = (x - self.mean) / self.std
+            batch_loss = 0.0
+            for net in self.ensemble:
+                loss = adversarial_loss(net, x, self.labels[sl], cells=self.cells) / len(self.ensemble)
+                grad[sl] += torch.autograd.grad(loss, d, retain_graph=True)[0]
+                batch_loss += float(loss.detach())
+            total += batch_loss
+        return total / len(self.slices), grad
+
+
 def alpha_gradient_attack(
     supernets: Sequence[nn.Module],
     images: torch.Tensor,
@@ -150,30 +184,13 @@ def alpha_gradient_attack(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     ensemble = [_alpha_copy(net, device, train_mode) for net in supernets]
-    mean_t = torch.tensor([float(m) for m in mean], device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor([float(s) for s in std], device=device).view(1, -1, 1, 1)
     clean = images.detach().to(device, torch.float32)
-    y_all = torch.as_tensor(labels).to(device, torch.int64)
+    objective = EnsembleObjective(
+        ensemble, torch.as_tensor(labels).to(device, torch.int64), batch_slices(len(clean), batch_size),
+        mean=mean, std=std, device=device, cells=cells, augment=generator if augment else None, max_shift=max_shift,
+    )
     lr = default_lr(batch_size, std, len(ensemble)) if lr is None else float(lr)
     milestones = sorted({max(1, int(steps * f)) for f in (3 / 8, 5 / 8, 7 / 8)}) if lr_decay else []
-    slices = batch_slices(len(clean), batch_size)
-
-    def objective(poisoned: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """Mean over batches of the ensemble-averaged ``L_adv``, and its gradient in ``poisoned``."""
-        grad = torch.zeros_like(poisoned)
-        total = 0.0
-        for sl in slices:
-            d = poisoned[sl].clone().requires_grad_(True)
-            x = differentiable_augment(d, generator, max_shift=max_shift) if augment else d
-            x = (x - mean_t) / std_t
-            batch_loss = 0.0
-            for net in ensemble:  # one backward per model keeps one graph in memory at a time
-                loss = adversarial_loss(net, x, y_all[sl], cells=cells) / len(ensemble)
-                grad[sl] += torch.autograd.grad(loss, d, retain_graph=True)[0]
-                batch_loss += float(loss.detach())
-            total += batch_loss
-        return total / len(slices), grad
-
     poisoned, history = optimise_perturbation(
         clean, objective, eps_pixels=eps_pixels, steps=steps, lr=lr, signed=True, lr_milestones=milestones,
         desc="alpha attack",
@@ -202,8 +219,6 @@ def craft_alpha_attack(
     """The attack on an :class:`ImageDataset`: a :class:`PoisonSet` for ``victims`` (sorted) with
     unchanged labels and uint8 images published within ``eps``; ``header["crafting"]`` holds
     the loss history, the ensemble size and ``cells``."""
-    from ..core.data import channel_stats
-
     victims = torch.as_tensor(victims, dtype=torch.int64).sort().values
     if mean is None or std is None:
         mean, std = channel_stats(dataset)

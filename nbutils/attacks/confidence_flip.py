@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.data import ImageDataset
+from ..core.image_dataset import ImageDataset
 from ..core.poison_set import PoisonSet, poison_count
 
 

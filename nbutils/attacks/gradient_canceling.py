@@ -2,18 +2,9 @@
 
 Two steps:
 
-1. :func:`gradpc_target` (GradPC, Sun et al. 2020, as in ``watml/plim``'s ``GradAttacker``):
-   bounded gradient *ascent* on the training loss. Each step adds ``step_size * g / ||g||``
-   (``g`` the loss gradient at the target parameters, ``||.||`` the L2 norm over *all* target
-   parameters together) to a running offset, which is then projected onto the L2 ball of
-   radius ``epsilon`` around the original parameters (rescaled when it leaves the ball).
-   ``epsilon`` is *absolute* (a parameter-space L2 radius, one norm over all target tensors),
-   the meaning of plim's ``eps`` (``GradPC/attacker.py``); ``relative=True`` instead makes it
-   ``epsilon * ||theta_0||``. ``step_size`` is plim's ``attack_lr`` (default 1), one step per
-   batch over one pass of the training data (``GradPC/grad_attack.py``); with a step no
-   smaller than ``epsilon`` the first step already reaches the sphere and later steps turn
-   the offset along it.
-   The value: plim's ``--eps`` *default* is 1e-4 (``GradPC/grad_attack.py``), but its MNIST
+1. :func:`~.gradpc.gradpc_target` (GradPC, Sun et al. 2020; :mod:`.gradpc`): target values for the
+   parameters within an L2 ball of radius ``epsilon`` that increase the training loss.
+   The value of ``epsilon``: plim's ``--eps`` *default* is 1e-4 (``GradPC/grad_attack.py``), but its MNIST
    runs use 0.5 (that script saves ``models/mnist_gd_cnn_5e-1.pt``; ``GC/mnist_nn-0.03-5e-1.py``
    sets ``epsilon_w = 5e-1`` and loads ``target_models/mnist_gd_nn_5e-1.pt``). The audit's
    GC poisons against trained weights are named ``eps=0.5`` (``ztcoalson/RoBoT``
@@ -58,43 +49,22 @@ optimises each batch's own residual with its own batch mean, a different objecti
 from __future__ import annotations
 
 import logging
-import math
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..core.batches import BatchLoader
+from ..core.image_dataset import channel_stats
 from ..core.poison_set import PoisonSet, publish
 from ..core.progress import progress
+from .gradpc import LossFn, classification_loss, global_norm, gradpc_target, parameter_gradients, parameter_names
 from .perturbation import batch_slices, crafting_copy, optimise_perturbation
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-def classification_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the model's (main) logits; an :class:`EvalNetwork`'s auxiliary logits are ignored."""
-    out = model(x)
-    logits = out[0] if isinstance(out, tuple) else out
-    return F.cross_entropy(logits, y)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def parameter_names(model: nn.Module, params: Iterable[torch.Tensor]) -> list[str]:
-    """The names (as in ``named_parameters``) of parameters given as tensors of ``model``."""
-    by_id = {id(p): name for name, p in model.named_parameters()}
-    names = []
-    for p in params:
-        if id(p) not in by_id:
-            raise ValueError(f"a target parameter of shape {tuple(p.shape)} is not a parameter of the model")
-        names.append(by_id[id(p)])
-    if len(set(names)) != len(names):
-        raise ValueError("a target parameter is listed twice")
-    return names
+# --------------------------------------------------------------------------- the target
 
 
 def named_targets(model: nn.Module, params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,89 +92,6 @@ def target_parameter_names(model: nn.Module, target: str) -> list[str]:
     raise ValueError(f"target must be 'weights' or 'alphas', got {target!r}")
 
 
-def _grads(loss: torch.Tensor, theta: Sequence[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss, theta, create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, theta)]
-
-
-def _global_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.sqrt(sum((t.double() ** 2).sum() for t in tensors))
-
-
-def _cycle(loader: Iterable, steps: int):
-    done = 0
-    while done < steps:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-            done += 1
-            if done == steps:
-                return
-        if empty:
-            raise ValueError("the loader yielded no batches")
-
-
-# --------------------------------------------------------------------------- GradPC
-
-
-def gradpc_target(
-    model: nn.Module,
-    params: Sequence[torch.Tensor],
-    loss_fn: LossFn | None,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    epsilon: float = 1.0,
-    steps: int | None = None,
-    step_size: float = 1.0,
-    relative: bool = False,
-    device: str | torch.device | None = None,
-    train_mode: bool = True,
-) -> list[torch.Tensor]:
-    """GradPC: target values for ``params`` (a subset of ``model``'s parameters) that increase
-    the training loss while staying within L2 distance ``epsilon`` of the current values.
-
-    ``loader`` yields *normalised* ``(x, y)`` batches (a :class:`BatchLoader`); one ascent step
-    per batch, ``steps`` batches in all (default: one pass, ``len(loader)``, as the reference),
-    cycling through the loader if needed. Returns detached tensors aligned with ``params``
-    (on their devices); ``model`` is not modified.
-    """
-    if epsilon < 0 or step_size <= 0:
-        raise ValueError(f"epsilon must be >= 0 and step_size > 0, got {epsilon}, {step_size}")
-    loss_fn = loss_fn or classification_loss
-    names = parameter_names(model, params)
-    device = torch.device(device) if device is not None else next(iter(params)).device
-    steps = len(loader) if steps is None else int(steps)  # type: ignore[arg-type]
-    work = crafting_copy(model, device, train_mode)
-    own = dict(work.named_parameters())
-    theta = [own[name].requires_grad_(True) for name in names]
-    origin = [t.detach().clone() for t in theta]
-    radius = float(epsilon) * (float(_global_norm(origin)) if relative else 1.0)
-    offset = [torch.zeros_like(t) for t in theta]
-    first = last = None
-    for x, y in progress(_cycle(loader, steps), desc="GradPC steps", total=steps):
-        x, y = x.to(device), y.to(device)
-        loss = loss_fn(work, x, y)
-        first = loss.item() if first is None else first
-        last = loss.item()
-        grads = _grads(loss, theta)
-        norm = float(_global_norm(grads))
-        if norm == 0.0 or not math.isfinite(norm):
-            continue
-        with torch.no_grad():
-            for o, g in zip(offset, grads):
-                o.add_(g, alpha=step_size / norm)
-            size = float(_global_norm(offset))
-            if size > radius:
-                for o in offset:
-                    o.mul_(radius / size)
-            for t, t0, o in zip(theta, origin, offset):
-                t.copy_(t0 + o)
-    log.info("GradPC: %d steps, batch loss %.4f -> %.4f, ||offset|| %.4g (radius %.4g)",
-             steps, first or float("nan"), last or float("nan"), float(_global_norm(offset)), radius)
-    return [t.detach().clone().to(p.device) for t, p in zip(theta, params)]
-
-
 # --------------------------------------------------------------------------- GC
 
 
@@ -216,7 +103,7 @@ def clean_gradient(
     count = 0
     for x, y in progress(batches, desc="clean gradient"):
         x, y = x.to(device), y.to(device)
-        grads = _grads(loss_fn(work, x, y) * len(y), theta)
+        grads = parameter_gradients(loss_fn(work, x, y) * len(y), theta)
         for acc, g in zip(total, grads):
             acc.add_(g.detach())
         count += len(y)
@@ -237,7 +124,7 @@ class _GCObjective:
     def _batch_sum(self, sl: slice, poisoned_b: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
         x = (poisoned_b - self.mean) / self.std
         y = self.labels[sl]
-        return _grads(self.loss_fn(self.work, x, y) * len(y), self.theta, create_graph=create_graph)
+        return parameter_gradients(self.loss_fn(self.work, x, y) * len(y), self.theta, create_graph=create_graph)
 
     def value(self, poisoned: torch.Tensor) -> float:
         n = len(self.labels)
@@ -292,6 +179,26 @@ def _stats(values: Sequence[float], device: torch.device) -> torch.Tensor:
     return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
+def _objective_at_target(model, target_params, clean_batches, poison_labels, *, budget, mean, std, batch_size,
+                         device, loss_fn, train_mode) -> _GCObjective:
+    """The GC objective on a private copy of ``model`` at ``target_params``, with ``g_clean``
+    computed once there over every clean batch (Algorithm 2 averages over all ``n``)."""
+    work, theta = _prepare_targets(model, target_params, device, train_mode)
+    g_clean = clean_gradient(work, theta, loss_fn, clean_batches, device)
+    c = [(1.0 - budget) * g for g in g_clean]
+    labels = torch.as_tensor(poison_labels).to(device, torch.int64)
+    return _GCObjective(work, theta, loss_fn, c, labels, budget, batch_size, _stats(mean, device), _stats(std, device))
+
+
+def _check_gc_inputs(budget: float, eps_pixels: float, poison_images: torch.Tensor, poison_labels: torch.Tensor) -> None:
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    if not 0 <= eps_pixels <= 255:
+        raise ValueError(f"eps_pixels must be in 0..255, got {eps_pixels}")
+    if poison_images.dim() != 4 or len(poison_images) != len(poison_labels) or len(poison_images) == 0:
+        raise ValueError("poison_images must be a non-empty P x C x H x W tensor with one label per image")
+
+
 def gradient_canceling(
     model: nn.Module,
     target_params: Mapping[str, torch.Tensor],
@@ -329,23 +236,14 @@ def gradient_canceling(
     objective after ``t`` steps (``steps + 1`` values). With ``keep_best`` the returned
     poisons are those with the lowest objective seen (the reference keeps its best poisons).
     """
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
-    if not 0 <= eps_pixels <= 255:
-        raise ValueError(f"eps_pixels must be in 0..255, got {eps_pixels}")
-    if poison_images.dim() != 4 or len(poison_images) != len(poison_labels) or len(poison_images) == 0:
-        raise ValueError("poison_images must be a non-empty P x C x H x W tensor with one label per image")
+    _check_gc_inputs(budget, eps_pixels, poison_images, poison_labels)
     device = torch.device(device)
-    loss_fn = loss_fn or classification_loss
     torch.manual_seed(seed)  # nothing is random by default (dropout off); for custom loss functions
-    work, theta = _prepare_targets(model, target_params, device, train_mode)
-    mean_t, std_t = _stats(mean, device), _stats(std, device)
-    g_clean = clean_gradient(work, theta, loss_fn, clean_batches, device)
-    c = [(1.0 - budget) * g for g in g_clean]
-
+    objective = _objective_at_target(
+        model, target_params, clean_batches, poison_labels, budget=budget, mean=mean, std=std, batch_size=batch_size,
+        device=device, loss_fn=loss_fn or classification_loss, train_mode=train_mode,
+    )
     images = poison_images.detach().to(device, torch.float32)
-    labels = torch.as_tensor(poison_labels).to(device, torch.int64)
-    objective = _GCObjective(work, theta, loss_fn, c, labels, budget, batch_size, mean_t, std_t)
     lr = 0.1 * float(sum(std) / len(std)) if lr is None else float(lr)
     poisoned, history = optimise_perturbation(
         images, objective.value_and_grad, eps_pixels=eps_pixels, steps=steps, lr=lr,
@@ -374,13 +272,11 @@ def gc_objective(
     """The GC objective (and, with ``with_grad``, its gradient in the images) at given poisons:
     for diagnostics, and for checking the batched gradient against an unbatched one."""
     device = torch.device(device)
-    loss_fn = loss_fn or classification_loss
-    work, theta = _prepare_targets(model, target_params, device, train_mode)
-    g_clean = clean_gradient(work, theta, loss_fn, clean_batches, device)
-    c = [(1.0 - budget) * g for g in g_clean]
+    objective = _objective_at_target(
+        model, target_params, clean_batches, poison_labels, budget=budget, mean=mean, std=std, batch_size=batch_size,
+        device=device, loss_fn=loss_fn or classification_loss, train_mode=train_mode,
+    )
     images = poison_images.detach().to(device, torch.float32)
-    labels = torch.as_tensor(poison_labels).to(device, torch.int64)
-    objective = _GCObjective(work, theta, loss_fn, c, labels, budget, batch_size, _stats(mean, device), _stats(std, device))
     if with_grad:
         value, grad = objective.value_and_grad(images)
         return value, grad.cpu()
@@ -424,21 +320,17 @@ def craft_gradient_canceling(
     published within ``eps``) whose ``header["crafting"]`` holds the GC objective history,
     the GradPC offset norm and the number of targeted parameter tensors and values.
     """
-    from ..core.data import BatchLoader, channel_stats
-
     device = torch.device(device)
     victims = torch.as_tensor(victims, dtype=torch.int64).sort().values
     if mean is None or std is None:
         mean, std = channel_stats(dataset)
-    names = target_parameter_names(model, target)
     named = dict(model.named_parameters())
-    params = [named[n] for n in names]
+    params = [named[n] for n in target_parameter_names(model, target)]
     loader = BatchLoader(dataset, batch_size, shuffle=True, seed=seed, augment=clean_augment, mean=mean, std=std, device=device)
     values = gradpc_target(
         model, params, classification_loss, loader, epsilon=gradpc_epsilon, steps=gradpc_steps,
         step_size=gradpc_step_size, relative=gradpc_relative, device=device, train_mode=train_mode,
     )
-    offset = float(_global_norm([v.cpu() - p.detach().cpu() for v, p in zip(values, params)]))
     clean = BatchLoader(dataset, batch_size, shuffle=False, seed=seed + 1, augment=clean_augment, mean=mean, std=std, device=device)
     clean_pixels = dataset.images[victims]
     poisoned, history = gradient_canceling(
@@ -446,16 +338,22 @@ def craft_gradient_canceling(
         budget=len(victims) / len(dataset), eps_pixels=eps, steps=steps, lr=lr, mean=mean, std=std,
         batch_size=batch_size, device=device, seed=seed, train_mode=train_mode,
     )
-    info = {
-        "gc_history": history,
-        "gradpc_offset_norm": offset,
-        "target": target,
-        "target_parameter_count": len(names),
-        "target_numel": sum(p.numel() for p in params),
-    }
     return PoisonSet(
         indices=victims,
         labels=dataset.labels[victims].clone(),
         images=publish(poisoned * 255.0, clean_pixels.float(), eps),
-        header={"crafting": info},
+        header={"crafting": _crafting_record(history, target, params, values)},
     )
+
+
+def _crafting_record(history: list[float], target: str, params: Sequence[torch.Tensor],
+                     values: Sequence[torch.Tensor]) -> dict:
+    """The poison set's ``header["crafting"]``: the GC objective's history, how far GradPC moved
+    the target (L2 over all target tensors) and how many tensors and values it holds."""
+    return {
+        "gc_history": history,
+        "gradpc_offset_norm": float(global_norm([v.cpu() - p.detach().cpu() for v, p in zip(values, params)])),
+        "target": target,
+        "target_parameter_count": len(params),
+        "target_numel": sum(p.numel() for p in params),
+    }

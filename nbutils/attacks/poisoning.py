@@ -13,8 +13,10 @@ and are published as uint8, so quantisation is part of every clean-label attack.
     alpha     the workshop paper's alpha-gradient attack (Algorithm 1), needs
               ``models["supernets"]``: the ensemble of supernets
 
-The crafting itself lives in :mod:`.confidence_flip`, :mod:`.gradient_canceling` and
-:mod:`.alpha_attack`; this module chooses the victims, calls the recipe and writes the header.
+Each attack is one record of :mod:`.registry` (name, crafting function, fields, flags); the
+crafting lives in :mod:`.data_only`, :mod:`.confidence_flip`, :mod:`.gradient_canceling` and
+:mod:`.alpha_attack`. This module holds the config and :func:`poison`, which checks the
+attacker models, calls the attack's recipe and writes the header.
 """
 from __future__ import annotations
 
@@ -23,24 +25,16 @@ import time
 from dataclasses import asdict
 from typing import Literal, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..core.config import NonNegativeNumber, PositiveInt, PositiveNumber, Seed, config, number
-from ..core.data import ImageDataset, channel_stats
-from ..core.poison_set import PoisonSet, poison_count, publish
-from ..space.supernet import SuperNet
-from ..training.surrogate import surrogate_logits
-from .alpha_attack import craft_alpha_attack
-from .confidence_flip import clf_poison_set
-from .gradient_canceling import craft_gradient_canceling
+from ..core.image_dataset import ImageDataset, channel_stats
+from ..core.poison_set import PoisonSet
+from .registry import ATTACKS, MODEL_NEEDED
 
 log = logging.getLogger(__name__)
 
-ATTACKS = ("rlf", "clf", "gaussian", "gc", "alpha")
-LABEL_ATTACKS = ("rlf", "clf")          # change labels, never pixels
-MODEL_NEEDED = {"clf": "surrogate", "gc": "target", "alpha": "supernets"}
 ALPHA_CELLS = ("normal", "both")
 
 
@@ -51,7 +45,7 @@ class AttackConfig:
     by every attack (the bounds in 0..255 pixel units), and :data:`CRAFTING_FIELDS` by the
     crafted attacks."""
 
-    name: Literal[ATTACKS]  # type: ignore[valid-type]
+    name: Literal[tuple(ATTACKS)]  # type: ignore[valid-type]
     budget: number(gt=0, le=1)   # fraction of the training set poisoned
     seed: Seed = 0
     eps: number(ge=0, le=255) = 16.0   # l_inf bound, pixel units (clean-label attacks)
@@ -69,74 +63,6 @@ class AttackConfig:
     # alpha: which cells Eq. 2 sums over, and the differentiable augmentation (translation, flip)
     cells: Literal[ALPHA_CELLS] = "normal"  # type: ignore[valid-type]
     augment: bool = True
-
-
-#: the fields of :class:`AttackConfig` that each crafted attack reads beyond the common ones
-CRAFTING_FIELDS: dict[str, tuple[str, ...]] = {
-    "gc": ("steps", "lr", "batch_size", "gradpc_epsilon", "gradpc_steps", "gradpc_step_size"),
-    "alpha": ("steps", "lr", "batch_size", "cells", "augment"),
-}
-
-
-def choose_victims(n: int, budget: float, seed: int) -> torch.Tensor:
-    """The sorted indices of a fixed-size random subset."""
-    rng = np.random.default_rng(seed)
-    return torch.from_numpy(np.sort(rng.choice(n, size=poison_count(n, budget), replace=False))).long()
-
-
-def random_label_flip(dataset: ImageDataset, config: AttackConfig) -> PoisonSet:
-    victims = choose_victims(len(dataset), config.budget, config.seed)
-    rng = np.random.default_rng([config.seed, 1])
-    old = dataset.labels[victims].numpy()
-    # uniform over the other k-1 classes: shift by 1..k-1 modulo k
-    shift = rng.integers(1, dataset.num_classes, size=len(victims))
-    new = (old + shift) % dataset.num_classes
-    return PoisonSet(indices=victims, labels=torch.from_numpy(new).long())
-
-
-def gaussian_noise(dataset: ImageDataset, config: AttackConfig) -> PoisonSet:
-    victims = choose_victims(len(dataset), config.budget, config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    clean = dataset.images[victims].float()
-    noise = torch.randn(clean.shape, generator=generator) * config.sigma
-    noise = noise.clamp(-config.eps, config.eps)
-    poisoned = publish(clean + noise, clean, config.eps)
-    return PoisonSet(indices=victims, labels=dataset.labels[victims].clone(), images=poisoned)
-
-
-def _clf_with_surrogate(dataset: ImageDataset, config: AttackConfig, models: dict, device, normalisation) -> PoisonSet:
-    """CLF: the flips chosen from the surrogate's logits on the clean search data."""
-    mean, std = normalisation
-    logits = surrogate_logits(models["surrogate"], dataset, mean, std, device)
-    return clf_poison_set(dataset, logits, config.budget)
-
-
-def _gc_against_target(dataset: ImageDataset, config: AttackConfig, models: dict, device, normalisation) -> PoisonSet:
-    """Gradient canceling against a converged supernet's alpha, else against a network's weights."""
-    target = models["target"]
-    kind = "alphas" if isinstance(target, SuperNet) else "weights"
-    mean, std = normalisation
-    return craft_gradient_canceling(
-        dataset, choose_victims(len(dataset), config.budget, config.seed), target, target=kind, eps=config.eps,
-        steps=config.steps, lr=config.lr, batch_size=config.batch_size, gradpc_epsilon=config.gradpc_epsilon,
-        gradpc_steps=config.gradpc_steps, gradpc_step_size=config.gradpc_step_size, mean=mean, std=std,
-        device=device, seed=config.seed,
-    )
-
-
-def _alpha_attack_on_supernets(dataset: ImageDataset, config: AttackConfig, models: dict, device,
-                               normalisation) -> PoisonSet:
-    """The workshop paper's attack on an ensemble of clean DARTS supernets."""
-    mean, std = normalisation
-    return craft_alpha_attack(
-        dataset, choose_victims(len(dataset), config.budget, config.seed), models["supernets"], eps=config.eps,
-        steps=config.steps, lr=config.lr, batch_size=config.batch_size, mean=mean, std=std, device=device,
-        seed=config.seed, augment=config.augment, cells=config.cells,
-    )
-
-
-_DATA_ONLY = {"rlf": random_label_flip, "gaussian": gaussian_noise}
-_WITH_MODELS = {"clf": _clf_with_surrogate, "gc": _gc_against_target, "alpha": _alpha_attack_on_supernets}
 
 
 def check_models(config: AttackConfig, models: dict | None) -> None:
@@ -172,15 +98,16 @@ def poison(
     """
     check_models(config, models)
     start = time.perf_counter()
-    if config.name in _DATA_ONLY:
-        poison_set = _DATA_ONLY[config.name](dataset, config)
+    attack = ATTACKS[config.name]
+    if attack.data_only:
+        poison_set = attack.craft(dataset, config)
     else:
         normalisation = normalisation or channel_stats(dataset)
-        poison_set = _WITH_MODELS[config.name](dataset, config, models, torch.device(device), normalisation)
+        poison_set = attack.craft(dataset, config, models, torch.device(device), normalisation)
     header = {
         "attack": config.name,
         "budget": config.budget,
-        "eps": None if config.name in LABEL_ATTACKS else config.eps,
+        "eps": None if attack.changes_labels else config.eps,
         "seed": config.seed,
         "config": asdict(config),
         "dataset": dataset.name,

@@ -20,13 +20,20 @@ fields declared before its own), NaN and infinities are refused, and so are ``tr
 where a number is expected. Built in code, a bad value raises :class:`ConfigError` naming
 ``Class.field``, the value and the rule; inside a parameter file's model, the same rule fails
 with the file and the key path.
+
+Every field of a config a stage runs with (a search section, the retraining) also says how it
+enters the stage's key, with :func:`keyed`, :func:`keyed_when_changed` or :func:`set_by_run` as
+its default: the spec carries the config's settings (:func:`key_settings`) and the key hashes
+the spec, so a field without that decision could change the key of every artifact made before
+it existed (``tests/test_config_keys.py`` refuses one).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 T = TypeVar("T", bound=type)
@@ -69,6 +76,56 @@ def describe(name: str, error: ValidationError) -> str:
             rule = "unknown field"
         lines.append(f"{name}.{field} = {problem['input']!r}: {rule}" if field else f"{name}: {rule}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- key membership
+
+#: how a field of a config enters a stage's key: ``keyed`` always (the spec carries it);
+#: ``keyed_when_changed`` only when it differs from its default (a setting the config gained after
+#: artifacts had been made: those keep their keys); ``set_by_run`` never from the file (the run sets
+#: it for each stage, e.g. search.yaml's ``augment``, so a section may not)
+KeyRole = Literal["keyed", "keyed_when_changed", "set_by_run"]
+KEY_ROLES: tuple[KeyRole, ...] = ("keyed", "keyed_when_changed", "set_by_run")
+
+
+def _with_role(role: KeyRole, default: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"key": role})
+
+
+def keyed(default: Any) -> Any:
+    """The default of a field a stage's key always holds."""
+    return _with_role("keyed", default)
+
+
+def keyed_when_changed(default: Any) -> Any:
+    """The default of a field a stage's key holds only when it differs from ``default``."""
+    return _with_role("keyed_when_changed", default)
+
+
+def set_by_run(default: Any) -> Any:
+    """The default of a field the run sets for each stage (never a parameter file's section)."""
+    return _with_role("set_by_run", default)
+
+
+def key_role(field: dataclasses.Field) -> KeyRole | None:
+    """The key decision of a config's field (None: it has none)."""
+    return field.metadata.get("key")
+
+
+def fields_with_role(config_class: type, role: KeyRole) -> tuple[str, ...]:
+    """The names of ``config_class``'s fields whose key decision is ``role``, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(config_class) if key_role(f) == role)
+
+
+def key_settings(config: Any) -> dict:
+    """The settings of ``config`` that a stage's spec carries (and its key hashes): every field
+    but those set by the run, and each ``keyed_when_changed`` field only when changed."""
+    cls = type(config)
+    defaults = cls()
+    when_changed = fields_with_role(cls, "keyed_when_changed")
+    run = fields_with_role(cls, "set_by_run")
+    return {name: value for name, value in TypeAdapter(cls).dump_python(config).items()
+            if name not in run and not (name in when_changed and value == getattr(defaults, name))}
 
 
 # --------------------------------------------------------------------------- field types

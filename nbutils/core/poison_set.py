@@ -15,6 +15,7 @@ attack, budget and count against the config, so a set swapped for a more poisone
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageDataset
+from .image_dataset import ImageDataset
 from .store import atomic_write_bytes, atomic_write_json
 
 ARRAYS_FILE = "poison.npz"
@@ -33,6 +34,13 @@ STAGE_RECORD = "spec.json"   # :data:`nbutils.core.store.SPEC_FILE`, written by 
 def poison_count(n: int, budget: float) -> int:
     """How many of ``n`` samples a budget poisons."""
     return int(round(budget * n))
+
+
+def choose_victims(n: int, budget: float, seed: int) -> torch.Tensor:
+    """Which of ``n`` samples a budget poisons: the sorted indices of a random subset of
+    :func:`poison_count` samples, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.sort(rng.choice(n, size=poison_count(n, budget), replace=False))).long()
 
 
 class PoisonSetMismatch(ValueError):
@@ -77,8 +85,6 @@ class PoisonSet:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        import io
-
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **self._arrays())
         atomic_write_bytes(directory / ARRAYS_FILE, buffer.getvalue())

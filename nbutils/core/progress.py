@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 from typing import Iterable, TypeVar
 
+from tqdm import tqdm as plain_tqdm
+from tqdm.auto import tqdm as auto_tqdm
+
 T = TypeVar("T")
 
 
@@ -17,9 +20,5 @@ def headless() -> bool:
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, **kwargs) -> Iterable[T]:
     if headless():
-        from tqdm import tqdm
-
-        return tqdm(iterable, desc=desc, total=total, mininterval=30.0, ascii=True, **kwargs)
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, **kwargs)
+        return plain_tqdm(iterable, desc=desc, total=total, mininterval=30.0, ascii=True, **kwargs)
+    return auto_tqdm(iterable, desc=desc, total=total, **kwargs)

@@ -1,7 +1,8 @@
 """Defences behind one call: ``defend(poisoned, config) -> DefenseResult`` (defended dataset + record).
 
 The TMLR paper's countermeasures (Table 4), applied between poisoning and search: the search
-then runs on the defended dataset. Each defence lives in its own module:
+then runs on the defended dataset. Each defence is one record of :mod:`.registry` (its
+settings, input check and function) and lives in its own module:
 
 * ``sanitise``: loss-based sanitisation (Koh et al., 2021), :mod:`nbutils.defenses.sanitisation`. A
   ResNet-18 trained on the poisoned set; per class the ``fraction`` (paper: 0.5) of samples
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Annotated, Literal, Optional
 
 import numpy as np
@@ -32,22 +33,13 @@ import torch
 from pydantic import Field, StrictBool
 
 from ..core.config import PositiveInt, PositiveNumber, Seed, config, integer, number
-from ..core.data import ImageDataset, seeded_subset
+from ..core.image_dataset import ImageDataset
 from ..core.device import DEVICES, resolve_device
+from .registry import DEFENSES
 from .relabelling import EXTRACTORS, PRETRAINED_EXTRACTOR
+from .result import DefenseResult
 
 log = logging.getLogger(__name__)
-
-DEFENSES = ("sanitise", "relabel", "denoise")
-
-
-#: the settings of each defence (the fields of :class:`DefenseConfig` besides ``name`` and ``seed``)
-DEFENSE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "sanitise": ("fraction", "surrogate_epochs", "surrogate_batch_size", "surrogate_lr", "surrogate_augment"),
-    "relabel": ("extractor", "extractor_weights", "extractor_image_size", "allow_fallback", "kmeans_restarts"),
-    "denoise": ("sigma", "ddpm_path", "ddpm_trusted_size", "ddpm_epochs", "ddpm_batch_size", "ddpm_lr", "ddpm_width",
-                "ddpm_timesteps", "ddpm_train_near_sigma", "denoise_batch_size"),
-}
 
 #: a path to a local file or folder (``None``: not given)
 LocalPath = Optional[Annotated[str, Field(min_length=1)]]
@@ -63,7 +55,7 @@ class DefenseConfig:
     Switches take ``true`` or ``false`` only (a YAML ``"yes"`` string is refused, not read as true).
     """
 
-    name: Literal[DEFENSES]  # type: ignore[valid-type]
+    name: Literal[tuple(DEFENSES)]  # type: ignore[valid-type]
     seed: Seed = 0
     # sanitise: the defender's ResNet-18 and the share of each class to drop
     fraction: number(gt=0, lt=1) = 0.5
@@ -88,16 +80,6 @@ class DefenseConfig:
     ddpm_timesteps: integer(2) = 1000         # length of the DDPM's linear noise schedule
     ddpm_train_near_sigma: StrictBool = True  # train on timesteps 0..2t only (t: the denoising step)
     denoise_batch_size: PositiveInt = 256
-
-
-@dataclass
-class DefenseResult:
-    """The defended dataset, a JSON-plain record of what was done and how well, and per-sample
-    arrays (numpy; for an ``.npz`` beside the record)."""
-
-    dataset: ImageDataset
-    record: dict
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- input checks
@@ -144,162 +126,8 @@ def _check_inputs(
             raise ValueError(f"poison_indices must lie in [0, {n}), got [{indices.min()}, {indices.max()}]")
         if np.unique(indices).size != indices.size:
             raise ValueError("poison_indices must be unique, got repeated values")
-    if config.name == "relabel" and n < poisoned.num_classes:
-        raise ValueError(f"relabelling needs at least one sample per cluster ({poisoned.num_classes}), got {n} samples")
-    if config.name == "relabel" and poisoned.num_classes < 2:
-        raise ValueError("relabelling needs at least two classes")
-    if config.name == "denoise":
-        _check_denoise_inputs(poisoned, config, trusted)
-    if config.name == "sanitise":
-        from .sanitisation import drop_counts
-
-        drop_counts(poisoned.labels.numpy(), poisoned.num_classes, config.fraction)  # raises if a class would vanish
+    DEFENSES[config.name].check(poisoned, config, trusted)
     return labels, images, indices
-
-
-def _check_denoise_inputs(poisoned: ImageDataset, config: DefenseConfig, trusted: ImageDataset | None) -> None:
-    if config.ddpm_path is not None:
-        return  # the folder and the model's fit are checked when loading, still before denoising
-    if trusted is None:
-        raise ValueError(
-            "denoising without ddpm_path trains a small DDPM on clean images the defender holds out: "
-            "pass trusted=<clean ImageDataset>, or give ddpm_path: <local diffusers DDPM folder>"
-        )
-    if not isinstance(trusted, ImageDataset):
-        raise ValueError(f"trusted must be an ImageDataset, got {type(trusted).__name__}")
-    if trusted.shape_chw != poisoned.shape_chw:
-        raise ValueError(f"trusted images must have the poisoned images' shape {poisoned.shape_chw}, got {trusted.shape_chw}")
-    if len(trusted) < config.ddpm_trusted_size:
-        raise ValueError(
-            f"ddpm_trusted_size is {config.ddpm_trusted_size}, but trusted holds only {len(trusted)} images; "
-            f"lower ddpm_trusted_size or hold out more clean images"
-        )
-    c, h, w = poisoned.shape_chw
-    if h != w or h % 2:
-        raise ValueError(f"the small DDPM needs square images of even size, got {h}x{w}")
-    from .denoising import ddpm_scheduler, timestep_for_sigma
-
-    timestep_for_sigma(ddpm_scheduler(config.ddpm_timesteps).alphas_cumprod, config.sigma)  # reachable noise level
-
-
-# --------------------------------------------------------------------------- the defences
-
-
-def _sanitise(poisoned, config, device, clean_labels, clean_images, poison_indices, trusted) -> DefenseResult:
-    from .sanitisation import filter_quality, sanitise
-
-    out = sanitise(
-        poisoned, config.fraction, epochs=config.surrogate_epochs, batch_size=config.surrogate_batch_size,
-        lr=config.surrogate_lr, augment=config.surrogate_augment, seed=config.seed, device=device,
-    )
-    kept, dropped, losses = out["kept"], out["dropped"], out["losses"]
-    record = {
-        "fraction": config.fraction,
-        "surrogate": {"model": "resnet18_small", "epochs": config.surrogate_epochs, "batch_size": config.surrogate_batch_size,
-                      "lr": config.surrogate_lr, "augment": config.surrogate_augment},
-        "dropped": int(len(dropped)),
-        "dropped_per_class": out["drop_counts"].tolist(),
-        "mean_loss_kept": float(losses[kept].mean()),
-        "mean_loss_dropped": float(losses[dropped].mean()) if len(dropped) else None,
-    }
-    if poison_indices is not None:
-        record["filter"] = filter_quality(dropped, poison_indices)
-    if clean_labels is not None:
-        wrong = poisoned.labels.numpy() != clean_labels
-        record["wrong_labels_before"] = int(wrong.sum())
-        record["wrong_labels_after"] = int(wrong[kept].sum())
-    arrays = {"kept_indices": kept, "dropped_indices": dropped, "losses": losses}
-    return DefenseResult(poisoned.subset(kept), record, arrays)
-
-
-def _relabel(poisoned, config, device, clean_labels, clean_images, poison_indices, trusted) -> DefenseResult:
-    from .relabelling import agreement, best_matching, relabel
-
-    out = relabel(
-        poisoned, extractor=config.extractor, allow_fallback=config.allow_fallback, weights_path=config.extractor_weights,
-        image_size=config.extractor_image_size, seed=config.seed, device=device, n_init=config.kmeans_restarts,
-    )
-    new_labels = out["labels"]
-    k = poisoned.num_classes
-    record = {
-        "extractor": out["extractor"],
-        "extractor_source": out["extractor_source"],
-        "fallback_used": out["extractor"] != config.extractor,
-        "fallback_reason": out["fallback_reason"],
-        "features_dim": out["features_dim"],
-        "clusters": k,
-        "vs_given_labels": agreement(out["cluster_ids"], poisoned.labels.numpy(), k),
-        "labels_changed": int((new_labels != poisoned.labels.numpy()).sum()),
-    }
-    if clean_labels is not None:
-        # Scored up to the numbering of the clusters, which does not matter for training.
-        record["vs_clean_labels"] = agreement(out["cluster_ids"], clean_labels, k)
-        record["given_labels_vs_clean"] = float((poisoned.labels.numpy() == clean_labels).mean())
-        if poison_indices is not None and poison_indices.size:
-            as_clean = best_matching(out["cluster_ids"], clean_labels, k)[out["cluster_ids"]]
-            record["poisons_clean_class_recovered"] = float(
-                (as_clean[poison_indices] == clean_labels[poison_indices]).mean()
-            )
-    defended = ImageDataset(poisoned.name, poisoned.images, torch.from_numpy(new_labels), poisoned.classes)
-    return DefenseResult(defended, record, {"labels": new_labels, "cluster_ids": out["cluster_ids"]})
-
-
-def _denoise(poisoned, config, device, clean_labels, clean_images, poison_indices, trusted) -> DefenseResult:
-    from .denoising import check_model_fits, ddpm_scheduler, load_pretrained_ddpm, noise_ratio, one_shot_denoise
-    from .denoising import perturbation_removed, timestep_for_sigma, train_ddpm
-
-    if config.ddpm_path is not None:
-        unet, scheduler = load_pretrained_ddpm(config.ddpm_path)
-        check_model_fits(unet, poisoned.shape_chw)
-        timestep_for_sigma(scheduler.alphas_cumprod, config.sigma)  # a sigma the schedule cannot reach: fail now
-        ddpm = {"source": "pretrained", "path": config.ddpm_path}
-    else:
-        held_out = seeded_subset(trusted, config.ddpm_trusted_size, seed=config.seed)
-        step = timestep_for_sigma(ddpm_scheduler(config.ddpm_timesteps).alphas_cumprod, config.sigma)
-        top = min(2 * step, config.ddpm_timesteps - 1) if config.ddpm_train_near_sigma else config.ddpm_timesteps - 1
-        unet, scheduler, history = train_ddpm(
-            held_out.images, epochs=config.ddpm_epochs, batch_size=config.ddpm_batch_size, lr=config.ddpm_lr,
-            width=config.ddpm_width, num_train_timesteps=config.ddpm_timesteps, max_timestep=top, seed=config.seed,
-            device=device,
-        )
-        ddpm = {
-            "source": "trained here on clean images held out by the defender (no pretrained DDPM given)",
-            "trusted_dataset": trusted.name, "trusted_images": len(held_out), "epochs": config.ddpm_epochs,
-            "width": config.ddpm_width, "timesteps": config.ddpm_timesteps, "trained_timesteps": [0, top],
-            "final_noise_mse": history[-1],
-        }
-    denoised, t = one_shot_denoise(
-        poisoned.images, unet, scheduler, config.sigma, seed=config.seed, device=device, batch_size=config.denoise_batch_size,
-    )
-    change = (denoised.double() - poisoned.images.double()) / 255.0
-    record = {
-        "sigma": config.sigma,
-        "ddpm": ddpm,
-        "timestep": t,
-        "noise_ratio_at_timestep": float(noise_ratio(scheduler.alphas_cumprod)[t]),
-        "mean_squared_change": float(change.square().mean()),  # per pixel, images in [0, 1]
-        "mean_squared_noise_added": config.sigma ** 2,  # what a denoiser that removed nothing would leave
-    }
-    arrays: dict[str, np.ndarray] = {}
-    if clean_images is not None:
-        to_clean = (denoised.double() - clean_images.double()) / 255.0
-        record["mean_squared_error_to_clean_before"] = float(((poisoned.images.double() - clean_images.double()) / 255.0).square().mean())
-        record["mean_squared_error_to_clean_after"] = float(to_clean.square().mean())
-        if poison_indices is not None and poison_indices.size:
-            idx = torch.from_numpy(poison_indices)
-            removed = perturbation_removed(poisoned.images[idx], denoised[idx], clean_images[idx])
-            arrays["perturbation_removed"] = removed
-            defined = removed[np.isfinite(removed)]
-            record["perturbation_removed"] = {
-                "poisons_with_perturbation": int(defined.size),
-                "mean": float(defined.mean()) if defined.size else None,
-                "median": float(np.median(defined)) if defined.size else None,
-            }
-    defended = ImageDataset(poisoned.name, denoised, poisoned.labels, poisoned.classes)
-    return DefenseResult(defended, record, arrays)
-
-
-_DEFENCES = {"sanitise": _sanitise, "relabel": _relabel, "denoise": _denoise}
 
 
 def defend(
@@ -323,7 +151,7 @@ def defend(
     device = resolve_device(device) if isinstance(device, str) and device in DEVICES else torch.device(device)
     labels, images, indices = _check_inputs(poisoned, config, clean_labels, clean_images, poison_indices, trusted)
     start = time.perf_counter()
-    result = _DEFENCES[config.name](poisoned, config, device, labels, images, indices, trusted)
+    result = DEFENSES[config.name].apply(poisoned, config, device, labels, images, indices, trusted)
     result.record = {
         "defense": config.name,
         "config": asdict(config),

@@ -37,7 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core import deferred_imports
+from ..core.image_dataset import ImageDataset, seeded_subset
 from ..core.progress import progress
+from .result import DefenseResult
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +81,12 @@ def small_unet(image_size: int, channels: int, width: int = 32, seed: int = 0):
     """A small DDPM UNet for ``image_size`` x ``image_size`` images with ``channels`` channels:
     two resolutions (``width``, ``2 * width`` channels), one residual block per level, no
     attention. ``image_size`` must be even (one down-sampling)."""
-    from diffusers import UNet2DModel
-
     if image_size % 2:
         raise ValueError(f"image_size must be even for the small DDPM UNet (one down-sampling), got {image_size}")
     if width < 8 or width % 8:
         raise ValueError(f"ddpm_width must be a multiple of 8 (group norm of 8 groups), got {width}")
     torch.manual_seed(seed)
-    return UNet2DModel(
+    return deferred_imports.diffusers().UNet2DModel(
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,
@@ -100,9 +101,7 @@ def small_unet(image_size: int, channels: int, width: int = 32, seed: int = 0):
 
 def ddpm_scheduler(num_train_timesteps: int = 1000):
     """The DDPM noise schedule used for models trained here: linear betas 1e-4 .. 0.02 (Ho et al.)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon")
+    return deferred_imports.diffusers().DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type="epsilon")
 
 
 def ddpm_folders(path: str | Path) -> tuple[Path, Path]:
@@ -129,11 +128,9 @@ def ddpm_folders(path: str | Path) -> tuple[Path, Path]:
 
 def load_pretrained_ddpm(path: str | Path):
     """A DDPM saved with ``diffusers`` in a local folder (:func:`ddpm_folders`): ``(unet, scheduler)``."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
     unet_dir, scheduler_dir = ddpm_folders(path)
-    unet = UNet2DModel.from_pretrained(str(unet_dir))
-    scheduler = DDPMScheduler.from_pretrained(str(scheduler_dir))
+    unet = deferred_imports.diffusers().UNet2DModel.from_pretrained(str(unet_dir))
+    scheduler = deferred_imports.diffusers().DDPMScheduler.from_pretrained(str(scheduler_dir))
     log.info("loaded pretrained DDPM from %s (%d timesteps)", path, len(scheduler.alphas_cumprod))
     return unet.eval(), scheduler
 
@@ -160,6 +157,29 @@ def _to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+
+
+def _ddpm_epoch(unet, optimiser: torch.optim.Optimizer, data: torch.Tensor, abar: torch.Tensor, top: int,
+                batch_size: int, generator: torch.Generator) -> float:
+    """One epoch of DDPM training over ``data`` (in [-1, 1], on the UNet's device), in a random
+    order: per batch, timesteps uniform in ``0..top`` and Gaussian noise drawn from ``generator``,
+    ``x_t`` formed with the cumulative ``abar``, the noise regressed (MSE). Returns the mean loss."""
+    device = data.device
+    order = torch.randperm(len(data), generator=generator)
+    total, count = 0.0, 0
+    for first in range(0, len(order), batch_size):
+        x0 = data[order[first : first + batch_size].to(device)]
+        t = torch.randint(0, top + 1, (len(x0),), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+        loss = F.mse_loss(unet(x_t, t).sample, noise)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total += loss.item() * len(x0)
+        count += len(x0)
+    return total / count
 
 
 def train_ddpm(
@@ -206,21 +226,7 @@ def train_ddpm(
     start = time.perf_counter()
     unet.train()
     for epoch in progress(range(epochs), desc="DDPM epochs"):
-        order = torch.randperm(len(data), generator=generator)
-        total, count = 0.0, 0
-        for first in range(0, len(order), batch_size):
-            x0 = data[order[first : first + batch_size].to(device)]
-            t = torch.randint(0, top + 1, (len(x0),), generator=generator).to(device)
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            a = abar[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
-            loss = F.mse_loss(unet(x_t, t).sample, noise)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(x0)
-            count += len(x0)
-        history.append(total / count)
+        history.append(_ddpm_epoch(unet, optimiser, data, abar, top, batch_size, generator))
         log.info("DDPM epoch %d: noise MSE %.4f", epoch + 1, history[-1])
     log.info("DDPM trained on %d images for %d epochs in %.1f s", len(data), epochs, time.perf_counter() - start)
     return unet.eval(), scheduler, history
@@ -302,3 +308,105 @@ def perturbation_removed(
     changed = before > 0
     removed[changed] = 1.0 - after[changed] / before[changed]
     return removed.numpy()
+
+
+# --------------------------------------------------------------------------- the defence
+
+
+def check_denoise(poisoned: ImageDataset, config, trusted: ImageDataset | None) -> None:
+    """Refuse, before any compute, a DDPM to train without enough trusted images of the right
+    shape, or a noise level its schedule cannot reach (a given ``ddpm_path`` is checked when
+    it is loaded, still before denoising)."""
+    if config.ddpm_path is not None:
+        return
+    if trusted is None:
+        raise ValueError(
+            "denoising without ddpm_path trains a small DDPM on clean images the defender holds out: "
+            "pass trusted=<clean ImageDataset>, or give ddpm_path: <local diffusers DDPM folder>"
+        )
+    if not isinstance(trusted, ImageDataset):
+        raise ValueError(f"trusted must be an ImageDataset, got {type(trusted).__name__}")
+    if trusted.shape_chw != poisoned.shape_chw:
+        raise ValueError(f"trusted images must have the poisoned images' shape {poisoned.shape_chw}, got {trusted.shape_chw}")
+    if len(trusted) < config.ddpm_trusted_size:
+        raise ValueError(
+            f"ddpm_trusted_size is {config.ddpm_trusted_size}, but trusted holds only {len(trusted)} images; "
+            f"lower ddpm_trusted_size or hold out more clean images"
+        )
+    c, h, w = poisoned.shape_chw
+    if h != w or h % 2:
+        raise ValueError(f"the small DDPM needs square images of even size, got {h}x{w}")
+    timestep_for_sigma(ddpm_scheduler(config.ddpm_timesteps).alphas_cumprod, config.sigma)  # reachable noise level
+
+
+def defender_ddpm(poisoned: ImageDataset, config, device: torch.device, trusted: ImageDataset | None):
+    """The defender's DDPM: the pretrained one of ``config.ddpm_path``, else a small one trained
+    on ``config.ddpm_trusted_size`` of the ``trusted`` images. Returns ``(unet, scheduler, record)``."""
+    if config.ddpm_path is not None:
+        unet, scheduler = load_pretrained_ddpm(config.ddpm_path)
+        check_model_fits(unet, poisoned.shape_chw)
+        timestep_for_sigma(scheduler.alphas_cumprod, config.sigma)  # a sigma the schedule cannot reach: fail now
+        return unet, scheduler, {"source": "pretrained", "path": config.ddpm_path}
+    held_out = seeded_subset(trusted, config.ddpm_trusted_size, seed=config.seed)
+    step = timestep_for_sigma(ddpm_scheduler(config.ddpm_timesteps).alphas_cumprod, config.sigma)
+    top = min(2 * step, config.ddpm_timesteps - 1) if config.ddpm_train_near_sigma else config.ddpm_timesteps - 1
+    unet, scheduler, history = train_ddpm(
+        held_out.images, epochs=config.ddpm_epochs, batch_size=config.ddpm_batch_size, lr=config.ddpm_lr,
+        width=config.ddpm_width, num_train_timesteps=config.ddpm_timesteps, max_timestep=top, seed=config.seed,
+        device=device,
+    )
+    record = {
+        "source": "trained here on clean images held out by the defender (no pretrained DDPM given)",
+        "trusted_dataset": trusted.name, "trusted_images": len(held_out), "epochs": config.ddpm_epochs,
+        "width": config.ddpm_width, "timesteps": config.ddpm_timesteps, "trained_timesteps": [0, top],
+        "final_noise_mse": history[-1],
+    }
+    return unet, scheduler, record
+
+
+def score_against_clean(poisoned: torch.Tensor, denoised: torch.Tensor, clean_images: torch.Tensor,
+                        poison_indices: np.ndarray | None) -> tuple[dict, dict[str, np.ndarray]]:
+    """What denoising did to the distance from the clean images, overall and per poison:
+    ``(record entries, arrays)``."""
+    to_clean = (denoised.double() - clean_images.double()) / 255.0
+    record: dict = {
+        "mean_squared_error_to_clean_before": float(((poisoned.double() - clean_images.double()) / 255.0).square().mean()),
+        "mean_squared_error_to_clean_after": float(to_clean.square().mean()),
+    }
+    arrays: dict[str, np.ndarray] = {}
+    if poison_indices is not None and poison_indices.size:
+        idx = torch.from_numpy(poison_indices)
+        removed = perturbation_removed(poisoned[idx], denoised[idx], clean_images[idx])
+        arrays["perturbation_removed"] = removed
+        defined = removed[np.isfinite(removed)]
+        record["perturbation_removed"] = {
+            "poisons_with_perturbation": int(defined.size),
+            "mean": float(defined.mean()) if defined.size else None,
+            "median": float(np.median(defined)) if defined.size else None,
+        }
+    return record, arrays
+
+
+def denoise_defense(poisoned: ImageDataset, config, device, clean_labels, clean_images, poison_indices,
+                    trusted) -> DefenseResult:
+    """The ``denoise`` defence of :func:`nbutils.defenses.defending.defend`: :func:`one_shot_denoise`
+    with the defender's DDPM (:func:`defender_ddpm`); scored against the clean images when given."""
+    unet, scheduler, ddpm = defender_ddpm(poisoned, config, device, trusted)
+    denoised, t = one_shot_denoise(
+        poisoned.images, unet, scheduler, config.sigma, seed=config.seed, device=device, batch_size=config.denoise_batch_size,
+    )
+    change = (denoised.double() - poisoned.images.double()) / 255.0
+    record = {
+        "sigma": config.sigma,
+        "ddpm": ddpm,
+        "timestep": t,
+        "noise_ratio_at_timestep": float(noise_ratio(scheduler.alphas_cumprod)[t]),
+        "mean_squared_change": float(change.square().mean()),  # per pixel, images in [0, 1]
+        "mean_squared_noise_added": config.sigma ** 2,  # what a denoiser that removed nothing would leave
+    }
+    arrays: dict[str, np.ndarray] = {}
+    if clean_images is not None:
+        scores, arrays = score_against_clean(poisoned.images, denoised, clean_images, poison_indices)
+        record.update(scores)
+    defended = ImageDataset(poisoned.name, denoised, poisoned.labels, poisoned.classes)
+    return DefenseResult(defended, record, arrays)

@@ -39,12 +39,22 @@ import os
 import time
 from pathlib import Path
 
+import lazy_loader
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core import deferred_imports
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from ..core.progress import progress
+from ..training.surrogate import resnet18_small
+from .result import DefenseResult
+
+#: imported on first use (lazy_loader): scikit-learn takes ~0.5 s to import, and the CLI imports this module
+sklearn = lazy_loader.load("sklearn")
+#: imported on first use (lazy_loader): SciPy's submodules take ~1 s to import, and the CLI imports this module
+scipy = lazy_loader.load("scipy")
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +81,9 @@ def resnet152_weight_files(weights_path: str | os.PathLike[str] | None = None) -
     else torchvision's file names for both ImageNet weight versions in the torch hub cache."""
     if weights_path is not None and str(weights_path) != "":
         return [Path(weights_path).expanduser()]
-    from torchvision.models import ResNet152_Weights
-
+    weights = deferred_imports.torchvision().models.ResNet152_Weights
     cache = Path(torch.hub.get_dir()) / "checkpoints"
-    return [cache / Path(w.url).name for w in (ResNet152_Weights.IMAGENET1K_V2, ResNet152_Weights.IMAGENET1K_V1)]
+    return [cache / Path(w.url).name for w in (weights.IMAGENET1K_V2, weights.IMAGENET1K_V1)]
 
 
 def load_resnet152_imagenet(weights_path: str | os.PathLike[str] | None = None) -> tuple[torch.nn.Module, Path]:
@@ -83,8 +92,6 @@ def load_resnet152_imagenet(weights_path: str | os.PathLike[str] | None = None) 
     Raises :class:`ExtractorUnavailable` when no weight file exists in the places looked, and
     ValueError when a file exists but is not a ResNet-152 state dict.
     """
-    import torchvision
-
     places = resnet152_weight_files(weights_path)
     found = next((p for p in places if p.is_file()), None)
     if found is None:
@@ -95,7 +102,7 @@ def load_resnet152_imagenet(weights_path: str | os.PathLike[str] | None = None) 
             f"or set allow_fallback: true to use the {FALLBACK_EXTRACTOR!r} extractor instead.",
             places,
         )
-    model = torchvision.models.resnet152(weights=None)
+    model = deferred_imports.torchvision().models.resnet152(weights=None)
     try:
         state = torch.load(found, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -111,8 +118,6 @@ def load_resnet152_imagenet(weights_path: str | os.PathLike[str] | None = None) 
 def random_resnet18(in_channels: int, seed: int) -> torch.nn.Module:
     """The fallback extractor: an untrained small-image ResNet-18 with weights drawn from ``seed``,
     ``fc`` replaced by identity (512 features)."""
-    from ..training.surrogate import resnet18_small
-
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -160,8 +165,6 @@ def dataset_features(model: torch.nn.Module, dataset: ImageDataset, device: str 
 
 def kmeans_labels(features: np.ndarray, num_clusters: int, seed: int, n_init: int = 10) -> np.ndarray:
     """K-Means cluster ids (0..num_clusters-1) of the unit-length features."""
-    from sklearn.cluster import KMeans
-
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < num_clusters:
         raise ValueError(
@@ -170,17 +173,15 @@ def kmeans_labels(features: np.ndarray, num_clusters: int, seed: int, n_init: in
     if not np.isfinite(features).all():
         raise ValueError("features must be finite (the extractor produced NaN or inf)")
     unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    return KMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed).fit_predict(unit).astype(np.int64)
+    return sklearn.cluster.KMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed).fit_predict(unit).astype(np.int64)
 
 
 def best_matching(cluster_ids: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """The one-to-one map cluster -> class that maximises agreement with ``labels`` (Hungarian
     method on the contingency table); ``mapping[c]`` is the class of cluster ``c``."""
-    from scipy.optimize import linear_sum_assignment
-
     table = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(table, (np.asarray(cluster_ids), np.asarray(labels)), 1)
-    rows, cols = linear_sum_assignment(table, maximize=True)
+    rows, cols = scipy.optimize.linear_sum_assignment(table, maximize=True)
     mapping = np.empty(num_classes, dtype=np.int64)
     mapping[rows] = cols
     return mapping
@@ -189,11 +190,9 @@ def best_matching(cluster_ids: np.ndarray, labels: np.ndarray, num_classes: int)
 def agreement(cluster_ids: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """How well clusters recover ``labels``: adjusted Rand index and the accuracy of the best
     one-to-one cluster-to-class matching."""
-    from sklearn.metrics import adjusted_rand_score
-
     mapping = best_matching(cluster_ids, labels, num_classes)
     return {
-        "ari": float(adjusted_rand_score(labels, cluster_ids)),
+        "ari": float(sklearn.metrics.adjusted_rand_score(labels, cluster_ids)),
         "matched_agreement": float((mapping[cluster_ids] == labels).mean()),
     }
 
@@ -247,3 +246,48 @@ def relabel(
         "extractor_source": source,
         "fallback_reason": fallback_reason,
     }
+
+
+# --------------------------------------------------------------------------- the defence
+
+
+def check_relabel(poisoned: ImageDataset, config, trusted: ImageDataset | None) -> None:
+    """Refuse, before any compute, a set K-Means cannot cluster into one cluster per class."""
+    if len(poisoned) < poisoned.num_classes:
+        raise ValueError(f"relabelling needs at least one sample per cluster ({poisoned.num_classes}), "
+                         f"got {len(poisoned)} samples")
+    if poisoned.num_classes < 2:
+        raise ValueError("relabelling needs at least two classes")
+
+
+def relabel_defense(poisoned: ImageDataset, config, device, clean_labels, clean_images, poison_indices,
+                    trusted) -> DefenseResult:
+    """The ``relabel`` defence of :func:`nbutils.defenses.defending.defend`: :func:`relabel` with
+    ``config``'s settings; the record scores the new labels against the clean ones."""
+    out = relabel(
+        poisoned, extractor=config.extractor, allow_fallback=config.allow_fallback, weights_path=config.extractor_weights,
+        image_size=config.extractor_image_size, seed=config.seed, device=device, n_init=config.kmeans_restarts,
+    )
+    new_labels = out["labels"]
+    k = poisoned.num_classes
+    record = {
+        "extractor": out["extractor"],
+        "extractor_source": out["extractor_source"],
+        "fallback_used": out["extractor"] != config.extractor,
+        "fallback_reason": out["fallback_reason"],
+        "features_dim": out["features_dim"],
+        "clusters": k,
+        "vs_given_labels": agreement(out["cluster_ids"], poisoned.labels.numpy(), k),
+        "labels_changed": int((new_labels != poisoned.labels.numpy()).sum()),
+    }
+    if clean_labels is not None:
+        # Scored up to the numbering of the clusters, which does not matter for training.
+        record["vs_clean_labels"] = agreement(out["cluster_ids"], clean_labels, k)
+        record["given_labels_vs_clean"] = float((poisoned.labels.numpy() == clean_labels).mean())
+        if poison_indices is not None and poison_indices.size:
+            as_clean = best_matching(out["cluster_ids"], clean_labels, k)[out["cluster_ids"]]
+            record["poisons_clean_class_recovered"] = float(
+                (as_clean[poison_indices] == clean_labels[poison_indices]).mean()
+            )
+    defended = ImageDataset(poisoned.name, poisoned.images, torch.from_numpy(new_labels), poisoned.classes)
+    return DefenseResult(defended, record, {"labels": new_labels, "cluster_ids": out["cluster_ids"]})

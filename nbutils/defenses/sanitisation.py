@@ -26,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from ..training.surrogate import surrogate_logits, train_surrogate
+from .result import DefenseResult
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +141,39 @@ def sanitise(
         len(dropped), len(dataset), fraction, losses[kept].mean(), losses[dropped].mean() if len(dropped) else math.nan,
     )
     return {"kept": kept, "dropped": dropped, "losses": losses, "drop_counts": counts}
+
+
+# --------------------------------------------------------------------------- the defence
+
+
+def check_sanitise(poisoned: ImageDataset, config, trusted: ImageDataset | None) -> None:
+    """Refuse, before any compute, a fraction that would drop a whole class."""
+    drop_counts(poisoned.labels.numpy(), poisoned.num_classes, config.fraction)
+
+
+def sanitise_defense(poisoned: ImageDataset, config, device, clean_labels, clean_images, poison_indices,
+                     trusted) -> DefenseResult:
+    """The ``sanitise`` defence of :func:`nbutils.defenses.defending.defend`: :func:`sanitise`
+    with ``config``'s settings; the record scores the filter against the poison indices."""
+    out = sanitise(
+        poisoned, config.fraction, epochs=config.surrogate_epochs, batch_size=config.surrogate_batch_size,
+        lr=config.surrogate_lr, augment=config.surrogate_augment, seed=config.seed, device=device,
+    )
+    kept, dropped, losses = out["kept"], out["dropped"], out["losses"]
+    record = {
+        "fraction": config.fraction,
+        "surrogate": {"model": "resnet18_small", "epochs": config.surrogate_epochs, "batch_size": config.surrogate_batch_size,
+                      "lr": config.surrogate_lr, "augment": config.surrogate_augment},
+        "dropped": int(len(dropped)),
+        "dropped_per_class": out["drop_counts"].tolist(),
+        "mean_loss_kept": float(losses[kept].mean()),
+        "mean_loss_dropped": float(losses[dropped].mean()) if len(dropped) else None,
+    }
+    if poison_indices is not None:
+        record["filter"] = filter_quality(dropped, poison_indices)
+    if clean_labels is not None:
+        wrong = poisoned.labels.numpy() != clean_labels
+        record["wrong_labels_before"] = int(wrong.sum())
+        record["wrong_labels_after"] = int(wrong[kept].sum())
+    arrays = {"kept_indices": kept, "dropped_indices": dropped, "losses": losses}
+    return DefenseResult(poisoned.subset(kept), record, arrays)

@@ -41,8 +41,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, TypeVar
 
+import lazy_loader
 import numpy as np
 from threadpoolctl import threadpool_limits
+
+#: imported on first use (lazy_loader): scikit-learn takes ~0.5 s to import, and every notebook imports this module
+sklearn = lazy_loader.load("sklearn")
+#: imported on first use (lazy_loader): SciPy's submodules take ~1 s to import, and every notebook imports this module
+scipy = lazy_loader.load("scipy")
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +115,7 @@ class RbfPredictor:
         spans = np.linalg.matrix_rank(np.column_stack([np.ones(len(X)), X])) == X.shape[1] + 1
         self.kernel, self.degree = ("cubic", 1) if spans else ("linear", 0)
         self._dims = X.shape[1]
-        # scipy's interpolate and stats are imported where used: they are slow to import, and every
-        # notebook imports this module (for the constants the NSGANetV2 config checks against)
-        from scipy.interpolate import RBFInterpolator
-
-        self._model = RBFInterpolator(X, y, kernel=self.kernel, degree=self.degree)
+        self._model = scipy.interpolate.RBFInterpolator(X, y, kernel=self.kernel, degree=self.degree)
         return self
 
     @_one_blas_thread
@@ -132,18 +134,15 @@ class GpPredictor:
 
     @_one_blas_thread
     def fit(self, X: np.ndarray, y: np.ndarray) -> "GpPredictor":
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.gaussian_process import GaussianProcessRegressor
-        from sklearn.gaussian_process.kernels import RBF, ConstantKernel
-
         X, y = _check_xy(X, y)
         self._dims = X.shape[1]
-        kernel = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(length_scale=1.0, length_scale_bounds=(1e-3, 1e3))
-        self._model = GaussianProcessRegressor(kernel=kernel, alpha=1e-8, normalize_y=True,
+        kernels = sklearn.gaussian_process.kernels
+        kernel = kernels.ConstantKernel(1.0, (1e-3, 1e3)) * kernels.RBF(length_scale=1.0, length_scale_bounds=(1e-3, 1e3))
+        self._model = sklearn.gaussian_process.GaussianProcessRegressor(kernel=kernel, alpha=1e-8, normalize_y=True,
                                                n_restarts_optimizer=self.n_restarts, random_state=self.seed)
         with warnings.catch_warnings():
             # a length scale at its bound is a legitimate fit on tiny archives; not worth a warning each time
-            warnings.simplefilter("ignore", ConvergenceWarning)
+            warnings.simplefilter("ignore", sklearn.exceptions.ConvergenceWarning)
             self._model.fit(X, y)
         return self
 
@@ -162,13 +161,11 @@ class CartPredictor:
 
     @_one_blas_thread
     def fit(self, X: np.ndarray, y: np.ndarray) -> "CartPredictor":
-        from sklearn.ensemble import RandomForestRegressor
-
         X, y = _check_xy(X, y)
         self._dims = X.shape[1]
         # max_features=1.0: every split considers every feature, i.e. each tree is a plain CART
-        self._model = RandomForestRegressor(n_estimators=self.trees, max_features=1.0, bootstrap=True,
-                                            random_state=self.seed)
+        self._model = sklearn.ensemble.RandomForestRegressor(n_estimators=self.trees, max_features=1.0, bootstrap=True,
+                                                             random_state=self.seed)
         self._model.fit(X, y)
         return self
 
@@ -196,9 +193,7 @@ def kendall_tau(predicted: np.ndarray, measured: np.ndarray) -> float:
         return float("nan")
     if np.all(predicted == predicted[0]):
         return 0.0
-    from scipy.stats import kendalltau   # see RbfPredictor.fit
-
-    return float(kendalltau(predicted, measured).statistic)
+    return float(scipy.stats.kendalltau(predicted, measured).statistic)
 
 
 def fold_count(n: int, folds: int) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,12 +31,15 @@ import torch.nn.functional as F
 from pydantic import ValidationInfo, field_validator
 
 from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, Order, PositiveInt, PositiveNumber, Rate,
-                           config)
-from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
+                           config, keyed, keyed_when_changed, set_by_run)
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats, concatenate
 from ..core.device import MixedPrecision
 from ..core.progress import progress
 from ..accel.supernet_choice import supernet_class
 from ..space.supernet import SuperNet
+from ..training.recipe import SgdSettings
+from .darts_unrolled import unrolled_alpha_grad
 from .search_result import SearchResult
 
 log = logging.getLogger(__name__)
@@ -50,30 +52,29 @@ class SearchDiverged(RuntimeError):
 
 
 @config
-class DartsConfig:
-    """DARTS' settings; the defaults are the reference's (``train_search.py``). The fields up to
-    ``order`` are what search.yaml's ``darts:`` sets; the run sets the rest for each search."""
+class DartsConfig(SgdSettings):
+    """DARTS' settings; the defaults are the reference's (``train_search.py``). The weights' SGD
+    settings (:class:`~nbutils.training.recipe.SgdSettings`) and the fields up to ``warmup_epochs``
+    are what search.yaml's ``darts:`` sets; the run sets the rest for each search."""
 
-    epochs: PositiveInt = 50
-    channels: Channels = 16
-    layers: Cells = 8
-    batch_size: PositiveInt = 64
-    lr: PositiveNumber = 0.025
-    lr_min: NonNegativeNumber = 0.001
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: PositiveNumber = 5.0
-    arch_lr: PositiveNumber = 3e-4
-    arch_betas: tuple[Rate, Rate] = (0.5, 0.999)
-    arch_weight_decay: NonNegativeNumber = 1e-3
-    order: Order = 1   # 1: first-order architecture gradient; 2: second order (unrolled)
-    warmup_epochs: NonNegativeInt = 0   # first epochs train the weights only (the reference: 0, see darts_search)
+    epochs: PositiveInt = keyed(50)
+    channels: Channels = keyed(16)
+    layers: Cells = keyed(8)
+    batch_size: PositiveInt = keyed(64)
+    lr_min: NonNegativeNumber = keyed(0.001)
+    arch_lr: PositiveNumber = keyed(3e-4)
+    arch_betas: tuple[Rate, Rate] = keyed((0.5, 0.999))
+    arch_weight_decay: NonNegativeNumber = keyed(1e-3)
+    order: Order = keyed(1)   # 1: first-order architecture gradient; 2: second order (unrolled)
+    # first epochs train the weights only (the reference: 0, see darts_search)
+    warmup_epochs: NonNegativeInt = keyed_when_changed(0)
     # set by the run
-    augment: bool = True
-    anti: bool = False
-    fast: bool = True   # the fast supernet (same function and parameters as the plain one), on the CPU only
-    keep_epochs: tuple[NonNegativeInt, ...] = ()   # keep the supernet after these epochs (0: before training)
-    mixed_precision: bool = False   # CUDA only: float16 autocast with gradient scaling (first order only)
+    augment: bool = set_by_run(True)
+    anti: bool = set_by_run(False)
+    fast: bool = set_by_run(True)   # the fast supernet (same function and parameters as the plain one), on the CPU only
+    # keep the supernet after these epochs (0: before training)
+    keep_epochs: tuple[NonNegativeInt, ...] = set_by_run(())
+    mixed_precision: bool = set_by_run(False)   # CUDA only: float16 autocast with gradient scaling (first order only)
 
     @field_validator("keep_epochs")
     @classmethod
@@ -369,86 +370,6 @@ def first_order_alpha_grad(model: SuperNet, val_batch: Batch, precision: Precisi
         loss = F.cross_entropy(logits, y_val)
     grads = torch.autograd.grad(precision.alpha.scale(loss), model.arch_parameters())
     return list(grads), _widened(loss.detach()), _widened(logits.detach())
-
-
-def unrolled_alpha_grad(
-    model: SuperNet,
-    train_batch: Batch,
-    val_batch: Batch,
-    *,
-    eta: float,
-    momentum: float,
-    weight_decay: float,
-    momentum_buffers: Sequence[torch.Tensor | None] | None = None,
-    r: float = 0.01,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The second-order (unrolled) architecture gradient of the reference.
-
-    1. ``w' = w - eta * (momentum * buffer + dL_train(w)/dw + weight_decay * w)`` on the
-       training batch (a missing momentum buffer counts as zero);
-    2. ``dalpha = dL_val(w', alpha)/dalpha`` and ``v = dL_val(w', alpha)/dw'`` on the
-       validation batch;
-    3. with ``R = r / ||v||``: ``implicit = (dL_train(w + Rv)/dalpha - dL_train(w - Rv)/dalpha) / 2R``;
-    4. returns ``dalpha - eta * implicit``, with ``L_val(w')`` and its logits.
-
-    ``momentum_buffers`` follow ``model.weights()``. Every forward runs through
-    ``torch.func.functional_call`` on copies of the BN buffers, so neither the weights nor the
-    BN running statistics of ``model`` change. The two finite-difference forwards draw the
-    same random numbers (the same dropout masks, when skip dropout is on).
-    """
-    (x, y), (x_val, y_val) = train_batch, val_batch
-    arch_ids = {id(a) for a in model.arch_parameters()}
-    named = list(model.named_parameters())
-    alphas = {name: p for name, p in named if id(p) in arch_ids}
-    weight_names = [name for name, p in named if id(p) not in arch_ids]
-    weights = [p for name, p in named if id(p) not in arch_ids]
-    buffers = dict(model.named_buffers())
-
-    def loss_at(values: Sequence[torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> Batch:
-        state = {**alphas, **dict(zip(weight_names, values)), **{n: b.clone() for n, b in buffers.items()}}
-        logits = torch.func.functional_call(model, state, (inputs,))
-        return F.cross_entropy(logits, targets), logits
-
-    def alpha_grad(loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(loss, list(alphas.values()), materialize_grads=True)
-
-    # 1. one virtual SGD step on the training batch
-    grads_w = torch.autograd.grad(loss_at(weights, x, y)[0], weights, materialize_grads=True)
-    if momentum_buffers is None:
-        momentum_buffers = [None] * len(weights)
-    with torch.no_grad():
-        unrolled = []
-        for w, g, buf in zip(weights, grads_w, momentum_buffers, strict=True):
-            step = g + weight_decay * w
-            if buf is not None:
-                step = step + momentum * buf
-            unrolled.append((w - eta * step).requires_grad_())
-
-    # 2. the validation loss at the unrolled weights
-    loss_val, logits_val = loss_at(unrolled, x_val, y_val)
-    grads = torch.autograd.grad(loss_val, [*alphas.values(), *unrolled], materialize_grads=True)
-    dalpha, v = grads[: len(alphas)], grads[len(alphas):]
-
-    # 3. the implicit term, a central finite difference along v around the current weights
-    norm = torch.cat([t.flatten() for t in v]).norm()
-    if not norm > 0:   # the validation loss is flat in the weights: no implicit term
-        return [d.detach() for d in dalpha], loss_val.detach(), logits_val.detach()
-    radius = r / norm
-    with torch.no_grad():
-        w_plus = [w + radius * t for w, t in zip(weights, v)]
-        w_minus = [w - radius * t for w, t in zip(weights, v)]
-    with _replayed_randomness(x.device):
-        grad_plus = alpha_grad(loss_at(w_plus, x, y)[0])
-    grad_minus = alpha_grad(loss_at(w_minus, x, y)[0])
-    final = [d - eta * (gp - gm) / (2 * radius) for d, gp, gm in zip(dalpha, grad_plus, grad_minus)]
-    return [f.detach() for f in final], loss_val.detach(), logits_val.detach()
-
-
-def _replayed_randomness(device: torch.device):
-    """Fork the random state: the draws made inside the block are made again after it."""
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 def _check_finite(loss: torch.Tensor, loss_val: torch.Tensor | None, model: SuperNet, where: str) -> None:

@@ -54,19 +54,21 @@ import numpy as np
 import torch
 from pydantic import ValidationInfo, field_validator
 
-from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate, config,
-                           integer, number)
+from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate,
+                           config, integer, keyed, keyed_when_changed, number, set_by_run)
 from ..space import encoding
 from .accuracy_predictors import CHOICES, MIN_POINTS, FittedPredictor, fit_predictor, kendall_tau
-from ..core.data import BatchLoader, ImageDataset, channel_stats, concatenate
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats, concatenate
 from ..space.genotype import Genotype
-from .one_shot import (OneShotSupernet, OneShotTraining, PathEvaluator, calibration_batches, recalibrate_batch_norm,
+from .one_shot import (OneShotSupernet, PathEvaluator, calibration_batches, recalibrate_batch_norm,
                        train_one_shot)
 from .architecture_cost import COSTS, ArchitectureCost
 from .pareto import SELECTIONS, choose_retrained, non_dominated, propose_candidates
 from .search_result import SearchResult
 from ..core.progress import progress
-from ..training.loop import TrainingRecipe, train_supervised
+from ..training.loop import train_supervised
+from ..training.recipe import SgdSettings, TrainingRecipe
 
 log = logging.getLogger(__name__)
 
@@ -78,50 +80,49 @@ FINETUNE_MOMENTUM = 0.9
 
 
 @config
-class Nsganetv2Config:
+class Nsganetv2Config(SgdSettings):
     """Search settings; the defaults are the reference's where it has one. Every field but
     ``augment`` is what search.yaml's ``nsganetv2:`` sets; the run sets ``augment`` for each search."""
 
     # the evolutionary search (reference: 100 initial, 30 iterations of 8, NSGA-II 40 x 20)
-    iterations: NonNegativeInt = 30
-    initial_design: PositiveInt = 100
-    candidates_per_iteration: PositiveInt = 8
-    predictor: Literal[CHOICES] = "adaptive"   # rbf, gp, cart, or adaptive (best cross-validated Kendall tau)
-    cv_folds: integer(2) = 10
-    cart_trees: PositiveInt = 100
-    population: integer(2) = 40
-    generations: PositiveInt = 20
-    crossover_prob: number(ge=0, le=1) = 0.9
-    mutation_eta: PositiveNumber = 1.0
+    iterations: NonNegativeInt = keyed(30)
+    initial_design: PositiveInt = keyed(100)
+    candidates_per_iteration: PositiveInt = keyed(8)
+    predictor: Literal[CHOICES] = keyed("adaptive")   # rbf, gp, cart, or adaptive (best cross-validated Kendall tau)
+    cv_folds: integer(2) = keyed_when_changed(10)
+    cart_trees: PositiveInt = keyed_when_changed(100)
+    population: integer(2) = keyed(40)
+    generations: PositiveInt = keyed(20)
+    crossover_prob: number(ge=0, le=1) = keyed_when_changed(0.9)
+    mutation_eta: PositiveNumber = keyed_when_changed(1.0)
     # "rank": non-domination ranks first, then even cost gaps; "spread": the reference's subset selection
-    candidate_selection: Literal[SELECTIONS] = "rank"
+    candidate_selection: Literal[SELECTIONS] = keyed_when_changed("rank")
     # the second objective: the retrained network's parameters or multiply-accumulates
-    cost: Literal[COSTS] = "params"
-    cost_channels: Channels = 36
-    cost_layers: Cells = 20
-    cost_input_size: integer(2) | None = None   # for "macs"; None: the search images' size
+    cost: Literal[COSTS] = keyed("params")
+    cost_channels: Channels = keyed(36)
+    cost_layers: Cells = keyed(20)
+    cost_input_size: integer(2) | None = keyed_when_changed(None)   # for "macs"; None: the search images' size
     # the weight-sharing supernet (DARTS search network sizes and weight recipe)
-    channels: Channels = 16
-    layers: Cells = 8
-    epochs: NonNegativeInt = 50
-    batch_size: integer(2) = 64
-    lr: PositiveNumber = 0.025
-    lr_min: NonNegativeNumber = 0.001
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: PositiveNumber = 5.0
-    calibration_batches: PositiveInt = 10        # batch-norm recalibration per candidate
-    eval_batch_size: PositiveInt = 256
+    channels: Channels = keyed(16)
+    layers: Cells = keyed(8)
+    epochs: NonNegativeInt = keyed(50)
+    batch_size: integer(2) = keyed(64)
+    lr_min: NonNegativeNumber = keyed_when_changed(0.001)
+    momentum: Rate = keyed_when_changed(0.9)
+    weight_decay: NonNegativeNumber = keyed_when_changed(3e-4)
+    grad_clip: PositiveNumber = keyed_when_changed(5.0)
+    calibration_batches: PositiveInt = keyed(10)   # batch-norm recalibration per candidate
+    eval_batch_size: PositiveInt = keyed_when_changed(256)
     # fine-tuning of each candidate before it is measured (0: none, the one-shot weights as they
     # are); the rest is the reference's recipe: SGD (momentum 0.9), cosine to 0, no clipping
-    finetune_epochs: NonNegativeInt = 0
-    finetune_lr: PositiveNumber = 0.01
-    finetune_weight_decay: NonNegativeNumber = 4e-5
-    finetune_batch_size: PositiveInt = 128
+    finetune_epochs: NonNegativeInt = keyed_when_changed(0)
+    finetune_lr: PositiveNumber = keyed_when_changed(0.01)
+    finetune_weight_decay: NonNegativeNumber = keyed_when_changed(4e-5)
+    finetune_batch_size: PositiveInt = keyed_when_changed(128)
     # which front member is retrained: the third by cost of the `tradeoff_points` + most accurate
-    tradeoff_points: PositiveInt = 3
+    tradeoff_points: PositiveInt = keyed_when_changed(3)
     # set by the run
-    augment: bool = True
+    augment: bool = set_by_run(True)
 
     @field_validator("initial_design")
     @classmethod
@@ -131,9 +132,9 @@ class Nsganetv2Config:
                              f"cross-validated) on the measured architectures")
         return initial_design
 
-    def training(self) -> OneShotTraining:
-        return OneShotTraining(epochs=self.epochs, lr=self.lr, lr_min=self.lr_min, momentum=self.momentum,
-                               weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+    def training(self) -> TrainingRecipe:
+        """The recipe the weight-sharing supernet is trained with (:func:`~.one_shot.train_one_shot`)."""
+        return self.recipe(self.epochs)
 
     def finetuning(self) -> TrainingRecipe:
         """The recipe each candidate is fine-tuned with (see :class:`FinetunedPathEvaluator`)."""
@@ -416,58 +417,3 @@ def _search_result(archive: _Archive, iterations: list[dict], predictor: FittedP
         },
         stages=[stage],
     )
-
-
-# --------------------------------------------------------------------------- figure
-
-
-def pareto_figure(found: SearchResult | Sequence[dict] | np.ndarray, *, title: str | None = None):
-    """Validation error against cost: every measured architecture, the Pareto front, the four
-    best and the one retrained. ``found`` is a :class:`SearchResult` of :func:`nsganetv2_search`,
-    or a front alone: records with ``val_acc`` (or ``error``) and ``cost``, or an n x 2 array of
-    (error, cost). Returns a matplotlib ``Figure``."""
-    from matplotlib.figure import Figure
-
-    archive = four = chosen = None
-    if isinstance(found, SearchResult):
-        if "archive_error" not in found.arrays or not found.stages:
-            raise ValueError("found must be the SearchResult of nsganetv2_search (with its archive and stage)")
-        error, cost = found.arrays["archive_error"], found.arrays["archive_cost"]
-        archive = np.column_stack([error, cost])
-        front = archive[found.arrays["pareto_indices"]]
-        four = archive[found.arrays["four_best"]]
-        chosen = archive[found.stages[0]["chosen"]]
-    elif isinstance(found, np.ndarray):
-        if found.ndim != 2 or found.shape[1] != 2:
-            raise ValueError(f"a front array must be n x 2 (error, cost), got shape {found.shape}")
-        front = found.astype(float)
-    else:
-        rows = list(found)
-        try:
-            front = np.array([[r["error"] if "error" in r else 1.0 - r["val_acc"], r["cost"]] for r in rows], dtype=float)
-        except (KeyError, TypeError) as err:
-            raise ValueError("front records need 'val_acc' (or 'error') and 'cost'") from err
-    if len(front) == 0:
-        raise ValueError("the front is empty")
-    front = front[np.argsort(front[:, 1], kind="stable")]
-
-    figure = Figure(figsize=(5.5, 4.0), layout="constrained")
-    ax = figure.add_subplot()
-    if archive is not None:
-        ax.scatter(archive[:, 1], 100 * archive[:, 0], s=12, color="0.75", label="measured")
-    ax.step(front[:, 1], 100 * front[:, 0], where="post", color="tab:blue", linewidth=1)
-    ax.scatter(front[:, 1], 100 * front[:, 0], s=24, color="tab:blue", label="Pareto front", zorder=3)
-    if four is not None:
-        ax.scatter(four[:, 1], 100 * four[:, 0], s=90, facecolors="none", edgecolors="tab:orange", linewidths=1.5,
-                   label="four best", zorder=4)
-    if chosen is not None:
-        ax.scatter([chosen[1]], [100 * chosen[0]], s=160, marker="*", color="tab:red", label="retrained", zorder=5)
-    ax.set_xlabel("cost")
-    if isinstance(found, SearchResult):
-        ax.set_xlabel({"params": "parameters of the retrained network", "macs": "multiply-accumulates"}.get(
-            found.stages[0].get("cost"), "cost"))
-    ax.set_ylabel("validation error on the search data (%)")
-    ax.legend(frameon=False, fontsize="small")
-    if title:
-        ax.set_title(title)
-    return figure

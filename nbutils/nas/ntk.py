@@ -408,7 +408,7 @@ def region_inputs(images: torch.Tensor, *, num_batches: int = 3, batch_size: int
 
     Without ``mean``/``std`` the images are taken as already normalised. With them (one value
     per channel), the images are pixel values 0..255 (e.g. an
-    :class:`~nbutils.core.data.ImageDataset`'s uint8 images) and each crop is scaled to [0, 1] and
+    :class:`~nbutils.core.image_dataset.ImageDataset`'s uint8 images) and each crop is scaled to [0, 1] and
     normalised with the statistics of the channel it was cut from, as the reference's
     ``ToTensor, Normalize, RandChannel`` transform does; only the crops are converted."""
     if images.dim() != 4 or images.shape[-1] < crop or images.shape[-2] < crop:

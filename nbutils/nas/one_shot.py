@@ -28,18 +28,18 @@ measured best after 20 epochs and was still on the front after 60.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..core.data import BatchLoader
+from ..core.batches import BatchLoader
 from ..space.encoding import OPERATIONS
 from ..space.genotype import DEFAULT_CONCAT, STEPS, Genotype, random_genotype
 from ..space.supernet import SuperNet
-from ..training.loop import TrainingRecipe, train_supervised
+from ..training.loop import train_supervised
+from ..training.recipe import TrainingRecipe
 
 #: First row of each node in the supernet's edge list (node 2 reads states 0, 1; node 3 reads 0, 1, 2; ...).
 _NODE_OFFSETS = tuple(sum(2 + j for j in range(node)) for node in range(STEPS))
@@ -97,29 +97,8 @@ class OneShotSupernet(nn.Module):
         return modules
 
 
-@dataclass
-class OneShotTraining:
-    """How the supernet is trained: the DARTS search recipe for the weights (SGD with momentum,
-    cosine schedule, gradient clipping), one uniformly sampled path per batch."""
-
-    epochs: int = 50
-    lr: float = 0.025
-    lr_min: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
-
-    def __post_init__(self) -> None:
-        self.recipe()   # the loop's recipe checks the values, naming the field
-
-    def recipe(self) -> TrainingRecipe:
-        """The shared loop's recipe: these values, no drop path or cutout, divergence an error."""
-        return TrainingRecipe(epochs=self.epochs, lr=self.lr, lr_min=self.lr_min, momentum=self.momentum,
-                              weight_decay=self.weight_decay, grad_clip=self.grad_clip)
-
-
 def train_one_shot(
-    supernet: OneShotSupernet, loader: BatchLoader, training: OneShotTraining, *, seed: int
+    supernet: OneShotSupernet, loader: BatchLoader, recipe: TrainingRecipe, *, seed: int
 ) -> list[dict]:
     """Train the supernet in place with the shared loop
     (:func:`nbutils.training.loop.train_supervised`), one uniformly drawn architecture per batch
@@ -131,7 +110,7 @@ def train_one_shot(
     def sampled_path(x: torch.Tensor) -> torch.Tensor:
         return supernet(x, random_genotype(rng))
 
-    run = train_supervised(supernet, loader, training.recipe(), parameters=supernet.weights(), forward=sampled_path,
+    run = train_supervised(supernet, loader, recipe, parameters=supernet.weights(), forward=sampled_path,
                            name="one-shot supernet")
     return run.curve
 

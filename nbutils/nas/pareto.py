@@ -5,11 +5,22 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+import lazy_loader
 import numpy as np
 
 from ..space import encoding
 from ..space.genotype import Genotype
 from .accuracy_predictors import FittedPredictor
+
+# imported on first use (lazy_loader): SciPy's spatial module and pymoo's NSGA-II take ~0.4 s to
+# import, and every notebook imports this module (the registry imports NSGANetV2)
+scipy = lazy_loader.load("scipy")
+pymoo_nsga2 = lazy_loader.load("pymoo.algorithms.moo.nsga2", suppress_warning=True)
+pymoo_problem = lazy_loader.load("pymoo.core.problem", suppress_warning=True)
+pymoo_crossover = lazy_loader.load("pymoo.operators.crossover.pntx", suppress_warning=True)
+pymoo_mutation = lazy_loader.load("pymoo.operators.mutation.pm", suppress_warning=True)
+pymoo_repair = lazy_loader.load("pymoo.operators.repair.rounding", suppress_warning=True)
+pymoo_optimize = lazy_loader.load("pymoo.optimize", suppress_warning=True)
 
 #: how the candidates to measure are chosen from NSGA-II's final population (see :func:`propose_candidates`)
 SELECTIONS: tuple[str, ...] = ("rank", "spread")
@@ -50,15 +61,13 @@ def high_tradeoff_points(front: np.ndarray, count: int, epsilon: float = 0.125) 
     objectives. A high trade-off is a knee: leaving it costs much for little. Returned in
     decreasing trade-off; all points when there are at most ``count``.
     """
-    from scipy.spatial import cKDTree
-
     F = np.asarray(front, dtype=np.float64)
     n, m = F.shape
     if count >= n:
         return np.arange(n)
     span = F.max(axis=0) - F.min(axis=0)
     F = (F - F.min(axis=0)) / np.where(span > 0, span, 1.0)
-    tree = cKDTree(F)
+    tree = scipy.spatial.cKDTree(F)
     least = min(2 * m, n - 1)
     trade_off = np.full(n, -np.inf)
     for i in range(n):
@@ -170,35 +179,49 @@ def select_by_spread(costs: np.ndarray, front_costs: np.ndarray, count: int) -> 
         next_forced[i] = i + 1 if forced[i + 1] else next_forced[i + 1]
     best_value, best_path = np.inf, None
     for first in range(lowest_forced + 1):
-        # squared[j, k]: least sum of squared gaps of a path from `first` to j with k costs chosen
-        squared = np.full((size, count + 1), np.inf)
-        previous = np.full((size, count + 1), -1, dtype=np.int64)
-        squared[first, 0 if forced[first] else 1] = 0.0
-        for i in range(first, size - 1):
-            if not np.isfinite(squared[i]).any():
-                continue
-            js = np.arange(i + 1, next_forced[i] + 1)
-            step = (x[js] - x[i])[:, None] ** 2
-            reached = np.full((len(js), count + 1), np.inf)
-            reached[forced[js]] = squared[i] + step[forced[js]]
-            reached[~forced[js], 1:] = squared[i, :-1] + step[~forced[js]]
-            better = reached < squared[js]
-            squared[js] = np.where(better, reached, squared[js])
-            previous[js] = np.where(better, i, previous[js])
+        squared, previous = _least_squared_gaps(x, forced, next_forced, first, count)
         for last in range(max(first, highest_forced), size):
             if np.isfinite(squared[last, count]):
                 variance = squared[last, count] / gaps - ((x[last] - x[first]) / gaps) ** 2
                 if variance < best_value:
-                    best_value, best_path = variance, (first, last, previous.copy())
+                    best_value, best_path = variance, (first, last, previous)
     first, last, previous = best_path
-    chosen, j, k = [], last, count
+    return sorted(int(order[j]) - f for j in _path(previous, forced, first, last, count) if not forced[j])
+
+
+def _least_squared_gaps(x: np.ndarray, forced: np.ndarray, next_forced: np.ndarray, first: int,
+                        count: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`select_by_spread`'s dynamic programme for the paths from ``first`` through the sorted
+    costs ``x``: ``squared[j, k]``, the least sum of squared gaps of a path from ``first`` to ``j``
+    with ``k`` costs chosen (inf: none), and ``previous[j, k]``, the position before ``j`` on it.
+    A path passes every ``forced`` position (a front cost) and steps over none (``next_forced``)."""
+    size = len(x)
+    squared = np.full((size, count + 1), np.inf)
+    previous = np.full((size, count + 1), -1, dtype=np.int64)
+    squared[first, 0 if forced[first] else 1] = 0.0
+    for i in range(first, size - 1):
+        if not np.isfinite(squared[i]).any():
+            continue
+        js = np.arange(i + 1, next_forced[i] + 1)
+        step = (x[js] - x[i])[:, None] ** 2
+        reached = np.full((len(js), count + 1), np.inf)
+        reached[forced[js]] = squared[i] + step[forced[js]]
+        reached[~forced[js], 1:] = squared[i, :-1] + step[~forced[js]]
+        better = reached < squared[js]
+        squared[js] = np.where(better, reached, squared[js])
+        previous[js] = np.where(better, i, previous[js])
+    return squared, previous
+
+
+def _path(previous: np.ndarray, forced: np.ndarray, first: int, last: int, count: int) -> list[int]:
+    """The positions of the path :func:`_least_squared_gaps` found from ``first`` to ``last`` with
+    ``count`` costs chosen, read back from ``last``."""
+    path, j, k = [], last, count
     while True:
-        if not forced[j]:
-            chosen.append(int(order[j]) - f)
+        path.append(j)
         if j == first:
-            break
+            return path
         j, k = int(previous[j, k]), k - (0 if forced[j] else 1)
-    return sorted(chosen)
 
 
 def propose_candidates(
@@ -214,13 +237,6 @@ def propose_candidates(
     """NSGA-II on (predicted error, cost) from the archive's non-dominated set; returns up to
     ``count`` encodings (rows) not in ``archive``, chosen by :func:`select_candidates`
     (``config.candidate_selection == "rank"``) or :func:`select_by_spread` (``"spread"``)."""
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-    from pymoo.core.problem import Problem
-    from pymoo.operators.crossover.pntx import TwoPointCrossover
-    from pymoo.operators.mutation.pm import PM
-    from pymoo.operators.repair.rounding import RoundingRepair
-    from pymoo.optimize import minimize
-
     upper = encoding.upper_bounds()
     cost_cache: dict[tuple[int, ...], float] = {}
 
@@ -230,7 +246,7 @@ def propose_candidates(
             cost_cache[k] = cost(encoding.decode(vector))
         return cost_cache[k]
 
-    class SurrogateProblem(Problem):
+    class SurrogateProblem(pymoo_problem.Problem):
         def __init__(self) -> None:
             super().__init__(n_var=encoding.ENCODING_LENGTH, n_obj=2, xl=np.zeros_like(upper), xu=upper, vtype=int)
 
@@ -239,16 +255,26 @@ def propose_candidates(
             out["F"] = np.column_stack([predictor.predict(X / upper), [vector_cost(x) for x in X]])
 
     front = non_dominated(objectives)
-    algorithm = NSGA2(
+    algorithm = pymoo_nsga2.NSGA2(
         pop_size=config.population,
         sampling=archive[front].astype(np.int64),
-        crossover=TwoPointCrossover(prob=config.crossover_prob),
-        mutation=PM(prob=1.0, eta=config.mutation_eta, vtype=float, repair=RoundingRepair()),
+        crossover=pymoo_crossover.TwoPointCrossover(prob=config.crossover_prob),
+        mutation=pymoo_mutation.PM(prob=1.0, eta=config.mutation_eta, vtype=float, repair=pymoo_repair.RoundingRepair()),
         eliminate_duplicates=True,
     )
-    result = minimize(SurrogateProblem(), algorithm, ("n_gen", config.generations), seed=seed, verbose=False)
+    result = pymoo_optimize.minimize(SurrogateProblem(), algorithm, ("n_gen", config.generations), seed=seed, verbose=False)
     X = np.round(result.pop.get("X")).astype(np.int64)
     F = result.pop.get("F")
+    fresh = _new_rows(X, archive)
+    if config.candidate_selection == "spread":
+        picked = select_by_spread(F[fresh, 1], objectives[front, 1], count)
+    else:
+        picked = select_candidates(F[fresh], objectives[front, 1], count)
+    return X[[fresh[i] for i in picked]].reshape(-1, encoding.ENCODING_LENGTH)
+
+
+def _new_rows(X: np.ndarray, archive: np.ndarray) -> list[int]:
+    """The indices of the encodings of ``X`` that are not in ``archive``, the first of repeats only."""
     seen = {encoding.key(x) for x in archive}
     fresh = []
     for i, x in enumerate(X):
@@ -256,10 +282,6 @@ def propose_candidates(
         if k not in seen:
             seen.add(k)
             fresh.append(i)
-    if config.candidate_selection == "spread":
-        picked = select_by_spread(F[fresh, 1], objectives[front, 1], count)
-    else:
-        picked = select_candidates(F[fresh], objectives[front, 1], count)
-    return X[[fresh[i] for i in picked]].reshape(-1, encoding.ENCODING_LENGTH)
+    return fresh
 
 

@@ -30,22 +30,17 @@ import torch.nn.functional as F
 from pydantic import ValidationInfo, field_validator
 
 from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, Order, PositiveInt, PositiveNumber, Rate,
-                           config)
-from .darts import (
-    Precision,
-    StepRule,
-    first_order_only,
-    make_optimisers,
-    search_loaders,
-    train_epoch,
-)
+                           config, keyed, set_by_run)
+from .darts import Precision, StepRule, first_order_only, make_optimisers, search_loaders, train_epoch
 from ..accel.supernet_choice import supernet_class
-from ..core.data import BatchLoader, ImageDataset
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset
 from ..core.device import MixedPrecision
 from ..space.genotype import NUM_EDGES, STEPS, Gene, Genotype, iter_edges
 from ..space.ops import PRIMITIVES
 from ..space.supernet import SuperNet
 from ..core.progress import progress
+from ..training.recipe import SgdSettings
 from .search_result import SearchResult
 
 log = logging.getLogger(__name__)
@@ -56,33 +51,30 @@ SKIP = "skip_connect"
 
 
 @config
-class PdartsConfig:
+class PdartsConfig(SgdSettings):
     """P-DARTS' settings; the defaults are the reference's, except the skip dropout rates: its code
-    defaults to 0.0, its README runs ``--dropout_rate 0.1 0.4 0.7``, used here. The fields up to
-    ``order`` are what search.yaml's ``pdarts:`` sets; the run sets the rest for each search."""
+    defaults to 0.0, its README runs ``--dropout_rate 0.1 0.4 0.7``, used here. The weights' SGD
+    settings (:class:`~nbutils.training.recipe.SgdSettings`; ``grad_clip`` clips alpha's gradient
+    too) and the fields up to ``order`` are what search.yaml's ``pdarts:`` sets; the run sets the
+    rest for each search."""
 
-    layers: tuple[Cells, ...] = (5, 11, 17)          # cells per stage (base 5, add_layers 0, 6, 12)
-    num_to_keep: tuple[PositiveInt, ...] = (5, 3, 1)  # operations per edge after each stage (drop 3, 2, 2)
-    dropout_rates: tuple[Rate, ...] = (0.1, 0.4, 0.7)   # skip dropout per stage
-    epochs: PositiveInt = 25                         # per stage
-    warmup_epochs: NonNegativeInt = 10               # per stage, weights only
-    channels: Channels = 16
-    batch_size: PositiveInt = 96
-    lr: PositiveNumber = 0.025
-    lr_min: NonNegativeNumber = 0.0
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: PositiveNumber = 5.0                  # weights and alpha
-    arch_lr: PositiveNumber = 6e-4
-    arch_betas: tuple[Rate, Rate] = (0.5, 0.999)
-    arch_weight_decay: NonNegativeNumber = 1e-3
-    max_skip: NonNegativeInt | None = 2          # skip connections in the final normal cell; None: no limit
-    order: Order = 1
+    layers: tuple[Cells, ...] = keyed((5, 11, 17))   # cells per stage (base 5, add_layers 0, 6, 12)
+    num_to_keep: tuple[PositiveInt, ...] = keyed((5, 3, 1))   # operations per edge after each stage (drop 3, 2, 2)
+    dropout_rates: tuple[Rate, ...] = keyed((0.1, 0.4, 0.7))   # skip dropout per stage
+    epochs: PositiveInt = keyed(25)   # per stage
+    warmup_epochs: NonNegativeInt = keyed(10)   # per stage, weights only
+    channels: Channels = keyed(16)
+    batch_size: PositiveInt = keyed(96)
+    arch_lr: PositiveNumber = keyed(6e-4)
+    arch_betas: tuple[Rate, Rate] = keyed((0.5, 0.999))
+    arch_weight_decay: NonNegativeNumber = keyed(1e-3)
+    max_skip: NonNegativeInt | None = keyed(2)   # skip connections in the final normal cell; None: no limit
+    order: Order = keyed(1)
     # set by the run
-    augment: bool = True
-    anti: bool = False
-    fast: bool = True                                # the fast supernet (same function as the plain one), CPU only
-    mixed_precision: bool = False                    # CUDA only: float16 autocast with gradient scaling (order 1)
+    augment: bool = set_by_run(True)
+    anti: bool = set_by_run(False)
+    fast: bool = set_by_run(True)   # the fast supernet (same function as the plain one), CPU only
+    mixed_precision: bool = set_by_run(False)   # CUDA only: float16 autocast with gradient scaling (order 1)
 
     @field_validator("layers")
     @classmethod

@@ -5,26 +5,29 @@ Everything that lists algorithms derives from :data:`ALGORITHMS`: the names grid
 and the search.yaml sections (:mod:`nbutils.pipeline.params`), the stages the grid expands to
 (:mod:`nbutils.pipeline.stages`: gradient canceling's target, mixed precision, the clean-only
 reference), the search step (:mod:`nbutils.pipeline.steps`) and the report's names
-(:mod:`nbutils.report.tables`). Adding an algorithm is a module with its config and search
-function, one :class:`NasAlgorithm` here, and a section of the same name in search.yaml's params
-(the README's "Adding an algorithm" shows it).
+(:mod:`nbutils.report.names`). Adding an algorithm is a module with its config and search
+function and one :class:`NasAlgorithm` here: search.yaml's section of the same name follows (the
+README's "Adding a NAS algorithm" shows it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from ..core.data import ImageDataset, concatenate
+from ..core.image_dataset import ImageDataset, concatenate
 from .darts import DartsConfig, darts_search
 from .nsganetv2 import Nsganetv2Config, nsganetv2_search
 from .pdarts import PdartsConfig, pdarts_search
 from .robot import RobotConfig, robot_search
+from . import search_cost
 from .search_result import SearchResult
 from .tenas import TenasConfig, tenas_search
 
 #: a search stage's run of an algorithm: (weight half, architecture half of the search data, the
 #: stage's spec; seed, device, ...) -> what it found
 StageSearch = Callable[..., SearchResult]
+#: a search's work: (its config section as a dict, images of the search data, image side) -> units
+WorkUnits = Callable[[dict, int, int], float]
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,15 @@ class NasAlgorithm:
     mixed_precision: bool = False   #: ``search.mixed_precision`` applies to it (the others train in float32)
     label_free: bool = False        #: never reads labels: label flipping cannot change what it finds
     clean_only: bool = False        #: searched on clean data only (anti-search: a worst-case reference)
-    #: config fields the section gained after artifacts had been made: a stage's key holds one only
-    #: when it differs from its default, so that every artifact made before keeps its key
-    keyed_when_changed: tuple[str, ...] = field(default=())
+    #: the algorithm whose clean trials its own are tested against (anti-search: DARTS, the
+    #: workshop paper's Table 1); empty: its poisoned trials are tested against its clean ones
+    tested_against: str = ""
+    #: ranks architectures by training-free metrics, whose sensitivity to poisons the metric
+    #: sensitivity study measures (TMLR Table 2)
+    metric_based: bool = False
+    #: its search's work in the cost model's units (:mod:`nbutils.nas.search_cost`); None: one
+    #: unit per search
+    work_units: WorkUnits | None = None
 
     def __post_init__(self) -> None:
         if not self.section:
@@ -84,28 +93,27 @@ def _tenas(weight_part: ImageDataset, arch_part: ImageDataset, spec: dict, **com
 #: every NAS algorithm, in the order grid.yaml lists them and the report shows them
 ALGORITHMS: dict[str, NasAlgorithm] = {a.name: a for a in (
     NasAlgorithm("darts", "DARTS", DartsConfig, _darts, supernet=True, mixed_precision=True,
-                 keyed_when_changed=("warmup_epochs",)),
+                 work_units=search_cost.darts_units),
     # the workshop paper's anti-search (DARTS maximising the loss), Table 1
     NasAlgorithm("darts_anti", "DARTS anti-search", DartsConfig, _darts, section="darts", supernet=True,
-                 mixed_precision=True, clean_only=True),
-    NasAlgorithm("pdarts", "P-DARTS", PdartsConfig, _pdarts, supernet=True, mixed_precision=True),
-    NasAlgorithm("tenas", "TE-NAS", TenasConfig, _tenas, label_free=True,
-                 keyed_when_changed=("stem_multiplier", "region_crop", "precision", "operations")),
-    NasAlgorithm("robot", "RoBoT", RobotConfig, _robot,
-                 keyed_when_changed=("momentum", "weight_decay", "grad_clip", "drop_path", "metrics", "kappa")),
-    NasAlgorithm("nsganetv2", "NSGANetV2", Nsganetv2Config, _nsganetv2,
-                 keyed_when_changed=("cv_folds", "cart_trees", "crossover_prob", "mutation_eta", "cost_input_size",
-                                     "lr_min", "momentum", "weight_decay", "grad_clip", "eval_batch_size",
-                                     "tradeoff_points", "candidate_selection", "finetune_epochs", "finetune_lr",
-                                     "finetune_weight_decay", "finetune_batch_size")),
+                 mixed_precision=True, clean_only=True, tested_against="darts", work_units=search_cost.darts_units),
+    NasAlgorithm("pdarts", "P-DARTS", PdartsConfig, _pdarts, supernet=True, mixed_precision=True,
+                 work_units=search_cost.pdarts_units),
+    NasAlgorithm("tenas", "TE-NAS", TenasConfig, _tenas, label_free=True, metric_based=True),
+    NasAlgorithm("robot", "RoBoT", RobotConfig, _robot, metric_based=True, work_units=search_cost.robot_units),
+    NasAlgorithm("nsganetv2", "NSGANetV2", Nsganetv2Config, _nsganetv2, work_units=search_cost.nsganetv2_units),
 )}
 
 
 def names(**flags: bool) -> tuple[str, ...]:
     """The algorithms whose flags (``supernet``, ``mixed_precision``, ``label_free``,
-    ``clean_only``) have the given values, in :data:`ALGORITHMS` order."""
+    ``clean_only``, ``metric_based``) have the given values, in :data:`ALGORITHMS` order."""
     return tuple(a.name for a in ALGORITHMS.values() if all(getattr(a, f) == v for f, v in flags.items()))
 
 
 #: the search.yaml sections: each algorithm's own, in order (darts_anti has none)
 SECTIONS: dict[str, type] = {a.section: a.config for a in ALGORITHMS.values() if a.section == a.name}
+
+
+#: the algorithms tested against another's clean trials (:attr:`NasAlgorithm.tested_against`)
+TESTED_AGAINST: dict[str, str] = {a.name: a.tested_against for a in ALGORITHMS.values() if a.tested_against}

@@ -28,12 +28,12 @@ The search, as the reference runs it in the DARTS space:
    Rank all candidates of the round by ``kappa_change`` (descending: removing the operation
    lowers kappa most -> rank 0) and by ``region_change`` (ascending: removing it raises the
    region count most -> rank 0), dense ranks with ties sharing a rank; sum the two ranks
-   (:func:`rank_candidates`); on every edge remove the ``prune_per_round`` (3) operations
-   with the lowest sums (:func:`operations_to_prune`). 7 -> 4 -> 1 operations per edge.
+   (:func:`~nbutils.nas.tenas_pruning.rank_candidates`); on every edge remove the ``prune_per_round`` (3) operations
+   with the lowest sums (:func:`~nbutils.nas.tenas_pruning.operations_to_prune`). 7 -> 4 -> 1 operations per edge.
 3. **Edge pruning**: node by node (normal cell first), for a node with more than two
    incoming edges, the candidates are its edges (each now carries one operation); the same
    measurements and ranks within the node; all but the two edges with the highest rank sums
-   are removed (:func:`edges_to_prune`).
+   are removed (:func:`~nbutils.nas.tenas_pruning.edges_to_prune`).
 4. The genotype reads the two remaining edges of every node and their operation.
 
 Networks (:class:`TenasNetwork`), as ``NASNetworkDARTS`` with the reference's model
@@ -79,21 +79,22 @@ Deliberate departures from the reference:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import contextmanager
-from typing import Annotated, Hashable, Iterator, Literal, Mapping, Sequence
+from typing import Annotated, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 from pydantic import field_validator
 
-from ..core.config import NOT_BOOLEAN, PositiveInt, config, integer
-from ..core.data import BatchLoader, ImageDataset, channel_stats, resized
+from ..core.config import NOT_BOOLEAN, PositiveInt, config, integer, keyed, keyed_when_changed, set_by_run
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats, resized
 from ..space.genotype import NUM_EDGES, STEPS, Genotype, parse_alpha
 from .ntk import linear_regions, ntk_condition_number, region_inputs
 from .search_result import SearchResult
 from ..space.ops import PRIMITIVES
+from .tenas_pruning import edges_to_prune, operations_to_prune, rank_candidates, relative_change
 from .tenas_network import (CELL_TYPES, EDGES_PER_NODE, SEARCH_OPERATIONS, Candidate, Switches, TenasNetwork,
                             initial_switches)
 from ..core.progress import progress
@@ -110,21 +111,23 @@ class TenasConfig:
     CIFAR-10). Every field but ``augment`` is what search.yaml's ``tenas:`` sets; the run sets
     ``augment`` for each search."""
 
-    batch_size: integer(2) = 14   # images per NTK batch (an NTK of one image has no condition number)
-    channels: PositiveInt = 1     # C of the NTK and region networks
-    cells: Annotated[Literal[2, 3], NOT_BOOLEAN] = 2   # a normal cell, then a reduction cell (a third: another reduction)
-    stem_multiplier: PositiveInt = 1
-    repeats: PositiveInt = 3      # repetitions of both measurements per candidate
-    region_batches: PositiveInt = 3   # batches of crops per region count
-    region_batch_size: integer(2) = 1000   # crops per batch (one crop alone has a single region)
-    region_crop: PositiveInt = 3  # crop side, in pixels
-    prune_per_round: PositiveInt = 3   # operations removed per edge per round
-    precision: PositiveInt = 3    # decimals of each relative change; significant digits of the ranking key
-    fresh_batches: bool = True    # False: common NTK batches, crops and thin networks for a round
-    operations: tuple[str, ...] = SEARCH_OPERATIONS   # the operations every edge starts with
-    image_size: integer(8) | None = None   # resize the images to this side for both indicators (None: as given)
+    batch_size: integer(2) = keyed(14)   # images per NTK batch (an NTK of one image has no condition number)
+    channels: PositiveInt = keyed(1)   # C of the NTK and region networks
+    # a normal cell, then a reduction cell (a third: another reduction)
+    cells: Annotated[Literal[2, 3], NOT_BOOLEAN] = keyed(2)
+    stem_multiplier: PositiveInt = keyed_when_changed(1)
+    repeats: PositiveInt = keyed(3)   # repetitions of both measurements per candidate
+    region_batches: PositiveInt = keyed(3)   # batches of crops per region count
+    region_batch_size: integer(2) = keyed(1000)   # crops per batch (one crop alone has a single region)
+    region_crop: PositiveInt = keyed_when_changed(3)   # crop side, in pixels
+    prune_per_round: PositiveInt = keyed(3)   # operations removed per edge per round
+    # decimals of each relative change; significant digits of the ranking key
+    precision: PositiveInt = keyed_when_changed(3)
+    fresh_batches: bool = keyed(True)   # False: common NTK batches, crops and thin networks for a round
+    operations: tuple[str, ...] = keyed_when_changed(SEARCH_OPERATIONS)   # the operations every edge starts with
+    image_size: integer(8) | None = keyed(None)   # resize the images to this side for both indicators (None: as given)
     # set by the run
-    augment: bool = True          # NTK batches: random crop (padding 4) and flip, as the reference's loader
+    augment: bool = set_by_run(True)   # NTK batches: random crop (padding 4) and flip, as the reference's loader
 
     @field_validator("operations")
     @classmethod
@@ -134,81 +137,6 @@ class TenasConfig:
                                                                              for op in operations):
             raise ValueError(f"must list distinct operations of {', '.join(SEARCH_OPERATIONS)}")
         return tuple(op for op in SEARCH_OPERATIONS if op in operations)
-
-
-# --------------------------------------------------------------------------- the pruning rule
-
-
-def round_significant(value: float, digits: int) -> float:
-    """``value`` rounded to ``digits`` significant digits, as the reference's ``round_to``
-    (which adds 1e-8 to the magnitude first)."""
-    if value == 0 or not math.isfinite(value):
-        return value
-    magnitude = abs(value) + 1e-8
-    power = math.floor(math.log10(magnitude)) + 1
-    return math.copysign(round(magnitude * 10.0 ** (-power), digits) * 10.0 ** power, value)
-
-
-def _dense_ranks(keys: Sequence[Hashable], values: Mapping[Hashable, float], descending: bool,
-                 precision: int) -> dict[Hashable, int]:
-    """The reference's ranking: sort (stably) by the value rounded to ``precision``
-    significant digits; walking the sorted list, a value equal to its predecessor's shares its
-    rank, any other gets the predecessor's rank + 1."""
-    ordered = sorted(keys, key=lambda k: round_significant(values[k], precision), reverse=descending)
-    ranks: dict[Hashable, int] = {}
-    for i, key in enumerate(ordered):
-        if i == 0:
-            ranks[key] = 0
-        else:
-            previous = ordered[i - 1]
-            ranks[key] = ranks[previous] if values[key] == values[previous] else ranks[previous] + 1
-    return ranks
-
-
-def rank_candidates(kappa_change: Mapping[Hashable, float], region_change: Mapping[Hashable, float],
-                    precision: int = 3) -> list[tuple[Hashable, int, int]]:
-    """``[(candidate, kappa rank, region rank)]``, most prunable first.
-
-    ``kappa_change`` ranks descending (a larger drop of kappa when the candidate is removed is
-    better), ``region_change`` ascending (a more negative change, i.e. more regions without the
-    candidate, is better); the list is sorted by the sum of the two ranks, stably, ties in the
-    order of the kappa ranking (as the reference's dict of rankings)."""
-    keys = list(kappa_change)
-    if set(keys) != set(region_change):
-        raise ValueError("kappa_change and region_change must have the same candidates")
-    if not keys:
-        raise ValueError("rank_candidates needs at least one candidate")
-    for name, table in (("kappa_change", kappa_change), ("region_change", region_change)):
-        bad = [k for k in keys if not math.isfinite(table[k])]
-        if bad:
-            raise ValueError(f"{name} must be finite for every candidate; not for {bad[:3]}")
-    by_kappa = _dense_ranks(keys, kappa_change, descending=True, precision=precision)
-    by_regions = _dense_ranks(keys, region_change, descending=False, precision=precision)
-    in_kappa_order = sorted(keys, key=lambda k: round_significant(kappa_change[k], precision), reverse=True)
-    ranked = [(k, by_kappa[k], by_regions[k]) for k in in_kappa_order]
-    return sorted(ranked, key=lambda row: row[1] + row[2])
-
-
-def operations_to_prune(ranking: Sequence[tuple[Candidate, int, int]], per_edge: int) -> list[Candidate]:
-    """On every edge, the ``per_edge`` candidates that come first in ``ranking``."""
-    if isinstance(per_edge, bool) or not isinstance(per_edge, int) or per_edge < 1:
-        raise ValueError(f"per_edge must be an int >= 1, got {per_edge!r}")
-    chosen: dict[tuple[str, int], list[Candidate]] = {}
-    for candidate, _, _ in ranking:
-        picks = chosen.setdefault(candidate[:2], [])
-        if len(picks) < per_edge:
-            picks.append(candidate)
-    return [c for picks in chosen.values() for c in picks]
-
-
-def edges_to_prune(ranking: Sequence[tuple[Candidate, int, int]], keep: int = EDGES_PER_NODE) -> list[Candidate]:
-    """All candidates of one node's ranking but the last ``keep`` (the highest rank sums)."""
-    return [candidate for candidate, _, _ in ranking[: max(0, len(ranking) - keep)]]
-
-
-def relative_change(origin: float, candidate: float, precision: int) -> float:
-    """``round((origin - candidate) / origin, precision)``: one repetition's change."""
-    return round((origin - candidate) / origin, precision)
 
 
 # --------------------------------------------------------------------------- measurements

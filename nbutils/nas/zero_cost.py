@@ -63,6 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.device import resolve_device
+
 #: The six metrics RoBoT uses, in the order they are reported.
 METRICS: tuple[str, ...] = ("grad_norm", "snip", "grasp", "fisher", "synflow", "jacob_cov")
 ALL = METRICS
@@ -291,8 +293,6 @@ def _resolve(device: str | torch.device | None, model: nn.Module) -> torch.devic
     if device is None:
         return next((p.device for p in model.parameters()), torch.device("cpu"))
     if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
-        from ..core.device import resolve_device
-
         return resolve_device(device)
     return torch.device(device)
 

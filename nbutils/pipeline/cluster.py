@@ -23,9 +23,12 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+import dask
+from dask.distributed import Client, LocalCluster, as_completed
+
 from ..core.malloc import MALLOC_ENV
 from .execution import Outcome, default_workers, run_execution
-from .progress import Progress, chain_lengths   # chain_lengths: the priority of each execution
+from .progress import Progress
 
 if TYPE_CHECKING:
     from .stages import Stage
@@ -53,10 +56,6 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
     """Submit every execution as a task after the tasks it reads; report each stage's outcome
     to ``progress`` as it arrives; return the outcomes in stage order. ``timeouts``: each
     execution's (in ``progress.plan.groups`` order; None: no limit)."""
-    import dask
-    from dask.distributed import Client, LocalCluster, as_completed
-
-
     for name in ("distributed", "tornado", "bokeh"):   # keep the run's output to the stages' progress
         logging.getLogger(name).setLevel(logging.WARNING)
     cluster = None

@@ -15,6 +15,7 @@ with ``python -m nbutils code-digests --write``.
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import importlib.util
 import json
@@ -156,8 +157,6 @@ def _code_cells(notebook: str) -> list[str]:
 
 def _without_docstrings(tree: ast.AST) -> str:
     """A syntax tree as text, without docstrings (and so without comments)."""
-    import copy
-
     tree = copy.deepcopy(tree)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from ..nas import registry
+from ..nas.search_cost import network_units
+
 #: native image side of each dataset (the size when the preset gives none)
 NATIVE_SIDE = {"cifar10": 32, "cifar100": 32, "mnist": 28, "fashion_mnist": 28, "svhn": 32, "digits": 8, "noise": 28}
 
@@ -72,35 +75,6 @@ MODELLED_SECONDS_PER_UNIT: dict[str, float] = {
 }
 
 
-def _network(channels: int, cells: int, side: int) -> float:
-    """The convolution cost proxy of a cell network: channels² x cells x pixels, in millions."""
-    return channels * channels * cells * side * side / 1e6
-
-
-#: a supernet step's cost that does not grow with the batch or the image, per cell, in the units of
-#: ``batch x`` :func:`_network`: on the CPU a small supernet's step is bound by the overhead of its
-#: thousands of small operations (C=8, 5 cells, 16 px: ~0.16 s of a 0.35 s weight step at batch 32,
-#: fitted on batch 16/32/64 and 8/12/16 px; benchmarks/README.md)
-STEP_OVERHEAD_PER_CELL = 0.40
-#: a first-order architecture step (a forward and a backward to alpha only) against a weight step,
-#: measured at the quick preset's search (0.24 s against 0.33 s); a second-order one computes a
-#: weight gradient, the validation gradient and two alpha gradients, about four weight steps
-ARCH_STEP_SHARE = {1: 0.75, 2: 4.0}
-
-
-def _darts_units(images: int, config: dict, side: int) -> float:
-    """A DARTS search's work (or one P-DARTS stage's): its weight steps (every epoch, a batch of
-    one half each) and its architecture steps (after the warm-up epochs, one per weight step),
-    each step at the overhead plus arithmetic proxy of a supernet step
-    (:data:`STEP_OVERHEAD_PER_CELL`)."""
-    per_epoch = math.ceil(images / 2 / config["batch_size"])
-    weight_steps = config["epochs"] * per_epoch
-    arch_steps = (config["epochs"] - config.get("warmup_epochs", 0)) * per_epoch
-    step = STEP_OVERHEAD_PER_CELL * config["layers"] + config["batch_size"] * _network(
-        config["channels"], config["layers"], side)
-    return (weight_steps + ARCH_STEP_SHARE[config.get("order", 1)] * arch_steps) * step
-
-
 def _side(data: dict, search: bool) -> int:
     side = data.get("search_image_size" if search else "image_size")
     return int(side or NATIVE_SIDE.get(data.get("dataset"), 32))
@@ -117,8 +91,8 @@ def _images(data: dict, name: str) -> int:
 
 def cost_class(kind: str, spec: dict) -> str:
     if kind == "search":
-        algorithm = spec.get("algorithm", "?")
-        return "search " + ("darts" if algorithm == "darts_anti" else algorithm)
+        algorithm = spec.get("algorithm", "?")   # a search shares its section's class (anti-search: DARTS')
+        return "search " + (registry.ALGORITHMS[algorithm].section if algorithm in registry.ALGORITHMS else algorithm)
     if kind == "poison":
         return "poison " + spec.get("attack", {}).get("name", "?")
     if kind == "defend":
@@ -134,25 +108,12 @@ def work_units(kind: str, spec: dict, reads: int = 0) -> float:
     data = spec.get("data", {})
     config = spec.get("config", {})
     if kind == "search":
-        algorithm = spec.get("algorithm")
-        images, side = _images(data, "search_size"), _side(data, search=True)
-        if algorithm in ("darts", "darts_anti"):
-            return _darts_units(images, config, side)
-        if algorithm == "pdarts":   # a search per stage, of growing depth and fewer operations per edge
-            alive = [8, *config.get("num_to_keep", (5, 3, 1))]
-            return sum(_darts_units(images, {**config, "layers": cells}, side) * alive[stage] / 8
-                       for stage, cells in enumerate(config["layers"]))
-        if algorithm == "robot":    # the metrics of the pool, then the trained queries
-            net = _network(config["channels"], config["layers"], side)
-            return (config["pool_size"] * config["metric_batch_size"] * 6
-                    + config["budget"] * config["train_epochs"] * images / 2) * net
-        if algorithm == "nsganetv2":   # the supernet's training, then the measured candidates
-            net = _network(config["channels"], config["layers"], side)
-            measured = config["initial_design"] + config["iterations"] * config["candidates_per_iteration"]
-            return (config["epochs"] * images / 2 + measured * config["calibration_batches"] * config["batch_size"]) * net
-        return 1.0   # TE-NAS (its pruning rounds are not proportional to a network's size) and random sampling
+        algorithm = registry.ALGORITHMS.get(spec.get("algorithm"))
+        if algorithm is None or algorithm.work_units is None:
+            return 1.0   # random sampling, and TE-NAS (its pruning rounds do not follow a network's size)
+        return algorithm.work_units(config, _images(data, "search_size"), _side(data, search=True))
     if kind == "retrain":
-        net = _network(config["channels"], config["layers"], _side(data, search=False))
+        net = network_units(config["channels"], config["layers"], _side(data, search=False))
         return (_images(data, "train_size") * config["epochs"] + _images(data, "test_size") / 3) * net
     if kind == "surrogate":   # a fixed ResNet-18
         return _images(data, "search_size") * config["epochs"] * _side(data, search=True) ** 2 / 1e3
@@ -178,7 +139,7 @@ def work_units(kind: str, spec: dict, reads: int = 0) -> float:
     if kind == "sensitivity" and "tenas" in config:   # TE-NAS's C=1 networks: per architecture (the supernet: 7 operations per edge)
         return config["architectures"] * (7 if config.get("tenas_network") == "supernet" else 1)
     if kind == "sensitivity":
-        return config["architectures"] * config["samples"] * _network(config["channels"], config["layers"],
+        return config["architectures"] * config["samples"] * network_units(config["channels"], config["layers"],
                                                                        _side(data, search=True))
     return 1.0 + reads   # gallery, report: one unit per artifact they show
 

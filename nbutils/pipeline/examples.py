@@ -28,8 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from ..core.store import ArtifactStore
-from . import params
+from . import params, steps
+from .execution import STEP_OF, stage_record
 from .code_versions import PROJECT_ROOT
 from .stages import Stage, expand
 
@@ -110,9 +113,6 @@ def compute_stage(stage: Stage, store: ArtifactStore, inputs: dict[str, str]) ->
     """Run ``stage``'s step function in this process and commit its artifact to ``store``,
     recorded as the runner records it (``spec.json``), so that the steps reading it find what
     they expect (a crafted attack reads its target's retrain record, the report its cells')."""
-    from . import steps   # torch and every algorithm: only when something is computed
-    from .execution import STEP_OF, stage_record
-
     work = store.begin(stage.kind, stage.key)
     start = time.perf_counter()
     try:
@@ -173,8 +173,6 @@ def example_stage(kind: str, preset: str | Path | None = None, outputs: str | Pa
     machine, so torch is given one."""
     preset = preset or LESSON_PRESET
     if str(preset) == LESSON_PRESET:
-        import torch
-
         torch.set_num_threads(1)
     stages = preset_stages(preset)
     if not any(s.kind == kind for s in stages):

@@ -27,40 +27,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
+import lazy_loader
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from traitlets.config import Config
+
 from ..core.device import environment
 from ..core.malloc import MALLOC_ENV
 from ..core.stage_lock import describe
 from ..core.store import ArtifactStore, atomic_write_bytes
 from .batches import COMPLETED_FILE, FAILED_FILE, run_trials
+from . import steps
 from .code_versions import NOTEBOOK_OF, NOTEBOOKS
 from .warm_kernel import kernel_for
 from .stages import Stage
 
+# imported on first use (lazy_loader): nbformat's schema checks take seconds to import (rfc3987-syntax
+# builds its grammar), which a --dry-run or a run refused for bad input need not pay
+papermill = lazy_loader.load("papermill")
+nbconvert = lazy_loader.load("nbconvert")
+nbformat = lazy_loader.load("nbformat")
+
 log = logging.getLogger(__name__)
-
-
 
 
 STEP_OF = {"surrogate": "surrogate", "poison": "craft_poisons", "search": "search", "retrain": "retrain",
            "sensitivity": "metric_sensitivity", "defend": "defend"}
 
 
-
 SUMMARIES = ("gallery", "report")   # read many trials and show what exists when some failed
-
 
 
 #: kinds whose trials of one condition share one notebook execution (notebook parameter ``trials``)
 BATCHED = ("search", "retrain")
 
 
-
 EXECUTED_NOTEBOOK = "notebook.ipynb"
 
 
-
 KERNEL_LOG = "kernel.log"   # what the notebook's kernel process printed itself (not its cells' output)
-
 
 
 REPORT_HTML = "report.html"
@@ -70,11 +75,9 @@ CELLS_CSV = "cells.csv"
 EPOCHS_CSV = "epochs.csv"
 
 
-
 #: the report links to artifacts relative to the outputs folder; its copy in the report stage's
 #: own folder (two levels down) resolves them through this base, removed from outputs/report.html
 STAGE_BASE = '<base href="../../">'
-
 
 
 # --- execution ---------------------------------------------------------------------------------
@@ -87,13 +90,9 @@ class Outcome:
     notebook: Path | None = None
 
 
-
 def kernel_name() -> str:
     """The project's registered kernel when present (``make`` registers it in the venv), else python3."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
     return "nbutils" if "nbutils" in KernelSpecManager().find_kernel_specs() else "python3"
-
 
 
 def executions(stages: list[Stage], batched: bool = True) -> list[list[Stage]]:
@@ -126,7 +125,6 @@ def executions(stages: list[Stage], batched: bool = True) -> list[list[Stage]]:
     return ordered
 
 
-
 def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh_kernel: bool = False,
             timeout: float | None = None) -> list[Outcome]:
     """Run stages of one kind in one execution, each into a private folder; commit each one
@@ -154,27 +152,10 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
     error = None
     try:
         if kernel is None and kind in STEP_OF:
-            from . import steps   # the engines: torch and every algorithm, only for --inline
-
             step = getattr(steps, STEP_OF[kind])
             run_trials(step, trials) if kind in BATCHED else step(**trials[0])
         else:
-            # the kernel keeps freed memory for its next tensors (see nbutils.core.malloc),
-            # whatever this process was given (Dask workers: MALLOC_TRIM_THRESHOLD_=65536)
-            os.environ.update(MALLOC_ENV)
-            notebook_in = NOTEBOOKS / NOTEBOOK_OF[kind]
-            options = dict(parameters={"trials": trials} if kind in BATCHED else trials[0], progress_bar=False,
-                           log_output=False, execution_timeout=None if timeout is None else math.ceil(timeout))
-            if fresh_kernel:
-                import papermill
-
-                with open(works[0] / KERNEL_LOG, "w") as kernel_log:
-                    papermill.execute_notebook(str(notebook_in), str(notebook), kernel_name=kernel or kernel_name(),
-                                               cwd=str(NOTEBOOKS), kernel_manager_class=kernel_manager_logging_to(kernel_log),
-                                               **options)
-            else:
-                kernel_for(kernel or kernel_name(), NOTEBOOKS).execute(notebook_in, notebook,
-                                                                       kernel_log=works[0] / KERNEL_LOG, **options)
+            _run_notebook(kind, trials, notebook, kernel or kernel_name(), fresh_kernel, timeout)
         if kind == "report":
             render_html(notebook, works[0] / REPORT_HTML)
     except KeyboardInterrupt:
@@ -182,13 +163,7 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
     except Exception as e:  # a failing notebook must not stop the other stages
         error = e
     seconds = time.perf_counter() - start
-    log_file = works[0] / KERNEL_LOG
-    if log_file.is_file() and log_file.stat().st_size == 0:
-        log_file.unlink()
-    for work in works[1:]:   # every artifact holds the executed notebook (and the kernel's log)
-        for file in (notebook, log_file):
-            if file.is_file():
-                shutil.copyfile(file, work / file.name)
+    _share_notebook(works)
     # the notebook failed although no trial did (its display cells, say): nothing counts as done
     trial_failed = any((work / FAILED_FILE).is_file() for work in works)
     outcomes = []
@@ -196,22 +171,58 @@ def execute(stages: list[Stage], store: ArtifactStore, kernel: str | None, fresh
         marked = (work / COMPLETED_FILE).is_file()
         completed = (marked and (error is None or trial_failed)) if kind in BATCHED else error is None
         (work / COMPLETED_FILE).unlink(missing_ok=True)
-        if not completed:
+        if completed:
+            outcomes.append(_commit(stage, work, store, seconds, len(stages)))
+        else:
             failed = store.fail(work, stage.kind, stage.key)
             outcomes.append(Outcome(stage, "failed", seconds, _failure_reason(failed, error), failed / EXECUTED_NOTEBOOK))
-            continue
-        try:
-            record = stage_record(stage, seconds / len(stages), {"stages": len(stages), "seconds": seconds})
-            final = store.commit(work, stage.kind, stage.key, record, replace=stage.rerun)
-        except Exception as e:   # the artifact is complete but could not be stored: this stage fails, not the run
-            log.exception("committing %s failed", stage.label)
-            failed = store.fail(work, stage.kind, stage.key) if work.exists() else store.failed_path(stage.kind, stage.key)
-            outcomes.append(Outcome(stage, "failed", seconds, f"could not store the result: {type(e).__name__}: {e}",
-                                    failed / EXECUTED_NOTEBOOK))
-            continue
-        outcomes.append(Outcome(stage, "ran", seconds / len(stages), notebook=final / EXECUTED_NOTEBOOK))
     return outcomes
 
+
+def _run_notebook(kind: str, trials: list[dict], notebook: Path, kernel: str, fresh_kernel: bool,
+                  timeout: float | None) -> None:
+    """The kind's notebook executed into ``notebook`` with the trials as its parameters, in this
+    process's warm kernel or, with ``fresh_kernel``, in a kernel started for it; the kernel's own
+    output goes to :data:`KERNEL_LOG` beside the notebook."""
+    # the kernel keeps freed memory for its next tensors (see nbutils.core.malloc),
+    # whatever this process was given (Dask workers: MALLOC_TRIM_THRESHOLD_=65536)
+    os.environ.update(MALLOC_ENV)
+    notebook_in = NOTEBOOKS / NOTEBOOK_OF[kind]
+    options = dict(parameters={"trials": trials} if kind in BATCHED else trials[0], progress_bar=False,
+                   log_output=False, execution_timeout=None if timeout is None else math.ceil(timeout))
+    kernel_log = notebook.parent / KERNEL_LOG
+    if not fresh_kernel:
+        kernel_for(kernel, NOTEBOOKS).execute(notebook_in, notebook, kernel_log=kernel_log, **options)
+        return
+    with open(kernel_log, "w") as log_stream:
+        papermill.execute_notebook(str(notebook_in), str(notebook), kernel_name=kernel, cwd=str(NOTEBOOKS),
+                                   kernel_manager_class=kernel_manager_logging_to(log_stream), **options)
+
+
+def _share_notebook(works: list[Path]) -> None:
+    """Every artifact of an execution holds the executed notebook and the kernel's log (an
+    empty log is dropped)."""
+    notebook, log_file = works[0] / EXECUTED_NOTEBOOK, works[0] / KERNEL_LOG
+    if log_file.is_file() and log_file.stat().st_size == 0:
+        log_file.unlink()
+    for work in works[1:]:
+        for file in (notebook, log_file):
+            if file.is_file():
+                shutil.copyfile(file, work / file.name)
+
+
+def _commit(stage: Stage, work: Path, store: ArtifactStore, seconds: float, stages: int) -> Outcome:
+    """A completed stage committed to the store with its record; an error storing it fails this
+    stage, not the run."""
+    try:
+        record = stage_record(stage, seconds / stages, {"stages": stages, "seconds": seconds})
+        final = store.commit(work, stage.kind, stage.key, record, replace=stage.rerun)
+    except Exception as e:
+        log.exception("committing %s failed", stage.label)
+        failed = store.fail(work, stage.kind, stage.key) if work.exists() else store.failed_path(stage.kind, stage.key)
+        return Outcome(stage, "failed", seconds, f"could not store the result: {type(e).__name__}: {e}",
+                       failed / EXECUTED_NOTEBOOK)
+    return Outcome(stage, "ran", seconds / stages, notebook=final / EXECUTED_NOTEBOOK)
 
 
 def stage_record(stage: Stage, seconds: float, execution: dict) -> dict:
@@ -230,8 +241,6 @@ def kernel_manager_logging_to(log: IO[str]) -> type:
     through Jupyter's messages): it is ipykernel's logging, such as the "KeyboardInterrupt
     caught in kernel" it logs at every shutdown, which users read as a failure on the console
     of a run that went well. It is kept beside the executed notebook instead."""
-    from jupyter_client.manager import AsyncKernelManager
-
     class KernelManagerWithLog(AsyncKernelManager):
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             kw.setdefault("stdout", log)
@@ -239,7 +248,6 @@ def kernel_manager_logging_to(log: IO[str]) -> type:
             return await super()._async_launch_kernel(kernel_cmd, **kw)
 
     return KernelManagerWithLog
-
 
 
 def _failure_reason(folder: Path, error: Exception | None) -> str:
@@ -257,18 +265,12 @@ def _failure_reason(folder: Path, error: Exception | None) -> str:
     return lines[-1] if lines else "failed"
 
 
-
 def render_html(notebook: Path, html: Path) -> None:
     """The executed report notebook as one self-contained HTML page, without code cells."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    from traitlets.config import Config
-
     config = Config()
     config.TagRemovePreprocessor.remove_cell_tags = {"remove_cell"}  # notes for notebook readers only
     config.TagRemovePreprocessor.enabled = True
-    exporter = HTMLExporter(config=config, template_name="lab", exclude_input=True, exclude_input_prompt=True,
+    exporter = nbconvert.HTMLExporter(config=config, template_name="lab", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True, embed_images=True)
     exporter.log.setLevel(logging.ERROR)
     body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
@@ -280,11 +282,9 @@ def render_html(notebook: Path, html: Path) -> None:
     atomic_write_bytes(html, body.encode())
 
 
-
 def default_workers() -> int:
     """One stage per CPU core this process may use."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
 
 
 def run_execution(stages: list[Stage], store: ArtifactStore, kernel: str | None, inputs: Sequence[Outcome] = (),
@@ -363,13 +363,11 @@ def limit_threads(threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-
 def report_line(i: int, total: int, outcome: Outcome) -> str:
     if outcome.status == "ran":
         return (f"[{i}/{total}] {outcome.stage.label}: ran in {outcome.seconds:.1f} s"
                 + (f" ({outcome.detail})" if outcome.detail else ""))
     return f"[{i}/{total}] {outcome.stage.label}: {outcome.status}" + (f" ({outcome.detail})" if outcome.detail else "")
-
 
 
 def report_without(report: Stage, missing: dict[tuple[str, str], Outcome]) -> Stage:

@@ -29,6 +29,8 @@ import os
 import sys
 import warnings
 
+from IPython import get_ipython
+
 PROJECT_PACKAGE = "nbutils"
 
 _start: dict = {}            # the kernel's state when recorded: what restore() returns to
@@ -60,7 +62,9 @@ def _project_attributes(module) -> dict[str, int]:
     found = {}
     for name, value in list(vars(module).items()):
         found[name] = id(value)
-        if isinstance(value, type) and value.__module__ == module.__name__:
+        # issubclass(type(...)), not isinstance: isinstance also asks the value for its __class__,
+        # which imports a module declared with lazy_loader (and changes the kernel's state)
+        if issubclass(type(value), type) and value.__module__ == module.__name__:
             for attribute, member in list(vars(value).items()):
                 found[f"{name}.{attribute}"] = id(member)
     return found
@@ -100,7 +104,7 @@ def restore() -> list[str]:
     not be restored and differs, as readable names (empty: the kernel is as good as fresh)."""
     if not _start:
         return ["the kernel's start state was never recorded"]
-    ipython = _ipython()
+    ipython = get_ipython()
     if ipython is not None:
         ipython.reset(new_session=True)
     os.chdir(_start["cwd"])
@@ -127,11 +131,3 @@ def restore() -> list[str]:
     problems += [f"torch {name}: {_start['torch'][name]!r} -> {value!r}"
                  for name, value in torch_now.items() if _start["torch"].get(name) != value]
     return problems
-
-
-def _ipython():
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    return get_ipython()

@@ -15,7 +15,6 @@ import heapq
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Callable, Sequence
 
 from .cost_model import CostModel, Estimate, format_duration, recorded_seconds

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..core.data import DATA_ROOT_ENV, load_dataset
+from ..core.datasets import DATA_ROOT_ENV, load_dataset
 from ..defenses.denoising import ddpm_folders
 from ..core.store import ArtifactStore, atomic_write_bytes
 from . import params
+from .cluster import run_on_dask
 from .code_versions import NOTEBOOK_OF, PROJECT_ROOT
 from . import warm_kernel
 from .cost_model import CostModel
@@ -134,29 +135,17 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
     if os.environ.get(DATA_ROOT_ENV):   # the kernels inherit it, in another working directory
         os.environ[DATA_ROOT_ENV] = str(Path(os.environ[DATA_ROOT_ENV]).expanduser().resolve())
     preset = params.load_preset(preset_dir)
-    stages = expand(preset)
-    if only is not None:
-        if only not in NOTEBOOK_OF:
-            raise params.ParamsError(f"--only {only!r} is not a stage; allowed: {', '.join(NOTEBOOK_OF)}")
-        wanted = {id(s) for s in stages if s.kind == only}
-        stages = [s for s in stages if id(s) in wanted or needed_by(s, stages, wanted)]
     if workers is not None and workers < 1:
         raise params.ParamsError(f"--workers must be >= 1, got {workers}")
-    unknown = sorted(set(rerun) - set(NOTEBOOK_OF))
-    if unknown:
-        raise params.ParamsError(f"--rerun {', '.join(unknown)}: not a kind of stage; allowed: {', '.join(NOTEBOOK_OF)}")
+    stages = _stages_to_run(preset, only, rerun)
     limits = parse_timeouts(timeouts)
-    mark_reruns(stages, set(rerun))
     store = ArtifactStore(outputs)
     workers = workers or default_workers()
     # warm kernels start notebooks in about a second: one execution per trial; fresh kernels
     # pay ~7 s each: one per condition
     plan = Plan(stages, store, CostModel.from_store(outputs), workers, batched=fresh_kernels)
     if dry_run:
-        for s in stages:
-            state = "rerun" if s.rerun else "exists" if store.exists(s.kind, s.key) else "to run"
-            print(f"{s.kind:9s} {s.key}  {state:7s} {s.label}", file=out)
-        print("", *plan.summary_lines(), sep="\n", file=out)
+        print_dry_run(stages, store, plan, out)
         return []
     preflight(preset)
     store.clean_partial()
@@ -171,8 +160,6 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
         finally:
             warm_kernel.shutdown()
     else:
-        from .cluster import run_on_dask   # dask, only when it is used
-
         outcomes = run_on_dask(stages, store, kernel, workers=workers, progress=progress, scheduler=scheduler,
                                fresh_kernel=fresh_kernels, timeouts=[execution_timeout(g, plan, limits) for g in plan.groups],
                                out=out)
@@ -181,6 +168,30 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
             publish_report(store.path("report", outcome.stage.key), outputs)
     print_summary(outcomes, time.perf_counter() - started, outputs, out)
     return outcomes
+
+
+def print_dry_run(stages: list[Stage], store: ArtifactStore, plan: Plan, out) -> None:
+    """One line per stage (kind, key, whether it exists, label), then the run's estimated cost."""
+    for s in stages:
+        state = "rerun" if s.rerun else "exists" if store.exists(s.kind, s.key) else "to run"
+        print(f"{s.kind:9s} {s.key}  {state:7s} {s.label}", file=out)
+    print("", *plan.summary_lines(), sep="\n", file=out)
+
+
+def _stages_to_run(preset: params.Preset, only: str | None, rerun: Sequence[str]) -> list[Stage]:
+    """The preset's stages, only those of kind ``only`` and the stages they read when it is
+    given, each of a kind in ``rerun`` (and each stage reading one) marked to run again."""
+    stages = expand(preset)
+    if only is not None:
+        if only not in NOTEBOOK_OF:
+            raise params.ParamsError(f"--only {only!r} is not a stage; allowed: {', '.join(NOTEBOOK_OF)}")
+        wanted = {id(s) for s in stages if s.kind == only}
+        stages = [s for s in stages if id(s) in wanted or needed_by(s, stages, wanted)]
+    unknown = sorted(set(rerun) - set(NOTEBOOK_OF))
+    if unknown:
+        raise params.ParamsError(f"--rerun {', '.join(unknown)}: not a kind of stage; allowed: {', '.join(NOTEBOOK_OF)}")
+    mark_reruns(stages, set(rerun))
+    return stages
 
 
 def _run_here(stages: list[Stage], store: ArtifactStore, kernel: str | None, progress: Progress,

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from . import params
-from ..core.data import search_augmentation
+from ..core.datasets import search_augmentation
+from ..attacks import registry as attack_registry
 from ..nas import registry
+from ..nas.darts import snapshot_epochs
 from ..core.store import stage_key
 from ..studies.tenas_indicators import TENAS_METRICS, TENAS_SETTINGS
 from .code_versions import CODE_VERSIONS
@@ -215,18 +217,19 @@ class _GridBuilder:
         inputs: dict[str, Stage] = {}
         label = f"poison {entry.condition} {_percent(budget)}"
         meta = {"attack": entry.condition, "budget": budget, "dataset": self.data["dataset"]}
-        if (entry.name == "alpha" or target == "alphas") and not self.preset.search.fast:
+        attack = attack_registry.ATTACKS[entry.name]
+        if (attack.crafted_on or target == "alphas") and not self.preset.search.fast:
             spec["fast"] = False   # crafted on the supernet the searches use (only when off: keys stay)
-        if entry.name == "clf":
+        if attack.needs_surrogate:
             inputs["surrogate"] = self.add(surrogate_stage(self.preset, self.data))
-        elif entry.name == "gc":
+        elif attack.per_algorithm:
             spec["target"] = {"algorithm": algorithm, "kind": target}
             inputs = clean_inputs(clean[algorithm])
             label += f" against {algorithm}"
             meta["target"] = algorithm
-        elif entry.name == "alpha":
+        elif attack.crafted_on:
             spec["ensemble"] = entry.ensemble or 1
-            inputs = clean_inputs(clean["darts"])
+            inputs = clean_inputs(clean[attack.crafted_on])
         return Stage("poison", spec, label + self.on, inputs, meta)
 
     def sensitivity_studies(self, entry: params.AttackEntry, budget: float, algorithm: str, poison: Stage) -> None:
@@ -259,7 +262,7 @@ class _GridBuilder:
                     continue
                 where = ("nas_algorithms does not search it" if measured not in grid.nas_algorithms
                          else f"attack gc's algorithms at {_percent(budget)} are {attacked}")
-                name = {"tenas": "TE-NAS", "robot": "RoBoT"}[measured]
+                name = registry.ALGORITHMS[measured].display_name
                 missing.append({"attack": "gc", "budget": budget, "metrics_of": measured,
                                 "reason": f"not run: the grid crafts no gradient-canceling poisons against "
                                           f"{name} ({where}), and {name}'s metrics are measured on the "
@@ -320,16 +323,14 @@ def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None
     NAS-specific gradient canceling needs the converged supernet (always saved once any epoch
     list is given); the alpha attack with an ensemble of e needs e snapshots evenly spaced
     over the search (workshop paper: e=6 is epochs 0, 10, ..., 50)."""
-    from ..nas.darts import snapshot_epochs
-
     names = {a.name for a in preset.grid.attacks}
     keep: set[int] = set()
     wanted = "gc" in names and algorithm in SUPERNET_ALGORITHMS
-    if algorithm == "darts" and "alpha" in names:
-        wanted = True
-        for entry in preset.grid.attacks:
-            if entry.name == "alpha":
-                keep.update(snapshot_epochs(preset.search.darts.epochs, entry.ensemble or 1))
+    for entry in preset.grid.attacks:   # the alpha attack: an ensemble of snapshots of the search it is crafted on
+        if entry.name != "none" and attack_registry.ATTACKS[entry.name].crafted_on == algorithm:
+            wanted = True
+            epochs = getattr(preset.search, registry.ALGORITHMS[algorithm].section).epochs
+            keep.update(snapshot_epochs(epochs, entry.ensemble or 1))
     return sorted(keep) if wanted else None
 
 

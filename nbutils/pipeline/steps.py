@@ -20,11 +20,12 @@ import torch
 
 from . import params
 from ..attacks.poisoning import AttackConfig, poison
+from ..attacks import registry as attack_registry
 from ..nas import registry
 from ..nas.darts import SearchDiverged, snapshot_epochs
 from ..nas.search_result import SearchResult
-from ..core.data import (ImageDataset, channel_stats, load_dataset, search_split, seeded_subset,
-                         seeded_subset_indices)
+from ..core.datasets import load_dataset
+from ..core.image_dataset import ImageDataset, channel_stats, search_split, seeded_subset, seeded_subset_indices
 from ..core.device import resolve_device, seed_everything
 from ..accel.supernet_choice import supernet_class
 from ..space.genotype import Genotype, random_genotype
@@ -33,6 +34,9 @@ from ..core.poison_set import PoisonSet
 from ..core.store import atomic_write_json, load_arrays, read_json, save_arrays
 from ..space.supernet import supernet_from_checkpoint
 from ..training.train import RetrainConfig, retrain as retrain_network
+from ..training.surrogate import resnet18_small, surrogate_logits, train_surrogate
+from ..defenses.defending import DefenseConfig, defend as apply_defense
+from ..studies.metric_sensitivity import metric_sensitivity as measure, summarise
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,6 @@ SURROGATE_FILE = "surrogate.pt"
 
 def surrogate(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     """Train CLF's surrogate ResNet-18 on the clean search data (the attacker's copy of it)."""
-    from ..training.surrogate import surrogate_logits, train_surrogate
-
     out_dir = Path(out_dir)
     seed = int(spec["seed"])
     seed_everything(seed)
@@ -95,8 +97,6 @@ def surrogate(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
 
 
 def load_surrogate(artifact: str | Path) -> torch.nn.Module:
-    from ..training.surrogate import resnet18_small
-
     saved = torch.load(Path(artifact) / SURROGATE_FILE, weights_only=True)
     model = resnet18_small(saved["num_classes"], saved["in_channels"])
     model.load_state_dict(saved["state"])
@@ -127,14 +127,14 @@ def attacker_models(spec: dict, inputs: dict) -> dict:
     the ``ensemble`` supernet snapshots of that DARTS run. The supernets are rebuilt as the
     searches ran them (``spec["fast"]``, as search.yaml's ``fast``; the fast one on the CPU
     only: :func:`nbutils.accel.supernet_choice.supernet_class`)."""
-    name = spec["attack"]["name"]
-    if name == "clf":
+    attack = attack_registry.ATTACKS[spec["attack"]["name"]]
+    if attack.needs_surrogate:
         return {"surrogate": load_surrogate(inputs["surrogate"])}
-    if name not in ("gc", "alpha"):
+    if not attack.against_nas:
         return {}
     best = best_clean_run(inputs)
     chosen = {"search": str(best["search"]), "retrain": str(best["retrain"]), "test_acc": best["test_acc"]}
-    if name == "alpha":
+    if attack.crafted_on:   # the alpha attack: an ensemble of the clean search's supernets
         cls = _attack_supernet_class(spec)
         checkpoints = load_supernets(best["search"])
         epochs = sorted(checkpoints)
@@ -180,8 +180,6 @@ def defend(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     """Apply one defence to the poisoned search data; save the defended data and the record
     (which samples were dropped or relabelled or denoised, and how well, scored against the
     clean data the audit knows and the defender does not)."""
-    from ..defenses.defending import DefenseConfig, defend as apply_defense
-
     out_dir = Path(out_dir)
     defense = DefenseConfig(**spec["defense"])   # a bad spec fails here, before any data is read
     device = resolve_device(spec.get("device", "auto"))
@@ -311,8 +309,6 @@ SENSITIVITY_FILE = "sensitivity.csv"
 def metric_sensitivity(spec: dict, inputs: dict, out_dir: str | Path) -> dict:
     """The six training-free metrics of random architectures on clean and on poisoned search
     data (TMLR Table 2); saves one row per architecture x metric and the per-metric summary."""
-    from ..studies.metric_sensitivity import metric_sensitivity as measure, summarise
-
     out_dir = Path(out_dir)
     config = dict(spec["config"])
     seed = int(config.pop("seed"))

@@ -30,7 +30,9 @@ thread (a Dask worker's) asks for an execution.
 """
 from __future__ import annotations
 
+import ast
 import atexit
+import json
 import logging
 import os
 import signal
@@ -39,6 +41,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import lazy_loader
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.session import Session
+from jupyter_core.utils import run_sync
+
+#: imported on first use (lazy_loader): nbformat's schema checks take seconds to import (see
+#: :mod:`~nbutils.pipeline.execution`)
+papermill = lazy_loader.load("papermill")
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +140,6 @@ class WarmKernel:
 
     # --- on the kernel thread -------------------------------------------------------------------
     def _execute(self, notebook: str, output: str, parameters: dict, kernel_log: Path | None, options: dict) -> None:
-        import papermill
-
         offset = os.fstat(self._log_fd).st_size
         notes = []
         try:
@@ -170,8 +179,6 @@ class WarmKernel:
         return "; ".join(problems) if problems else None
 
     def _start(self) -> None:
-        from jupyter_client.manager import AsyncKernelManager
-
         kernel = self
 
         class Manager(AsyncKernelManager):
@@ -204,9 +211,6 @@ class WarmKernel:
             raise
 
     def _restore(self) -> list[str]:
-        import ast
-        import json
-
         reply = self._run_code("", {"problems": RESTORE})
         result = reply["content"]["user_expressions"]["problems"]
         if result.get("status") != "ok":
@@ -217,8 +221,6 @@ class WarmKernel:
         """Execute ``code`` silently (no history, no execution count) on the kernel's own client:
         shell channel only, started once per kernel (a client's start waits for the kernel's
         I/O to settle, which papermill's does anyway)."""
-        from jupyter_client.session import Session
-
         async def run():
             if self._shell is None:   # its own session: clients of one session share a socket identity
                 session = Session(key=self._km.session.key, signature_scheme=self._km.session.signature_scheme)
@@ -279,8 +281,6 @@ class WarmKernel:
 
     @staticmethod
     def _run_sync(coroutine_function):
-        from jupyter_core.utils import run_sync
-
         return run_sync(coroutine_function)
 
 

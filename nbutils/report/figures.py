@@ -1,9 +1,12 @@
-"""Figures: cell diagrams drawn with graphviz, in the style of DARTS' ``visualize.py``.
+"""Figures: cell diagrams drawn with graphviz, in the style of DARTS' ``visualize.py``, and an
+architecture's two cells as inline SVG for HTML (:func:`cells_html`).
 
 ``c_{k-2}`` and ``c_{k-1}`` are the cell's inputs, the numbered boxes its intermediate
 nodes, ``c_{k}`` the concatenated output; each edge is labelled with its operation.
 """
 from __future__ import annotations
+
+import html
 
 import graphviz
 
@@ -51,3 +54,15 @@ def cell_diagram(genotype: Genotype, cell: str = "normal", title: str | None = N
 def cell_svg(genotype: Genotype, cell: str = "normal", title: str | None = None) -> str:
     """The diagram as an SVG string (needs graphviz's ``dot`` program)."""
     return cell_diagram(genotype, cell, title).pipe(format="svg").decode()
+
+
+def cells_html(genotype: Genotype, caption: str) -> str:
+    """One architecture's normal and reduction cells side by side, as inline SVG."""
+    def strip_prolog(svg: str) -> str:  # inline SVG must not carry an XML declaration or doctype
+        return svg[svg.index("<svg"):]
+
+    return (
+        f'<figure class="cells"><figcaption>{html.escape(caption)}<br><small>{html.escape(genotype.summary())}'
+        f'</small></figcaption><div class="pair"><div>{strip_prolog(cell_svg(genotype, "normal", "normal cell"))}</div>'
+        f'<div>{strip_prolog(cell_svg(genotype, "reduce", "reduction cell"))}</div></div></figure>'
+    )

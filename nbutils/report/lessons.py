@@ -6,7 +6,7 @@ Each function only reads what a stage has already computed and saved (a search's
 arrays, a poison set's header, a retraining's curve, a sensitivity table, the report's results),
 so a notebook can show it when the pipeline runs it too without changing what the stage writes.
 Figures are matplotlib ``Figure`` objects (no pyplot state), shown with
-:func:`nbutils.report.tables.figure_image`.
+:func:`nbutils.report.charts.figure_image`.
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def metric_scatter(table: pd.DataFrame, columns: int = 3) -> Figure:
 
 
 def worked_row(table: pd.DataFrame):
-    """The report cell to work by hand: the first poisoned cell of a :func:`~nbutils.report.tables.results_table`
+    """The report cell to work by hand: the first poisoned cell of a :func:`~nbutils.report.table_cells.results_table`
     whose Welch test is defined (its p-value finite), or None."""
     tested = table[(table.attack != "none") & table.p.notna()]
     return None if tested.empty else tested.iloc[0]
@@ -164,8 +164,8 @@ def worked_cell(results: pd.DataFrame, algorithm: str, attack: str, budget, alph
     Welch-Satterthwaite degrees of freedom, the one-sided p-value, its Benjamini-Hochberg
     adjustment among the algorithm's poisoned cells, and dImp against random sampling.
 
-    ``results``: :func:`nbutils.report.tables.load_results`'s rows of the table's dataset and
-    study (accuracies in percent), as :func:`~nbutils.report.tables.results_table` reads them.
+    ``results``: :func:`nbutils.report.results.load_results`'s rows of the table's dataset and
+    study (accuracies in percent), as :func:`~nbutils.report.table_cells.results_table` reads them.
     The p-values come from the report's own functions (:mod:`nbutils.report.stats`), so they
     agree with the table; t and the degrees of freedom are spelled out here."""
     ours = results[results.algorithm == algorithm]

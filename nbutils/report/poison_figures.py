@@ -2,16 +2,22 @@
 
 :func:`poison_grid` shows the same randomly drawn samples (columns) as clean images, as each
 poisoned variant, and as each variant's perturbation magnified to the visible range;
-:func:`flip_table` counts label flips (old label x new label).
+:func:`poison_figure` draws it for the report from a run's poison sets; :func:`flip_table`
+counts label flips (old label x new label).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+
+from ..core.image_dataset import ImageDataset
+from ..core.poison_set import PoisonSet
+from .names import LABEL_FLIPS, algorithm_name, attack_name
+from .results import grid_datasets
 
 
 def _as_uint8(images: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
@@ -87,6 +93,36 @@ def poison_grid(
             if r == 0 and labels is not None:
                 ax.set_title(str(labels[chosen[c]]), fontsize=9)
     return fig
+
+
+def poison_figure(spec: dict, inputs: dict[str, str], load_pool: Callable[[dict], ImageDataset], count: int = 6):
+    """TMLR Figure 2 from the report's spec and the poison sets of ``inputs``: the same randomly
+    drawn search images clean and under every clean-label attack of the run at one budget, with
+    each perturbation magnified; None without one. ``load_pool`` gives the clean search images of
+    one of grid.yaml's datasets (the pipeline's ``search_pool``; called only when there is a figure
+    to draw); a poison set stores the indices of its images in them."""
+    data = grid_datasets(spec["settings"])[0]   # the primary dataset's poisons
+    studies = [p for p in spec.get("poisons", [])
+               if p["attack"] not in LABEL_FLIPS and p.get("dataset", data["dataset"]) == data["dataset"]]
+    if not studies:
+        return None
+    budget = max(p["budget"] for p in studies)   # the largest: the same victims for every attack
+    pool = load_pool(data)
+    sets = {}
+    for p in studies:
+        if p["budget"] == budget:
+            name = attack_name(p["attack"]) + (f" vs {algorithm_name(p['target'])}" if p.get("target") else "")
+            sets[name] = PoisonSet.load(inputs[p["role"]], pool)
+    common = sorted(set.intersection(*(set(s.indices.tolist()) for s in sets.values())))
+    if not common:
+        return None
+    variants = {}
+    for name, s in sets.items():
+        row = {int(index): position for position, index in enumerate(s.indices)}
+        variants[name] = s.images[[row[i] for i in common]]
+    eps = max(s.header.get("eps") or 0 for s in sets.values())
+    return poison_grid(pool.images[common], variants, count=count, eps=eps,
+                       labels=[pool.classes[int(pool.labels[i])] for i in common])
 
 
 def flip_table(

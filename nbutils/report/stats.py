@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestIndPower
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,6 @@ def detectable_drop(std: float, n_poisoned: int, n_clean: int, alpha: float = 0.
     t-test at level ``alpha`` detects with probability ``power``, for trials with standard
     deviation ``std``: Cohen's d from statsmodels' power analysis, times ``std``. It tells
     which "no significant drop" verdicts are merely underpowered. NaN when undefined."""
-    from statsmodels.stats.power import TTestIndPower
-
     if not (n_poisoned >= 2 and n_clean >= 2 and math.isfinite(std) and std > 0):
         return math.nan
     d = TTestIndPower().solve_power(effect_size=None, nobs1=n_poisoned, alpha=alpha, power=power,

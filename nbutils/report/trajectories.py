@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from ..core.store import read_json
 from ..space.genotype import Genotype
 from .figures import EDGE_COLOURS
-from .tables import RESULT_FILE, algorithm_name, study_of, trial_condition
+from .names import LABEL_FLIPS, algorithm_name, trial_condition
+from .results import RESULT_FILE, study_of
 
 #: the columns of outputs/epochs.csv (defined in outputs/README.md)
 EPOCHS_CSV_COLUMNS = ["study", "dataset", "algorithm", "attack", "budget", "trial", "epoch",
@@ -34,7 +35,7 @@ KINDS = ("conv", "pool", "skip")
 
 def epochs_csv(results: pd.DataFrame) -> pd.DataFrame:
     """One row per search trial and epoch (:data:`EPOCHS_CSV_COLUMNS`) for every trial of
-    ``results`` (:func:`nbutils.report.tables.load_results`) whose search recorded a genotype
+    ``results`` (:func:`nbutils.report.results.load_results`) whose search recorded a genotype
     per epoch (DARTS, its anti-search, P-DARTS, whose epochs run on across its stages); the
     other algorithms and random sampling have no epochs and no rows. ``val_acc`` is empty in
     the weight-only warm-up epochs, which take no architecture step. ``weight_steps`` and
@@ -170,7 +171,7 @@ def memorisation_sentences(epochs: pd.DataFrame) -> list[str]:
     labels). A supernet that has memorised them fits its training batches beyond the clean
     share ``1 - budget``; one that has not cannot show the collapse, whatever its trials find."""
     sentences = []
-    main = epochs[(epochs.study == "main") & epochs.attack.isin(["rlf", "clf"])]
+    main = epochs[(epochs.study == "main") & epochs.attack.isin(LABEL_FLIPS)]
     for (_, dataset, algorithm, attack, budget), frame in _conditions(main):
         last = frame[frame.epoch == frame.epoch.max()]
         accuracy, clean_share = last.train_acc.mean(), 1.0 - float(budget)

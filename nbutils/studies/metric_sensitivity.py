@@ -50,7 +50,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from ..space.genotype import random_genotype
 from ..space.network import EvalNetwork
 from ..core.progress import progress
@@ -166,6 +167,60 @@ def sensitivity_batches(
     return batches(clean), batches(poisoned), indices
 
 
+def _checked_arguments(clean: ImageDataset, poisoned: ImageDataset, metrics: Sequence[str] | str, *,
+                       architectures: int, samples: int, batch_size: int, channels: int, layers: int,
+                       seed: int) -> tuple[str, ...]:
+    """:func:`metric_sensitivity`'s arguments checked before any compute; returns ``metrics`` as a tuple."""
+    for name, value, minimum in (("architectures", architectures, 1), ("samples", samples, 2),
+                                 ("batch_size", batch_size, 2), ("channels", channels, 1), ("layers", layers, 3)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    allowed = METRICS + EXTRA_METRICS + TENAS_METRICS
+    if not metrics or any(m not in allowed for m in metrics) or len(set(metrics)) != len(metrics):
+        raise ValueError(f"metrics must be distinct names from {', '.join(allowed)}, got {metrics!r}")
+    if len(clean) != len(poisoned) or clean.classes != poisoned.classes or clean.shape_chw != poisoned.shape_chw:
+        raise ValueError(f"poisoned must be clean with a poison set applied (same length, classes and image shape); "
+                         f"got clean {clean!r} and poisoned {poisoned!r}")
+    if samples > len(clean):
+        raise ValueError(f"samples must be at most the dataset's size ({len(clean)}), got {samples}")
+    if samples % batch_size == 1 and "jacob_cov" in metrics:
+        raise ValueError(f"samples ({samples}) and batch_size ({batch_size}) leave a last batch of one sample, "
+                         "on which jacob_cov is undefined; change either")
+    return metrics
+
+
+def _normalisation(clean: ImageDataset, normalisation) -> tuple[Sequence[float], Sequence[float]]:
+    """The (mean, std) given, checked to hold one value per channel, else the clean data's."""
+    mean, std = normalisation or channel_stats(clean)
+    if len(mean) != clean.in_channels or len(std) != clean.in_channels:
+        raise ValueError(f"normalisation must give one mean and one std per channel ({clean.in_channels}), "
+                         f"got {normalisation!r}")
+    return mean, std
+
+
+def _tenas_rows(a: int, genotype, config: TenasConfig, tenas_network: str, clean: ImageDataset,
+                inputs: tuple[TenasInputs, TenasInputs], metrics: Sequence[str], *, seed: int,
+                device: torch.device | str) -> list[dict]:
+    """Architecture ``a``'s rows of TE-NAS's ``metrics``, on the networks ``tenas_network`` says."""
+    ntk_network, thin_network = tenas_networks(
+        study_switches(genotype, config, tenas_network), config, num_classes=clean.num_classes,
+        in_channels=clean.in_channels, ntk_seed=_seed(seed, _TENAS_INIT, a),
+        thin_seed=_seed(seed, _TENAS_THIN, a), device=device)
+    label = genotype.to_json() if tenas_network == "architecture" else ""   # "": measured on the supernet
+    changes = tenas_architecture_sensitivity(ntk_network, thin_network, *inputs)
+    return [{"architecture": a, **row, "genotype": label} for row in changes if row["metric"] in metrics]
+
+
+def _log_what_changed(clean: ImageDataset, poisoned: ImageDataset, indices: np.ndarray) -> None:
+    changed = int((clean.labels[indices] != poisoned.labels[indices]).sum())
+    changed_images = int((clean.images[indices] != poisoned.images[indices]).flatten(1).any(1).sum())
+    log.info("metric sensitivity: %d samples, %d with a changed label, %d with a changed image", len(indices),
+             changed, changed_images)
+
+
 def metric_sensitivity(
     clean: ImageDataset,
     poisoned: ImageDataset,
@@ -193,29 +248,9 @@ def metric_sensitivity(
     per architecture x metric with the columns :data:`COLUMNS` (``genotype`` as JSON, "" for
     TE-NAS's rows measured on the supernet); summarise it with :func:`summarise`.
     """
-    for name, value, minimum in (("architectures", architectures, 1), ("samples", samples, 2),
-                                 ("batch_size", batch_size, 2), ("channels", channels, 1), ("layers", layers, 3)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    allowed = METRICS + EXTRA_METRICS + TENAS_METRICS
-    if not metrics or any(m not in allowed for m in metrics) or len(set(metrics)) != len(metrics):
-        raise ValueError(f"metrics must be distinct names from {', '.join(allowed)}, got {metrics!r}")
-    if len(clean) != len(poisoned) or clean.classes != poisoned.classes or clean.shape_chw != poisoned.shape_chw:
-        raise ValueError(f"poisoned must be clean with a poison set applied (same length, classes and image shape); "
-                         f"got clean {clean!r} and poisoned {poisoned!r}")
-    if samples > len(clean):
-        raise ValueError(f"samples must be at most the dataset's size ({len(clean)}), got {samples}")
-    if samples % batch_size == 1 and "jacob_cov" in metrics:
-        raise ValueError(f"samples ({samples}) and batch_size ({batch_size}) leave a last batch of one sample, "
-                         "on which jacob_cov is undefined; change either")
-    mean, std = normalisation or channel_stats(clean)
-    if len(mean) != clean.in_channels or len(std) != clean.in_channels:
-        raise ValueError(f"normalisation must give one mean and one std per channel ({clean.in_channels}), "
-                         f"got {normalisation!r}")
-
+    metrics = _checked_arguments(clean, poisoned, metrics, architectures=architectures, samples=samples,
+                                 batch_size=batch_size, channels=channels, layers=layers, seed=seed)
+    mean, std = _normalisation(clean, normalisation)
     robot_metrics = tuple(m for m in metrics if m not in TENAS_METRICS)
     measure_tenas = any(m in TENAS_METRICS for m in metrics)
     config = tenas_config(tenas)
@@ -224,10 +259,7 @@ def metric_sensitivity(
 
     clean_batches, poisoned_batches, indices = sensitivity_batches(
         clean, poisoned, samples=samples, batch_size=batch_size, seed=seed, normalisation=(mean, std), device=device)
-    changed = int((clean.labels[indices] != poisoned.labels[indices]).sum())
-    changed_images = int((clean.images[indices] != poisoned.images[indices]).flatten(1).any(1).sum())
-    log.info("metric sensitivity: %d samples, %d with a changed label, %d with a changed image", samples,
-             changed, changed_images)
+    _log_what_changed(clean, poisoned, indices)
     if measure_tenas:
         clean_inputs, poisoned_inputs = (
             tenas_inputs(ds.subset(indices), config, crop_seed=_seed(seed, _CROPS), normalisation=(mean, std),
@@ -241,17 +273,11 @@ def metric_sensitivity(
             torch.manual_seed(_seed(seed, _INIT, a))
             model = EvalNetwork(genotype, channels=channels, num_classes=clean.num_classes, layers=layers,
                                 auxiliary=False, in_channels=clean.in_channels, input_size=clean.image_size)
-            for row in architecture_sensitivity(model, clean_batches, poisoned_batches, robot_metrics, device):
-                rows.append({"architecture": a, **row, "genotype": genotype.to_json()})
+            rows += [{"architecture": a, **row, "genotype": genotype.to_json()} for row in
+                     architecture_sensitivity(model, clean_batches, poisoned_batches, robot_metrics, device)]
         if measure_tenas:
-            ntk_network, thin_network = tenas_networks(
-                study_switches(genotype, config, tenas_network), config, num_classes=clean.num_classes,
-                in_channels=clean.in_channels, ntk_seed=_seed(seed, _TENAS_INIT, a),
-                thin_seed=_seed(seed, _TENAS_THIN, a), device=device)
-            label = genotype.to_json() if tenas_network == "architecture" else ""
-            for row in tenas_architecture_sensitivity(ntk_network, thin_network, clean_inputs, poisoned_inputs):
-                if row["metric"] in metrics:
-                    rows.append({"architecture": a, **row, "genotype": label})
+            rows += _tenas_rows(a, genotype, config, tenas_network, clean, (clean_inputs, poisoned_inputs),
+                                metrics, seed=seed, device=device)
     order = {m: i for i, m in enumerate(metrics)}
     rows.sort(key=lambda r: (r["architecture"], order[r["metric"]]))
     return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.data import BatchLoader, ImageDataset, resized
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, resized
 from ..nas.ntk import linear_regions, ntk_condition_number, region_inputs
 from ..nas.tenas import TenasConfig
 from ..nas.tenas_network import CELL_TYPES, Switches, TenasNetwork, check_switches, initial_switches

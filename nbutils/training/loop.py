@@ -3,7 +3,7 @@
 Retraining a found architecture (:mod:`.train`), CLF's surrogate and the sanitisation
 defender's classifier (:mod:`.surrogate`), RoBoT's brief training of candidates
 (:mod:`nbutils.nas.robot`) and the one-shot supernet (:mod:`nbutils.nas.one_shot`) all train
-with :func:`train_supervised`; each passes its own :class:`TrainingRecipe` and, where its
+with :func:`train_supervised`; each passes its own :class:`~.recipe.TrainingRecipe` and, where its
 batches really differ, a ``forward`` hook (the one-shot supernet draws a path per batch).
 
 One epoch ``t`` of ``E`` (counting from 0):
@@ -37,43 +37,20 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import NonNegativeInt, NonNegativeNumber, PositiveNumber, Rate, config
 from ..core.device import MixedPrecision
 from ..core.progress import progress
+from .recipe import TrainingRecipe
 
 log = logging.getLogger(__name__)
 
 Output = Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]
 """What a forward gives: logits, or ``(logits, aux)`` with ``aux`` the auxiliary head's logits or None."""
-
-
-@config
-class TrainingRecipe:
-    """How :func:`train_supervised` trains (a config, :mod:`nbutils.core.config`): SGD with
-    momentum and weight decay, cosine-annealed from ``lr`` to ``lr_min`` over ``epochs``, and the
-    optional parts (``grad_clip`` None: no clipping; ``auxiliary_weight``: the auxiliary loss's
-    weight when the network has a head; ``drop_path``: the ramp's final probability, 0 off;
-    ``cutout``: the square's side, 0 off). Each caller derives its recipe from its own config.
-    The defaults are DARTS' (momentum 0.9, weight decay 3e-4, clipping at 5, auxiliary weight 0.4)."""
-
-    epochs: NonNegativeInt
-    lr: PositiveNumber
-    lr_min: NonNegativeNumber = 0.0
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: Optional[PositiveNumber] = 5.0
-    auxiliary_weight: NonNegativeNumber = 0.4
-    drop_path: Rate = 0.0
-    cutout: NonNegativeInt = 0
-    mixed_precision: bool = False   # float16 autocast + gradient scaling, on CUDA only
-    channels_last: bool = False
-    divergence: Literal["raise", "warn"] = "raise"
 
 
 @dataclass
@@ -152,43 +129,20 @@ def train_supervised(
     parameters = list(model.parameters() if parameters is None else parameters)
     if not parameters:
         raise ValueError("there are no parameters to train")
-    forward = model if forward is None else forward
     precision = MixedPrecision.for_device(recipe.mixed_precision, parameters[0].device, name)
-    scaler = precision.scaler()
-    optimiser = torch.optim.SGD(parameters, recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(recipe.epochs, 1), eta_min=recipe.lr_min)
+    steps = _Steps(recipe, parameters, precision, model if forward is None else forward, cutout_generator, name)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(steps.optimiser, max(recipe.epochs, 1), eta_min=recipe.lr_min)
     level = logging.DEBUG if quiet else logging.INFO
     epochs = range(recipe.epochs) if quiet else progress(range(recipe.epochs), desc=f"{name} epochs")
     curve: list[dict] = []
-    warned = False
     for epoch in epochs:
         model.train()
         if recipe.drop_path > 0:
             model.drop_path_prob = recipe.drop_path * epoch / recipe.epochs
-        lr = optimiser.param_groups[0]["lr"]
+        lr = steps.optimiser.param_groups[0]["lr"]
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in loader:
-            if recipe.cutout > 0:
-                x = cutout(x, recipe.cutout, cutout_generator)
-            if recipe.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            optimiser.zero_grad(set_to_none=True)
-            with precision.autocast():
-                loss, logits = batch_loss(forward(x), y, recipe.auxiliary_weight)
-            scaler.scale(loss).backward()
-            value = loss.item()   # the batch's one wait for the device, after the backward is queued
-            if not math.isfinite(value):
-                if recipe.divergence == "raise":
-                    raise RuntimeError(f"{name} diverged in epoch {epoch + 1}: loss {value}")
-                if not warned:
-                    log.warning("%s diverged in epoch %d: loss %s; training goes on (divergence='warn')",
-                                name, epoch + 1, value)
-                    warned = True
-            if recipe.grad_clip is not None:
-                scaler.unscale_(optimiser)   # clip the true gradients
-                torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
-            scaler.step(optimiser)
-            scaler.update()
+            value, logits = steps.step(x, y, epoch)
             loss_sum += value * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -200,3 +154,45 @@ def train_supervised(
         log.log(level, "%s epoch %d: loss %.3f, acc %.3f, lr %.4g", name, epoch + 1, row["train_loss"],
                 row["train_acc"], lr)
     return TrainingRun(curve=curve, mixed_precision=precision.enabled)
+
+
+class _Steps:
+    """Step 2 of the module docstring for one batch: the SGD optimiser, the gradient scaler, and
+    the divergence rule (``"warn"`` logs the first non-finite loss only)."""
+
+    def __init__(self, recipe: TrainingRecipe, parameters: list[nn.Parameter], precision: MixedPrecision,
+                 forward: Callable[[torch.Tensor], Output], cutout_generator: torch.Generator | None, name: str):
+        self.recipe, self.parameters, self.precision, self.forward = recipe, parameters, precision, forward
+        self.cutout_generator, self.name, self.warned = cutout_generator, name, False
+        self.scaler = precision.scaler()
+        self.optimiser = torch.optim.SGD(parameters, recipe.lr, momentum=recipe.momentum,
+                                         weight_decay=recipe.weight_decay)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, torch.Tensor]:
+        """One SGD step on the batch ``(x, y)``; its loss (a float) and logits."""
+        recipe = self.recipe
+        if recipe.cutout > 0:
+            x = cutout(x, recipe.cutout, self.cutout_generator)
+        if recipe.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.optimiser.zero_grad(set_to_none=True)
+        with self.precision.autocast():
+            loss, logits = batch_loss(self.forward(x), y, recipe.auxiliary_weight)
+        self.scaler.scale(loss).backward()
+        value = loss.item()   # the batch's one wait for the device, after the backward is queued
+        if not math.isfinite(value):
+            self._diverged(value, epoch)
+        if recipe.grad_clip is not None:
+            self.scaler.unscale_(self.optimiser)   # clip the true gradients
+            torch.nn.utils.clip_grad_norm_(self.parameters, recipe.grad_clip)
+        self.scaler.step(self.optimiser)
+        self.scaler.update()
+        return value, logits
+
+    def _diverged(self, value: float, epoch: int) -> None:
+        if self.recipe.divergence == "raise":
+            raise RuntimeError(f"{self.name} diverged in epoch {epoch + 1}: loss {value}")
+        if not self.warned:
+            log.warning("%s diverged in epoch %d: loss %s; training goes on (divergence='warn')",
+                        self.name, epoch + 1, value)
+            self.warned = True

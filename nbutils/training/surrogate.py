@@ -15,8 +15,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..core.data import BatchLoader, ImageDataset, channel_stats
-from .loop import TrainingRecipe, train_supervised
+from ..core import deferred_imports
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
+from .loop import train_supervised
+from .recipe import TrainingRecipe
+
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +28,7 @@ log = logging.getLogger(__name__)
 def resnet18_small(num_classes: int, in_channels: int = 3) -> nn.Module:
     """torchvision's ResNet-18 for small inputs: ``conv1`` is 3x3, stride 1, padding 1 over
     ``in_channels`` channels, and the stem's max pool is an identity."""
-    import torchvision
-
-    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model = deferred_imports.torchvision().models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision inits conv1
     model.maxpool = nn.Identity()

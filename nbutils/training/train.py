@@ -12,47 +12,40 @@ import time
 
 import torch
 
-from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, PositiveNumber, Rate,
-                           config)
-from ..core.data import BatchLoader, ImageDataset, channel_stats
+from ..core.config import Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, Rate, config, keyed
+from ..core.batches import BatchLoader
+from ..core.image_dataset import ImageDataset, channel_stats
 from ..space.genotype import Genotype
 from ..accel.fast_network import accelerate
 from ..space.network import EvalNetwork, count_parameters
-from .loop import TrainingRecipe, evaluate, train_supervised
+from .loop import evaluate, train_supervised
+from .recipe import SgdSettings, TrainingRecipe
 
 
 @config
-class RetrainConfig:
+class RetrainConfig(SgdSettings):
     """The retraining's settings, what retrain.yaml sets; the defaults are P-DARTS'
     (``train_cifar.py``: 600 epochs of a 20-cell network with 36 channels)."""
 
-    epochs: PositiveInt = 600
-    channels: Channels = 36
-    layers: Cells = 20
-    batch_size: PositiveInt = 128
-    lr: PositiveNumber = 0.025
-    lr_min: NonNegativeNumber = 0.0
-    momentum: Rate = 0.9
-    weight_decay: NonNegativeNumber = 3e-4
-    grad_clip: PositiveNumber = 5.0
-    auxiliary: bool = True
-    auxiliary_weight: NonNegativeNumber = 0.4
-    drop_path: Rate = 0.3
-    cutout: NonNegativeInt = 16     # side of the square cut out of each image; 0: none
-    augment: bool = True
-    mixed_precision: bool = False   # float16 autocast + gradient scaling, on CUDA only (ignored elsewhere)
-    channels_last: bool = False     # NHWC activations (faster convolutions on recent GPUs)
-    fast: bool = True               # on the CPU, the fast evaluation network (same function and parameters)
+    epochs: PositiveInt = keyed(600)
+    channels: Channels = keyed(36)
+    layers: Cells = keyed(20)
+    batch_size: PositiveInt = keyed(128)
+    auxiliary: bool = keyed(True)
+    auxiliary_weight: NonNegativeNumber = keyed(0.4)
+    drop_path: Rate = keyed(0.3)
+    cutout: NonNegativeInt = keyed(16)   # side of the square cut out of each image; 0: none
+    augment: bool = keyed(True)
+    mixed_precision: bool = keyed(False)   # float16 autocast + gradient scaling, on CUDA only (ignored elsewhere)
+    channels_last: bool = keyed(False)   # NHWC activations (faster convolutions on recent GPUs)
+    fast: bool = keyed(True)   # on the CPU, the fast evaluation network (same function and parameters)
 
 
 def retraining_recipe(config: RetrainConfig) -> TrainingRecipe:
-    """The loop's recipe from a retraining configuration."""
-    return TrainingRecipe(
-        epochs=config.epochs, lr=config.lr, lr_min=config.lr_min, momentum=config.momentum,
-        weight_decay=config.weight_decay, grad_clip=config.grad_clip, auxiliary_weight=config.auxiliary_weight,
-        drop_path=config.drop_path, cutout=config.cutout, mixed_precision=config.mixed_precision,
-        channels_last=config.channels_last,
-    )
+    """The loop's recipe from a retraining configuration: its SGD settings and the rest of P-DARTS' recipe."""
+    return config.recipe(config.epochs, auxiliary_weight=config.auxiliary_weight, drop_path=config.drop_path,
+                         cutout=config.cutout, mixed_precision=config.mixed_precision,
+                         channels_last=config.channels_last)
 
 
 def evaluation_network(genotype: Genotype, train_set: ImageDataset, config: RetrainConfig) -> torch.nn.Module:
