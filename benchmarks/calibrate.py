@@ -31,7 +31,6 @@ import json
 import math
 import multiprocessing as mp
 import time
-from dataclasses import asdict
 
 import numpy as np
 

@@ -14,7 +14,7 @@ from nbutils.attacks.registry import CRAFTING_FIELDS
 from nbutils.pipeline import grid_params, params, stages
 from nbutils.report import tables
 
-from toys import toy, toy_supernet
+from toys import Reads, toy, toy_supernet
 
 COMMON_FIELDS = {"name", "budget", "seed", "eps", "sigma"}
 TINY = {"steps": 1, "batch_size": 4}
@@ -93,17 +93,6 @@ def test_an_attack_without_its_model_is_refused_naming_it(name):
     others = {k: v for k, v in attacker_models().items() if k != model}
     with pytest.raises(ValueError, match=f"needs models\\['{model}'\\]"):
         poison(toy(24, seed=0), AttackConfig(name, 0.25), models=others)
-
-
-class Reads:
-    """A config that records which of its fields are read."""
-
-    def __init__(self, config):
-        self._config, self.read = config, set()
-
-    def __getattr__(self, field):
-        self.read.add(field)
-        return getattr(self._config, field)
 
 
 @pytest.mark.parametrize("name", list(registry.ATTACKS))

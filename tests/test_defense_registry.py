@@ -11,6 +11,7 @@ from nbutils.defenses.defending import DefenseConfig, defend
 from nbutils.pipeline import params
 
 from test_defenses import blobs
+from toys import Reads
 
 #: each defence at its smallest real size (the fallback extractor, a DDPM of one epoch)
 TINY = {
@@ -38,17 +39,6 @@ def test_grid_yaml_and_defend_yaml_take_the_registry_defences():
     """grid.yaml's defence names and defend.yaml's sections are the registry's."""
     assert typing.get_args(params.DefenseEntry.model_fields["name"].annotation) == tuple(registry.DEFENSES)
     assert set(registry.DEFENSES) <= set(params.DefendParams.model_fields)
-
-
-class Reads:
-    """A config that records which of its fields are read."""
-
-    def __init__(self, config):
-        self._config, self.read = config, set()
-
-    def __getattr__(self, field):
-        self.read.add(field)
-        return getattr(self._config, field)
 
 
 @pytest.mark.parametrize("name", list(registry.DEFENSES))

@@ -30,3 +30,14 @@ def tiny_nsganetv2_config(**overrides) -> Nsganetv2Config:
                 batch_size=16, calibration_batches=2, cost_channels=4, cost_layers=3, cart_trees=10,
                 population=10, generations=3, cv_folds=4)
     return Nsganetv2Config(**{**base, **overrides})
+
+
+class Reads:
+    """A config that records which of its fields are read."""
+
+    def __init__(self, config):
+        self._config, self.read = config, set()
+
+    def __getattr__(self, field):
+        self.read.add(field)
+        return getattr(self._config, field)
