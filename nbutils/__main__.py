@@ -26,8 +26,6 @@ import logging
 import sys
 import tempfile
 
-from ipykernel.kernelspec import write_kernel_spec
-from jupyter_client.kernelspec import KernelSpecManager
 
 from .core.datasets import DatasetNotFound
 from .core.malloc import MALLOC_ENV
@@ -41,6 +39,11 @@ def install_kernel() -> None:
     papermill and JupyterLab started from the venv find it. The kernel logs at ERROR level so
     headless runs are not cluttered by its start-up warnings, and starts with the malloc
     settings of :mod:`nbutils.core.malloc`."""
+    # here, not above: ipykernel and Jupyter's client take ~0.3 s to import, which only this
+    # command (run once by `make setup`) needs
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+
     with tempfile.TemporaryDirectory() as tmp:
         path = write_kernel_spec(tmp + "/nbutils", overrides={"display_name": "Python (nbutils)", "env": MALLOC_ENV},
                                  extra_arguments=["--IPKernelApp.log_level=ERROR"])

@@ -23,12 +23,16 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-import dask
-from dask.distributed import Client, LocalCluster, as_completed
+import lazy_loader
 
 from ..core.malloc import MALLOC_ENV
 from .execution import Outcome, default_workers, run_execution
 from .progress import Progress
+
+# imported on first use (lazy_loader): dask's distributed scheduler takes ~0.4 s to import, which
+# a --dry-run or a run refused for bad input need not pay
+dask = lazy_loader.load("dask")
+distributed = lazy_loader.load("distributed")
 
 if TYPE_CHECKING:
     from .stages import Stage
@@ -62,12 +66,12 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
     if scheduler is None:
         threads = max(1, default_workers() // workers)
         with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=":0", silence_logs=logging.ERROR)
-        client = Client(cluster)
+        client = distributed.Client(cluster)
     else:
         threads = None   # the remote workers' own settings
-        client = Client(scheduler)
+        client = distributed.Client(scheduler)
     print(f"Dask: {len(client.scheduler_info()['workers'])} workers"
           + (f" ({threads} thread{'s' if threads > 1 else ''} each)" if threads else f" at {scheduler}"),
           file=out, flush=True)
@@ -84,7 +88,7 @@ def run_on_dask(stages: list["Stage"], store: "ArtifactStore", kernel: str | Non
             future_of.update({id(s): future for s in group})
         group_of = {f.key: group for group, f in zip(groups, futures)}
         outcomes: dict[int, Outcome] = {}
-        for future in as_completed(futures):
+        for future in distributed.as_completed(futures):
             try:
                 finished = future.result()
             except Exception as e:  # a worker died more often than Dask retries, or a dependency did

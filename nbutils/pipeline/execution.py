@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import IO, Sequence
 
 import lazy_loader
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
 from traitlets.config import Config
 
 from ..core.device import environment
@@ -43,8 +41,10 @@ from .warm_kernel import kernel_for
 from .stages import Stage
 
 # imported on first use (lazy_loader): nbformat's schema checks take seconds to import (rfc3987-syntax
-# builds its grammar), which a --dry-run or a run refused for bad input need not pay
+# builds its grammar), Jupyter's client a fraction of one, which a --dry-run or a run refused for
+# bad input need not pay
 papermill = lazy_loader.load("papermill")
+jupyter_client = lazy_loader.load("jupyter_client")
 nbconvert = lazy_loader.load("nbconvert")
 nbformat = lazy_loader.load("nbformat")
 
@@ -92,7 +92,7 @@ class Outcome:
 
 def kernel_name() -> str:
     """The project's registered kernel when present (``make`` registers it in the venv), else python3."""
-    return "nbutils" if "nbutils" in KernelSpecManager().find_kernel_specs() else "python3"
+    return "nbutils" if "nbutils" in jupyter_client.kernelspec.KernelSpecManager().find_kernel_specs() else "python3"
 
 
 def executions(stages: list[Stage], batched: bool = True) -> list[list[Stage]]:
@@ -241,7 +241,7 @@ def kernel_manager_logging_to(log: IO[str]) -> type:
     through Jupyter's messages): it is ipykernel's logging, such as the "KeyboardInterrupt
     caught in kernel" it logs at every shutdown, which users read as a failure on the console
     of a run that went well. It is kept beside the executed notebook instead."""
-    class KernelManagerWithLog(AsyncKernelManager):
+    class KernelManagerWithLog(jupyter_client.AsyncKernelManager):
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             kw.setdefault("stdout", log)
             kw.setdefault("stderr", log)

@@ -43,13 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import lazy_loader
-from jupyter_client.manager import AsyncKernelManager
-from jupyter_client.session import Session
 from jupyter_core.utils import run_sync
 
-#: imported on first use (lazy_loader): nbformat's schema checks take seconds to import (see
-#: :mod:`~nbutils.pipeline.execution`)
+# imported on first use (lazy_loader): nbformat's schema checks take seconds to import, Jupyter's
+# client a fraction of one (see :mod:`~nbutils.pipeline.execution`)
 papermill = lazy_loader.load("papermill")
+jupyter_client = lazy_loader.load("jupyter_client")
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ class WarmKernel:
     def _start(self) -> None:
         kernel = self
 
-        class Manager(AsyncKernelManager):
+        class Manager(jupyter_client.AsyncKernelManager):
             """Its kernels write their own output to the process's kernel log; the clients
             papermill creates are stopped after each execution (papermill leaves them open
             when it does not own the kernel)."""
@@ -223,7 +222,7 @@ class WarmKernel:
         I/O to settle, which papermill's does anyway)."""
         async def run():
             if self._shell is None:   # its own session: clients of one session share a socket identity
-                session = Session(key=self._km.session.key, signature_scheme=self._km.session.signature_scheme)
+                session = jupyter_client.session.Session(key=self._km.session.key, signature_scheme=self._km.session.signature_scheme)
                 self._shell = self._km.client(session=session)
                 self._clients.remove(self._shell)   # kept across executions
                 self._shell.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)

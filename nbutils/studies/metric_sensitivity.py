@@ -45,8 +45,8 @@ import logging
 import math
 from typing import Sequence
 
+import lazy_loader
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -59,6 +59,10 @@ from ..nas.tenas import TenasConfig
 from ..nas.zero_cost import EXTRA_METRICS, METRICS, MetricValues, compute_metrics
 from .tenas_indicators import (TENAS_METRICS, TENAS_NETWORKS, TenasInputs, study_switches, tenas_config,
                                tenas_inputs, tenas_networks, tenas_values)
+
+#: imported on first use (lazy_loader): pandas takes ~0.2 s to import, and the CLI imports this
+#: module (through the stage steps)
+pd = lazy_loader.load("pandas")
 
 log = logging.getLogger(__name__)
 
