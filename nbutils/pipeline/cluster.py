@@ -23,16 +23,12 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-import lazy_loader
+import dask
+import distributed   # imported with dask, not lazily: importing it registers its config and logging, which run_on_dask sets
 
 from ..core.malloc import MALLOC_ENV
 from .execution import Outcome, default_workers, run_execution
 from .progress import Progress
-
-# imported on first use (lazy_loader): dask's distributed scheduler takes ~0.4 s to import, which
-# a --dry-run or a run refused for bad input need not pay
-dask = lazy_loader.load("dask")
-distributed = lazy_loader.load("distributed")
 
 if TYPE_CHECKING:
     from .stages import Stage
