@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 HEAVY = ("torchvision", "sklearn", "scipy.stats", "scipy.spatial", "papermill", "nbconvert", "diffusers", "bayes_opt",
-         "pymoo.optimize", "pandas", "jupyter_client")
+         "pymoo.optimize", "pandas", "jupyter_client", "distributed")
 
 
 def test_the_cli_and_the_steps_load_no_heavy_dependency_at_start_up():

@@ -24,7 +24,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import dask
-import distributed   # imported with dask, not lazily: importing it registers its config and logging, which run_on_dask sets
+import distributed   # with dask, not lazily: it registers its config and logging, which run_on_dask sets
 
 from ..core.malloc import MALLOC_ENV
 from .execution import Outcome, default_workers, run_execution

@@ -18,7 +18,6 @@ from ..core.datasets import DATA_ROOT_ENV, load_dataset
 from ..defenses.denoising import ddpm_folders
 from ..core.store import ArtifactStore, atomic_write_bytes
 from . import params
-from .cluster import run_on_dask
 from .code_versions import NOTEBOOK_OF, PROJECT_ROOT
 from . import warm_kernel
 from .cost_model import CostModel
@@ -160,6 +159,11 @@ def run(preset_dir: str | Path, outputs: str | Path = "outputs", only: str | Non
         finally:
             warm_kernel.shutdown()
     else:
+        # here, not above: dask's distributed scheduler takes ~0.4 s to import, which a --dry-run
+        # or a run refused for bad input need not pay (and it cannot be declared lazily: it must
+        # register its config before run_on_dask sets dask's)
+        from .cluster import run_on_dask
+
         outcomes = run_on_dask(stages, store, kernel, workers=workers, progress=progress, scheduler=scheduler,
                                fresh_kernel=fresh_kernels, timeouts=[execution_timeout(g, plan, limits) for g in plan.groups],
                                out=out)
