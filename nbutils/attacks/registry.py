@@ -5,7 +5,7 @@ Everything that lists attacks derives from :data:`ATTACKS`: the names
 :class:`~nbutils.attacks.poisoning.AttackConfig` accepts, the attacks that change labels
 (:data:`LABEL_ATTACKS`), which attacker model each needs (:data:`MODEL_NEEDED`) and each crafted
 attack's fields (:data:`CRAFTING_FIELDS`: craft_poisons.yaml's sections in
-:mod:`nbutils.pipeline.params`). :func:`names` answers the other questions by flag, e.g.
+:mod:`nbutils.pipeline.stage_params`). :func:`names` answers the other questions by flag, e.g.
 ``names(changes_labels=True)`` or ``names(against_nas=True)``.
 
 Adding an attack is a crafting function (its own module for anything beyond a few lines), one

@@ -3,7 +3,7 @@ the function that applies it.
 
 Everything that lists defences derives from :data:`DEFENSES`: the names
 :class:`~nbutils.defenses.defending.DefenseConfig` accepts, each defence's settings
-(:data:`DEFENSE_SETTINGS`: defend.yaml's sections in :mod:`nbutils.pipeline.params`) and
+(:data:`DEFENSE_SETTINGS`: defend.yaml's sections in :mod:`nbutils.pipeline.stage_params`) and
 :func:`~nbutils.defenses.defending.defend`'s dispatch. :func:`names` selects them by what they
 change (``names(changes_labels=True)``).
 
