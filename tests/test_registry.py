@@ -2,8 +2,9 @@
 import pytest
 
 from nbutils.nas import registry
-from nbutils.pipeline import params, stages, steps
-from nbutils.report import names
+from nbutils.pipeline import params, stage_params, stages, steps
+from nbutils.pipeline.cost_model import cost_class, work_units
+from nbutils.report import names, table_cells, tables
 
 
 def test_search_yaml_has_one_section_per_algorithm_with_its_config():
@@ -34,9 +35,6 @@ def test_tested_against_and_metric_based_agree_with_what_the_stages_do():
     """An algorithm tested against another is clean-only and shares that algorithm's section (it
     inverts that search); the metric-based ones are exactly those whose metrics the metric
     sensitivity study can measure, and the report's and the params' lists are the registry's."""
-    from nbutils.report import table_cells, tables
-    from nbutils.pipeline import stage_params
-
     assert registry.TESTED_AGAINST == {"darts_anti": "darts"} and table_cells.TESTED_AGAINST is registry.TESTED_AGAINST
     for name, reference in registry.TESTED_AGAINST.items():
         assert registry.ALGORITHMS[name].clean_only and registry.ALGORITHMS[name].section == reference
@@ -54,12 +52,10 @@ def test_tested_against_and_metric_based_agree_with_what_the_stages_do():
 def test_each_search_costs_what_its_record_says():
     """The cost model reads a search's work from its record: more images or epochs, more units;
     anti-search costs what DARTS costs, in DARTS' cost class."""
-    from nbutils.pipeline.cost_model import cost_class, work_units
-
     defaults = params.validate("search", {})
     for algorithm in registry.ALGORITHMS.values():
-        config = getattr(defaults, algorithm.section).__dict__ | {}
-        spec = {"algorithm": algorithm.name, "config": dict(config), "data": {"search_size": 1000, "search_image_size": 16}}
+        config = dict(vars(getattr(defaults, algorithm.section)))
+        spec = {"algorithm": algorithm.name, "config": config, "data": {"search_size": 1000, "search_image_size": 16}}
         units = work_units("search", spec)
         if algorithm.work_units is None:
             assert units == 1.0
