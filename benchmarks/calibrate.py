@@ -2,6 +2,7 @@
 retraining budget, and the found cells' accuracy against the search budget.
 
     python benchmarks/calibrate.py retrain [--budgets 5000x3 10000x3] [--seeds 0 1] [--jobs 2]
+    python benchmarks/calibrate.py retrain --found outputs/trials.csv [--budgets 20000x3] [--seeds 0 1]
     python benchmarks/calibrate.py search  [--budgets 1000x4 2000x5] [--trials 4] [--jobs 2]
 
 Both on the embedded Fashion-MNIST at 16x16 (the default preset's image size), each run on one
@@ -13,7 +14,11 @@ other work shares the machine.
 the default preset's recipe) and tests on ``--test-size`` images. Three kinds of cell: DARTS'
 published DARTS_V2, ``--random`` random cells (``random_genotype``), and an all-pooling cell
 (what an anti-search tends to find). Prints each cell's accuracy over the seeds, and the spread
-of the random cells.
+of the random cells. ``--found trials.csv`` retrains instead the cells a run found (an outputs
+folder's ``trials.csv``; e.g. ``--cells darts_anti`` keeps anti-search's), named by condition and
+trial ("darts_anti/none 0"): with two or more seeds, each condition's spread splits into the
+spread between its cells and the retraining's own (between seeds of one cell), which says whether
+a longer retraining could narrow a condition's spread at all.
 
 ``search``: a budget ``NxE`` searches with DARTS on N images (halves for weights and
 architecture) for E epochs, then retrains the found cell at ``--retrain``. Three conditions:
@@ -59,7 +64,8 @@ def _datasets(train_size: int, test_size: int):
     return train, test
 
 
-def _retrain(genotype, train_size: int, epochs: int, test_size: int, seed: int, threads: int) -> dict:
+def _retrain(genotype, train_size: int, epochs: int, test_size: int, seed: int, threads: int,
+             lr_schedule: str = "epoch") -> dict:
     import torch
 
     from nbutils.training.train import RetrainConfig, retrain
@@ -67,7 +73,7 @@ def _retrain(genotype, train_size: int, epochs: int, test_size: int, seed: int, 
     torch.set_num_threads(threads)
     train, test = _datasets(train_size, test_size)
     start = time.process_time()
-    result = retrain(genotype, train, test, RetrainConfig(epochs=epochs, **RETRAIN), seed=seed,
+    result = retrain(genotype, train, test, RetrainConfig(epochs=epochs, lr_schedule=lr_schedule, **RETRAIN), seed=seed,
                      device=torch.device("cpu"))
     return {"acc": 100 * result["test_acc"], "retrain_cpu_s": time.process_time() - start}
 
@@ -81,9 +87,24 @@ def _cells(random_cells: int) -> dict:
     return cells
 
 
+def found_cells(trials_csv: str) -> dict:
+    """The cells of a run's ``trials.csv``, named "algorithm/attack[ budget] trial"."""
+    import csv
+
+    from nbutils.space.genotype import Genotype
+
+    cells = {}
+    with open(trials_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            condition = "/".join(v for v in (row["algorithm"], row["attack"], row["budget"]) if v)
+            cells[f"{condition} {row['trial']}"] = Genotype.from_dict(json.loads(row["genotype"]))
+    return cells
+
+
 def retrain_job(job: dict) -> dict:
-    cell = _cells(job["random_cells"])[job["cell"]]
-    return {**job, **_retrain(cell, job["images"], job["epochs"], job["test_size"], job["seed"], 1)}
+    cells = found_cells(job["found"]) if job.get("found") else _cells(job["random_cells"])
+    return {**job, **_retrain(cells[job["cell"]], job["images"], job["epochs"], job["test_size"], job["seed"], 1,
+                              job.get("lr_schedule", "epoch"))}
 
 
 def search_job(job: dict) -> dict:
@@ -127,18 +148,40 @@ def _mean_std(values: list[float]) -> str:
     return f"{values.mean():6.2f} +- {std:4.2f}"
 
 
+def _retrain_budget(run: dict) -> tuple[int, int, str]:
+    return run["images"], run["epochs"], run.get("lr_schedule", "epoch")
+
+
 def print_retrain_table(results: list[dict]) -> None:
-    print(f"\n{'budget':>10} {'cell':>12} {'accuracy (seeds)':>18} {'CPU s/run':>10}")
-    for key in sorted({(r["images"], r["epochs"]) for r in results}):
-        rows = [r for r in results if (r["images"], r["epochs"]) == key]
+    print(f"\n{'budget':>10} {'schedule':>8} {'cell':>12} {'accuracy (seeds)':>18} {'CPU s/run':>10}")
+    for key in sorted({_retrain_budget(r) for r in results}):
+        rows = [r for r in results if _retrain_budget(r) == key]
         for cell in sorted({r["cell"] for r in rows}):
             mine = [r for r in rows if r["cell"] == cell]
-            print(f"{key[0]:>6}x{key[1]:<3} {cell:>12} {_mean_std([r['acc'] for r in mine]):>18} "
+            print(f"{key[0]:>6}x{key[1]:<3} {key[2]:>8} {cell:>12} {_mean_std([r['acc'] for r in mine]):>18} "
                   f"{np.mean([r['retrain_cpu_s'] for r in mine]):10.0f}")
         random_means = [np.mean([r["acc"] for r in rows if r["cell"] == c])
                         for c in {r["cell"] for r in rows if r["cell"].startswith("random")}]
         if len(random_means) > 1:
             print(f"{'':>10} {'random cells':>12} {_mean_std(random_means):>18}   (spread between cells)")
+        print_spread_split(rows)
+
+
+def print_spread_split(rows: list[dict]) -> None:
+    """Per condition of found cells ("condition trial"), with two or more seeds per cell: the
+    standard deviation over all runs, that of the cells' means (between cells), and the pooled
+    standard deviation between seeds of one cell (the retraining's own)."""
+    conditions = sorted({r["cell"].rsplit(" ", 1)[0] for r in rows if " " in r["cell"]})
+    for condition in conditions:
+        cells = sorted({r["cell"] for r in rows if r["cell"].rsplit(" ", 1)[0] == condition})
+        accs = {c: [r["acc"] for r in rows if r["cell"] == c] for c in cells}
+        if len(cells) < 2 or min(len(a) for a in accs.values()) < 2:
+            continue
+        within = math.sqrt(np.mean([np.var(a, ddof=1) for a in accs.values()]))
+        between = float(np.std([np.mean(a) for a in accs.values()], ddof=1))
+        every = float(np.std([v for a in accs.values() for v in a], ddof=1))
+        print(f"{'':>10} {condition:>12}   all runs sd {every:4.2f}, between cells {between:4.2f}, "
+              f"between seeds of a cell {within:4.2f}")
 
 
 def print_search_table(results: list[dict]) -> None:
@@ -168,7 +211,12 @@ def main() -> None:
     parser.add_argument("--budgets", type=budget, nargs="+", help="IMAGESxEPOCHS (default: per mode)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="retrain: seeds per cell")
     parser.add_argument("--random", type=int, default=3, help="retrain: random cells")
-    parser.add_argument("--cells", nargs="+", help="retrain: only these cells (e.g. DARTS_V2 random0)")
+    parser.add_argument("--cells", nargs="+",
+                        help="retrain: only these cells (e.g. DARTS_V2 random0), or with --found, the cells whose "
+                             "names start with one of these (e.g. darts_anti)")
+    parser.add_argument("--lr-schedule", choices=("epoch", "step"), default="epoch",
+                        help="retrain: the cosine schedule's rate changes per epoch or per step")
+    parser.add_argument("--found", help="retrain: the cells of this trials.csv instead of the built-in ones")
     parser.add_argument("--trials", type=int, default=4, help="search: trials per condition")
     parser.add_argument("--conditions", nargs="+", default=["clean", "anti-search", "rlf-50%"],
                         choices=["clean", "anti-search", "rlf-50%"])
@@ -183,9 +231,13 @@ def main() -> None:
         results = [json.loads(line) for line in open(args.table)]
         results = [r for r in results if ("condition" in r) == (args.what == "search")]
     elif args.what == "retrain":
-        cells = args.cells or list(_cells(args.random))
+        if args.found:
+            cells = [c for c in found_cells(args.found) if not args.cells or c.startswith(tuple(args.cells))]
+        else:
+            cells = args.cells or list(_cells(args.random))
         jobs = [{"images": n, "epochs": e, "cell": c, "seed": s, "test_size": args.test_size,
-                 "random_cells": args.random}
+                 "random_cells": args.random, "found": args.found,
+                 "lr_schedule": args.lr_schedule}
                 for n, e in (args.budgets or [(5000, 3), (10000, 3)]) for c in cells for s in args.seeds]
         with open(args.log, "a") as log:
             results = _run(retrain_job, jobs, args.jobs, log)

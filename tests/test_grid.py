@@ -248,3 +248,16 @@ def test_table_2_cells_without_a_study_are_listed_once():
     assert len(stages[-1].spec["sensitivity_not_run"]) == len(not_run) == 2
     assert "attack gc's algorithms at 25% are ['darts', 'pdarts']" in not_run["robot"]
     assert "nas_algorithms does not search it" in not_run["tenas"]
+
+
+def test_retrain_spec_carries_a_new_setting_only_when_changed():
+    """A retraining setting added with ``keyed_when_changed`` (``lr_schedule``) leaves the retrain
+    stages of a preset that does not set it with the spec, and so the key, they had before."""
+    base = params.load_preset(TINY_ATTACKS)
+    default = [s for s in expand(base) if s.kind == "retrain"]
+    assert default and all("lr_schedule" not in s.spec["config"] for s in default)
+    per_step = base.model_copy(update={"retrain": params.validate(
+        "retrain", {**base.retrain.model_dump(), "lr_schedule": "step"})})
+    changed = [s for s in expand(per_step) if s.kind == "retrain"]
+    assert all(s.spec["config"]["lr_schedule"] == "step" for s in changed)
+    assert {s.key for s in changed}.isdisjoint(s.key for s in default)

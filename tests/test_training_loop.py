@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbutils.core.batches import BatchLoader
+from nbutils.core.config import key_settings
 from nbutils.core.image_dataset import channel_stats
 from nbutils.nas.one_shot import OneShotSupernet, train_one_shot
 from nbutils.nas.registry import SECTIONS
@@ -75,6 +76,38 @@ def test_learning_rate_follows_the_cosine_schedule():
     expected = [0.01 + 0.09 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)]
     assert [row["lr"] for row in run.curve] == pytest.approx(expected, rel=1e-12)
     assert [row["epoch"] for row in run.curve] == [1, 2, 3, 4]
+
+
+def test_per_step_schedule_anneals_over_every_step():
+    """``lr_schedule="step"``: step t of T = epochs x batches trains at lr_min + (lr - lr_min)(1 + cos(pi t / T)) / 2,
+    so the last step is close to lr_min; the curve's lr is each epoch's first step's."""
+    epochs, n_batches, lr, lr_min = 3, 4, 0.1, 0.01
+    recipe = TrainingRecipe(epochs=epochs, lr=lr, lr_min=lr_min, grad_clip=None, lr_schedule="step")
+    seen: list[float] = []
+    original_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    torch.optim.SGD.step = recording_step
+    try:
+        run = train_supervised(TinyNet(), batches(n_batches), recipe, quiet=True)
+    finally:
+        torch.optim.SGD.step = original_step
+    total = epochs * n_batches
+    expected = [lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert [row["lr"] for row in run.curve] == pytest.approx(expected[::n_batches], rel=1e-12)
+    assert seen[-1] < lr_min + 0.02 * (lr - lr_min)
+
+
+def test_per_epoch_schedule_is_the_default_and_keeps_retraining_keys():
+    """P-DARTS' per-epoch schedule stays the default, and a retraining config that does not set
+    ``lr_schedule`` keeps the stage key it had (the field enters the key only when changed)."""
+    assert TrainingRecipe(epochs=1, lr=0.1).lr_schedule == "epoch"
+    assert "lr_schedule" not in key_settings(RetrainConfig())
+    assert key_settings(RetrainConfig(lr_schedule="step"))["lr_schedule"] == "step"
 
 
 @pytest.mark.parametrize("clip", [None, 1e-3, 1e3])

@@ -28,6 +28,7 @@ from ..core.datasets import search_augmentation
 from ..attacks import registry as attack_registry
 from ..nas import registry
 from ..nas.darts import snapshot_epochs
+from ..core.config import key_settings
 from ..core.store import stage_key
 from ..studies.tenas_indicators import TENAS_METRICS, TENAS_SETTINGS
 from .code_versions import CODE_VERSIONS
@@ -169,7 +170,8 @@ class _GridBuilder:
         return search, self.retrain_of(search, seed)
 
     def retrain_of(self, search: Stage, seed: int) -> Stage:
-        spec = {"data": self.data, "config": self.preset.retrain.model_dump(exclude={"device"}), "seed": seed,
+        config = {k: v for k, v in key_settings(self.preset.retrain).items() if k != "device"}
+        spec = {"data": self.data, "config": config, "seed": seed,
                 "device": self.preset.retrain.device}
         shared = search.meta["algorithm"] == "random"   # one random search, retrained on every dataset
         stage = self.add(Stage("retrain", spec, f"retrain <- {search.label}" + (self.on if shared else ""),

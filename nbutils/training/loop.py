@@ -17,9 +17,16 @@ One epoch ``t`` of ``E`` (counting from 0):
    backward through the gradient scaler; the divergence check; gradients unscaled and their
    global norm clipped to ``grad_clip``; the SGD step (momentum, weight decay).
 3. The cosine schedule steps: ``lr_t = lr_min + (lr - lr_min) * (1 + cos(pi * t / E)) / 2``
-   (``torch.optim.lr_scheduler.CosineAnnealingLR``).
-4. One row of the curve: ``epoch`` (from 1), ``lr`` used in the epoch, ``train_loss`` (mean
-   over samples of the batch losses, auxiliary term included) and ``train_acc``.
+   (``torch.optim.lr_scheduler.CosineAnnealingLR``). With ``lr_schedule="step"`` it steps after
+   every batch instead, ``t`` counting steps and ``E`` the steps of all epochs, so the last steps
+   train at a rate near ``lr_min``. Over DARTS' 600 epochs the two are the same curve; over a
+   few epochs the per-epoch one still trains its whole last epoch at a sizeable rate (three
+   epochs from 0.05: 0.05, 0.0375, 0.0125), and the weights a short retraining ends with then
+   depend on its last batches, so its test accuracy varies between seeds of one cell
+   (``benchmarks/README.md``, "the retraining's schedule").
+4. One row of the curve: ``epoch`` (from 1), ``lr`` used in the epoch (its first step's, per
+   step), ``train_loss`` (mean over samples of the batch losses, auxiliary term included) and
+   ``train_acc``.
 
 Mixed precision (float16 autocast and gradient scaling) applies on CUDA only; elsewhere the
 scaler and autocast are pass-throughs, so the arithmetic is plain float32. channels_last
@@ -131,7 +138,9 @@ def train_supervised(
         raise ValueError("there are no parameters to train")
     precision = MixedPrecision.for_device(recipe.mixed_precision, parameters[0].device, name)
     steps = _Steps(recipe, parameters, precision, model if forward is None else forward, cutout_generator, name)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(steps.optimiser, max(recipe.epochs, 1), eta_min=recipe.lr_min)
+    per_step = recipe.lr_schedule == "step"
+    horizon = max(recipe.epochs * (len(loader) if per_step else 1), 1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(steps.optimiser, horizon, eta_min=recipe.lr_min)
     level = logging.DEBUG if quiet else logging.INFO
     epochs = range(recipe.epochs) if quiet else progress(range(recipe.epochs), desc=f"{name} epochs")
     curve: list[dict] = []
@@ -143,12 +152,15 @@ def train_supervised(
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in loader:
             value, logits = steps.step(x, y, epoch)
+            if per_step:
+                schedule.step()
             loss_sum += value * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
         if seen == 0:
             raise ValueError(f"{name}: the loader yielded no samples in epoch {epoch + 1}")
-        schedule.step()
+        if not per_step:
+            schedule.step()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen}
         curve.append(row)
         log.log(level, "%s epoch %d: loss %.3f, acc %.3f, lr %.4g", name, epoch + 1, row["train_loss"],

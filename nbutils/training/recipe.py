@@ -18,7 +18,9 @@ from ..core.config import NonNegativeInt, NonNegativeNumber, PositiveNumber, Rat
 class TrainingRecipe:
     """How :func:`~nbutils.training.loop.train_supervised` trains (a config,
     :mod:`nbutils.core.config`): SGD with momentum and weight decay, cosine-annealed from ``lr``
-    to ``lr_min`` over ``epochs``, and the optional parts (``grad_clip`` None: no clipping;
+    to ``lr_min`` over ``epochs`` (``lr_schedule``: the rate changes once per epoch, as DARTS and
+    P-DARTS do, or at every step, see :func:`~nbutils.training.loop.train_supervised`), and the
+    optional parts (``grad_clip`` None: no clipping;
     ``auxiliary_weight``: the auxiliary loss's weight when the network has a head; ``drop_path``:
     the ramp's final probability, 0 off; ``cutout``: the square's side, 0 off). Each caller
     derives its recipe from its own config (:meth:`SgdSettings.recipe`). The defaults are DARTS'
@@ -36,6 +38,7 @@ class TrainingRecipe:
     mixed_precision: bool = False   # float16 autocast + gradient scaling, on CUDA only
     channels_last: bool = False
     divergence: Literal["raise", "warn"] = "raise"
+    lr_schedule: Literal["epoch", "step"] = "epoch"
 
 
 @config

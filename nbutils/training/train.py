@@ -9,10 +9,12 @@ optionally channels_last activations.
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 
-from ..core.config import Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, Rate, config, keyed
+from ..core.config import (Cells, Channels, NonNegativeInt, NonNegativeNumber, PositiveInt, Rate, config, keyed,
+                           keyed_when_changed)
 from ..core.batches import BatchLoader
 from ..core.image_dataset import ImageDataset, channel_stats
 from ..space.genotype import Genotype
@@ -39,13 +41,16 @@ class RetrainConfig(SgdSettings):
     mixed_precision: bool = keyed(False)   # float16 autocast + gradient scaling, on CUDA only (ignored elsewhere)
     channels_last: bool = keyed(False)   # NHWC activations (faster convolutions on recent GPUs)
     fast: bool = keyed(True)   # on the CPU, the fast evaluation network (same function and parameters)
+    # the cosine schedule's rate changes per "epoch" (P-DARTS) or per "step" (a short retraining's
+    # last steps then train near lr_min: see nbutils.training.loop)
+    lr_schedule: Literal["epoch", "step"] = keyed_when_changed("epoch")
 
 
 def retraining_recipe(config: RetrainConfig) -> TrainingRecipe:
     """The loop's recipe from a retraining configuration: its SGD settings and the rest of P-DARTS' recipe."""
     return config.recipe(config.epochs, auxiliary_weight=config.auxiliary_weight, drop_path=config.drop_path,
                          cutout=config.cutout, mixed_precision=config.mixed_precision,
-                         channels_last=config.channels_last)
+                         channels_last=config.channels_last, lr_schedule=config.lr_schedule)
 
 
 def evaluation_network(genotype: Genotype, train_set: ImageDataset, config: RetrainConfig) -> torch.nn.Module:
