@@ -110,6 +110,7 @@ class _GridBuilder:
     def __init__(self, preset: params.Preset):
         self.preset = preset
         self.data: dict = {}   # the dataset whose stages are being added (:meth:`use`)
+        self.search_data: dict = {}   # the part of it that the stages before retraining read
         self.on = ""           # its name in stage labels, when the grid has several datasets
         self.stages: list[Stage] = []
         self.by_key: dict[tuple[str, str], Stage] = {}
@@ -119,6 +120,7 @@ class _GridBuilder:
     def use(self, data: params.DataParams) -> bool:
         """Add the next stages for ``data``; whether it is the primary dataset."""
         self.data = data.model_dump()
+        self.search_data = before_retraining(self.data)
         self.on = f" on {data.dataset}" if len(self.preset.grid.datasets) > 1 else ""
         return data.dataset == self.preset.grid.primary.dataset
 
@@ -138,7 +140,7 @@ class _GridBuilder:
         or defense:<name> (searched on defended data, Table 4)."""
         preset = self.preset
         seed = preset.grid.seed + trial
-        search_data = search_data or self.data
+        search_data = search_data or self.search_data
         if augment is None:   # search.yaml's, for datasets the reference augments (not MNIST and SVHN)
             augment = preset.search.augment and search_augmentation(search_data["dataset"])
         spec = {"algorithm": algorithm, "data": search_data, "config": preset.search.config_of(algorithm),
@@ -204,7 +206,7 @@ class _GridBuilder:
             if (entry.condition in defense.attacks
                     and (defense.algorithms is None or algorithm in defense.algorithms)
                     and (defense.budgets is None or budget in defense.budgets)):
-                defended = self.add(defend_stage(self.preset, self.data, defense.name, poison))
+                defended = self.add(defend_stage(self.preset, self.search_data, defense.name, poison))
                 self.trials(algorithm, entry, budget, defended, study=f"defense:{defense.name}")
         if entry.name == "gc" and algorithm in grid.augmentation_ablation:
             self.trials(algorithm, entry, budget, poison, study="no_augment", augment=False)
@@ -215,7 +217,7 @@ class _GridBuilder:
         clean trials, the alpha attack clean DARTS's."""
         craft = self.preset.craft_poisons
         target = ("alphas" if algorithm in SUPERNET_ALGORITHMS else "weights") if entry.name == "gc" else None
-        spec = {"data": self.data, "attack": craft.attack_config(entry.name, budget, target), "device": craft.device}
+        spec = {"data": self.search_data, "attack": craft.attack_config(entry.name, budget, target), "device": craft.device}
         inputs: dict[str, Stage] = {}
         label = f"poison {entry.condition} {_percent(budget)}"
         meta = {"attack": entry.condition, "budget": budget, "dataset": self.data["dataset"]}
@@ -223,7 +225,7 @@ class _GridBuilder:
         if (attack.crafted_on or target == "alphas") and not self.preset.search.fast:
             spec["fast"] = False   # crafted on the supernet the searches use (only when off: keys stay)
         if attack.needs_surrogate:
-            inputs["surrogate"] = self.add(surrogate_stage(self.preset, self.data))
+            inputs["surrogate"] = self.add(surrogate_stage(self.preset, self.search_data))
         elif attack.per_algorithm:
             spec["target"] = {"algorithm": algorithm, "kind": target}
             inputs = clean_inputs(clean[algorithm])
@@ -248,7 +250,7 @@ class _GridBuilder:
                 continue
             if (entry.condition, budget, measured) not in self.sensitivity:
                 self.sensitivity[(entry.condition, budget, measured)] = self.add(
-                    sensitivity_stage(self.preset, self.data, poison, measured))
+                    sensitivity_stage(self.preset, self.search_data, poison, measured))
 
     def sensitivity_not_run(self) -> list[dict]:
         """The Table 2 cells without a study, with the reason: an algorithm's metrics under
@@ -278,9 +280,7 @@ class _GridBuilder:
     def ood_trials(self, ood: params.OodEntry) -> None:
         """Searches on another dataset (with the search augmentation the reference gives that
         dataset, :meth:`trial`), retrained on the primary one."""
-        # the search reads only the search fields; the retraining's sizes belong to the grid's dataset
-        search_data = {**self.data, **ood.model_dump(exclude={"algorithms"}), "train_size": None, "test_size": None,
-                       "image_size": None}
+        search_data = before_retraining({**self.data, **ood.model_dump(exclude={"algorithms"})})
         for algorithm in ood.algorithms or self.preset.grid.nas_algorithms:
             self.trials(algorithm, None, None, None, study="ood", search_data=search_data)
 
@@ -334,6 +334,19 @@ def supernets_to_keep(preset: params.Preset, algorithm: str) -> list[int] | None
             epochs = getattr(preset.search, registry.ALGORITHMS[algorithm].section).epochs
             keep.update(snapshot_epochs(epochs, entry.ensemble or 1))
     return sorted(keep) if wanted else None
+
+
+#: the data settings only retraining reads (its training and test images, their size)
+RETRAINING_DATA = ("train_size", "test_size", "image_size")
+
+
+def before_retraining(data: dict) -> dict:
+    """A dataset's settings as the stages before retraining carry them (searches, poisons,
+    defences, the surrogate, the metric studies): the retraining's sizes left out (None), so
+    that a change of the retraining's data re-runs the retrainings only, not the searches. The
+    searches read the search pool (:func:`nbutils.pipeline.steps.search_pool`: ``search_size``
+    images at ``search_image_size``)."""
+    return {**data, **dict.fromkeys(RETRAINING_DATA)}
 
 
 def defend_stage(preset: params.Preset, data: dict, name: str, poison: Stage) -> Stage:
