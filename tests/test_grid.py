@@ -261,3 +261,26 @@ def test_retrain_spec_carries_a_new_setting_only_when_changed():
     changed = [s for s in expand(per_step) if s.kind == "retrain"]
     assert all(s.spec["config"]["lr_schedule"] == "step" for s in changed)
     assert {s.key for s in changed}.isdisjoint(s.key for s in default)
+
+
+def test_a_change_of_the_retraining_data_re_runs_the_retrainings_only():
+    """train_size, test_size and image_size are read by retraining alone: changing them keeps the
+    key of every stage that reads no retraining (searches, poisons, the surrogate, the metric
+    studies), and changes every retraining's. (Gradient canceling crafts against the clean run of
+    best retrained accuracy, so its poisons and their searches follow the retrainings.)"""
+    base = params.load_preset(TINY_ATTACKS)
+    data = base.grid.model_dump()["data"]
+    changed = preset(data={**data, "train_size": (data["train_size"] or 40) + 1, "test_size": 7, "image_size": 12})
+    before, after = expand(base), expand(changed)
+
+    def reads_a_retraining(stage) -> bool:
+        return any(i.kind == "retrain" or reads_a_retraining(i) for i in stage.inputs.values())
+
+    def upstream(stages):
+        return [(s.kind, s.key) for s in stages if s.kind not in ("retrain", "gallery", "report")
+                and not reads_a_retraining(s)]
+
+    assert {kind for kind, _ in upstream(before)} >= {"search", "poison", "surrogate"}
+    assert upstream(before) == upstream(after)
+    retrains_before = {s.key for s in before if s.kind == "retrain"}
+    assert retrains_before and retrains_before.isdisjoint(s.key for s in after if s.kind == "retrain")
