@@ -34,6 +34,7 @@ def test_each_chosen_departure_names_the_setting_that_restores_the_reference():
     quick = departures(settings_of("quick"))
     assert any("first-order" in d and "order: 2" in d for d in quick)
     assert any("random_sampler: independent" in d for d in quick)
+    assert any("every step" in d and "lr_schedule: epoch" in d for d in quick)
     settings = settings_of("tour")
     settings["search"]["robot"] = {**settings["search"]["robot"], "metrics": ["grad_norm", "synflow_bn"]}
     settings["search"]["darts"] = {**settings["search"]["darts"], "order": 2}

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from . import params
+from ..core.config import key_settings
 from ..core.datasets import search_augmentation
 from ..attacks import registry as attack_registry
 from ..nas import registry
 from ..nas.darts import snapshot_epochs
-from ..core.config import key_settings
 from ..core.store import stage_key
 from ..studies.tenas_indicators import TENAS_METRICS, TENAS_SETTINGS
 from .code_versions import CODE_VERSIONS

@@ -60,6 +60,10 @@ def chosen_departures(settings: dict) -> list[str]:
                           f"and {alphas} for supernets' alphas; the audit's poison files name 0.5 for weights "
                           "targets and 1.0 for P-DARTS' alphas "
                           "(craft_poisons.yaml: gc: {gradpc_epsilon: 0.5, gradpc_epsilon_alphas: 1.0}).")
+    if settings.get("retrain", {}).get("lr_schedule", "epoch") == "step":
+        chosen.append("Retraining anneals its cosine learning rate at every step; P-DARTS' recipe lowers it once "
+                      "per epoch, which over a few epochs leaves the last one at a sizeable rate and the accuracy "
+                      "to its last batches (retrain.yaml: lr_schedule: epoch).")
     defenses = {d["name"] for d in grid.get("defenses", [])}
     defend = settings.get("defend", {})
     if "denoise" in defenses and not defend.get("denoise", {}).get("ddpm_path"):

@@ -139,6 +139,8 @@ def train_supervised(
     precision = MixedPrecision.for_device(recipe.mixed_precision, parameters[0].device, name)
     steps = _Steps(recipe, parameters, precision, model if forward is None else forward, cutout_generator, name)
     per_step = recipe.lr_schedule == "step"
+    if per_step and not hasattr(loader, "__len__"):
+        raise ValueError(f"{name}: lr_schedule 'step' needs a loader with a length (its steps per epoch)")
     horizon = max(recipe.epochs * (len(loader) if per_step else 1), 1)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(steps.optimiser, horizon, eta_min=recipe.lr_min)
     level = logging.DEBUG if quiet else logging.INFO
