@@ -35,7 +35,7 @@ CODE_VERSIONS: dict[str, int] = {
     "retrain": 3,
     "sensitivity": 1,
     "gallery": 2,
-    "report": 8,   # 8: one cell's statistics worked by hand (issue 26), where each stage ran (issue 27)
+    "report": 9,   # 8: one cell's statistics worked by hand (issue 26), where each stage ran (issue 27); 9: the per-step retraining schedule among the departures
 }
 
 #: the notebook of each kind of stage; its code, and every function, class and constant of the
