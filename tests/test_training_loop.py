@@ -78,7 +78,7 @@ def test_learning_rate_follows_the_cosine_schedule():
     assert [row["epoch"] for row in run.curve] == [1, 2, 3, 4]
 
 
-def test_per_step_schedule_anneals_over_every_step():
+def test_per_step_schedule_anneals_over_every_step(monkeypatch):
     """``lr_schedule="step"``: step t of T = epochs x batches trains at lr_min + (lr - lr_min)(1 + cos(pi t / T)) / 2,
     so the last step is close to lr_min; the curve's lr is each epoch's first step's."""
     epochs, n_batches, lr, lr_min = 3, 4, 0.1, 0.01
@@ -90,11 +90,8 @@ def test_per_step_schedule_anneals_over_every_step():
         seen.append(self.param_groups[0]["lr"])
         return original_step(self, *args, **kwargs)
 
-    torch.optim.SGD.step = recording_step
-    try:
-        run = train_supervised(TinyNet(), batches(n_batches), recipe, quiet=True)
-    finally:
-        torch.optim.SGD.step = original_step
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    run = train_supervised(TinyNet(), batches(n_batches), recipe, quiet=True)
     total = epochs * n_batches
     expected = [lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t / total)) / 2 for t in range(total)]
     assert seen == pytest.approx(expected, rel=1e-12)

@@ -23,7 +23,7 @@ One epoch ``t`` of ``E`` (counting from 0):
    few epochs the per-epoch one still trains its whole last epoch at a sizeable rate (three
    epochs from 0.05: 0.05, 0.0375, 0.0125), and the weights a short retraining ends with then
    depend on its last batches, so its test accuracy varies between seeds of one cell
-   (``benchmarks/README.md``, "the retraining's schedule").
+   (``benchmarks/README.md``, "the retraining's schedule and size").
 4. One row of the curve: ``epoch`` (from 1), ``lr`` used in the epoch (its first step's, per
    step), ``train_loss`` (mean over samples of the batch losses, auxiliary term included) and
    ``train_acc``.
