@@ -138,11 +138,7 @@ def train_supervised(
         raise ValueError("there are no parameters to train")
     precision = MixedPrecision.for_device(recipe.mixed_precision, parameters[0].device, name)
     steps = _Steps(recipe, parameters, precision, model if forward is None else forward, cutout_generator, name)
-    per_step = recipe.lr_schedule == "step"
-    if per_step and not hasattr(loader, "__len__"):
-        raise ValueError(f"{name}: lr_schedule 'step' needs a loader with a length (its steps per epoch)")
-    horizon = max(recipe.epochs * (len(loader) if per_step else 1), 1)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(steps.optimiser, horizon, eta_min=recipe.lr_min)
+    schedule, per_step = _cosine_schedule(steps.optimiser, recipe, loader, name)
     level = logging.DEBUG if quiet else logging.INFO
     epochs = range(recipe.epochs) if quiet else progress(range(recipe.epochs), desc=f"{name} epochs")
     curve: list[dict] = []
@@ -168,6 +164,17 @@ def train_supervised(
         log.log(level, "%s epoch %d: loss %.3f, acc %.3f, lr %.4g", name, epoch + 1, row["train_loss"],
                 row["train_acc"], lr)
     return TrainingRun(curve=curve, mixed_precision=precision.enabled)
+
+
+def _cosine_schedule(optimiser: torch.optim.Optimizer, recipe: TrainingRecipe, loader: Iterable, name: str
+                     ) -> tuple[torch.optim.lr_scheduler.CosineAnnealingLR, bool]:
+    """Step 3 of the module docstring: the schedule, and whether it steps after every batch
+    (``recipe.lr_schedule == "step"``, over all epochs' batches) rather than after every epoch."""
+    per_step = recipe.lr_schedule == "step"
+    if per_step and not hasattr(loader, "__len__"):
+        raise ValueError(f"{name}: lr_schedule 'step' needs a loader with a length (its steps per epoch)")
+    horizon = max(recipe.epochs * (len(loader) if per_step else 1), 1)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, horizon, eta_min=recipe.lr_min), per_step
 
 
 class _Steps:
