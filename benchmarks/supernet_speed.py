@@ -79,7 +79,13 @@ PIECES = {
     "flip_input_grad": "the input gradient of a stride-1 depthwise convolution as a transposed convolution",
     "channels_last": "NCHW activations (the centring for PyTorch's batch norm then runs on them too)",
     "matmul_pointwise": "1x1 convolutions by oneDNN instead of matrix products of the channels_last pixels",
+    "mixed_convs": "the separable and dilated convolutions that read one state each on its own, not as one fused "
+                   "node of stacked tensors (every piece above but c_kernels and channels_last also turns the fused "
+                   "node off: it computes them its own way)",
 }
+#: the pieces the fused node of nbutils.accel.mixed_convs replaces by its own computation
+_FUSED_NODE_BYPASSES = {"c_depthwise", "custom_dw", "polyphase", "split5x5", "flip_input_grad", "matmul_pointwise",
+                        "mixed_convs"}
 
 
 def _patch(name: str, value) -> None:
@@ -98,6 +104,8 @@ def _without(pieces: list[str]) -> None:
 
     from nbutils.accel import channels_last_kernels, depthwise
 
+    if _FUSED_NODE_BYPASSES & set(pieces):
+        _patch("mixed_convs", lambda inputs, convs, stats: None)   # "does not apply": each convolution on its own
     if "c_kernels" in pieces:   # the production switch for machines without a C compiler
         os.environ["NBUTILS_NO_C_KERNELS"] = "1"
         channels_last_kernels._library.cache_clear()

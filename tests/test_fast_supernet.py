@@ -214,12 +214,17 @@ def test_arch_only_backward_skips_unused_input_gradients(monkeypatch):
     if not channels_last_kernels.available():
         pytest.skip("no C compiler")
     needs = []
-    backward = channels_last_kernels.bn_backward
+    backward, backward_blocks = channels_last_kernels.bn_backward, channels_last_kernels.bn_backward_blocks
 
     def recording(grad, x, weight, bias, mean, invstd, relu, need):
         needs.append(need[0])
         return backward(grad, x, weight, bias, mean, invstd, relu, need)
+
+    def recording_blocks(dtype, grad, x, m, c, weights, mean, invstd, relu, grad_input, grad_weight):
+        needs.extend(pointer != 0 for pointer in grad_input)   # the fused convolutions (mixed_convs)
+        return backward_blocks(dtype, grad, x, m, c, weights, mean, invstd, relu, grad_input, grad_weight)
     monkeypatch.setattr(channels_last_kernels, "bn_backward", recording)
+    monkeypatch.setattr(channels_last_kernels, "bn_backward_blocks", recording_blocks)
     _, fast = pair(channels=4, layers=3, in_channels=3)
     x, y = random_batch(4, 3, 8)
     run(fast, x, y, inputs=fast.arch_parameters())

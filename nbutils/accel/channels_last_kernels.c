@@ -1,7 +1,8 @@
 /* Kernels of the fast supernet for channels_last tensors, viewed as (M, C) row-major matrices
  * (M = N * H * W values per channel): training-mode batch norm with an optional ReLU after
  * it, forward and backward, and the backward of a per-channel scaled add; and depthwise
- * convolution, forward and both gradients (channels_last_kernels_depthwise.h).
+ * convolution, forward and both gradients (channels_last_kernels_depthwise.h); and both, for
+ * several tensors in one call (channels_last_kernels_blocks.h).
  *
  * Compiled and loaded by nbutils/accel/channels_last_kernels.py; see there for why.
  * Per-channel sums are accumulated in SCALAR over blocks of rows and in double over blocks
@@ -42,6 +43,7 @@
 #define SUFFIX _f32
 #include "channels_last_kernels.h"
 #include "channels_last_kernels_depthwise.h"
+#include "channels_last_kernels_blocks.h"
 #undef SCALAR
 #undef SUFFIX
 
@@ -49,5 +51,6 @@
 #define SUFFIX _f64
 #include "channels_last_kernels.h"
 #include "channels_last_kernels_depthwise.h"
+#include "channels_last_kernels_blocks.h"
 #undef SCALAR
 #undef SUFFIX

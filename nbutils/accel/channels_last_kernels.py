@@ -55,10 +55,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["available", "applies", "batch_norm", "BatchNormFunction", "bn_forward", "bn_backward",
            "scaled_add_backward", "running_stats_update", "depthwise_applies",
-           "depthwise_forward", "depthwise_input_grad", "depthwise_weight_grad"]
+           "depthwise_forward", "depthwise_input_grad", "depthwise_weight_grad", "block_pointers",
+           "bn_forward_blocks", "bn_backward_blocks", "depthwise_blocks"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in
-            ("channels_last_kernels.c", "channels_last_kernels.h", "channels_last_kernels_depthwise.h")]
+            ("channels_last_kernels.c", "channels_last_kernels.h", "channels_last_kernels_depthwise.h",
+             "channels_last_kernels_blocks.h")]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 if platform.machine().lower() in ("x86_64", "amd64"):   # an x86 option: other compilers' targets refuse it
     _FLAGS.insert(2, "-mprefer-vector-width=512")
@@ -132,7 +134,12 @@ def _library() -> ctypes.CDLL | None:
         update = getattr(lib, "running_stats_update" + suffix)
         update.argtypes = [i64, p, p, p, p, p, p, p, p, p]
         update.restype = None
-        for name, args in (("dw_forward", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p, i64, i64]),
+        for name, args in (("bn_forward_blocks", [i64, p, i64, i64, p, ctypes.c_double, p, p, p, p]),
+                           ("bn_backward_blocks", [i64, p, p, i64, i64, p, p, p, p, p, p]),
+                           ("dw_forward_blocks", [i64, i64, i64, p, p, p, i64, i64, p]),
+                           ("dw_input_grad_blocks", [i64, i64, i64, p, p, p, i64, i64, p, p]),
+                           ("dw_weight_grad_blocks", [i64, i64, i64, p, p, p, i64, i64, p]),
+                           ("dw_forward", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, p, i64, i64]),
                            ("dw_input_grad", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_int, p]),
                            ("dw_weight_grad", [p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, p])):
             function = getattr(lib, name + suffix)
@@ -359,3 +366,73 @@ def running_stats_update(modules: list, means: list[torch.Tensor], invstds: list
         n, base + 5 * row, base, base + row, base + 2 * row, base + 3 * row, base + 4 * row, fbase, fbase + frow,
         fbase + 2 * frow)
     return True
+
+
+# --------------------------------------------------------------------------- several tensors per call
+
+
+def block_pointers(t: torch.Tensor) -> list[int]:
+    """The addresses of ``t[0], t[1], ...`` for a contiguous ``t``: its blocks, for the
+    ``*_blocks`` kernels."""
+    step = t.stride(0) * t.element_size()
+    return [t.data_ptr() + k * step for k in range(t.shape[0])]
+
+
+def _int64s(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _int32s(values) -> torch.Tensor:
+    return torch.tensor([int(v) for v in values], dtype=torch.int32)
+
+
+def bn_forward_blocks(dtype: torch.dtype, x: list[int], m: int, c: int, weights: list[int], eps: float,
+                      relu: list[bool], out: list[int], mean: torch.Tensor, invstd: torch.Tensor) -> None:
+    """:func:`bn_forward` of each block ``(M, C)`` at the addresses ``x``, into ``out``; ``weights``:
+    each block's affine weight (0: none), ``relu`` each block's ReLU; ``mean`` and ``invstd``
+    (blocks, C) receive the statistics. One C call."""
+    pointers = _int64s([x, weights, out])
+    flags = _int32s(relu)
+    row = pointers.stride(0) * 8
+    getattr(_library(), "bn_forward_blocks" + _DTYPES[dtype])(
+        len(x), pointers.data_ptr(), m, c, pointers.data_ptr() + row, eps, flags.data_ptr(),
+        pointers.data_ptr() + 2 * row, _pointer(mean), _pointer(invstd))
+
+
+def bn_backward_blocks(dtype: torch.dtype, grad: list[int], x: list[int], m: int, c: int, weights: list[int],
+                       mean: torch.Tensor, invstd: torch.Tensor, relu: list[bool], grad_input: list[int],
+                       grad_weight: list[int]) -> None:
+    """:func:`bn_backward` of each block (no bias), one C call; ``grad_input`` and
+    ``grad_weight``: each block's outputs, 0 where not needed. ``mean`` and ``invstd`` are
+    (blocks, C), as :func:`bn_forward_blocks` wrote them."""
+    pointers = _int64s([grad, x, weights, grad_input, grad_weight])
+    flags = _int32s(relu)
+    base, row = pointers.data_ptr(), pointers.stride(0) * 8
+    getattr(_library(), "bn_backward_blocks" + _DTYPES[dtype])(
+        len(x), base, base + row, m, c, base + 2 * row, _pointer(mean), _pointer(invstd), flags.data_ptr(),
+        base + 3 * row, base + 4 * row)
+
+
+def depthwise_blocks(kind: str, dtype: torch.dtype, n: int, c: int, confs: list[tuple], first: list[int],
+                     second: list[int], out_size: tuple[int, int], results: list[int],
+                     accumulate: list[bool] | None = None) -> None:
+    """The depthwise convolution of several blocks in one C call. ``confs``: per block the
+    input's height and width, the kernel size, stride, padding and dilation; every output is
+    ``(n, *out_size, c)``, channels last. ``kind``:
+
+    * ``"forward"``: ``first`` the inputs, ``second`` the weights (C, 1, K, K), ``results`` the outputs;
+    * ``"input_grad"``: ``first`` the output gradients, ``second`` the weights, ``results`` the input
+      gradients, added into where ``accumulate``;
+    * ``"weight_grad"``: ``first`` the inputs, ``second`` the output gradients, ``results`` the weight
+      gradients.
+    """
+    conf = _int64s(confs)
+    pointers = _int64s([first, second, results])
+    base, row = pointers.data_ptr(), pointers.stride(0) * 8
+    oh, ow = out_size
+    function = getattr(_library(), f"dw_{kind}_blocks" + _DTYPES[dtype])
+    if kind == "input_grad":
+        flags = _int32s(accumulate)
+        function(len(first), n, c, conf.data_ptr(), base, base + row, oh, ow, flags.data_ptr(), base + 2 * row)
+    else:
+        function(len(first), n, c, conf.data_ptr(), base, base + row, oh, ow, base + 2 * row)

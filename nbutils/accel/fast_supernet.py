@@ -23,6 +23,13 @@ it is built from, which :mod:`nbutils.accel.fast_network` shares:
 * **the operations** (:mod:`nbutils.accel.operations`) from what the operations reading one
   state share; average pools as depthwise convolutions.
 
+* **the convolutions of the mixed operations that read one state as one autograd node**
+  (:mod:`nbutils.accel.mixed_convs`): up to 16 separable and dilated convolutions, each a chain
+  of small calls whose fixed cost dominated at a CPU search's sizes, run side by side as stacked
+  tensors (one C call per stage for their depthwise convolutions and batch norms, one batched
+  product for their 1x1 convolutions). Where it does not apply (affine or eval-mode batch norms,
+  no C kernels) each runs on its own, from the pieces above.
+
 And in this module, the mixed operations:
 
 * **work shared between the edges that read the same state**: the ``none`` operation is
@@ -64,12 +71,13 @@ from ..space.supernet import SearchCell, SuperNet
 from .batch_norm import RunningStats, batch_norm
 from .channels_last import CHANNELS_LAST, DenseGrad, EvenOdd, engine_will_need, on_c_kernels
 from .depthwise import depthwise_fanout, reads_even_pixels
+from .mixed_convs import DIL as _DIL
+from .mixed_convs import SEP as _SEP
+from .mixed_convs import mixed_convs
 from .operations import dil_conv, factorized_reduce, pool, preprocess, sep_conv
 
 __all__ = ["FastSuperNet"]
 
-_SEP = ("sep_conv_3x3", "sep_conv_5x5")
-_DIL = ("dil_conv_3x3", "dil_conv_5x5")
 _POOLS = ("max_pool_3x3", "avg_pool_3x3")
 
 
@@ -160,14 +168,9 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
                 nodes[node].add(w[k], op(h))
     if convs or reduces:
         relu_h = F.relu(h)
-        on_even = [i for i, (*_, op) in enumerate(convs) if reads_even_pixels(op[1])]
-        on_all = [i for i in range(len(convs)) if i not in on_even]
-        halves = EvenOdd.apply(relu_h) if on_even or reduces else None
-        firsts = dict(zip(on_all, depthwise_fanout(relu_h, [convs[i][-1][1] for i in on_all])))
-        if on_even:
-            firsts.update(zip(on_even, depthwise_fanout(halves[0], [convs[i][-1][1] for i in on_even], on_even=True)))
-        for i, (node, wk, name, op) in enumerate(convs):
-            nodes[node].add_owned((sep_conv if name in _SEP else dil_conv)(firsts[i], op, stats, scale=wk))
+        halves = EvenOdd.apply(relu_h) if reduces or any(reads_even_pixels(op[1]) for *_, op in convs) else None
+        if convs:
+            _convs_forward(relu_h, halves, convs, nodes, stats)
         for node, wk, op in reduces:
             nodes[node].add_owned(factorized_reduce(halves, op, stats, scale=wk))
     for name, uses in pools.items():
@@ -180,6 +183,27 @@ def _source_forward(cell: SearchCell, h: torch.Tensor, edges: list[tuple[int, in
         else:
             for node, wk, op in uses:
                 nodes[node].add_owned(batch_norm(pooled, op[1], stats, scale=wk))
+
+
+def _convs_forward(relu_h: torch.Tensor, halves: tuple | None, convs: list[tuple], nodes: list[_NodeSum],
+                   stats: RunningStats) -> None:
+    """Add the separable and dilated convolutions ``convs`` (``(node, scale, name, op)``) of one
+    state's ReLU ``relu_h`` to the node sums: all in one node of :mod:`nbutils.accel.mixed_convs`
+    where it applies, else each on its own from their shared first depthwise convolutions.
+    ``halves``: the even and odd pixels of ``relu_h``, which the stride-2 dilated convolutions
+    read (None if none does)."""
+    on_even = [i for i, (*_, op) in enumerate(convs) if reads_even_pixels(op[1])]
+    fused = mixed_convs((relu_h, halves[0] if on_even else None), convs, stats)
+    if fused is not None:
+        for node, out in fused:
+            nodes[node].add_owned(out)
+        return
+    on_all = [i for i in range(len(convs)) if i not in on_even]
+    firsts = dict(zip(on_all, depthwise_fanout(relu_h, [convs[i][-1][1] for i in on_all])))
+    if on_even:
+        firsts.update(zip(on_even, depthwise_fanout(halves[0], [convs[i][-1][1] for i in on_even], on_even=True)))
+    for i, (node, wk, name, op) in enumerate(convs):
+        nodes[node].add_owned((sep_conv if name in _SEP else dil_conv)(firsts[i], op, stats, scale=wk))
 
 
 def _cell_forward(cell: SearchCell, relu_s0: torch.Tensor, relu_s1: torch.Tensor, weights: torch.Tensor,

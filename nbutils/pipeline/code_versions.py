@@ -29,9 +29,9 @@ NOTEBOOKS = PROJECT_ROOT / "notebooks"
 #: bump a kind's number when a change alters what its stages compute
 CODE_VERSIONS: dict[str, int] = {
     "surrogate": 1,
-    "poison": 3,
+    "poison": 4,   # 4: the fast supernet's convolutions of one state fused (mixed_convs): sums in another order
     "defend": 1,
-    "search": 3,
+    "search": 4,   # 4: as poison's 4
     "retrain": 3,
     "sensitivity": 1,
     "gallery": 2,
