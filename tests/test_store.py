@@ -77,6 +77,28 @@ def test_key_leaves_out_where_the_data_is_read_from_at_any_depth():
     assert key != stage_key("search", {**spec, "data": {**spec["data"], "dataset": "svhn"}}, {})
 
 
+def test_key_holds_a_local_model_by_its_content_not_its_folder(tmp_path):
+    """A pretrained model on disk (defend.yaml: denoise.ddpm_path) keys its stages by its bytes:
+    the same model in another checkout finds the same artifacts; a changed file, a new key."""
+    def model(folder, weights=b"weights"):
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "model.bin").write_bytes(weights)
+        (folder / "scheduler.json").write_text("{}")
+        return str(folder)
+
+    def key(path):
+        return stage_key("defend", {"defense": {"name": "denoise", "ddpm_path": path, "sigma": 0.1}}, {})
+    here, there = model(tmp_path / "a" / "ddpm"), model(tmp_path / "b" / "ddpm")
+    assert key(here) == key(there)
+    assert key(here) != key(model(tmp_path / "c" / "ddpm", b"other weights"))
+    assert key(here) != key(str(tmp_path / "missing"))   # nothing there: keyed by the path asked for
+    renamed = tmp_path / "d"
+    model(renamed)
+    (renamed / "unet" / "model.bin").rename(renamed / "unet" / "other.bin")
+    assert key(str(renamed)) != key(here)   # the files' names count too
+    assert key(None) == key(None) != key(here)
+
+
 def test_key_holds_the_code_version():
     assert stage_key("retrain", {"a": 1}, {}, code=1) != stage_key("retrain", {"a": 1}, {}, code=2)
 

@@ -46,6 +46,10 @@ FILES = "files"
 #: Spec entries, at any depth, that choose where or how fast to compute or where the data is
 #: read from, not what is computed: left out of keys.
 NOT_IN_KEY = frozenset({"device", "data_root", "download"})
+#: Spec entries that name a local file or folder (a pretrained model the user put on disk):
+#: keys hold a digest of its content, not its path, so the same model in another checkout or
+#: folder finds the same artifacts, and a replaced model computes anew.
+LOCAL_FILES = frozenset({"ddpm_path", "extractor_weights"})
 
 
 def canonical_json(obj: Any) -> str:
@@ -53,12 +57,40 @@ def canonical_json(obj: Any) -> str:
 
 
 def _what(spec: Any) -> Any:
-    """``spec`` without the entries of :data:`NOT_IN_KEY`, at every depth."""
+    """``spec`` without the entries of :data:`NOT_IN_KEY`, at every depth, and with the paths of
+    :data:`LOCAL_FILES` replaced by their content's digest."""
     if isinstance(spec, dict):
-        return {k: _what(v) for k, v in spec.items() if k not in NOT_IN_KEY}
+        return {k: content_digest(v) if k in LOCAL_FILES and isinstance(v, str) else _what(v)
+                for k, v in spec.items() if k not in NOT_IN_KEY}
     if isinstance(spec, list):
         return [_what(v) for v in spec]
     return spec
+
+
+_CONTENT_DIGESTS: dict[tuple, str] = {}
+
+
+def content_digest(path: str) -> str:
+    """``"sha256:<hex>"`` of the file or folder at ``path`` (a folder: every file's path inside it
+    and bytes, in sorted order), or ``path`` unchanged where nothing is there (the run then stops
+    on it before any compute, and the key names what was asked for). Remembered per process by
+    each file's size and modification time: a model of hundreds of megabytes is read once."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        return path
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stamp = (str(root.resolve()), tuple((str(p.relative_to(root)) if root.is_dir() else "", p.stat().st_size,
+                                         p.stat().st_mtime_ns) for p in files))
+    if stamp not in _CONTENT_DIGESTS:
+        digest = hashlib.sha256()
+        for file, (name, _, _) in zip(files, stamp[1]):
+            digest.update(name.encode() + b"\0")
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+        _CONTENT_DIGESTS[stamp] = "sha256:" + digest.hexdigest()
+    return _CONTENT_DIGESTS[stamp]
 
 
 def stage_key(stage: str, spec: dict, inputs: dict[str, str], code: int | None = None) -> str:

@@ -15,6 +15,7 @@ from ..attacks.poisoning import AttackConfig
 from ..attacks.registry import CRAFTING_FIELDS
 from ..core.config import (CONFIG_RULES, Cells, Channels, EachOnce, PositiveInt, PositiveNumber, Seed, fields_with_role,
                            integer, key_settings, number)
+from ..core.store import LOCAL_FILES
 from ..defenses.defending import DefenseConfig
 from ..defenses.registry import DEFENSE_SETTINGS, DEFENSES
 from ..nas import registry
@@ -202,8 +203,6 @@ class MetricSensitivityParams(Params):
 
 
 # --- defend.yaml (TMLR Table 4) -----------------------------------------------------------------
-#: defence settings that name a local file or folder
-LOCAL_FILES = ("ddpm_path", "extractor_weights")
 
 
 class DefendParams(Params):
