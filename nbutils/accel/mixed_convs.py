@@ -106,8 +106,8 @@ def mixed_convs(inputs: tuple[torch.Tensor, torch.Tensor | None], convs: list[tu
 
 
 def _build(inputs, convs):
-    """The plan and the flat tensor arguments of :class:`_MixedConvs`, or None where it does not
-    apply."""
+    """The plan and the flat tensor arguments of :class:`_MixedConvs`, and the nodes of its
+    outputs; or None where it does not apply."""
     relu_h, even = inputs
     if not on_c_kernels(relu_h) or (even is not None and not on_c_kernels(even)):
         return None
@@ -115,57 +115,67 @@ def _build(inputs, convs):
     dils = [(node, scale, op) for node, scale, name, op in convs if name in DIL]
     if len(seps) + len(dils) != len(convs):
         return None
+    ops = [op for _, _, op in seps + dils]
+    scales = [scale for _, scale, _ in seps + dils]
     n, c = relu_h.shape[:2]
-    dtype = relu_h.dtype
-    nodes: list[int] = []
-    block_input, conf1, block_slot, out_sizes = [], [], [], set()
-    for node, _, op in seps + dils:
+    firsts = _first_halves(inputs, ops, c, relu_h.dtype)
+    if firsts is None:
+        return None
+    block_input, conf1, out_size = firsts
+    conf2 = _second_halves([op for _, _, op in seps], out_size, c, relu_h.dtype)
+    bns1, bns2 = tuple(op[3] for op in ops), tuple(op[7] for _, _, op in seps)
+    if (conf2 is None or len({bn.eps for bn in bns1}) != 1 or len({bn.eps for bn in bns2}) > 1
+            or any(t.dtype != relu_h.dtype or not t.is_contiguous() or t.shape != (c,) for t in scales)):
+        return None
+    nodes = list(dict.fromkeys(node for node, _, _ in seps + dils))
+    plan = _Plan(n_inputs=1 if even is None else 2, block_input=block_input, conf1=conf1, conf2=conf2,
+                 eps1=bns1[0].eps, eps2=bns2[0].eps if bns2 else 0.0,
+                 block_slot=tuple(nodes.index(node) for node, _, _ in seps + dils), n_slots=len(nodes), n=n, c=c,
+                 out_size=out_size, bns=(bns1, bns2))
+    tensors = ([relu_h] + ([] if even is None else [even]) + [op[1].weight for op in ops] + [op[2].weight for op in ops]
+               + [op[5].weight for _, _, op in seps] + [op[6].weight for _, _, op in seps] + scales)
+    return plan, tensors, nodes
+
+
+def _first_halves(inputs, ops, c: int, dtype: torch.dtype):
+    """Each operation's first depthwise convolution, 1x1 and batch norm: the input it reads
+    (0: the ReLU'd state, 1: its even pixels), its configuration (input height and width,
+    kernel, stride, padding, dilation) and the output size they share; or None."""
+    block_input, conf, out_sizes = [], [], set()
+    for op in ops:
         dw, pw, bn = op[1], op[2], op[3]
         if not (_depthwise_ok(dw, c, dtype) and _pointwise_ok(pw, c, dtype) and _bn_ok(bn)):
             return None
         k, stride, padding, dilation = dw.kernel_size[0], dw.stride[0], dw.padding[0], dw.dilation[0]
         index = 0
         if reads_even_pixels(dw):
-            if even is None:
+            if inputs[1] is None:
                 return None
             index, stride, padding, dilation = 1, 1, padding // 2, 1
-        x = inputs[index]
-        h, w = x.shape[-2:]
-        conf1.append((h, w, k, stride, padding, dilation))
+        h, w = inputs[index].shape[-2:]
+        conf.append((h, w, k, stride, padding, dilation))
         block_input.append(index)
-        out_sizes.add(((h + 2 * padding - dilation * (k - 1) - 1) // stride + 1,
-                       (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1))
-        if node not in nodes:
-            nodes.append(node)
-        block_slot.append(nodes.index(node))
+        out_sizes.add(tuple((size + 2 * padding - dilation * (k - 1) - 1) // stride + 1 for size in (h, w)))
     if len(out_sizes) != 1:
         return None
-    oh, ow = out_sizes.pop()
-    conf2 = []
-    for _, _, op in seps:
+    return tuple(block_input), tuple(conf), out_sizes.pop()
+
+
+def _second_halves(seps, out_size: tuple[int, int], c: int, dtype: torch.dtype):
+    """The configurations of the separable convolutions' second depthwise convolutions
+    (stride 1, "same" size), their 1x1 and batch norm checked; or None."""
+    conf = []
+    for op in seps:
         if len(op) != 8:
             return None
         dw, pw, bn = op[5], op[6], op[7]
         if not (_depthwise_ok(dw, c, dtype) and _pointwise_ok(pw, c, dtype) and _bn_ok(bn)) or dw.stride[0] != 1:
             return None
         k, padding, dilation = dw.kernel_size[0], dw.padding[0], dw.dilation[0]
-        if 2 * padding != dilation * (k - 1):   # "same" size
+        if 2 * padding != dilation * (k - 1):
             return None
-        conf2.append((oh, ow, k, 1, padding, dilation))
-    ops = [op for _, _, op in seps + dils]
-    bns1 = tuple(op[3] for op in ops)
-    bns2 = tuple(op[7] for _, _, op in seps)
-    if len({bn.eps for bn in bns1}) != 1 or len({bn.eps for bn in bns2}) > 1:
-        return None
-    scales = [scale for _, scale, _ in seps + dils]
-    if any(s.dtype != dtype or not s.is_contiguous() or s.shape != (c,) for s in scales):
-        return None
-    plan = _Plan(n_inputs=1 if even is None else 2, block_input=tuple(block_input), conf1=tuple(conf1),
-                 conf2=tuple(conf2), eps1=bns1[0].eps, eps2=bns2[0].eps if bns2 else 0.0, block_slot=tuple(block_slot),
-                 n_slots=len(nodes), n=n, c=c, out_size=(oh, ow), bns=(bns1, bns2))
-    tensors = ([relu_h] + ([] if even is None else [even]) + [op[1].weight for op in ops] + [op[2].weight for op in ops]
-               + [op[5].weight for _, _, op in seps] + [op[6].weight for _, _, op in seps] + scales)
-    return plan, tensors, nodes
+        conf.append((*out_size, k, 1, padding, dilation))
+    return tuple(conf)
 
 
 def _depthwise_ok(conv: nn.Module, c: int, dtype: torch.dtype) -> bool:
