@@ -71,9 +71,7 @@ from ..space.supernet import SearchCell, SuperNet
 from .batch_norm import RunningStats, batch_norm
 from .channels_last import CHANNELS_LAST, DenseGrad, EvenOdd, engine_will_need, on_c_kernels
 from .depthwise import depthwise_fanout, reads_even_pixels
-from .mixed_convs import DIL as _DIL
-from .mixed_convs import SEP as _SEP
-from .mixed_convs import mixed_convs
+from .mixed_convs import DIL as _DIL, SEP as _SEP, mixed_convs
 from .operations import dil_conv, factorized_reduce, pool, preprocess, sep_conv
 
 __all__ = ["FastSuperNet"]
@@ -190,8 +188,8 @@ def _convs_forward(relu_h: torch.Tensor, halves: tuple | None, convs: list[tuple
     """Add the separable and dilated convolutions ``convs`` (``(node, scale, name, op)``) of one
     state's ReLU ``relu_h`` to the node sums: all in one node of :mod:`nbutils.accel.mixed_convs`
     where it applies, else each on its own from their shared first depthwise convolutions.
-    ``halves``: the even and odd pixels of ``relu_h``, which the stride-2 dilated convolutions
-    read (None if none does)."""
+    ``halves``: the even and odd pixels of ``relu_h`` (:class:`EvenOdd`; None where nothing reads
+    them), of which the stride-2 dilated convolutions read the even ones."""
     on_even = [i for i, (*_, op) in enumerate(convs) if reads_even_pixels(op[1])]
     fused = mixed_convs((relu_h, halves[0] if on_even else None), convs, stats)
     if fused is not None:

@@ -43,24 +43,23 @@ SPLIT_IMAGES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "mnist": 
 #: seconds per work unit of each cost class when the store has measured none of it, on the
 #: project's 2-core machine (two workers of one thread each, warm kernels): the quick preset's
 #: classes (DARTS search, retraining on the fast network, RLF, random sampling, gallery, report)
-#: fitted on its run; the others fitted on a run of the tour preset under heavy load from other
-#: jobs and scaled by the ratio the DARTS search showed between the two runs (0.275). A run
-#: rescales them by the speed it measures. ``defend relabel`` and ``defend denoise``, which no
-#: CPU preset runs, take ``defend sanitise``'s value. The DARTS and P-DARTS searches' values
-#: were then scaled by 0.65, the CPU time of a quick-preset search with the fast supernet's C
-#: depthwise kernels against the one before (``benchmarks/search_time.py``; benchmarks/README.md),
-#: until a run refits them. Refit with
-#: ``python -m nbutils.pipeline.cost_model OUTPUTS``.
+#: fitted on its run of 2026-12-06 (a fresh clone at a3b511b, the fast supernet's convolutions of
+#: one state fused; benchmarks/README.md); the others fitted on a run of the tour preset under
+#: heavy load from other jobs and scaled by the ratio the DARTS search showed between the two runs
+#: (0.275). A run rescales them by the speed it measures. ``defend relabel`` and ``defend
+#: denoise``, which no CPU preset runs, take ``defend sanitise``'s value. P-DARTS' search value
+#: follows DARTS' by the ratio of their fits before the fused convolutions (0.058 / 0.088; scaled,
+#: not measured). Refit with ``python -m nbutils.pipeline.cost_model OUTPUTS``.
 MODELLED_SECONDS_PER_UNIT: dict[str, float] = {
-    "search darts": 0.088,   # 0.14 before the fast supernet's C depthwise kernels, scaled by a search's CPU time
-    "search pdarts": 0.058,  # the earlier fit (0.0527 per image-epoch unit) in step units, scaled as DARTS
+    "search darts": 0.05805,
+    "search pdarts": 0.0383,  # DARTS' value times 0.058 / 0.088 (see above)
     "search tenas": 41.98,
     "search robot": 0.031,
     "search nsganetv2": 0.01535,
-    "search random": 0.1681,
-    "retrain": 0.01156,
+    "search random": 0.6321,
+    "retrain": 0.00945,
     "surrogate": 0.0404,
-    "poison rlf": 0.8539,
+    "poison rlf": 0.682,
     "poison clf": 1.536,
     "poison gaussian": 0.4099,
     "poison gc": 0.0659,
@@ -70,8 +69,8 @@ MODELLED_SECONDS_PER_UNIT: dict[str, float] = {
     "defend denoise": 0.0407,
     "sensitivity": 0.4435,
     "sensitivity tenas": 1.3,   # per architecture, CIFAR-sized images, TE-NAS's settings (one thread)
-    "gallery": 0.09782,
-    "report": 0.1711,
+    "gallery": 0.07053,
+    "report": 0.148,
 }
 
 
