@@ -22,7 +22,6 @@ it is built from, which :mod:`nbutils.accel.fast_network` shares:
   forward updated at once.
 * **the operations** (:mod:`nbutils.accel.operations`) from what the operations reading one
   state share; average pools as depthwise convolutions.
-
 * **the convolutions of the mixed operations that read one state as one autograd node**
   (:mod:`nbutils.accel.mixed_convs`): up to 16 separable and dilated convolutions, each a chain
   of small calls whose fixed cost dominated at a CPU search's sizes, run side by side as stacked
