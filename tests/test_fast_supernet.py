@@ -234,6 +234,23 @@ def test_arch_only_backward_skips_unused_input_gradients(monkeypatch):
     assert needs and all(needs)
 
 
+
+def test_input_gradient_with_frozen_weights_matches_plain():
+    """What crafting a poison asks of the supernet: the gradient of the images alone, every
+    parameter frozen (the fused convolutions then compute their input gradients and no weight's)."""
+    plain, fast = pair(channels=4, layers=5, in_channels=1)
+    x, y = random_batch(4, 1, 16)
+    grads = []
+    for m in (plain, fast):
+        m.train()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        images = x.clone().requires_grad_()
+        F.cross_entropy(m(images), y).backward()
+        grads.append(images.grad)
+        assert all(p.grad is None for p in m.parameters())
+    assert rel(grads[1], grads[0]) < 1e-9
+
 # --------------------------------------------------------------------------- float32 paths (oneDNN, channels_last)
 
 
